@@ -1,0 +1,18 @@
+//! libcow — copy-on-write memory snapshots for Linux.
+//!
+//! The fast path is the `cow.ko` kernel module (`/dev/cow`): memory it owns is snapshotted by the
+//! kernel itself, saving each page's old contents at its first write after a snapshot.
+//!
+//! - [`Cow`] is a handle on `/dev/cow` (one per process space).
+//! - [`probe`] finds out, by trying, which mainline kernel mechanisms this kernel offers.
+//! - [`ffi`] is the C ABI declared in `include/cow.h`.
+
+pub mod device;
+pub mod error;
+pub mod ffi;
+pub mod probe;
+mod sys;
+
+pub use cow_abi as abi;
+pub use device::{Cow, COW_DEVICE_PATH};
+pub use error::{Error, Result};
