@@ -13,12 +13,33 @@ use kernel::{
     uaccess::{UserPtr, UserSlice, UserSliceWriter},
 };
 
-// SAFETY: `CowVersion` is `#[repr(C)]`, made only of integers, and has no padding (its size is
-// asserted in cow_abi.rs to equal the sum of its fields), so every byte pattern is a valid value
-// and every byte of a value is initialised.
-unsafe impl FromBytes for abi::CowVersion {}
-// SAFETY: as above: integers only, no padding bytes.
-unsafe impl AsBytes for abi::CowVersion {}
+/// Marks ABI structs as plain bytes.
+macro_rules! plain_bytes {
+    ($($t:ty),*) => {$(
+        // SAFETY: every ABI struct is `#[repr(C)]`, made only of integers, and has no padding
+        // (cow_abi.rs asserts each size equals the sum of its fields), so every byte pattern is
+        // a valid value and every byte of a value is initialised.
+        unsafe impl FromBytes for $t {}
+        // SAFETY: as above: integers only, no padding bytes.
+        unsafe impl AsBytes for $t {}
+    )*};
+}
+plain_bytes!(
+    abi::CowVersion,
+    abi::CowId,
+    abi::CowSnapshotInfo,
+    abi::CowList,
+    abi::CowStats,
+    abi::CowRead,
+    abi::CowDirty,
+    abi::CowLimits
+);
+
+/// Copies `bytes` to user address `addr`.
+pub(crate) fn write_bytes(addr: u64, bytes: &[u8]) -> Result {
+    let mut w = UserSlice::new(UserPtr::from_addr(addr as usize), bytes.len()).writer();
+    w.write_slice(bytes)
+}
 
 /// Where to write an argument struct back, limited to the caller's size.
 pub(crate) struct ArgOut {

@@ -65,10 +65,33 @@ const fn cow_iowr(nr: u32, size: usize) -> u32 {
 pub mod nr {
     /// [`super::COW_IOC_VERSION`].
     pub const VERSION: u32 = 0x10;
+    /// [`super::COW_IOC_SNAPSHOT`].
+    pub const SNAPSHOT: u32 = 0x11;
+    /// [`super::COW_IOC_RESTORE`].
+    pub const RESTORE: u32 = 0x12;
+    /// [`super::COW_IOC_DROP`].
+    pub const DROP: u32 = 0x13;
+    /// [`super::COW_IOC_LIST`].
+    pub const LIST: u32 = 0x14;
+    /// [`super::COW_IOC_STATS`].
+    pub const STATS: u32 = 0x15;
+    /// [`super::COW_IOC_READ`].
+    pub const READ: u32 = 0x16;
+    /// [`super::COW_IOC_DIRTY`].
+    pub const DIRTY: u32 = 0x17;
+    /// [`super::COW_IOC_LIMITS`].
+    pub const LIMITS: u32 = 0x18;
 }
 
-/// Feature bits reported in [`CowVersion::features`]; none are defined by ABI version 1 yet.
-pub mod features {}
+/// Feature bits reported in [`CowVersion::features`].
+pub mod features {
+    /// Snapshot, restore, drop, list, stats, read, dirty and limits are implemented.
+    pub const SNAPSHOTS: u64 = 1 << 0;
+}
+
+/// Regions of a space live at mmap offsets below `2^COW_SPACE_PAGES_SHIFT` pages (16 TiB);
+/// the module gives each space its own range of the device's page offsets.
+pub const COW_SPACE_PAGES_SHIFT: u32 = 32;
 
 /// Argument of [`COW_IOC_VERSION`]: the module's ABI version and capabilities.
 #[repr(C)]
@@ -86,11 +109,175 @@ pub struct CowVersion {
     pub features: u64,
 }
 
+/// Argument of [`COW_IOC_SNAPSHOT`], [`COW_IOC_RESTORE`] and [`COW_IOC_DROP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CowId {
+    /// In: `size_of::<CowId>()`.
+    pub size: u32,
+    /// In: zero (no flags are defined yet).
+    pub flags: u32,
+    /// SNAPSHOT: out, the new snapshot's id. RESTORE, DROP: in, the snapshot's id.
+    pub id: u64,
+}
+
+/// One entry of [`COW_IOC_LIST`]'s output array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CowSnapshotInfo {
+    /// The snapshot's id.
+    pub id: u64,
+    /// Pre-images held for it: pages first written in the epoch that followed it.
+    pub saved_pages: u64,
+    /// Bytes of page memory those pre-images take.
+    pub bytes_held: u64,
+    /// `CLOCK_MONOTONIC` time it was taken, in nanoseconds.
+    pub taken_ns: u64,
+}
+
+/// Argument of [`COW_IOC_LIST`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CowList {
+    /// In: `size_of::<CowList>()`.
+    pub size: u32,
+    /// In: capacity of `entries`, in entries.
+    pub capacity: u32,
+    /// Out: how many snapshots the space holds (may exceed `capacity`: call again).
+    pub count: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// In: user address of a `CowSnapshotInfo[capacity]` array, oldest first.
+    pub entries: u64,
+}
+
+/// Argument of [`COW_IOC_STATS`]: counters of one space since it was opened.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CowStats {
+    /// In: `size_of::<CowStats>()`.
+    pub size: u32,
+    /// Out: snapshots held now.
+    pub snapshots: u32,
+    /// Pages of covered memory present now.
+    pub pages_present: u64,
+    /// First-write faults (a pre-image saved, or a page created, in the write-fault path).
+    pub first_write_faults: u64,
+    /// Faults that only mapped a page (read, or a write to an already-saved page).
+    pub other_faults: u64,
+    /// Pre-images saved (page copies made at first write).
+    pub pages_saved: u64,
+    /// Bytes of pre-images held now.
+    pub bytes_held: u64,
+    /// Snapshots taken since open.
+    pub snapshots_taken: u64,
+    /// Restores performed since open.
+    pub restores: u64,
+    /// Pages swapped back by restores.
+    pub pages_restored: u64,
+    /// Snapshots merged away by the retention window.
+    pub evicted: u64,
+    /// Nanoseconds spent in first-write faults.
+    pub fault_ns: u64,
+    /// Nanoseconds spent taking snapshots.
+    pub snapshot_ns: u64,
+    /// Nanoseconds spent restoring.
+    pub restore_ns: u64,
+}
+
+/// Argument of [`COW_IOC_READ`]: bytes of covered memory as they were at a snapshot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CowRead {
+    /// In: `size_of::<CowRead>()`.
+    pub size: u32,
+    /// In: zero.
+    pub flags: u32,
+    /// In: snapshot id.
+    pub id: u64,
+    /// In: byte offset in the space (the mmap offset of a region plus the offset within it).
+    pub offset: u64,
+    /// In: number of bytes (at most 64 MiB per call).
+    pub len: u64,
+    /// In: user address of a `len`-byte buffer.
+    pub buf: u64,
+}
+
+/// Argument of [`COW_IOC_DIRTY`]: pages written since a snapshot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CowDirty {
+    /// In: `size_of::<CowDirty>()`.
+    pub size: u32,
+    /// In: zero.
+    pub flags: u32,
+    /// In: snapshot id.
+    pub id: u64,
+    /// In: capacity of `pages`, in entries.
+    pub capacity: u64,
+    /// Out: number of pages written since `id` (may exceed `capacity`: call again).
+    pub count: u64,
+    /// In: user address of a `u64[capacity]` array of page indices (offset / page size), sorted.
+    pub pages: u64,
+}
+
+/// [`CowLimits::policy`]: when the window is full, merge the oldest snapshot away.
+pub const COW_POLICY_MERGE_OLDEST: u32 = 0;
+/// [`CowLimits::policy`]: when the window is full, fail `COW_IOC_SNAPSHOT` with `ENOMEM`.
+pub const COW_POLICY_FAIL: u32 = 1;
+/// [`CowLimits::flags`]: set the limits (otherwise only read them).
+pub const COW_LIMITS_SET: u32 = 1;
+
+/// Argument of [`COW_IOC_LIMITS`]: the retention window of a space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CowLimits {
+    /// In: `size_of::<CowLimits>()`.
+    pub size: u32,
+    /// In: [`COW_LIMITS_SET`] to set, 0 to read.
+    pub flags: u32,
+    /// Most snapshots held at once (≥ 1).
+    pub max_snapshots: u32,
+    /// [`COW_POLICY_MERGE_OLDEST`] or [`COW_POLICY_FAIL`].
+    pub policy: u32,
+    /// Most bytes of pre-images held. Past it the oldest snapshot is always merged away (a
+    /// write fault cannot fail politely), whatever the policy.
+    pub max_bytes: u64,
+}
+
+/// `_IOWR(COW_IOC_MAGIC, nr, T)` for a struct type.
+const fn iowr_of<T>(nr: u32) -> u32 {
+    cow_iowr(nr, core::mem::size_of::<T>())
+}
+
 /// Size of the first version of [`CowVersion`]; the smallest `size` the module accepts.
 pub const COW_VERSION_SIZE_V1: u32 = 24;
 
 /// Reads the module's ABI version and features. Argument: [`CowVersion`].
 pub const COW_IOC_VERSION: u32 = cow_iowr(nr::VERSION, COW_VERSION_SIZE_V1 as usize);
+/// Takes a snapshot; returns its id in [`CowId::id`].
+pub const COW_IOC_SNAPSHOT: u32 = iowr_of::<CowId>(nr::SNAPSHOT);
+/// Restores the space to snapshot [`CowId::id`]; newer snapshots are discarded.
+pub const COW_IOC_RESTORE: u32 = iowr_of::<CowId>(nr::RESTORE);
+/// Drops snapshot [`CowId::id`] (its pre-images merge into the next older one).
+pub const COW_IOC_DROP: u32 = iowr_of::<CowId>(nr::DROP);
+/// Lists the snapshots held. Argument: [`CowList`].
+pub const COW_IOC_LIST: u32 = iowr_of::<CowList>(nr::LIST);
+/// Reads the space's counters. Argument: [`CowStats`].
+pub const COW_IOC_STATS: u32 = iowr_of::<CowStats>(nr::STATS);
+/// Reads memory as of a snapshot. Argument: [`CowRead`].
+pub const COW_IOC_READ: u32 = iowr_of::<CowRead>(nr::READ);
+/// Lists pages written since a snapshot. Argument: [`CowDirty`].
+pub const COW_IOC_DIRTY: u32 = iowr_of::<CowDirty>(nr::DIRTY);
+/// Reads or sets the retention window. Argument: [`CowLimits`].
+pub const COW_IOC_LIMITS: u32 = iowr_of::<CowLimits>(nr::LIMITS);
 
-// The struct layout is the ABI: fail the build, in the kernel and in userland, if it drifts.
+// The struct layouts are the ABI: fail the build, in the kernel and in userland, if one drifts.
 const _: () = assert!(core::mem::size_of::<CowVersion>() == COW_VERSION_SIZE_V1 as usize);
+const _: () = assert!(core::mem::size_of::<CowId>() == 16);
+const _: () = assert!(core::mem::size_of::<CowSnapshotInfo>() == 32);
+const _: () = assert!(core::mem::size_of::<CowList>() == 24);
+const _: () = assert!(core::mem::size_of::<CowStats>() == 104);
+const _: () = assert!(core::mem::size_of::<CowRead>() == 40);
+const _: () = assert!(core::mem::size_of::<CowDirty>() == 40);
+const _: () = assert!(core::mem::size_of::<CowLimits>() == 24);

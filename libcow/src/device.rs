@@ -2,20 +2,48 @@
 
 use crate::error::{Error, Result};
 use crate::sys::ioctl_ptr;
-use cow_abi::{CowVersion, COW_ABI_VERSION, COW_IOC_VERSION};
+use cow_abi::{
+    CowDirty, CowId, CowLimits, CowList, CowRead, CowSnapshotInfo, CowStats, CowVersion,
+    COW_ABI_VERSION, COW_IOC_DIRTY, COW_IOC_DROP, COW_IOC_LIMITS, COW_IOC_LIST, COW_IOC_READ,
+    COW_IOC_RESTORE, COW_IOC_SNAPSHOT, COW_IOC_STATS, COW_IOC_VERSION, COW_LIMITS_SET,
+};
 use std::fs::OpenOptions;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Where the module's misc device appears.
 pub const COW_DEVICE_PATH: &str = "/dev/cow";
 
-/// An open `/dev/cow` whose ABI version matches this library.
+/// An open `/dev/cow` whose ABI version matches this library: one *space*, the covered memory
+/// of one process, and its snapshots.
+///
+/// Memory is covered by mapping it from the space ([`Cow::map_region`]). The same handle also
+/// drives a space that belongs to another process, when its descriptor was taken with
+/// `pidfd_getfd` ([`Cow::from_fd`]); then only the snapshot operations make sense.
 #[derive(Debug)]
 pub struct Cow {
     fd: OwnedFd,
     version: CowVersion,
+    /// Next free mmap offset of this space, in bytes.
+    next_offset: AtomicU64,
 }
+
+/// A region of covered memory: a shared mapping of the space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    /// First byte.
+    pub addr: *mut u8,
+    /// Length in bytes (a multiple of the page size).
+    pub len: usize,
+    /// Byte offset of the region in the space (what `read` and `dirty` speak).
+    pub offset: u64,
+}
+
+// SAFETY: a Region is a plain description of a mapping; it owns nothing.
+unsafe impl Send for Region {}
+// SAFETY: as above.
+unsafe impl Sync for Region {}
 
 impl Cow {
     /// Opens `/dev/cow` and checks that the module speaks this library's ABI.
@@ -50,7 +78,11 @@ impl Cow {
                 library: COW_ABI_VERSION,
             });
         }
-        Ok(Cow { fd, version })
+        Ok(Cow {
+            fd,
+            version,
+            next_offset: AtomicU64::new(0),
+        })
     }
 
     /// The module's ABI version (equal to [`COW_ABI_VERSION`] once opened).
@@ -67,6 +99,158 @@ impl Cow {
     pub fn features(&self) -> u64 {
         self.version.features
     }
+}
+
+impl Cow {
+    /// Maps `len` bytes (rounded up to pages) of new covered memory, zero-filled. Pages are
+    /// allocated by the module at first touch.
+    pub fn map_region(&self, len: usize) -> Result<Region> {
+        let page = self.page_size() as usize;
+        let len = len.div_ceil(page).max(1) * page;
+        // Leave a guard gap of one page between regions' offsets (none is ever mapped there).
+        let offset = self
+            .next_offset
+            .fetch_add((len + page) as u64, Ordering::Relaxed);
+        // SAFETY: a new shared mapping of our own device at an offset no other region uses;
+        // it aliases no Rust object.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(Error::last_os("mmap /dev/cow"));
+        }
+        Ok(Region {
+            addr: addr.cast(),
+            len,
+            offset,
+        })
+    }
+
+    /// Takes a snapshot of every region of the space; returns its id.
+    pub fn snapshot(&self) -> Result<u64> {
+        let mut a = sized::<CowId>();
+        ioctl_ptr(
+            self.fd.as_fd(),
+            COW_IOC_SNAPSHOT,
+            &mut a,
+            "COW_IOC_SNAPSHOT",
+        )?;
+        Ok(a.id)
+    }
+
+    /// Restores every region to snapshot `id`; newer snapshots are discarded, `id` and older
+    /// ones stay. Pages created after `id` read as zero again.
+    pub fn restore(&self, id: u64) -> Result<()> {
+        let mut a = CowId { id, ..sized() };
+        ioctl_ptr(self.fd.as_fd(), COW_IOC_RESTORE, &mut a, "COW_IOC_RESTORE")?;
+        Ok(())
+    }
+
+    /// Drops snapshot `id` (its pre-images merge into the next older snapshot).
+    pub fn drop_snapshot(&self, id: u64) -> Result<()> {
+        let mut a = CowId { id, ..sized() };
+        ioctl_ptr(self.fd.as_fd(), COW_IOC_DROP, &mut a, "COW_IOC_DROP")?;
+        Ok(())
+    }
+
+    /// The snapshots held, oldest first.
+    pub fn list(&self) -> Result<Vec<CowSnapshotInfo>> {
+        let mut cap = 64usize;
+        loop {
+            let mut v = vec![CowSnapshotInfo::default(); cap];
+            let mut a = CowList {
+                capacity: cap as u32,
+                entries: v.as_mut_ptr() as u64,
+                ..sized()
+            };
+            ioctl_ptr(self.fd.as_fd(), COW_IOC_LIST, &mut a, "COW_IOC_LIST")?;
+            if a.count as usize <= cap {
+                v.truncate(a.count as usize);
+                return Ok(v);
+            }
+            cap = a.count as usize;
+        }
+    }
+
+    /// The space's counters.
+    pub fn stats(&self) -> Result<CowStats> {
+        let mut a = sized::<CowStats>();
+        ioctl_ptr(self.fd.as_fd(), COW_IOC_STATS, &mut a, "COW_IOC_STATS")?;
+        Ok(a)
+    }
+
+    /// Reads `buf.len()` bytes at space offset `offset` as they were at snapshot `id`.
+    pub fn read(&self, id: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        const CHUNK: usize = 64 << 20;
+        for (i, chunk) in buf.chunks_mut(CHUNK).enumerate() {
+            let mut a = CowRead {
+                id,
+                offset: offset + (i * CHUNK) as u64,
+                len: chunk.len() as u64,
+                buf: chunk.as_mut_ptr() as u64,
+                ..sized()
+            };
+            ioctl_ptr(self.fd.as_fd(), COW_IOC_READ, &mut a, "COW_IOC_READ")?;
+        }
+        Ok(())
+    }
+
+    /// Page indices (space offset / page size) written since snapshot `id`, sorted.
+    pub fn dirty_since(&self, id: u64) -> Result<Vec<u64>> {
+        let mut cap = 1024usize;
+        loop {
+            let mut v = vec![0u64; cap];
+            let mut a = CowDirty {
+                id,
+                capacity: cap as u64,
+                pages: v.as_mut_ptr() as u64,
+                ..sized()
+            };
+            ioctl_ptr(self.fd.as_fd(), COW_IOC_DIRTY, &mut a, "COW_IOC_DIRTY")?;
+            if a.count as usize <= cap {
+                v.truncate(a.count as usize);
+                return Ok(v);
+            }
+            cap = a.count as usize;
+        }
+    }
+
+    /// The retention window.
+    pub fn limits(&self) -> Result<CowLimits> {
+        let mut a = sized::<CowLimits>();
+        ioctl_ptr(self.fd.as_fd(), COW_IOC_LIMITS, &mut a, "COW_IOC_LIMITS")?;
+        Ok(a)
+    }
+
+    /// Sets the retention window: at most `max_snapshots` snapshots and `max_bytes` of
+    /// pre-images; `policy` is `COW_POLICY_MERGE_OLDEST` or `COW_POLICY_FAIL`.
+    pub fn set_limits(&self, max_snapshots: u32, max_bytes: u64, policy: u32) -> Result<()> {
+        let mut a = CowLimits {
+            flags: COW_LIMITS_SET,
+            max_snapshots,
+            max_bytes,
+            policy,
+            ..sized()
+        };
+        ioctl_ptr(self.fd.as_fd(), COW_IOC_LIMITS, &mut a, "COW_IOC_LIMITS")?;
+        Ok(())
+    }
+}
+
+/// A zeroed ABI struct whose leading `size` field holds its size.
+fn sized<T: Default>() -> T {
+    let mut v = T::default();
+    let size = std::mem::size_of::<T>() as u32;
+    // SAFETY: every cow-abi argument struct is #[repr(C)] and starts with `size: u32`.
+    unsafe { (&mut v as *mut T).cast::<u32>().write(size) };
+    v
 }
 
 impl AsFd for Cow {

@@ -14,5 +14,5 @@ pub mod probe;
 mod sys;
 
 pub use cow_abi as abi;
-pub use device::{Cow, COW_DEVICE_PATH};
+pub use device::{Cow, Region, COW_DEVICE_PATH};
 pub use error::{Error, Result};

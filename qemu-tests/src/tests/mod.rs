@@ -1,6 +1,7 @@
 //! Every in-guest test, in the order the runner executes them.
 
 mod device;
+pub mod snapshots;
 
 use crate::Test;
 
@@ -8,6 +9,7 @@ use crate::Test;
 pub fn all() -> Vec<Test> {
     let mut v = Vec::new();
     v.extend(device::tests());
+    v.extend(snapshots::tests());
     v
 }
 

@@ -1,0 +1,78 @@
+// SPDX-License-Identifier: GPL-2.0
+//! The few mm operations cow.ko needs, each a thin wrapper over an exported kernel function.
+//!
+//! 7.3's Rust `mm` abstractions cover VMAs but not `vm_operations_struct`, page copies or the
+//! rmap-based write-protection of a file range, so these are raw calls, each with its proof.
+
+use kernel::bindings;
+
+// Pointers are declared as `c_void`: the bindgen structs contain zero-sized members that the
+// improper_ctypes lint rejects in hand-written declarations.
+extern "C" {
+    /// `mm/rmap.c`, `EXPORT_SYMBOL_GPL`; its header (`linux/rmap.h`) is not in the Rust bindings.
+    fn mapping_wrprotect_range(
+        mapping: *mut core::ffi::c_void,
+        pgoff: core::ffi::c_ulong,
+        pfn: core::ffi::c_ulong,
+        nr_pages: core::ffi::c_ulong,
+    ) -> core::ffi::c_int;
+    /// `cow_helpers.c`: the `page_to_pfn()` macro.
+    fn cow_page_to_pfn(page: *mut core::ffi::c_void) -> core::ffi::c_ulong;
+}
+
+/// Copies the contents of page `src` into page `dst`.
+pub(crate) fn copy_page(dst: *mut bindings::page, src: *mut bindings::page) {
+    // SAFETY: both pointers come from `Page` values the caller owns (order-0 pages from
+    // `alloc_page`, so each page is its own folio: `page_folio(p) == p`, which makes the cast
+    // exactly what C's `page_folio()` computes). `folio_copy` kmaps and copies one page; the
+    // destination is a fresh page nobody else can see, so nothing races with the write.
+    unsafe { bindings::folio_copy(dst.cast(), src.cast()) }
+}
+
+/// Write-protects every PTE that maps `page` at page offset `pgoff` of `mapping`.
+/// Returns how many PTEs it write-protected.
+pub(crate) fn wrprotect(mapping: *mut bindings::address_space, pgoff: usize, page: *mut bindings::page) -> i32 {
+    // SAFETY: `mapping` is the `f_mapping` of the open `/dev/cow` file, which outlives the
+    // space (the space is the file's private data). `page` is a live page owned by the space.
+    // mapping_wrprotect_range only walks the mapping's VMAs under its own locks and changes PTEs
+    // that map exactly `pfn` at `pgoff`, flushing the TLB.
+    unsafe {
+        let pfn = cow_page_to_pfn(page.cast());
+        mapping_wrprotect_range(mapping.cast(), pgoff as _, pfn, 1)
+    }
+}
+
+/// Removes every PTE that maps page offset `pgoff` of `mapping`, flushing the TLB.
+pub(crate) fn zap(mapping: *mut bindings::address_space, pgoff: usize) {
+    // SAFETY: `mapping` outlives the space (see `wrprotect`); unmap_mapping_pages takes the
+    // mapping's i_mmap lock itself and tolerates offsets with no mapping. `even_cows = false`:
+    // the module refuses private mappings, so there are no COW copies to keep or drop.
+    unsafe { bindings::unmap_mapping_pages(mapping, pgoff as _, 1, false) }
+}
+
+/// Installs `page` at the faulting address, writable if `write`; upgrades an existing
+/// read-only PTE of the same page to writable. Returns the fault code for the core.
+///
+/// # Safety
+///
+/// `vmf` must be the live `vm_fault` of a fault on a cow VMA, and `page` a live page that the
+/// space keeps until it zaps this PTE.
+pub(crate) unsafe fn insert(vmf: *mut bindings::vm_fault, page: *mut bindings::page, write: bool) -> bindings::vm_fault_t {
+    // SAFETY: guaranteed by the caller; vmf_insert_page_mkwrite takes its own page reference
+    // and the PTE lock, and returns VM_FAULT_NOPAGE on success.
+    unsafe { bindings::vmf_insert_page_mkwrite(vmf, page, write) }
+}
+
+/// Copies a whole page into `dst` (at least a page long).
+pub(crate) fn copy_from_page(page: *mut bindings::page, dst: &mut [u8]) {
+    assert!(dst.len() >= kernel::page::PAGE_SIZE);
+    // SAFETY: `page` is a live page owned by the space (the caller holds the space's lock, so it
+    // cannot be freed); kmap_local_page maps it for this thread until kunmap_local. Userland may
+    // write the page concurrently through a writable PTE, as with any copy of user memory; the
+    // bytes are copied as plain data and never interpreted.
+    unsafe {
+        let src = bindings::kmap_local_page(page);
+        core::ptr::copy_nonoverlapping(src.cast::<u8>(), dst.as_mut_ptr(), kernel::page::PAGE_SIZE);
+        bindings::kunmap_local(src);
+    }
+}

@@ -1,0 +1,347 @@
+// SPDX-License-Identifier: GPL-2.0
+//! A space: the covered memory of one process (every region it mapped from one open
+//! `/dev/cow`) and its snapshots.
+//!
+//! # The copy-on-write scheme
+//!
+//! `pages` holds the current page of every page index that was ever touched. Snapshot `S` owns
+//! `saved`: for each page first written in the epoch that followed `S` (until the next snapshot),
+//! the page's contents as of `S` (`Some(copy)`), or `None` when the page did not exist at `S`.
+//! Invariant: a page's PTEs are writable only if its index is in the newest snapshot's `saved`
+//! (or no snapshot exists). Hence:
+//!
+//! - **first write** (`page_mkwrite`): if the newest snapshot lacks the index, copy the page into
+//!   its `saved`; then make the PTE writable. One page copy per page per epoch.
+//! - **snapshot**: write-protect the pages in the newest `saved` (those written in the epoch now
+//!   ending) and push an empty snapshot. Cost grows with the pages written, not the space size.
+//! - **restore to `S_k`**: for `j` from newest down to `k`, move `S_j.saved` back into `pages`
+//!   (older entries win), zapping each page's PTEs first. Pages are swapped, not copied.
+//!   Snapshots newer than `k` disappear; `S_k` stays, empty, so it can be restored again.
+//! - **read `S_k`**: the first `S_j` (j ≥ k) whose `saved` has the index holds its contents at
+//!   `S_k`; if none does, the current page does.
+//! - **drop `S_j`**: its `saved` entries move into the next older snapshot unless that one already
+//!   has an older image of the same page; without an older snapshot they are freed.
+//!
+//! Every PTE of a space is installed, write-protected or zapped with the space's mutex held, so
+//! a snapshot or restore is atomic with respect to the writers of all threads: a thread that
+//! faults during one waits for it.
+
+use crate::abi;
+use crate::mm;
+use kernel::{
+    alloc::flags::{GFP_KERNEL, GFP_KERNEL_ACCOUNT, __GFP_ZERO},
+    page::{Page, PAGE_SIZE},
+    prelude::*,
+    rbtree::RBTree,
+};
+
+/// Retention window of a space.
+#[derive(Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_snapshots: u32,
+    pub(crate) policy: u32,
+    pub(crate) max_bytes: u64,
+}
+
+/// One snapshot: the pre-images of the pages first written in the epoch that followed it.
+pub(crate) struct Snapshot {
+    pub(crate) id: u64,
+    pub(crate) taken_ns: u64,
+    /// Page index → its contents at this snapshot (`None`: the page did not exist yet).
+    saved: RBTree<usize, Option<Page>>,
+    /// Number of `Some` entries in `saved`.
+    copies: u64,
+}
+
+impl Snapshot {
+    pub(crate) fn saved_pages(&self) -> u64 {
+        self.copies
+    }
+}
+
+/// The mutable state of a space, behind its mutex.
+pub(crate) struct SpaceState {
+    /// Current page of every page index touched so far.
+    pages: RBTree<usize, Page>,
+    /// Snapshots, oldest first; the last one is the newest.
+    pub(crate) snapshots: KVec<Snapshot>,
+    next_id: u64,
+    pub(crate) limits: Limits,
+    pub(crate) stats: abi::CowStats,
+}
+
+/// What a fault found, for the caller to install.
+pub(crate) enum FaultPage {
+    /// Map this page (read-only, or writable for a write fault).
+    Map(*mut kernel::bindings::page),
+    /// The faulting page is not the current one any more (a restore swapped it): retry.
+    Stale,
+}
+
+fn now_ns() -> u64 {
+    // SAFETY: ktime_get has no preconditions; it reads the monotonic clock.
+    unsafe { kernel::bindings::ktime_get() as u64 }
+}
+
+impl SpaceState {
+    pub(crate) fn new(limits: Limits) -> Self {
+        SpaceState {
+            pages: RBTree::new(),
+            snapshots: KVec::new(),
+            next_id: 1,
+            limits,
+            stats: abi::CowStats::default(),
+        }
+    }
+
+    fn held_bytes(&self) -> u64 {
+        self.stats.bytes_held
+    }
+
+    /// Looks up (or creates, zeroed) the current page at `idx` for a fault, and applies the
+    /// first-write rule when `write` is set. `expected` is the page the faulting PTE mapped, for
+    /// write-protect faults (`page_mkwrite`).
+    pub(crate) fn fault(
+        &mut self,
+        idx: usize,
+        write: bool,
+        expected: Option<*mut kernel::bindings::page>,
+    ) -> Result<FaultPage> {
+        let start = now_ns();
+        let present = self.pages.get(&idx).map(|p| p.as_ptr());
+        let page_ptr = match (present, expected) {
+            (Some(p), Some(e)) if p != e => return Ok(FaultPage::Stale),
+            (None, Some(_)) => return Ok(FaultPage::Stale),
+            (Some(p), _) => p,
+            (None, None) => {
+                let page = Page::alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO)?;
+                let ptr = page.as_ptr();
+                self.pages.try_create_and_insert(idx, page, GFP_KERNEL)?;
+                self.stats.pages_present += 1;
+                // The page did not exist at the newest snapshot: a restore must remove it.
+                if let Some(newest) = self.snapshots.last_mut() {
+                    newest.saved.try_create_and_insert(idx, None, GFP_KERNEL)?;
+                }
+                ptr
+            }
+        };
+        if write {
+            let newest_has = match self.snapshots.last() {
+                Some(newest) => newest.saved.get(&idx).is_some(),
+                None => true, // nothing to preserve before the first snapshot
+            };
+            if !newest_has {
+                self.save_pre_image(idx, page_ptr)?;
+                self.stats.first_write_faults += 1;
+                self.stats.fault_ns += now_ns().saturating_sub(start);
+                return Ok(FaultPage::Map(page_ptr));
+            }
+        }
+        self.stats.other_faults += 1;
+        Ok(FaultPage::Map(page_ptr))
+    }
+
+    /// Copies the current page at `idx` into the newest snapshot, within the byte budget.
+    fn save_pre_image(&mut self, idx: usize, page: *mut kernel::bindings::page) -> Result {
+        while self.held_bytes() + PAGE_SIZE as u64 > self.limits.max_bytes && !self.snapshots.is_empty() {
+            self.evict_oldest();
+        }
+        let Some(newest) = self.snapshots.last_mut() else {
+            return Ok(()); // the budget took every snapshot: nothing left to preserve for
+        };
+        let copy = Page::alloc_page(GFP_KERNEL_ACCOUNT)?;
+        mm::copy_page(copy.as_ptr(), page);
+        newest.saved.try_create_and_insert(idx, Some(copy), GFP_KERNEL)?;
+        newest.copies += 1;
+        self.stats.pages_saved += 1;
+        self.stats.bytes_held += PAGE_SIZE as u64;
+        Ok(())
+    }
+
+    /// Merges the oldest snapshot away (nothing older needs its pre-images).
+    fn evict_oldest(&mut self) {
+        if self.snapshots.is_empty() {
+            return;
+        }
+        if let Ok(old) = self.snapshots.remove(0) {
+            self.stats.bytes_held -= old.copies * PAGE_SIZE as u64;
+            self.stats.evicted += 1;
+        }
+    }
+
+    /// Takes a snapshot; `wrprotect(idx, page)` write-protects one page's PTEs.
+    pub(crate) fn snapshot(
+        &mut self,
+        mut wrprotect: impl FnMut(usize, *mut kernel::bindings::page),
+    ) -> Result<u64> {
+        let start = now_ns();
+        if self.snapshots.len() >= self.limits.max_snapshots as usize
+            || self.held_bytes() >= self.limits.max_bytes
+        {
+            if self.limits.policy == abi::COW_POLICY_FAIL {
+                return Err(ENOMEM);
+            }
+            while !self.snapshots.is_empty()
+                && (self.snapshots.len() >= self.limits.max_snapshots as usize
+                    || self.held_bytes() >= self.limits.max_bytes)
+            {
+                self.evict_oldest();
+            }
+        }
+        // Reserve first so that nothing below can fail half-way.
+        self.snapshots.reserve(1, GFP_KERNEL)?;
+        // Re-arm the pages written in the epoch that ends now.
+        match self.snapshots.last() {
+            Some(newest) => {
+                for (idx, _) in newest.saved.iter() {
+                    if let Some(page) = self.pages.get(idx) {
+                        wrprotect(*idx, page.as_ptr());
+                    }
+                }
+            }
+            None => {
+                for (idx, page) in self.pages.iter() {
+                    wrprotect(*idx, page.as_ptr());
+                }
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let taken_ns = now_ns();
+        self.snapshots
+            .push(
+                Snapshot {
+                    id,
+                    taken_ns,
+                    saved: RBTree::new(),
+                    copies: 0,
+                },
+                GFP_KERNEL,
+            )
+            .map_err(|_| ENOMEM)?;
+        self.stats.snapshots_taken += 1;
+        self.stats.snapshot_ns += now_ns().saturating_sub(start);
+        Ok(id)
+    }
+
+    fn position(&self, id: u64) -> Result<usize> {
+        self.snapshots
+            .iter()
+            .position(|s| s.id == id)
+            .ok_or(ENOENT)
+    }
+
+    /// Restores to snapshot `id`; `zap(idx)` drops the PTEs of one page index.
+    pub(crate) fn restore(&mut self, id: u64, mut zap: impl FnMut(usize)) -> Result {
+        let start = now_ns();
+        let k = self.position(id)?;
+        let mut j = self.snapshots.len();
+        while j > k {
+            j -= 1;
+            let snap = &mut self.snapshots[j];
+            self.stats.bytes_held -= snap.copies * PAGE_SIZE as u64;
+            snap.copies = 0;
+            let mut saved = core::mem::replace(&mut snap.saved, RBTree::new());
+            while let Some(cursor) = saved.cursor_front_mut() {
+                let idx = *cursor.current().0;
+                let (_, node) = cursor.remove_current();
+                let (_, image) = node.to_key_value();
+                zap(idx);
+                self.stats.pages_restored += 1;
+                match image {
+                    Some(page) => match self.pages.get_mut(&idx) {
+                        Some(slot) => drop(core::mem::replace(slot, page)),
+                        None => {
+                            self.pages.try_create_and_insert(idx, page, GFP_KERNEL)?;
+                            self.stats.pages_present += 1;
+                        }
+                    },
+                    None => {
+                        if self.pages.remove(&idx).is_some() {
+                            self.stats.pages_present -= 1;
+                        }
+                    }
+                }
+            }
+        }
+        self.snapshots.truncate(k + 1);
+        self.stats.restores += 1;
+        self.stats.restore_ns += now_ns().saturating_sub(start);
+        Ok(())
+    }
+
+    /// Drops snapshot `id`, merging its pre-images into the next older snapshot.
+    pub(crate) fn drop_snapshot(&mut self, id: u64) -> Result {
+        let j = self.position(id)?;
+        let mut gone = self.snapshots.remove(j).map_err(|_| EINVAL)?;
+        self.stats.bytes_held -= gone.copies * PAGE_SIZE as u64;
+        if j == 0 {
+            return Ok(()); // nothing older: the pre-images are not needed by anyone
+        }
+        let older = &mut self.snapshots[j - 1];
+        while let Some(cursor) = gone.saved.cursor_front_mut() {
+            let (idx, is_copy) = {
+                let (idx, image) = cursor.current();
+                (*idx, image.is_some())
+            };
+            let (_, node) = cursor.remove_current();
+            if older.saved.get(&idx).is_some() {
+                continue; // the older snapshot already holds an older image of this page
+            }
+            older.saved.insert(node);
+            if is_copy {
+                older.copies += 1;
+                self.stats.bytes_held += PAGE_SIZE as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f(page or None)` for each page of `[first, first + count)` as it was at `id`.
+    pub(crate) fn read_at(
+        &self,
+        id: u64,
+        first: usize,
+        count: usize,
+        mut f: impl FnMut(Option<*mut kernel::bindings::page>) -> Result,
+    ) -> Result {
+        let k = self.position(id)?;
+        for idx in first..first + count {
+            let mut found = None;
+            for snap in &self.snapshots[k..] {
+                if let Some(image) = snap.saved.get(&idx) {
+                    found = Some(image.as_ref().map(|p| p.as_ptr()));
+                    break;
+                }
+            }
+            let page = match found {
+                Some(image) => image,
+                None => self.pages.get(&idx).map(|p| p.as_ptr()),
+            };
+            f(page)?;
+        }
+        Ok(())
+    }
+
+    /// Page indices written (or created) since snapshot `id`, sorted and unique.
+    pub(crate) fn dirty_since(&self, id: u64) -> Result<KVec<u64>> {
+        let k = self.position(id)?;
+        let mut out = KVec::new();
+        for snap in &self.snapshots[k..] {
+            for (idx, _) in snap.saved.iter() {
+                out.push(*idx as u64, GFP_KERNEL)?;
+            }
+        }
+        out.as_mut_slice().sort_unstable();
+        let mut w = 0;
+        let v = out.as_mut_slice();
+        for r in 0..v.len() {
+            if w == 0 || v[w - 1] != v[r] {
+                v[w] = v[r];
+                w += 1;
+            }
+        }
+        out.truncate(w);
+        Ok(out)
+    }
+}
