@@ -1,6 +1,8 @@
 //! cowctl — Delorean's command line. A thin binary over libcow: parsing, output and exit codes.
 
 mod exit;
+mod remote;
+mod snapshots;
 mod status;
 
 use clap::{Parser, Subcommand};
@@ -15,6 +17,9 @@ use std::process::ExitCode;
 Examples:
   cowctl status                 what this machine offers: cow.ko, ABI, kernel features
   cowctl status --json          the same as one JSON object
+  id=$(cowctl snapshot 1234)    snapshot process 1234's covered memory
+  cowctl restore 1234 $id       put it back (the process is stopped around the restore)
+  cowctl diff 1234 1 2 --json   byte ranges that changed between snapshots 1 and 2
 
 Exit codes:
   0  success
@@ -38,12 +43,75 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Snapshot the covered memory of a live process; prints the new id alone.
+    #[command(after_help = "Example:\n  id=$(cowctl snapshot 1234)")]
+    Snapshot {
+        /// The process.
+        pid: i32,
+    },
+    /// Restore a live process's covered memory to a snapshot; newer snapshots are discarded.
+    #[command(after_help = "Example:\n  cowctl restore 1234 3")]
+    Restore {
+        /// The process.
+        pid: i32,
+        /// The snapshot id.
+        id: u64,
+        /// Do not stop the process (SIGSTOP/SIGCONT) around the restore.
+        #[arg(long)]
+        running: bool,
+    },
+    /// List a live process's snapshots.
+    List {
+        /// The process.
+        pid: i32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the byte ranges that differ between two snapshots of a live process.
+    Diff {
+        /// The process.
+        pid: i32,
+        /// One snapshot.
+        id1: u64,
+        /// The other.
+        id2: u64,
+        /// Print JSON: an array of {offset, len}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop a snapshot of a live process.
+    Drop {
+        /// The process.
+        pid: i32,
+        /// The snapshot id.
+        id: u64,
+    },
+    /// Show the snapshot counters of a live process.
+    Stats {
+        /// The process.
+        pid: i32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Status { json } => status::run(json),
+        Command::Snapshot { pid } => snapshots::snapshot(pid),
+        Command::Restore { pid, id, running } => snapshots::restore(pid, id, running),
+        Command::List { pid, json } => snapshots::list(pid, json),
+        Command::Diff {
+            pid,
+            id1,
+            id2,
+            json,
+        } => snapshots::diff(pid, id1, id2, json),
+        Command::Drop { pid, id } => snapshots::drop(pid, id),
+        Command::Stats { pid, json } => snapshots::stats(pid, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! Every in-guest test, in the order the runner executes them.
 
 mod device;
+mod remote;
 pub mod snapshots;
 
 use crate::Test;
@@ -10,6 +11,7 @@ pub fn all() -> Vec<Test> {
     let mut v = Vec::new();
     v.extend(device::tests());
     v.extend(snapshots::tests());
+    v.extend(remote::tests());
     v
 }
 

@@ -1,0 +1,111 @@
+//! Reaching a live process's space: `pidfd_open` + `pidfd_getfd` on its `/dev/cow` descriptor.
+//!
+//! `pidfd_getfd` performs the kernel's ptrace-access check (`PTRACE_MODE_ATTACH_REALCREDS`), so
+//! cowctl can act on a process exactly when the caller could ptrace it, with no help from it.
+
+use anyhow::{anyhow, Context, Result};
+use std::os::fd::{FromRawFd, OwnedFd};
+
+/// A failure with an errno, so that `exit::code_for` can map it to an exit code.
+fn os_err(errno: i32, msg: String) -> anyhow::Error {
+    anyhow::Error::new(std::io::Error::from_raw_os_error(errno)).context(msg)
+}
+
+/// Opens the space of process `pid`.
+pub fn attach(pid: i32) -> Result<cow::Cow> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        return Err(os_err(errno, format!("no such process {pid}")));
+    }
+    // SAFETY: the kernel just gave us this descriptor.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let target_fd = find_cow_fd(pid)?;
+    // SAFETY: pidfd_getfd takes a pidfd, a descriptor number in that process and flags.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_getfd,
+            std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+            target_fd,
+            0,
+        )
+    };
+    if fd < 0 {
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let msg = match errno {
+            libc::EPERM | libc::EACCES => format!(
+                "permission denied: you need ptrace rights over process {pid} \
+                 (same user and ptrace_scope allowing it, or CAP_SYS_PTRACE)"
+            ),
+            libc::ESRCH => format!("process {pid} exited"),
+            _ => format!("pidfd_getfd on process {pid}"),
+        };
+        return Err(os_err(errno, msg));
+    }
+    // SAFETY: the kernel just gave us this descriptor (a duplicate of the target's).
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    cow::Cow::from_fd(fd).with_context(|| format!("the /dev/cow of process {pid}"))
+}
+
+/// The descriptor number under which `pid` has `/dev/cow` open.
+fn find_cow_fd(pid: i32) -> Result<i32> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).map_err(|e| match e.raw_os_error() {
+        Some(libc::EACCES) | Some(libc::EPERM) => os_err(
+            libc::EACCES,
+            format!("permission denied: cannot inspect process {pid}'s descriptors (not yours?)"),
+        ),
+        Some(errno) => os_err(errno, format!("no such process {pid}")),
+        None => anyhow!(e),
+    })?;
+    for entry in entries.flatten() {
+        if let Ok(target) = std::fs::read_link(entry.path()) {
+            if target.as_os_str() == cow::COW_DEVICE_PATH {
+                if let Some(n) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
+                    return Ok(n);
+                }
+            }
+        }
+    }
+    Err(os_err(
+        libc::ENOENT,
+        format!("process {pid} has no /dev/cow open: it does not use libcow's kmod backend"),
+    ))
+}
+
+/// Stops `pid` (SIGSTOP) until dropped (SIGCONT), waiting until it is really stopped.
+pub struct Stopped {
+    pid: i32,
+}
+
+impl Stopped {
+    /// Sends SIGSTOP and waits (up to 2 s) for the process to reach the stopped state.
+    pub fn new(pid: i32) -> Result<Self> {
+        // SAFETY: kill has no memory-safety preconditions.
+        if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            return Err(os_err(errno, format!("cannot stop process {pid}")));
+        }
+        let guard = Stopped { pid };
+        for _ in 0..2000 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next());
+            if matches!(state, Some("T") | Some("t")) {
+                return Ok(guard);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Err(anyhow!("process {pid} did not stop within 2 s"))
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.pid, libc::SIGCONT) };
+    }
+}

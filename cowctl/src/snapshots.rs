@@ -1,0 +1,159 @@
+//! `cowctl snapshot|restore|list|diff|drop|stats PID`: the snapshot operations on a live process.
+
+use crate::remote::{attach, Stopped};
+use anyhow::{ensure, Result};
+use serde::Serialize;
+
+/// `cowctl snapshot PID`: prints the new id alone.
+pub fn snapshot(pid: i32) -> Result<()> {
+    let id = attach(pid)?.snapshot()?;
+    println!("{id}");
+    Ok(())
+}
+
+/// `cowctl restore PID ID [--running]`.
+pub fn restore(pid: i32, id: u64, running: bool) -> Result<()> {
+    let space = attach(pid)?;
+    let _stopped = if running {
+        None
+    } else {
+        Some(Stopped::new(pid)?)
+    };
+    space.restore(id)?;
+    eprintln!("process {pid} restored to snapshot {id}");
+    Ok(())
+}
+
+/// `cowctl drop PID ID`.
+pub fn drop(pid: i32, id: u64) -> Result<()> {
+    attach(pid)?.drop_snapshot(id)?;
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct ListEntry {
+    id: u64,
+    saved_pages: u64,
+    bytes_held: u64,
+    age_ms: f64,
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `cowctl list PID [--json]`.
+pub fn list(pid: i32, json: bool) -> Result<()> {
+    let now = monotonic_ns();
+    let entries: Vec<ListEntry> = attach(pid)?
+        .list()?
+        .into_iter()
+        .map(|s| ListEntry {
+            id: s.id,
+            saved_pages: s.saved_pages,
+            bytes_held: s.bytes_held,
+            age_ms: now.saturating_sub(s.taken_ns) as f64 / 1e6,
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(());
+    }
+    println!(
+        "{:>8} {:>12} {:>14} {:>12}",
+        "id", "saved pages", "bytes held", "age (ms)"
+    );
+    for e in &entries {
+        println!(
+            "{:>8} {:>12} {:>14} {:>12.1}",
+            e.id, e.saved_pages, e.bytes_held, e.age_ms
+        );
+    }
+    Ok(())
+}
+
+#[derive(Serialize, Debug, PartialEq, Eq)]
+struct Range {
+    offset: u64,
+    len: u64,
+}
+
+/// `cowctl diff PID ID1 ID2 [--json]`: byte ranges (space offsets) that differ between two
+/// snapshots.
+pub fn diff(pid: i32, id1: u64, id2: u64, json: bool) -> Result<()> {
+    let space = attach(pid)?;
+    let (old, new) = (id1.min(id2), id1.max(id2));
+    ensure!(
+        space.list()?.iter().any(|s| s.id == new),
+        "no snapshot {new} in process {pid}"
+    );
+    // Only pages written since the older snapshot can differ.
+    let page = space.page_size() as u64;
+    let mut ranges: Vec<Range> = Vec::new();
+    let (mut a, mut b) = (vec![0u8; page as usize], vec![0u8; page as usize]);
+    for idx in space.dirty_since(old)? {
+        space.read(old, idx * page, &mut a)?;
+        space.read(new, idx * page, &mut b)?;
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            if x == y {
+                continue;
+            }
+            let off = idx * page + i as u64;
+            match ranges.last_mut() {
+                Some(r) if r.offset + r.len == off => r.len += 1,
+                _ => ranges.push(Range {
+                    offset: off,
+                    len: 1,
+                }),
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&ranges)?);
+    } else {
+        let total: u64 = ranges.iter().map(|r| r.len).sum();
+        println!(
+            "{} bytes differ in {} ranges between {old} and {new}",
+            total,
+            ranges.len()
+        );
+        for r in &ranges {
+            println!("  {:#014x} +{}", r.offset, r.len);
+        }
+    }
+    Ok(())
+}
+
+/// `cowctl stats PID [--json]`.
+pub fn stats(pid: i32, json: bool) -> Result<()> {
+    let s = attach(pid)?.stats()?;
+    let v = serde_json::json!({
+        "snapshots": s.snapshots,
+        "pages_present": s.pages_present,
+        "first_write_faults": s.first_write_faults,
+        "other_faults": s.other_faults,
+        "pages_saved": s.pages_saved,
+        "bytes_held": s.bytes_held,
+        "snapshots_taken": s.snapshots_taken,
+        "restores": s.restores,
+        "pages_restored": s.pages_restored,
+        "evicted": s.evicted,
+        "fault_ns": s.fault_ns,
+        "snapshot_ns": s.snapshot_ns,
+        "restore_ns": s.restore_ns,
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if let Some(map) = v.as_object() {
+        for (k, val) in map {
+            println!("{k:<20} {val}");
+        }
+    }
+    Ok(())
+}

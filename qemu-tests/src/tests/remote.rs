@@ -1,0 +1,199 @@
+//! cowctl against a live process: snapshot, mutate, restore by pid from another process.
+
+use super::sibling;
+use crate::Test;
+use anyhow::{bail, ensure, Context, Result};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+/// This file's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        Test {
+            name: "remote::snapshot_mutate_restore_by_pid",
+            run: snapshot_mutate_restore_by_pid,
+        },
+        Test {
+            name: "remote::permission_denied_for_other_user",
+            run: permission_denied_for_other_user,
+        },
+        Test {
+            name: "remote::bad_pids_and_ids",
+            run: bad_pids_and_ids,
+        },
+    ]
+}
+
+struct Target {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pid: i32,
+}
+
+impl Target {
+    fn start() -> Result<Self> {
+        let mut child = Command::new(sibling("cow-target")?)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let pid = line
+            .trim()
+            .strip_prefix("ready ")
+            .context("no ready line")?
+            .parse()?;
+        Ok(Target {
+            child,
+            stdin,
+            stdout,
+            pid,
+        })
+    }
+    fn ask(&mut self, cmd: &str) -> Result<String> {
+        writeln!(self.stdin, "{cmd}")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        Ok(line.trim().to_string())
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.child.wait();
+    }
+}
+
+fn cowctl(args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(sibling("cowctl")?).args(args).output()?)
+}
+
+fn ok_stdout(args: &[&str]) -> Result<String> {
+    let out = cowctl(args)?;
+    if !out.status.success() {
+        bail!(
+            "cowctl {args:?}: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn snapshot_mutate_restore_by_pid() -> Result<()> {
+    let mut t = Target::start()?;
+    let pid = t.pid.to_string();
+    ensure!(t.ask("fill 1")? == "ok");
+    let sum1 = t.ask("sum")?;
+    let id1 = ok_stdout(&["snapshot", &pid])?;
+    ensure!(
+        id1 == "1\n",
+        "snapshot printed {id1:?}, expected the id alone"
+    );
+    ensure!(t.ask("fill 2")? == "ok");
+    let sum2 = t.ask("sum")?;
+    ensure!(sum1 != sum2, "fill did not change the memory");
+    let id2 = ok_stdout(&["snapshot", &pid])?.trim().to_string();
+    let diff: serde_json::Value =
+        serde_json::from_str(&ok_stdout(&["diff", &pid, "1", &id2, "--json"])?)?;
+    let changed: u64 = diff
+        .as_array()
+        .context("diff")?
+        .iter()
+        .map(|r| r["len"].as_u64().unwrap_or(0))
+        .sum();
+    ensure!(
+        changed > 1 << 19 && changed <= 1 << 20,
+        "diff reports {changed} bytes"
+    );
+    ok_stdout(&["restore", &pid, "1"])?;
+    ensure!(
+        t.ask("sum")? == sum1,
+        "checksum after restore differs from the snapshot's"
+    );
+    let list: serde_json::Value = serde_json::from_str(&ok_stdout(&["list", &pid, "--json"])?)?;
+    ensure!(
+        list.as_array().map(|a| a.len()) == Some(1),
+        "list after restore: {list}"
+    );
+    let stats: serde_json::Value = serde_json::from_str(&ok_stdout(&["stats", &pid, "--json"])?)?;
+    ensure!(
+        stats["first_write_faults"].as_u64() >= Some(256),
+        "stats: {stats}"
+    );
+    ensure!(stats["restores"] == 1, "stats: {stats}");
+    // The running program keeps working on its restored memory.
+    ensure!(t.ask("fill 3")? == "ok");
+    ok_stdout(&["restore", &pid, "1", "--running"])?;
+    ensure!(t.ask("sum")? == sum1, "second restore");
+    ok_stdout(&["drop", &pid, "1"])?;
+    Ok(())
+}
+
+fn permission_denied_for_other_user() -> Result<()> {
+    let t = Target::start()?;
+    let exe = sibling("cowctl")?;
+    // Run cowctl as nobody against the root-owned target.
+    let out = unsafe_command_as_nobody(&exe, &["snapshot", &t.pid.to_string()])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(4),
+        "exit {:?}: {stderr}",
+        out.status.code()
+    );
+    ensure!(stderr.contains("permission denied"), "stderr: {stderr}");
+    Ok(())
+}
+
+fn unsafe_command_as_nobody(exe: &std::path::Path, args: &[&str]) -> Result<std::process::Output> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(exe);
+    cmd.args(args);
+    // SAFETY: the closure runs in the forked child before exec and only makes syscalls.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd.output()?)
+}
+
+fn bad_pids_and_ids() -> Result<()> {
+    let out = cowctl(&["snapshot", "999999"])?;
+    ensure!(
+        out.status.code() == Some(5),
+        "missing pid: {:?}",
+        out.status.code()
+    );
+    let out = cowctl(&["snapshot", "1"])?;
+    ensure!(
+        out.status.code() == Some(5),
+        "pid without /dev/cow: {:?}",
+        out.status.code()
+    );
+    let t = Target::start()?;
+    let out = cowctl(&["restore", &t.pid.to_string(), "77"])?;
+    ensure!(
+        out.status.code() == Some(5),
+        "unknown id: {:?}",
+        out.status.code()
+    );
+    let out = cowctl(&["restore", &t.pid.to_string(), "banana"])?;
+    ensure!(
+        out.status.code() == Some(2),
+        "usage error: {:?}",
+        out.status.code()
+    );
+    Ok(())
+}
