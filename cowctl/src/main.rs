@@ -1,5 +1,6 @@
 //! cowctl — Delorean's command line. A thin binary over libcow: parsing, output and exit codes.
 
+mod bench;
 mod exit;
 mod remote;
 mod snapshots;
@@ -87,6 +88,31 @@ enum Command {
         /// The snapshot id.
         id: u64,
     },
+    /// Measure snapshot, restore and first-write costs per backend against memcpy of a page.
+    #[command(
+        after_help = "Examples:\n  cowctl bench\n  cowctl bench --size 16 --dirty-pages 64 --json"
+    )]
+    Bench {
+        /// Backends to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "kmod")]
+        backends: Vec<String>,
+        /// Covered memory sizes in MiB, comma-separated.
+        #[arg(long = "size", value_delimiter = ',', default_value = "16,256")]
+        sizes: Vec<usize>,
+        /// Pages written per epoch, comma-separated.
+        #[arg(
+            long = "dirty-pages",
+            value_delimiter = ',',
+            default_value = "1,64,4096"
+        )]
+        dirty: Vec<usize>,
+        /// Rounds per configuration (the median is reported).
+        #[arg(long, default_value_t = 15)]
+        rounds: usize,
+        /// Print a JSON array of rows.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the snapshot counters of a live process.
     Stats {
         /// The process.
@@ -112,6 +138,13 @@ fn main() -> ExitCode {
         } => snapshots::diff(pid, id1, id2, json),
         Command::Drop { pid, id } => snapshots::drop(pid, id),
         Command::Stats { pid, json } => snapshots::stats(pid, json),
+        Command::Bench {
+            backends,
+            sizes,
+            dirty,
+            rounds,
+            json,
+        } => bench::run(&backends, &sizes, &dirty, rounds, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -27,3 +27,107 @@ pub extern "C" fn cow_strerror(err: c_int) -> *const c_char {
     };
     text.as_ptr()
 }
+
+/// The process's space for the C ABI, set by `cow_init`.
+static SPACE: std::sync::OnceLock<Cow> = std::sync::OnceLock::new();
+
+fn space() -> Result<&'static Cow, c_int> {
+    SPACE.get().ok_or(-libc::EBADFD)
+}
+
+/// Initialises libcow with `backend` (NULL, "auto" or "kmod"; the mainline backends come with a
+/// later release and are refused with `-ENOTSUP`). Idempotent. Returns 0 or a negative errno.
+///
+/// # Safety
+///
+/// `backend` is NULL or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn cow_init(backend: *const c_char) -> c_int {
+    let name = if backend.is_null() {
+        "auto"
+    } else {
+        // SAFETY: the caller passes a NUL-terminated string.
+        match unsafe { CStr::from_ptr(backend) }.to_str() {
+            Ok(s) => s,
+            Err(_) => return -libc::EINVAL,
+        }
+    };
+    if name != "auto" && name != "kmod" {
+        return -libc::ENOTSUP;
+    }
+    if SPACE.get().is_some() {
+        return 0;
+    }
+    match Cow::open() {
+        Ok(cow) => {
+            let _ = SPACE.set(cow);
+            0
+        }
+        Err(e) => -e.errno(),
+    }
+}
+
+/// The backend in use ("kmod"), or "none" before `cow_init`.
+#[no_mangle]
+pub extern "C" fn cow_backend() -> *const c_char {
+    if SPACE.get().is_some() {
+        c"kmod".as_ptr()
+    } else {
+        c"none".as_ptr()
+    }
+}
+
+/// Maps `len` bytes of new covered memory (zero-filled). NULL on failure, with errno set.
+#[no_mangle]
+pub extern "C" fn cow_map(len: usize) -> *mut std::ffi::c_void {
+    let result = space()
+        .map_err(|e| -e)
+        .and_then(|s| s.map_region(len).map_err(|e| e.errno()));
+    match result {
+        Ok(r) => r.addr.cast(),
+        Err(errno) => {
+            // SAFETY: writing the calling thread's errno.
+            unsafe { *libc::__errno_location() = errno };
+            std::ptr::null_mut()
+        }
+    }
+}
+
+fn status(r: crate::Result<()>) -> c_int {
+    match r {
+        Ok(()) => 0,
+        Err(e) => -e.errno(),
+    }
+}
+
+/// Takes a snapshot of all covered memory; returns its id (≥ 1) or a negative errno.
+#[no_mangle]
+pub extern "C" fn cow_snapshot() -> i64 {
+    match space() {
+        Ok(s) => match s.snapshot() {
+            Ok(id) => id as i64,
+            Err(e) => -(e.errno() as i64),
+        },
+        Err(e) => e as i64,
+    }
+}
+
+/// Restores all covered memory to snapshot `id`. 0 or a negative errno (`-ENOENT`: no such id).
+#[no_mangle]
+pub extern "C" fn cow_restore(id: i64) -> c_int {
+    match space() {
+        Ok(s) if id > 0 => status(s.restore(id as u64)),
+        Ok(_) => -libc::ENOENT,
+        Err(e) => e,
+    }
+}
+
+/// Drops snapshot `id`. 0 or a negative errno.
+#[no_mangle]
+pub extern "C" fn cow_drop(id: i64) -> c_int {
+    match space() {
+        Ok(s) if id > 0 => status(s.drop_snapshot(id as u64)),
+        Ok(_) => -libc::ENOENT,
+        Err(e) => e,
+    }
+}

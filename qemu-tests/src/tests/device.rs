@@ -51,6 +51,10 @@ pub fn tests() -> Vec<Test> {
             run: rmmod_and_reload,
         },
         Test {
+            name: "device::c_program_uses_cow_h",
+            run: c_program_uses_cow_h,
+        },
+        Test {
             name: "device::boot_log_clean",
             run: boot_log_clean,
         },
@@ -307,6 +311,20 @@ fn boot_log_clean() -> Result<()> {
         bad.is_empty(),
         "kernel log since boot has warnings:\n{}",
         bad.join("\n")
+    );
+    Ok(())
+}
+
+/// The C program qemu-tests/c/cabi.c, built by scripts/test with `cc` against include/cow.h and
+/// libcow.a.
+pub fn c_program_uses_cow_h() -> Result<()> {
+    let exe = sibling("cabi")?;
+    let out = std::process::Command::new(exe).output()?;
+    ensure!(
+        out.status.success(),
+        "cabi: {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
 }
