@@ -176,13 +176,10 @@ impl Space {
             let n = core::cmp::min(PAGE_SIZE - in_page, (end - pos) as usize);
             {
                 let state = self.state.lock();
-                state.read_at(arg.id, idx, 1, |page| {
-                    match page {
-                        Some(p) => mm::copy_from_page(p, &mut bounce),
-                        None => bounce.as_mut_slice().fill(0),
-                    }
-                    Ok(())
-                })?;
+                match state.image_at(arg.id, idx)? {
+                    Some(p) => mm::copy_from_page(p, &mut bounce),
+                    None => bounce.as_mut_slice().fill(0),
+                }
             }
             uarg::write_bytes(arg.buf + (pos - arg.offset), &bounce[in_page..in_page + n])?;
             pos += n as u64;
@@ -196,9 +193,9 @@ impl Space {
         }
         let pages = self.state.lock().dirty_since(arg.id)?;
         let n = core::cmp::min(pages.len() as u64, arg.capacity) as usize;
-        let bytes = pages.len().min(n) * 8;
-        // SAFETY: a `[u64]` prefix viewed as bytes: initialised integers, no padding.
-        let raw = unsafe { core::slice::from_raw_parts(pages.as_ptr().cast::<u8>(), bytes) };
+        // SAFETY: the first `n` elements of a `[u64]` viewed as bytes: initialised integers,
+        // no padding, `n * 8` bytes inside the vector's allocation.
+        let raw = unsafe { core::slice::from_raw_parts(pages.as_ptr().cast::<u8>(), n * 8) };
         uarg::write_bytes(arg.pages, raw)?;
         arg.count = pages.len() as u64;
         Ok(())

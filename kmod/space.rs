@@ -107,7 +107,6 @@ impl SpaceState {
         write: bool,
         expected: Option<*mut kernel::bindings::page>,
     ) -> Result<FaultPage> {
-        let start = now_ns();
         let present = self.pages.get(&idx).map(|p| p.as_ptr());
         let page_ptr = match (present, expected) {
             (Some(p), Some(e)) if p != e => return Ok(FaultPage::Stale),
@@ -131,6 +130,7 @@ impl SpaceState {
                 None => true, // nothing to preserve before the first snapshot
             };
             if !newest_has {
+                let start = now_ns();
                 self.save_pre_image(idx, page_ptr)?;
                 self.stats.first_write_faults += 1;
                 self.stats.fault_ns += now_ns().saturating_sub(start);
@@ -297,30 +297,18 @@ impl SpaceState {
         Ok(())
     }
 
-    /// Calls `f(page or None)` for each page of `[first, first + count)` as it was at `id`.
-    pub(crate) fn read_at(
-        &self,
-        id: u64,
-        first: usize,
-        count: usize,
-        mut f: impl FnMut(Option<*mut kernel::bindings::page>) -> Result,
-    ) -> Result {
+    /// The page holding the contents of page `idx` as they were at snapshot `id` (`None`: the
+    /// page did not exist then, so it reads as zeros).
+    pub(crate) fn image_at(&self, id: u64, idx: usize) -> Result<Option<*mut kernel::bindings::page>> {
         let k = self.position(id)?;
-        for idx in first..first + count {
-            let mut found = None;
-            for snap in &self.snapshots[k..] {
-                if let Some(image) = snap.saved.get(&idx) {
-                    found = Some(image.as_ref().map(|p| p.as_ptr()));
-                    break;
-                }
+        // The first snapshot at or after `id` that saved the page holds its contents at `id`
+        // (it was not written in between); if none did, the page is unchanged since `id`.
+        for snap in &self.snapshots[k..] {
+            if let Some(image) = snap.saved.get(&idx) {
+                return Ok(image.as_ref().map(|p| p.as_ptr()));
             }
-            let page = match found {
-                Some(image) => image,
-                None => self.pages.get(&idx).map(|p| p.as_ptr()),
-            };
-            f(page)?;
         }
-        Ok(())
+        Ok(self.pages.get(&idx).map(|p| p.as_ptr()))
     }
 
     /// Page indices written (or created) since snapshot `id`, sorted and unique.

@@ -162,21 +162,15 @@ impl Cow {
 
     /// The snapshots held, oldest first.
     pub fn list(&self) -> Result<Vec<CowSnapshotInfo>> {
-        let mut cap = 64usize;
-        loop {
-            let mut v = vec![CowSnapshotInfo::default(); cap];
+        fill_growing(64, |v| {
             let mut a = CowList {
-                capacity: cap as u32,
+                capacity: v.len() as u32,
                 entries: v.as_mut_ptr() as u64,
                 ..sized()
             };
             ioctl_ptr(self.fd.as_fd(), COW_IOC_LIST, &mut a, "COW_IOC_LIST")?;
-            if a.count as usize <= cap {
-                v.truncate(a.count as usize);
-                return Ok(v);
-            }
-            cap = a.count as usize;
-        }
+            Ok(a.count as usize)
+        })
     }
 
     /// The space's counters.
@@ -204,22 +198,16 @@ impl Cow {
 
     /// Page indices (space offset / page size) written since snapshot `id`, sorted.
     pub fn dirty_since(&self, id: u64) -> Result<Vec<u64>> {
-        let mut cap = 1024usize;
-        loop {
-            let mut v = vec![0u64; cap];
+        fill_growing(1024, |v| {
             let mut a = CowDirty {
                 id,
-                capacity: cap as u64,
+                capacity: v.len() as u64,
                 pages: v.as_mut_ptr() as u64,
                 ..sized()
             };
             ioctl_ptr(self.fd.as_fd(), COW_IOC_DIRTY, &mut a, "COW_IOC_DIRTY")?;
-            if a.count as usize <= cap {
-                v.truncate(a.count as usize);
-                return Ok(v);
-            }
-            cap = a.count as usize;
-        }
+            Ok(a.count as usize)
+        })
     }
 
     /// The retention window.
@@ -241,6 +229,24 @@ impl Cow {
         };
         ioctl_ptr(self.fd.as_fd(), COW_IOC_LIMITS, &mut a, "COW_IOC_LIMITS")?;
         Ok(())
+    }
+}
+
+/// Calls `fill` with a buffer of `initial` entries; `fill` returns how many entries exist in
+/// all. While that exceeds the buffer (the set grew, or was larger), retries with room for all.
+fn fill_growing<T: Default + Clone>(
+    initial: usize,
+    mut fill: impl FnMut(&mut Vec<T>) -> Result<usize>,
+) -> Result<Vec<T>> {
+    let mut cap = initial;
+    loop {
+        let mut v = vec![T::default(); cap];
+        let count = fill(&mut v)?;
+        if count <= cap {
+            v.truncate(count);
+            return Ok(v);
+        }
+        cap = count;
     }
 }
 

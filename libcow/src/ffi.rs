@@ -31,8 +31,20 @@ pub extern "C" fn cow_strerror(err: c_int) -> *const c_char {
 /// The process's space for the C ABI, set by `cow_init`.
 static SPACE: std::sync::OnceLock<Cow> = std::sync::OnceLock::new();
 
+/// The space, or the negative errno the C ABI returns before `cow_init`.
 fn space() -> Result<&'static Cow, c_int> {
     SPACE.get().ok_or(-libc::EBADFD)
+}
+
+/// Runs `op` on the space and turns the outcome into the C convention (0 or a negative errno).
+fn with_space(op: impl FnOnce(&Cow) -> crate::Result<()>) -> c_int {
+    match space() {
+        Ok(s) => match op(s) {
+            Ok(()) => 0,
+            Err(e) => -e.errno(),
+        },
+        Err(neg_errno) => neg_errno,
+    }
 }
 
 /// Initialises libcow with `backend` (NULL, "auto" or "kmod"; the mainline backends come with a
@@ -80,23 +92,14 @@ pub extern "C" fn cow_backend() -> *const c_char {
 /// Maps `len` bytes of new covered memory (zero-filled). NULL on failure, with errno set.
 #[no_mangle]
 pub extern "C" fn cow_map(len: usize) -> *mut std::ffi::c_void {
-    let result = space()
-        .map_err(|e| -e)
-        .and_then(|s| s.map_region(len).map_err(|e| e.errno()));
+    let result = space().and_then(|s| s.map_region(len).map_err(|e| -e.errno()));
     match result {
         Ok(r) => r.addr.cast(),
-        Err(errno) => {
+        Err(neg_errno) => {
             // SAFETY: writing the calling thread's errno.
-            unsafe { *libc::__errno_location() = errno };
+            unsafe { *libc::__errno_location() = -neg_errno };
             std::ptr::null_mut()
         }
-    }
-}
-
-fn status(r: crate::Result<()>) -> c_int {
-    match r {
-        Ok(()) => 0,
-        Err(e) => -e.errno(),
     }
 }
 
@@ -115,19 +118,22 @@ pub extern "C" fn cow_snapshot() -> i64 {
 /// Restores all covered memory to snapshot `id`. 0 or a negative errno (`-ENOENT`: no such id).
 #[no_mangle]
 pub extern "C" fn cow_restore(id: i64) -> c_int {
-    match space() {
-        Ok(s) if id > 0 => status(s.restore(id as u64)),
-        Ok(_) => -libc::ENOENT,
-        Err(e) => e,
-    }
+    with_space(|s| s.restore(positive_id(id)?))
 }
 
 /// Drops snapshot `id`. 0 or a negative errno.
 #[no_mangle]
 pub extern "C" fn cow_drop(id: i64) -> c_int {
-    match space() {
-        Ok(s) if id > 0 => status(s.drop_snapshot(id as u64)),
-        Ok(_) => -libc::ENOENT,
-        Err(e) => e,
-    }
+    with_space(|s| s.drop_snapshot(positive_id(id)?))
+}
+
+/// Ids are ≥ 1; anything else names no snapshot.
+fn positive_id(id: i64) -> crate::Result<u64> {
+    u64::try_from(id)
+        .ok()
+        .filter(|&id| id > 0)
+        .ok_or(crate::Error::Os {
+            op: "snapshot id",
+            errno: libc::ENOENT,
+        })
 }

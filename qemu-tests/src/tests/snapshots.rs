@@ -507,6 +507,7 @@ fn garbage_ioctls() -> Result<()> {
     cow.snapshot()?;
     let mut rng = Rng::new(7);
     let mut buf = vec![0u8; 8192];
+    let raw_fd = std::os::fd::AsFd::as_fd(&cow).as_raw_fd();
     for _ in 0..20000 {
         let nr = 0x10 + rng.below(10) as u32;
         let cmd = abi::ioc(
@@ -528,38 +529,30 @@ fn garbage_ioctls() -> Result<()> {
             _ => [16u32, 24, 40, 104][rng.below(4) as usize],
         };
         buf[..4].copy_from_slice(&size.to_ne_bytes());
-        // Random user pointers inside the buffer; the module copies at most 4 KiB from them.
-        let f = rng.below(3);
-        let field_ptr = if f == 0 {
-            0
-        } else {
-            buf.as_ptr() as u64 + rng.below(4096)
-        };
-        buf[24..32].copy_from_slice(&field_ptr.to_ne_bytes());
-        buf[32..40].copy_from_slice(&(rng.below(16)).to_ne_bytes());
-        // SAFETY: the module only reads/writes within the sizes checked above, inside `buf`.
-        unsafe { libc::ioctl(cow.as_fd_raw(), cmd as libc::c_ulong, buf.as_mut_ptr()) };
+        // Counts and lengths small, pointers 0 or inside `buf`: whatever struct the module takes
+        // the bytes for (CowList.capacity at 4, CowRead.len / CowDirty.capacity at 24,
+        // CowList.entries at 16, CowRead.buf / CowDirty.pages at 32), it writes within `buf`.
+        buf[4..8].copy_from_slice(&(rng.below(64) as u32).to_ne_bytes());
+        buf[24..32].copy_from_slice(&rng.below(64).to_ne_bytes());
+        for field in [16, 32] {
+            let ptr = match rng.below(3) {
+                0 => 0,
+                _ => buf.as_ptr() as u64 + rng.below(4096),
+            };
+            buf[field..field + 8].copy_from_slice(&ptr.to_ne_bytes());
+        }
+        // SAFETY: the argument and every pointer in it lie inside `buf` (8 KiB), and the counts
+        // above bound each write to ≤ 4 KiB (the module's argument cap) plus ≤ 2 KiB of array
+        // from an address ≤ 4 KiB into `buf`, so nothing outside `buf` can be written.
+        unsafe { libc::ioctl(raw_fd, cmd as libc::c_ulong, buf.as_mut_ptr()) };
     }
     // The space still works.
     let id = cow.snapshot()?;
     bytes(&r).fill(1);
     cow.restore(id)?;
-    let _ = r;
     ensure!(cow.stats().is_ok());
-    let _ = std::fs::File::open("/dev/cow")?.as_raw_fd();
     Ok(())
 }
-
-trait RawFdExt {
-    fn as_fd_raw(&self) -> i32;
-}
-impl RawFdExt for Cow {
-    fn as_fd_raw(&self) -> i32 {
-        use std::os::fd::{AsFd, AsRawFd};
-        self.as_fd().as_raw_fd()
-    }
-}
-
 fn mem_available_kib() -> Result<i64> {
     let m = std::fs::read_to_string("/proc/meminfo")?;
     let line = m
