@@ -127,7 +127,9 @@ impl Space {
     fn restore(&self, id: u64) -> Result {
         let mapping = self.mapping;
         let base = self.base;
-        self.state.lock().restore(id, |idx| mm::zap(mapping, base + idx))
+        self.state
+            .lock()
+            .restore(id, |first, count| mm::zap(mapping, base + first, count))
     }
 
     fn list(&self, arg: &abi::CowList) -> Result<u32> {

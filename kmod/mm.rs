@@ -42,12 +42,13 @@ pub(crate) fn wrprotect(mapping: *mut bindings::address_space, pgoff: usize, pag
     }
 }
 
-/// Removes every PTE that maps page offset `pgoff` of `mapping`, flushing the TLB.
-pub(crate) fn zap(mapping: *mut bindings::address_space, pgoff: usize) {
+/// Removes every PTE that maps page offsets `[pgoff, pgoff + nr)` of `mapping`, flushing the TLB
+/// once for the whole range.
+pub(crate) fn zap(mapping: *mut bindings::address_space, pgoff: usize, nr: usize) {
     // SAFETY: `mapping` outlives the space (see `wrprotect`); unmap_mapping_pages takes the
     // mapping's i_mmap lock itself and tolerates offsets with no mapping. `even_cows = false`:
     // the module refuses private mappings, so there are no COW copies to keep or drop.
-    unsafe { bindings::unmap_mapping_pages(mapping, pgoff as _, 1, false) }
+    unsafe { bindings::unmap_mapping_pages(mapping, pgoff as _, nr as _, false) }
 }
 
 /// Installs `page` at the faulting address, writable if `write`; upgrades an existing

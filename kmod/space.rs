@@ -231,10 +231,29 @@ impl SpaceState {
             .ok_or(ENOENT)
     }
 
-    /// Restores to snapshot `id`; `zap(idx)` drops the PTEs of one page index.
-    pub(crate) fn restore(&mut self, id: u64, mut zap: impl FnMut(usize)) -> Result {
+    /// Restores to snapshot `id`; `zap(first, count)` drops the PTEs of a run of page indices.
+    pub(crate) fn restore(&mut self, id: u64, mut zap: impl FnMut(usize, usize)) -> Result {
         let start = now_ns();
         let k = self.position(id)?;
+        // First drop the PTEs of every page about to be swapped, in runs of consecutive indices:
+        // one rmap walk and one TLB flush per run instead of per page. No fault can map a page
+        // again before the swap below: faults need the lock we hold.
+        for snap in &self.snapshots[k..] {
+            let mut run: Option<(usize, usize)> = None;
+            for (&idx, _) in snap.saved.iter() {
+                run = match run {
+                    Some((first, count)) if first + count == idx => Some((first, count + 1)),
+                    Some((first, count)) => {
+                        zap(first, count);
+                        Some((idx, 1))
+                    }
+                    None => Some((idx, 1)),
+                };
+            }
+            if let Some((first, count)) = run {
+                zap(first, count);
+            }
+        }
         let mut j = self.snapshots.len();
         while j > k {
             j -= 1;
@@ -246,7 +265,6 @@ impl SpaceState {
                 let idx = *cursor.current().0;
                 let (_, node) = cursor.remove_current();
                 let (_, image) = node.to_key_value();
-                zap(idx);
                 self.stats.pages_restored += 1;
                 match image {
                     Some(page) => match self.pages.get_mut(&idx) {
