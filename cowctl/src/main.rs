@@ -3,6 +3,7 @@
 mod bench;
 mod exit;
 mod remote;
+mod run;
 mod snapshots;
 mod status;
 
@@ -18,6 +19,7 @@ use std::process::ExitCode;
 Examples:
   cowctl status                 what this machine offers: cow.ko, ABI, kernel features
   cowctl status --json          the same as one JSON object
+  cowctl run -- ./server        run a program with its heap and globals covered
   id=$(cowctl snapshot 1234)    snapshot process 1234's covered memory
   cowctl restore 1234 $id       put it back (the process is stopped around the restore)
   cowctl diff 1234 1 2 --json   byte ranges that changed between snapshots 1 and 2
@@ -43,6 +45,21 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Run a program with its heap and globals under cow.ko (exit code = the program's).
+    #[command(
+        after_help = "Examples:\n  cowctl run -- ./server --port 8080\n  cowctl run --heap-mib 512 -- python3 script.py"
+    )]
+    Run {
+        /// Backend to cover the program with.
+        #[arg(long, default_value = "kmod")]
+        backend: String,
+        /// Size of the covered heap in MiB (virtual; pages are allocated at first touch).
+        #[arg(long)]
+        heap_mib: Option<u64>,
+        /// The program and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        argv: Vec<String>,
     },
     /// Snapshot the covered memory of a live process; prints the new id alone.
     #[command(after_help = "Example:\n  id=$(cowctl snapshot 1234)")]
@@ -125,7 +142,22 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Run {
+        backend,
+        heap_mib,
+        argv,
+    } = &cli.command
+    {
+        return match run::run(backend, *heap_mib, argv) {
+            Ok(code) => ExitCode::from(code),
+            Err(err) => {
+                eprintln!("cowctl: {err:#}");
+                ExitCode::from(exit::code_for(&err))
+            }
+        };
+    }
     let result = match cli.command {
+        Command::Run { .. } => unreachable!("handled above"),
         Command::Status { json } => status::run(json),
         Command::Snapshot { pid } => snapshots::snapshot(pid),
         Command::Restore { pid, id, running } => snapshots::restore(pid, id, running),

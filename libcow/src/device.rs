@@ -133,6 +133,42 @@ impl Cow {
         })
     }
 
+    /// Allocates later regions' space offsets at or above `base` (a second handle on a space
+    /// keeps its regions clear of the first one's this way).
+    pub fn reserve_offsets_from(&self, base: u64) {
+        self.next_offset.fetch_max(base, Ordering::Relaxed);
+    }
+
+    /// Maps `len` bytes of new covered memory at exactly `addr`, replacing whatever was mapped
+    /// there (`MAP_FIXED`).
+    ///
+    /// # Safety
+    ///
+    /// `[addr, addr + len)` must be page-aligned and must not hold anything the caller still
+    /// needs: its old contents are gone (copy them first).
+    pub unsafe fn map_region_at(&self, addr: *mut u8, len: usize) -> Result<Region> {
+        let page = self.page_size() as usize;
+        let offset = self.next_offset.fetch_add(
+            (len.div_ceil(page) + 1) as u64 * page as u64,
+            Ordering::Relaxed,
+        );
+        // SAFETY: the caller gives up the range; the offset is unused by other regions.
+        let got = unsafe {
+            libc::mmap(
+                addr.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                self.fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if got == libc::MAP_FAILED {
+            return Err(Error::last_os("mmap /dev/cow (fixed)"));
+        }
+        Ok(Region { addr, len, offset })
+    }
+
     /// Takes a snapshot of every region of the space; returns its id.
     pub fn snapshot(&self) -> Result<u64> {
         let mut a = sized::<CowId>();

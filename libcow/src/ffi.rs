@@ -29,11 +29,61 @@ pub extern "C" fn cow_strerror(err: c_int) -> *const c_char {
 }
 
 /// The process's space for the C ABI, set by `cow_init`.
-static SPACE: std::sync::OnceLock<Cow> = std::sync::OnceLock::new();
+static SPACE: std::sync::OnceLock<&'static Cow> = std::sync::OnceLock::new();
+
+/// Functions that make the covered heap quiescent around a snapshot or restore (installed by
+/// libcow_preload, whose allocator they lock).
+static QUIESCE: std::sync::OnceLock<QuiesceHooks> = std::sync::OnceLock::new();
+
+/// `(hold, release)`: make the covered heap quiescent, and let it go again.
+type QuiesceHooks = (fn(), fn());
+
+/// Space offsets from here on are used by a process that adopted a space from `COW_SPACE_FD`
+/// (half of the 16 TiB a space spans), so its regions never overlap the publisher's.
+const ADOPTED_OFFSET_BASE: u64 = 1 << 43;
+
+/// Makes `space` the one the C API drives, with `hold`/`release` bracketing snapshots and
+/// restores (libcow_preload calls this for the space that covers the heap and globals).
+pub fn install(space: &'static Cow, hold: fn(), release: fn()) {
+    let _ = SPACE.set(space);
+    let _ = QUIESCE.set((hold, release));
+}
+
+/// Runs `op` with the covered heap quiescent, if a preload installed the hooks.
+fn quiesced<T>(op: impl FnOnce() -> T) -> T {
+    match QUIESCE.get() {
+        Some((hold, release)) => {
+            hold();
+            let r = op();
+            release();
+            r
+        }
+        None => op(),
+    }
+}
+
+/// The space published by libcow_preload in `COW_SPACE_FD`, if that descriptor is `/dev/cow`.
+fn adopt_published_space() -> Option<Cow> {
+    let fd: i32 = std::env::var("COW_SPACE_FD").ok()?.parse().ok()?;
+    let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    if target.as_os_str() != crate::COW_DEVICE_PATH {
+        return None;
+    }
+    // SAFETY: duplicating a descriptor we just checked is open; the copy is ours.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return None;
+    }
+    // SAFETY: `dup` is a fresh descriptor owned by nobody else.
+    let owned = unsafe { std::os::fd::FromRawFd::from_raw_fd(dup) };
+    let cow = Cow::from_fd(owned).ok()?;
+    cow.reserve_offsets_from(ADOPTED_OFFSET_BASE);
+    Some(cow)
+}
 
 /// The space, or the negative errno the C ABI returns before `cow_init`.
 fn space() -> Result<&'static Cow, c_int> {
-    SPACE.get().ok_or(-libc::EBADFD)
+    SPACE.get().copied().ok_or(-libc::EBADFD)
 }
 
 /// Runs `op` on the space and turns the outcome into the C convention (0 or a negative errno).
@@ -70,13 +120,15 @@ pub unsafe extern "C" fn cow_init(backend: *const c_char) -> c_int {
     if SPACE.get().is_some() {
         return 0;
     }
-    match Cow::open() {
-        Ok(cow) => {
-            let _ = SPACE.set(cow);
-            0
-        }
-        Err(e) => -e.errno(),
-    }
+    let cow = match adopt_published_space() {
+        Some(cow) => cow,
+        None => match Cow::open() {
+            Ok(cow) => cow,
+            Err(e) => return -e.errno(),
+        },
+    };
+    let _ = SPACE.set(Box::leak(Box::new(cow)));
+    0
 }
 
 /// The backend in use ("kmod"), or "none" before `cow_init`.
@@ -107,7 +159,7 @@ pub extern "C" fn cow_map(len: usize) -> *mut std::ffi::c_void {
 #[no_mangle]
 pub extern "C" fn cow_snapshot() -> i64 {
     match space() {
-        Ok(s) => match s.snapshot() {
+        Ok(s) => match quiesced(|| s.snapshot()) {
             Ok(id) => id as i64,
             Err(e) => -(e.errno() as i64),
         },
@@ -118,7 +170,7 @@ pub extern "C" fn cow_snapshot() -> i64 {
 /// Restores all covered memory to snapshot `id`. 0 or a negative errno (`-ENOENT`: no such id).
 #[no_mangle]
 pub extern "C" fn cow_restore(id: i64) -> c_int {
-    with_space(|s| s.restore(positive_id(id)?))
+    with_space(|s| quiesced(|| s.restore(positive_id(id)?)))
 }
 
 /// Drops snapshot `id`. 0 or a negative errno.

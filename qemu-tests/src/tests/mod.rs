@@ -1,6 +1,7 @@
 //! Every in-guest test, in the order the runner executes them.
 
 mod device;
+mod preload;
 mod remote;
 pub mod snapshots;
 
@@ -12,6 +13,7 @@ pub fn all() -> Vec<Test> {
     v.extend(device::tests());
     v.extend(snapshots::tests());
     v.extend(remote::tests());
+    v.extend(preload::tests());
     v
 }
 

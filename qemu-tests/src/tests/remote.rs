@@ -14,6 +14,10 @@ pub fn tests() -> Vec<Test> {
             run: snapshot_mutate_restore_by_pid,
         },
         Test {
+            name: "remote::c_program_under_cowctl_run",
+            run: c_program_under_cowctl_run,
+        },
+        Test {
             name: "remote::permission_denied_for_other_user",
             run: permission_denied_for_other_user,
         },
@@ -33,10 +37,18 @@ struct Target {
 
 impl Target {
     fn start() -> Result<Self> {
-        let mut child = Command::new(sibling("cow-target")?)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?;
+        Self::spawn(Command::new(sibling("cow-target")?))
+    }
+
+    /// The C program remote_target.c (heap + globals + 4 threads) under `cowctl run`.
+    fn start_c_under_cowctl_run() -> Result<Self> {
+        let mut cmd = Command::new(sibling("cowctl")?);
+        cmd.args(["run", "--"]).arg(sibling("remote_target")?);
+        Self::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Result<Self> {
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
         let stdin = child.stdin.take().context("stdin")?;
         let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
         let mut line = String::new();
@@ -132,6 +144,28 @@ fn snapshot_mutate_restore_by_pid() -> Result<()> {
     ok_stdout(&["restore", &pid, "1", "--running"])?;
     ensure!(t.ask("sum")? == sum1, "second restore");
     ok_stdout(&["drop", &pid, "1"])?;
+    Ok(())
+}
+
+fn c_program_under_cowctl_run() -> Result<()> {
+    let mut t = Target::start_c_under_cowctl_run()?;
+    let pid = t.pid.to_string();
+    ensure!(t.ask("fill 1")? == "ok");
+    let sum1 = t.ask("sum")?;
+    let id = ok_stdout(&["snapshot", &pid])?.trim().to_string();
+    // The threads rewrite the globals, free and reallocate heap blocks, and rewrite them.
+    ensure!(t.ask("fill 2")? == "ok");
+    ensure!(t.ask("fill 3")? == "ok");
+    ensure!(t.ask("sum")? != sum1, "fill did not change the memory");
+    ok_stdout(&["restore", &pid, &id])?;
+    ensure!(
+        t.ask("sum")? == sum1,
+        "checksum after restore differs from the snapshot's"
+    );
+    // The restored heap keeps working: allocate, free, write again, and go back once more.
+    ensure!(t.ask("fill 4")? == "ok");
+    ok_stdout(&["restore", &pid, &id])?;
+    ensure!(t.ask("sum")? == sum1, "second restore");
     Ok(())
 }
 

@@ -1,0 +1,186 @@
+//! POSIX `fork()` for a covered process: parent and child never see each other's writes.
+//!
+//! Covered memory is a shared mapping of the parent's space, so a plain fork would share it.
+//! Around `fork()` (pthread_atfork):
+//! - *prepare* (parent): hold every heap lock (the allocator is quiescent), take a snapshot
+//!   `S`, open a pipe;
+//! - *child*: for each covered range, build a private anonymous copy of its contents at `S`
+//!   (read from the space, skipping all-zero pages) and `mremap` it over the shared mapping;
+//!   detach from the space (its descriptor becomes `/dev/null`); close the pipe;
+//! - *parent*: release the locks, wait until the child closed the pipe (it no longer needs
+//!   `S`), drop `S`.
+//!
+//! Other parent threads may write covered memory during the fork: their first writes save the
+//! pre-images into `S`, so the child still gets the memory as it was at the fork. A child is no
+//! longer covered: its memory is ordinary private memory.
+
+use crate::{heap, raw};
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+
+static SNAPSHOT: AtomicU64 = AtomicU64::new(0);
+static PIPE_READ: AtomicI32 = AtomicI32::new(-1);
+static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
+
+/// Registers the fork handlers.
+pub(crate) fn install_handlers() {
+    // SAFETY: registering three extern "C" functions that live as long as the process.
+    unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+}
+
+extern "C" fn prepare() {
+    let Some(cow) = crate::space() else { return };
+    heap::hold_all();
+    SNAPSHOT.store(cow.snapshot().unwrap_or(0), Ordering::Relaxed);
+    let mut fds = [-1; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == 0 {
+        PIPE_READ.store(fds[0], Ordering::Relaxed);
+        PIPE_WRITE.store(fds[1], Ordering::Relaxed);
+    }
+}
+
+extern "C" fn parent() {
+    let Some(cow) = crate::space() else { return };
+    heap::release_all();
+    let (r, w) = (
+        PIPE_READ.swap(-1, Ordering::Relaxed),
+        PIPE_WRITE.swap(-1, Ordering::Relaxed),
+    );
+    if w >= 0 {
+        // SAFETY: our own pipe ends. read returns 0 once the child closed its write end (after
+        // copying, or by exiting or exec'ing).
+        unsafe {
+            libc::close(w);
+            let mut b = 0u8;
+            while libc::read(r, (&mut b as *mut u8).cast(), 1) < 0
+                && *libc::__errno_location() == libc::EINTR
+            {}
+            libc::close(r);
+        }
+    }
+    let id = SNAPSHOT.swap(0, Ordering::Relaxed);
+    if id != 0 {
+        let _ = cow.drop_snapshot(id);
+    }
+}
+
+extern "C" fn child() {
+    let Some(cow) = crate::space() else { return };
+    let id = SNAPSHOT.swap(0, Ordering::Relaxed);
+    if id == 0 {
+        raw::write_stderr(b"libcow_preload: fork: no snapshot; the child shares covered memory\n");
+    } else {
+        if let Some((start, len, offset)) = crate::globals::region() {
+            privatize(
+                cow,
+                id,
+                start,
+                len,
+                |a| offset + (a - start) as u64,
+                &[(start, start + len)],
+            );
+        }
+        if let Some((start, end)) = heap::range() {
+            let used: [(usize, usize); 8] = {
+                let mut v = [(0, 0); 8];
+                for (slot, r) in v.iter_mut().zip(heap::used_ranges()) {
+                    *slot = r;
+                }
+                v
+            };
+            privatize(cow, id, start, end - start, heap::offset_of, &used);
+        }
+        detach(cow);
+    }
+    heap::release_all();
+    let (r, w) = (
+        PIPE_READ.swap(-1, Ordering::Relaxed),
+        PIPE_WRITE.swap(-1, Ordering::Relaxed),
+    );
+    // SAFETY: closing our copies of the pipe; the parent sees EOF.
+    unsafe {
+        libc::close(r);
+        libc::close(w);
+    }
+}
+
+/// Replaces `[start, start + len)` with private memory holding its contents at snapshot `id`;
+/// only the `used` sub-ranges are read (the rest is known to be zero).
+fn privatize(
+    cow: &cow::Cow,
+    id: u64,
+    start: usize,
+    len: usize,
+    offset_of: impl Fn(usize) -> u64,
+    used: &[(usize, usize)],
+) {
+    const CHUNK: usize = 1 << 20;
+    // SAFETY: a fresh private mapping; the reads fill it; mremap then moves its pages over the
+    // shared mapping at `start` in one step (the old mapping is unmapped by the kernel). Only
+    // this thread exists in the child.
+    unsafe {
+        let copy = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        if copy == libc::MAP_FAILED {
+            raw::write_stderr(b"libcow_preload: fork: no memory for the child's copy\n");
+            return;
+        }
+        let page = raw::page_size();
+        let buf = libc::mmap(
+            std::ptr::null_mut(),
+            CHUNK,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        for &(a, b) in used.iter().filter(|(a, b)| a < b) {
+            let mut pos = a;
+            while pos < b {
+                let n = CHUNK.min(b - pos);
+                let chunk = std::slice::from_raw_parts_mut(buf.cast::<u8>(), n);
+                if cow.read(id, offset_of(pos), chunk).is_err() {
+                    raw::write_stderr(b"libcow_preload: fork: cannot read the snapshot\n");
+                }
+                for (i, p) in chunk.chunks(page).enumerate() {
+                    if p.iter().any(|&x| x != 0) {
+                        let dst = copy.cast::<u8>().add(pos - start + i * page);
+                        std::ptr::copy_nonoverlapping(p.as_ptr(), dst, p.len());
+                    }
+                }
+                pos += n;
+            }
+        }
+        libc::munmap(buf, CHUNK);
+        let moved = libc::mremap(
+            copy,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            start as *mut libc::c_void,
+        );
+        if moved == libc::MAP_FAILED {
+            raw::write_stderr(b"libcow_preload: fork: mremap over covered memory failed\n");
+        }
+    }
+}
+
+/// Points the child's space descriptor at /dev/null: the child must not drive the parent's
+/// space (ioctls on it now fail with ENOTTY).
+fn detach(cow: &cow::Cow) {
+    // SAFETY: replacing our own descriptor number with /dev/null.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if null >= 0 {
+            libc::dup3(null, cow.as_fd().as_raw_fd(), libc::O_CLOEXEC);
+            libc::close(null);
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! libcow_preload.so — puts an unmodified program's memory under cow.ko.
+//!
+//! Loaded with `LD_PRELOAD` (by `cowctl run`), it
+//! - serves the heap (`malloc`, `free`, `calloc`, `realloc`, `posix_memalign`, `aligned_alloc`,
+//!   `memalign`, `valloc`, `pvalloc`, `malloc_usable_size`) from one large `/dev/cow` region,
+//!   split into shards, each a [talc](https://crates.io/crates/talc) allocator whose whole state
+//!   (its control block and free lists) lives inside the covered region itself, so a restore
+//!   puts the allocator back exactly where the memory it manages was;
+//! - moves the executable's writable globals (`.data`, `.bss`, minus RELRO) into `/dev/cow`
+//!   memory at start-up, before the program's own constructors run;
+//! - keeps `fork()` POSIX: the child gets a private copy of the covered memory as it was at the
+//!   fork, the parent keeps its space (see `fork.rs`).
+//!
+//! The space's descriptor is published in `COW_SPACE_FD`, so libcow's C API (`cow_init`) in the
+//! same process drives the same space, and `cowctl` finds it by pid.
+
+mod fork;
+mod globals;
+mod heap;
+mod malloc_api;
+mod raw;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Not initialised yet.
+const UNINIT: u8 = 0;
+/// Initialisation in progress (allocations meanwhile go to libc).
+const INITIALISING: u8 = 1;
+/// The heap is served from cow memory.
+const READY: u8 = 2;
+/// cow.ko could not be used: everything goes to libc.
+const FALLBACK: u8 = 3;
+
+static STATE: AtomicU8 = AtomicU8::new(UNINIT);
+
+/// The process's space, valid once `STATE` is `READY`.
+static SPACE: std::sync::OnceLock<cow::Cow> = std::sync::OnceLock::new();
+
+/// Runs before the program's own constructors (the dynamic loader initialises preloaded
+/// objects first).
+#[used]
+#[link_section = ".init_array"]
+static CONSTRUCTOR: extern "C" fn() = constructor;
+
+extern "C" fn constructor() {
+    if ensure_init() {
+        if let Some(space) = space() {
+            cow::ffi::install(space, heap::hold_all, heap::release_all);
+        }
+        globals::cover_executable_globals();
+        fork::install_handlers();
+        publish_fd();
+    }
+}
+
+/// Initialises the covered heap once; returns whether it is served from cow memory.
+pub(crate) fn ensure_init() -> bool {
+    match STATE.load(Ordering::Acquire) {
+        READY => return true,
+        FALLBACK | INITIALISING => return false,
+        _ => {}
+    }
+    if STATE
+        .compare_exchange(UNINIT, INITIALISING, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        // Another thread is initialising: wait for it (start-up, so this is brief).
+        while STATE.load(Ordering::Acquire) == INITIALISING {
+            std::hint::spin_loop();
+        }
+        return STATE.load(Ordering::Acquire) == READY;
+    }
+    match open_space().and_then(|cow| heap::init(&cow).map(|()| cow)) {
+        Ok(cow) => {
+            let _ = SPACE.set(cow);
+            STATE.store(READY, Ordering::Release);
+            true
+        }
+        Err(why) => {
+            raw::write_stderr(b"libcow_preload: ");
+            raw::write_stderr(why.as_bytes());
+            raw::write_stderr(b"; the heap is NOT covered (served by libc)\n");
+            STATE.store(FALLBACK, Ordering::Release);
+            false
+        }
+    }
+}
+
+/// Opens /dev/cow without allocating (we may be inside the first `malloc`).
+fn open_space() -> Result<cow::Cow, &'static str> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: open with a static NUL-terminated path.
+    let fd = unsafe { libc::open(c"/dev/cow".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err("cannot open /dev/cow (is cow.ko loaded? are you allowed to open it?)");
+    }
+    // SAFETY: the descriptor was just opened and is owned by nobody else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    cow::Cow::from_fd(fd).map_err(|_| "/dev/cow speaks another ABI version than this libcow")
+}
+
+/// The covered space, once initialised.
+pub(crate) fn space() -> Option<&'static cow::Cow> {
+    SPACE.get()
+}
+
+/// Publishes the space's descriptor for libcow's C API and for tools.
+fn publish_fd() {
+    use std::os::fd::{AsFd, AsRawFd};
+    if let Some(cow) = space() {
+        let mut buf = [0u8; 24];
+        let text = raw::format_decimal(cow.as_fd().as_raw_fd() as u64, &mut buf);
+        let mut cstr = [0u8; 24];
+        cstr[..text.len()].copy_from_slice(text);
+        // SAFETY: both strings are NUL-terminated and outlive the call; setenv copies them.
+        unsafe { libc::setenv(c"COW_SPACE_FD".as_ptr(), cstr.as_ptr().cast(), 1) };
+    }
+}

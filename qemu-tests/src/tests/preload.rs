@@ -1,0 +1,125 @@
+//! `cowctl run`: unmodified programs with their heap and globals under cow.ko (libcow_preload).
+
+use super::sibling;
+use crate::Test;
+use anyhow::{ensure, Result};
+use std::process::Command;
+
+/// This file's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        Test {
+            name: "preload::heap_and_globals_are_covered",
+            run: heap_and_globals_are_covered,
+        },
+        Test {
+            name: "preload::randomized_churn_byte_exact",
+            run: randomized_churn_byte_exact,
+        },
+        Test {
+            name: "preload::snapshots_under_thread_churn",
+            run: snapshots_under_thread_churn,
+        },
+        Test {
+            name: "preload::fork_keeps_posix_semantics",
+            run: fork_keeps_posix_semantics,
+        },
+        Test {
+            name: "preload::exit_code_is_the_programs",
+            run: exit_code_is_the_programs,
+        },
+    ]
+}
+
+fn cowctl_run(args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(sibling("cowctl")?)
+        .arg("run")
+        .arg("--")
+        .args(args)
+        .output()?)
+}
+
+fn run_ok(prog: &str, args: &[&str]) -> Result<String> {
+    let exe = sibling(prog)?;
+    let exe = exe.to_str().unwrap_or_default();
+    let mut all = vec![exe];
+    all.extend_from_slice(args);
+    let out = cowctl_run(&all)?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "{prog}: {}\n{}{}",
+        out.status,
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+fn heap_and_globals_are_covered() -> Result<()> {
+    // An ordinary Debian binary: its maps show the covered heap and globals.
+    let out = cowctl_run(&["/bin/cat", "/proc/self/maps"])?;
+    ensure!(
+        out.status.success(),
+        "cat failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let maps = String::from_utf8_lossy(&out.stdout);
+    let cow: Vec<&str> = maps.lines().filter(|l| l.ends_with("/dev/cow")).collect();
+    ensure!(
+        cow.len() >= 2,
+        "expected heap and globals mappings of /dev/cow:\n{maps}"
+    );
+    let cat_globals = maps
+        .lines()
+        .any(|l| l.ends_with("/dev/cow") && l.split_whitespace().nth(1) == Some("rw-s"));
+    ensure!(cat_globals, "no writable shared /dev/cow mapping:\n{maps}");
+    ensure!(
+        out.stderr.is_empty(),
+        "warnings: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn randomized_churn_byte_exact() -> Result<()> {
+    for seed in ["0x243F6A8885A308D3", "12345", "987654321"] {
+        let out = run_ok("preload_churn", &["4000", seed])?;
+        ensure!(out.contains("zero differences"), "{out}");
+    }
+    Ok(())
+}
+
+fn snapshots_under_thread_churn() -> Result<()> {
+    let out = run_ok("preload_threads", &[])?;
+    ensure!(out.contains("restores coherent"), "{out}");
+    Ok(())
+}
+
+fn fork_keeps_posix_semantics() -> Result<()> {
+    let out = run_ok("preload_fork", &[])?;
+    ensure!(out.contains("no writes crossed"), "{out}");
+    Ok(())
+}
+
+fn exit_code_is_the_programs() -> Result<()> {
+    let out = cowctl_run(&["/bin/sh", "-c", "exit 7"])?;
+    ensure!(
+        out.status.code() == Some(7),
+        "exit 7 -> {:?}",
+        out.status.code()
+    );
+    let out = cowctl_run(&["/bin/sh", "-c", "kill -9 $$"])?;
+    ensure!(
+        out.status.code() == Some(137),
+        "SIGKILL -> {:?}",
+        out.status.code()
+    );
+    let out = cowctl_run(&["/nonexistent/program"])?;
+    ensure!(
+        out.status.code() == Some(5),
+        "missing program -> {:?}",
+        out.status.code()
+    );
+    Ok(())
+}
