@@ -23,15 +23,27 @@ int cow_version(void);
 /* A static description of a negative errno returned by a cow_* function. */
 const char *cow_strerror(int err);
 
-/* Initialise libcow. backend: NULL or "auto" or "kmod" (mainline backends: -ENOTSUP for now).
- * Idempotent. 0 or a negative errno (-ENODEV: cow.ko is not loaded). */
+/* Initialise libcow with a backend: NULL or "auto" (kmod if cow.ko is loaded, else uffd if
+ * the kernel has userfaultfd WP_ASYNC and PAGEMAP_SCAN, else mprotect), "kmod", "uffd" or
+ * "mprotect". Idempotent for the same choice. 0 or a negative errno (-ENODEV: kmod asked for
+ * but cow.ko is not loaded; -EBUSY: another backend is already in use).
+ *
+ * kmod covers memory from cow_map (and, under `cowctl run`, the heap and globals). uffd and
+ * mprotect cover every private writable mapping of the process except stacks and libcow's own
+ * bookkeeping, including memory mapped later. */
 int cow_init(const char *backend);
 
-/* The backend in use: "kmod", or "none" before cow_init. */
+/* The backend in use: "kmod", "uffd", "mprotect", or "none" before cow_init. */
 const char *cow_backend(void);
+
+/* Why cow_init picked that backend (empty before cow_init). */
+const char *cow_backend_reason(void);
 
 /* Map len bytes of new covered memory, zero-filled; NULL with errno set on failure. */
 void *cow_map(size_t len);
+
+/* len zeroed bytes that no backend covers (for reference data); never freed. */
+void *cow_alloc_uncovered(size_t len);
 
 /* Snapshot all covered memory: the new id (>= 1) or a negative errno. */
 int64_t cow_snapshot(void);
@@ -42,6 +54,13 @@ int cow_restore(int64_t id);
 
 /* Drop snapshot id. 0 or a negative errno. */
 int cow_drop(int64_t id);
+
+/* Copy len bytes at addr as they were at snapshot id into buf. 0 or a negative errno. */
+int cow_read(int64_t id, const void *addr, void *buf, size_t len);
+
+/* Store up to cap addresses of pages written since snapshot id (sorted) into pages; return
+ * how many there are in all (may exceed cap) or a negative errno. */
+int64_t cow_dirty(int64_t id, void **pages, size_t cap);
 
 #ifdef __cplusplus
 }

@@ -68,6 +68,34 @@ impl Cow {
         Self::from_fd(file.into())
     }
 
+    /// The space libcow_preload published in `COW_SPACE_FD` (when this process runs under
+    /// `cowctl run`), else a new space. An adopted space's new regions use offsets from
+    /// `2^43` on, clear of the publisher's.
+    pub fn open_published_or_new() -> Result<Self> {
+        match Self::adopt_published() {
+            Some(cow) => Ok(cow),
+            None => Self::open(),
+        }
+    }
+
+    fn adopt_published() -> Option<Self> {
+        let fd: i32 = std::env::var("COW_SPACE_FD").ok()?.parse().ok()?;
+        let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+        if target.as_os_str() != COW_DEVICE_PATH {
+            return None;
+        }
+        // SAFETY: duplicating a descriptor we just checked is open; the copy is ours.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return None;
+        }
+        // SAFETY: `dup` is a fresh descriptor owned by nobody else.
+        let owned = unsafe { std::os::fd::FromRawFd::from_raw_fd(dup) };
+        let cow = Self::from_fd(owned).ok()?;
+        cow.reserve_offsets_from(1 << 43);
+        Some(cow)
+    }
+
     /// Adopts an already open `/dev/cow` descriptor (for example one taken from another process
     /// with `pidfd_getfd`) after checking its ABI version.
     pub fn from_fd(fd: OwnedFd) -> Result<Self> {

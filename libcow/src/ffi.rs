@@ -1,8 +1,75 @@
 //! The C ABI, declared in `include/cow.h`. Functions return a negative errno on failure;
 //! `cow_strerror` turns it into a sentence.
 
+use crate::backend::{self, Backend};
 use crate::device::Cow;
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::sync::OnceLock;
+
+/// The backend the C API drives, chosen by `cow_init` (or installed by libcow_preload).
+static BACKEND: OnceLock<&'static dyn Backend> = OnceLock::new();
+/// Why that backend (for `cow_backend_reason`).
+static REASON: OnceLock<CString> = OnceLock::new();
+/// Functions that make the covered heap quiescent around a snapshot or restore (installed by
+/// libcow_preload, whose allocator they lock).
+static QUIESCE: OnceLock<QuiesceHooks> = OnceLock::new();
+
+/// `(hold, release)`: make the covered heap quiescent, and let it go again.
+type QuiesceHooks = (fn(), fn());
+
+/// Makes `space` (libcow_preload's) the space the C API drives, with `hold`/`release`
+/// bracketing snapshots and restores.
+pub fn install(space: &'static Cow, hold: fn(), release: fn()) {
+    let kmod: &'static dyn Backend = Box::leak(Box::new(backend::kmod::Kmod::with(space)));
+    let _ = BACKEND.set(kmod);
+    let _ = REASON.set(c"libcow_preload covers the heap and globals with cow.ko".into());
+    let _ = QUIESCE.set((hold, release));
+}
+
+/// Runs `op` with the covered heap quiescent, if a preload installed the hooks.
+fn quiesced<T>(op: impl FnOnce() -> T) -> T {
+    match QUIESCE.get() {
+        Some((hold, release)) => {
+            hold();
+            let r = op();
+            release();
+            r
+        }
+        None => op(),
+    }
+}
+
+/// The backend, or the negative errno the C API returns before `cow_init`.
+fn backend() -> Result<&'static dyn Backend, c_int> {
+    BACKEND.get().copied().ok_or(-libc::EBADFD)
+}
+
+/// Runs `op` on the backend and turns the outcome into the C convention.
+fn with_backend(op: impl FnOnce(&dyn Backend) -> crate::Result<()>) -> c_int {
+    match backend() {
+        Ok(b) => match op(b) {
+            Ok(()) => 0,
+            Err(e) => -e.errno(),
+        },
+        Err(neg_errno) => neg_errno,
+    }
+}
+
+/// Ids are ≥ 1; anything else names no snapshot.
+fn positive_id(id: i64) -> crate::Result<u64> {
+    u64::try_from(id)
+        .ok()
+        .filter(|&id| id > 0)
+        .ok_or(crate::Error::Os {
+            op: "snapshot id",
+            errno: libc::ENOENT,
+        })
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: writing the calling thread's errno.
+    unsafe { *libc::__errno_location() = e };
+}
 
 /// Returns the ABI version of the loaded cow.ko, or a negative errno
 /// (`-ENODEV` when the module is not loaded, `-EPROTO` on an ABI mismatch).
@@ -22,83 +89,16 @@ pub extern "C" fn cow_strerror(err: c_int) -> *const c_char {
         0 => c"success",
         libc::ENODEV => c"cow.ko is not loaded (no /dev/cow): run scripts/guest or insmod cow.ko",
         libc::EPROTO => c"cow.ko and libcow speak different ABI versions: rebuild and reload",
+        libc::EBADFD => c"libcow is not initialised: call cow_init first",
         // SAFETY: strerror returns a pointer to a static (or thread-local) NUL-terminated string.
         _ => return unsafe { libc::strerror(errno) },
     };
     text.as_ptr()
 }
 
-/// The process's space for the C ABI, set by `cow_init`.
-static SPACE: std::sync::OnceLock<&'static Cow> = std::sync::OnceLock::new();
-
-/// Functions that make the covered heap quiescent around a snapshot or restore (installed by
-/// libcow_preload, whose allocator they lock).
-static QUIESCE: std::sync::OnceLock<QuiesceHooks> = std::sync::OnceLock::new();
-
-/// `(hold, release)`: make the covered heap quiescent, and let it go again.
-type QuiesceHooks = (fn(), fn());
-
-/// Space offsets from here on are used by a process that adopted a space from `COW_SPACE_FD`
-/// (half of the 16 TiB a space spans), so its regions never overlap the publisher's.
-const ADOPTED_OFFSET_BASE: u64 = 1 << 43;
-
-/// Makes `space` the one the C API drives, with `hold`/`release` bracketing snapshots and
-/// restores (libcow_preload calls this for the space that covers the heap and globals).
-pub fn install(space: &'static Cow, hold: fn(), release: fn()) {
-    let _ = SPACE.set(space);
-    let _ = QUIESCE.set((hold, release));
-}
-
-/// Runs `op` with the covered heap quiescent, if a preload installed the hooks.
-fn quiesced<T>(op: impl FnOnce() -> T) -> T {
-    match QUIESCE.get() {
-        Some((hold, release)) => {
-            hold();
-            let r = op();
-            release();
-            r
-        }
-        None => op(),
-    }
-}
-
-/// The space published by libcow_preload in `COW_SPACE_FD`, if that descriptor is `/dev/cow`.
-fn adopt_published_space() -> Option<Cow> {
-    let fd: i32 = std::env::var("COW_SPACE_FD").ok()?.parse().ok()?;
-    let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
-    if target.as_os_str() != crate::COW_DEVICE_PATH {
-        return None;
-    }
-    // SAFETY: duplicating a descriptor we just checked is open; the copy is ours.
-    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if dup < 0 {
-        return None;
-    }
-    // SAFETY: `dup` is a fresh descriptor owned by nobody else.
-    let owned = unsafe { std::os::fd::FromRawFd::from_raw_fd(dup) };
-    let cow = Cow::from_fd(owned).ok()?;
-    cow.reserve_offsets_from(ADOPTED_OFFSET_BASE);
-    Some(cow)
-}
-
-/// The space, or the negative errno the C ABI returns before `cow_init`.
-fn space() -> Result<&'static Cow, c_int> {
-    SPACE.get().copied().ok_or(-libc::EBADFD)
-}
-
-/// Runs `op` on the space and turns the outcome into the C convention (0 or a negative errno).
-fn with_space(op: impl FnOnce(&Cow) -> crate::Result<()>) -> c_int {
-    match space() {
-        Ok(s) => match op(s) {
-            Ok(()) => 0,
-            Err(e) => -e.errno(),
-        },
-        Err(neg_errno) => neg_errno,
-    }
-}
-
-/// Initialises libcow with `backend` (NULL, "auto" or "kmod"; the mainline backends come with a
-/// later release and are refused with `-ENOTSUP`). Idempotent. Returns 0 or a negative errno.
+/// Initialises libcow with `backend`: NULL or "auto" (kmod if cow.ko is loaded, else uffd if
+/// the kernel has WP_ASYNC and PAGEMAP_SCAN, else mprotect), "kmod", "uffd" or "mprotect".
+/// Idempotent for the same choice. Returns 0 or a negative errno.
 ///
 /// # Safety
 ///
@@ -114,52 +114,66 @@ pub unsafe extern "C" fn cow_init(backend: *const c_char) -> c_int {
             Err(_) => return -libc::EINVAL,
         }
     };
-    if name != "auto" && name != "kmod" {
-        return -libc::ENOTSUP;
+    if let Some(b) = BACKEND.get() {
+        return if name == "auto" || name == b.name() {
+            0
+        } else {
+            -libc::EBUSY
+        };
     }
-    if SPACE.get().is_some() {
-        return 0;
+    match backend::open(name) {
+        Ok((b, choice)) => {
+            let _ = BACKEND.set(Box::leak(b));
+            let _ = REASON.set(CString::new(choice.reason).unwrap_or_default());
+            0
+        }
+        Err(e) => -e.errno(),
     }
-    let cow = match adopt_published_space() {
-        Some(cow) => cow,
-        None => match Cow::open() {
-            Ok(cow) => cow,
-            Err(e) => return -e.errno(),
-        },
-    };
-    let _ = SPACE.set(Box::leak(Box::new(cow)));
-    0
 }
 
-/// The backend in use ("kmod"), or "none" before `cow_init`.
+/// The backend in use ("kmod", "uffd", "mprotect"), or "none" before `cow_init`.
 #[no_mangle]
 pub extern "C" fn cow_backend() -> *const c_char {
-    if SPACE.get().is_some() {
-        c"kmod".as_ptr()
-    } else {
-        c"none".as_ptr()
+    match BACKEND.get().map(|b| b.name()) {
+        Some("kmod") => c"kmod".as_ptr(),
+        Some("uffd") => c"uffd".as_ptr(),
+        Some("mprotect") => c"mprotect".as_ptr(),
+        _ => c"none".as_ptr(),
     }
 }
 
-/// Maps `len` bytes of new covered memory (zero-filled). NULL on failure, with errno set.
+/// Why `cow_init` picked the backend in use ("" before `cow_init`).
 #[no_mangle]
-pub extern "C" fn cow_map(len: usize) -> *mut std::ffi::c_void {
-    let result = space().and_then(|s| s.map_region(len).map_err(|e| -e.errno()));
-    match result {
-        Ok(r) => r.addr.cast(),
+pub extern "C" fn cow_backend_reason() -> *const c_char {
+    REASON.get().map(|r| r.as_ptr()).unwrap_or(c"".as_ptr())
+}
+
+/// Maps `len` bytes of new memory the backend covers, zero-filled (kmod: from /dev/cow; the
+/// mainline backends cover any private memory, this is a plain anonymous mapping). NULL on
+/// failure, with errno set.
+#[no_mangle]
+pub extern "C" fn cow_map(len: usize) -> *mut c_void {
+    match backend().and_then(|b| b.map(len).map_err(|e| -e.errno())) {
+        Ok(p) => p.cast(),
         Err(neg_errno) => {
-            // SAFETY: writing the calling thread's errno.
-            unsafe { *libc::__errno_location() = -neg_errno };
+            set_errno(-neg_errno);
             std::ptr::null_mut()
         }
     }
 }
 
+/// `len` zeroed bytes that no backend covers, for a program's own reference data. NULL on
+/// failure. Never freed.
+#[no_mangle]
+pub extern "C" fn cow_alloc_uncovered(len: usize) -> *mut c_void {
+    crate::book::alloc_uncovered(len.max(1)).as_mut_ptr().cast()
+}
+
 /// Takes a snapshot of all covered memory; returns its id (≥ 1) or a negative errno.
 #[no_mangle]
 pub extern "C" fn cow_snapshot() -> i64 {
-    match space() {
-        Ok(s) => match quiesced(|| s.snapshot()) {
+    match backend() {
+        Ok(b) => match quiesced(|| b.snapshot()) {
             Ok(id) => id as i64,
             Err(e) => -(e.errno() as i64),
         },
@@ -170,22 +184,64 @@ pub extern "C" fn cow_snapshot() -> i64 {
 /// Restores all covered memory to snapshot `id`. 0 or a negative errno (`-ENOENT`: no such id).
 #[no_mangle]
 pub extern "C" fn cow_restore(id: i64) -> c_int {
-    with_space(|s| quiesced(|| s.restore(positive_id(id)?)))
+    with_backend(|b| quiesced(|| b.restore(positive_id(id)?)))
 }
 
 /// Drops snapshot `id`. 0 or a negative errno.
 #[no_mangle]
 pub extern "C" fn cow_drop(id: i64) -> c_int {
-    with_space(|s| s.drop_snapshot(positive_id(id)?))
+    with_backend(|b| b.drop_snapshot(positive_id(id)?))
 }
 
-/// Ids are ≥ 1; anything else names no snapshot.
-fn positive_id(id: i64) -> crate::Result<u64> {
-    u64::try_from(id)
-        .ok()
-        .filter(|&id| id > 0)
-        .ok_or(crate::Error::Os {
-            op: "snapshot id",
-            errno: libc::ENOENT,
-        })
+/// Copies `len` bytes at `addr` as they were at snapshot `id` into `buf`. 0 or a negative errno.
+///
+/// # Safety
+///
+/// `buf` is writable for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn cow_read(
+    id: i64,
+    addr: *const c_void,
+    buf: *mut c_void,
+    len: usize,
+) -> c_int {
+    if len == 0 {
+        return 0;
+    }
+    // SAFETY: the caller guarantees `buf` is writable for `len` bytes.
+    let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) };
+    with_backend(|b| b.read(positive_id(id)?, addr as usize, out))
+}
+
+/// Stores up to `cap` addresses of pages written since snapshot `id` into `pages` (sorted) and
+/// returns how many there are in all (which may exceed `cap`), or a negative errno.
+///
+/// # Safety
+///
+/// `pages` is writable for `cap` pointers.
+#[no_mangle]
+pub unsafe extern "C" fn cow_dirty(id: i64, pages: *mut *mut c_void, cap: usize) -> i64 {
+    let b = match backend() {
+        Ok(b) => b,
+        Err(e) => return e as i64,
+    };
+    let id = match positive_id(id) {
+        Ok(id) => id,
+        Err(e) => return -(e.errno() as i64),
+    };
+    match b.dirty_since(id) {
+        Ok(v) => {
+            for (i, &p) in v.iter().take(cap).enumerate() {
+                // SAFETY: `i < cap`, inside the caller's array.
+                unsafe { pages.add(i).write(p as *mut c_void) };
+            }
+            v.len() as i64
+        }
+        Err(e) => -(e.errno() as i64),
+    }
+}
+
+/// The backend in use, for Rust code in the same process (None before `cow_init`).
+pub fn current_backend() -> Option<&'static dyn Backend> {
+    BACKEND.get().copied()
 }

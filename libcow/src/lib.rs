@@ -7,11 +7,15 @@
 //! - [`probe`] finds out, by trying, which mainline kernel mechanisms this kernel offers.
 //! - [`ffi`] is the C ABI declared in `include/cow.h`.
 
+pub mod backend;
+pub mod book;
 pub mod device;
 pub mod error;
 pub mod ffi;
+pub mod maps;
 pub mod probe;
 mod sys;
+pub mod world;
 
 pub use cow_abi as abi;
 pub use device::{Cow, Region, COW_DEVICE_PATH};

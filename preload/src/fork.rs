@@ -71,7 +71,7 @@ extern "C" fn child() {
     if id == 0 {
         raw::write_stderr(b"libcow_preload: fork: no snapshot; the child shares covered memory\n");
     } else {
-        if let Some((start, len, offset)) = crate::globals::region() {
+        for (start, len, offset) in crate::globals::regions() {
             privatize(
                 cow,
                 id,

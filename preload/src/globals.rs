@@ -6,11 +6,15 @@
 //! runs in the preload constructor, before the program's own constructors and threads.
 
 use crate::raw;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
-/// The page range of the executable's writable, non-RELRO globals.
-fn writable_globals() -> Option<(usize, usize)> {
+/// Most writable segments we cover (executables have one or two).
+const MAX_SEGMENTS: usize = 4;
+
+/// The page ranges of the executable's writable, non-RELRO globals.
+fn writable_globals() -> [(usize, usize); MAX_SEGMENTS] {
     struct Found {
-        range: Option<(usize, usize)>,
+        ranges: [(usize, usize); MAX_SEGMENTS],
     }
     unsafe extern "C" fn visit(
         info: *mut libc::dl_phdr_info,
@@ -30,33 +34,45 @@ fn writable_globals() -> Option<(usize, usize)> {
                     relro_end = bias + ph.p_vaddr as usize + ph.p_memsz as usize;
                 }
             }
+            let mut n = 0;
             for ph in phdrs {
-                if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_W != 0 {
-                    let start = bias + ph.p_vaddr as usize;
-                    let end = start + ph.p_memsz as usize;
-                    let start = start.max(relro_end).next_multiple_of(page);
-                    let end = end.next_multiple_of(page);
+                if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_W != 0 && n < MAX_SEGMENTS {
+                    let first = bias + ph.p_vaddr as usize;
+                    let end = (first + ph.p_memsz as usize).next_multiple_of(page);
+                    // The segment's first page is ours unless RELRO (read-only after
+                    // relocation) reaches into it.
+                    let mut start = first & !(page - 1);
+                    if relro_end > start {
+                        start = relro_end.next_multiple_of(page);
+                    }
                     if start < end {
-                        found.range = Some((start, end));
+                        found.ranges[n] = (start, end);
+                        n += 1;
                     }
                 }
             }
         }
         1 // the first object is the executable: stop there
     }
-    let mut found = Found { range: None };
+    let mut found = Found {
+        ranges: [(0, 0); MAX_SEGMENTS],
+    };
     // SAFETY: the callback only reads the program headers it is given.
     unsafe { libc::dl_iterate_phdr(Some(visit), (&mut found as *mut Found).cast()) };
-    found.range
+    found.ranges
 }
 
 /// Replaces the executable's writable globals with covered memory holding the same bytes.
 pub(crate) fn cover_executable_globals() {
     let Some(cow) = crate::space() else { return };
-    let Some((start, end)) = writable_globals() else {
-        return;
-    };
-    let len = end - start;
+    for (i, (start, end)) in writable_globals().into_iter().enumerate() {
+        if start < end {
+            cover(cow, i, start, end - start);
+        }
+    }
+}
+
+fn cover(cow: &cow::Cow, slot: usize, start: usize, len: usize) {
     // SAFETY: a scratch anonymous mapping for the copy; the globals range is mapped read-write
     // (it is the executable's writable segment) and, in the constructor, nothing else runs.
     // Between the MAP_FIXED and the copy back, no code touches the executable's globals: only
@@ -78,9 +94,9 @@ pub(crate) fn cover_executable_globals() {
         match cow.map_region_at(start as *mut u8, len) {
             Ok(region) => {
                 std::ptr::copy_nonoverlapping(scratch.cast::<u8>(), start as *mut u8, len);
-                OFFSET.store(region.offset as usize, std::sync::atomic::Ordering::Relaxed);
-                GLOBALS.store(start, std::sync::atomic::Ordering::Relaxed);
-                GLOBALS_LEN.store(len, std::sync::atomic::Ordering::Relaxed);
+                SEGMENTS[slot].store(start, Relaxed);
+                LENGTHS[slot].store(len, Relaxed);
+                OFFSETS[slot].store(region.offset as usize, Relaxed);
             }
             Err(_) => raw::write_stderr(
                 b"libcow_preload: cannot map /dev/cow over the globals; NOT covered\n",
@@ -90,19 +106,20 @@ pub(crate) fn cover_executable_globals() {
     }
 }
 
-static GLOBALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-static GLOBALS_LEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-static OFFSET: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static SEGMENTS: [AtomicUsize; MAX_SEGMENTS] = [const { AtomicUsize::new(0) }; MAX_SEGMENTS];
+static LENGTHS: [AtomicUsize; MAX_SEGMENTS] = [const { AtomicUsize::new(0) }; MAX_SEGMENTS];
+static OFFSETS: [AtomicUsize; MAX_SEGMENTS] = [const { AtomicUsize::new(0) }; MAX_SEGMENTS];
 
-/// The covered globals: `(start address, length, space offset)`, if any.
-pub(crate) fn region() -> Option<(usize, usize, u64)> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let start = GLOBALS.load(Relaxed);
-    (start != 0).then(|| {
-        (
-            start,
-            GLOBALS_LEN.load(Relaxed),
-            OFFSET.load(Relaxed) as u64,
-        )
+/// The covered globals: `(start address, length, space offset)` of each covered segment.
+pub(crate) fn regions() -> impl Iterator<Item = (usize, usize, u64)> {
+    (0..MAX_SEGMENTS).filter_map(|i| {
+        let start = SEGMENTS[i].load(Relaxed);
+        (start != 0).then(|| {
+            (
+                start,
+                LENGTHS[i].load(Relaxed),
+                OFFSETS[i].load(Relaxed) as u64,
+            )
+        })
     })
 }

@@ -1,0 +1,358 @@
+//! Write tracking with `mprotect` and a `SIGSEGV` handler.
+//!
+//! Covered ranges are made read-only at a snapshot. The first write to a page faults; the
+//! handler finds the page in the tracked ranges (binary search over a table in the book),
+//! marks it in that range's bitmap and makes it writable again, then returns so the write is
+//! retried. Faults that are not ours go to the handler the program had installed (or to the
+//! default action). The handler is async-signal-safe: no allocation and no locks, only the
+//! table (replaced only while the other threads are stopped, and never while a handler runs:
+//! libcow's stop signal is blocked during it) and `mprotect`.
+//!
+//! Known limit of this mechanism: the kernel writing into a protected page on the program's
+//! behalf (`read(2)` into a buffer, say) fails with `EFAULT` instead of faulting.
+
+use super::shadow::{Range, Tracker};
+use crate::book::{self, BookVec};
+use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+
+const PAGE: usize = 4096;
+/// `SEGV_ACCERR`: the page is mapped but the access is not allowed.
+const SEGV_ACCERR: i32 = 2;
+
+/// A tracked range and its dirty bitmap (one bit per page).
+#[derive(Clone, Copy)]
+struct Tracked {
+    range: Range,
+    bits: *mut AtomicU64,
+    words: usize,
+}
+
+/// The table the handler reads: `count` entries, sorted by address.
+struct Table {
+    entries: *const Tracked,
+    count: usize,
+}
+
+static TABLE: AtomicPtr<Table> = AtomicPtr::new(std::ptr::null_mut());
+/// The fault counter lives in the book: the handler must never write covered memory (this
+/// executable's own `.bss` is covered and may be write-protected while it runs).
+static FAULTS: AtomicPtr<AtomicUsize> = AtomicPtr::new(std::ptr::null_mut());
+static OLD_ACTION: AtomicPtr<libc::sigaction> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The mprotect tracker.
+pub struct Mprotect {
+    tracked: BookVec<Tracked>,
+    table: *mut Table,
+}
+
+// SAFETY: the raw pointers point into the book, which lives as long as the process; the tracker
+// is used under the engine's mutex.
+unsafe impl Send for Mprotect {}
+
+fn protect(start: usize, end: usize, prot: i32) {
+    // SAFETY: changing the protection of covered memory we track; a failure leaves the page
+    // writable, which is only a missed optimisation for our bookkeeping, never a lost write.
+    unsafe { libc::mprotect(start as *mut libc::c_void, end - start, prot) };
+}
+
+fn stop_signal() -> i32 {
+    libc::SIGRTMAX() - 3
+}
+
+extern "C" fn on_segv(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SIGSEGV.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    let table = TABLE.load(Ordering::Acquire);
+    if !table.is_null() {
+        // SAFETY: the table and its entries live in the book and are replaced only while every
+        // other thread is stopped outside this handler.
+        let t = unsafe { &*table };
+        let entries = unsafe { std::slice::from_raw_parts(t.entries, t.count) };
+        let i = entries.partition_point(|e| e.range.end <= addr);
+        if let Some(e) = entries.get(i).filter(|e| e.range.start <= addr) {
+            let page = addr & !(PAGE - 1);
+            let n = (page - e.range.start) / PAGE;
+            // SAFETY: `n` indexes a page of the range, so its bit is inside the bitmap.
+            let word = unsafe { &*e.bits.add(n / 64) };
+            word.fetch_or(1 << (n % 64), Ordering::AcqRel);
+            let faults = FAULTS.load(Ordering::Acquire);
+            if !faults.is_null() {
+                // SAFETY: a counter leaked into the book at install time.
+                unsafe { (*faults).fetch_add(1, Ordering::Relaxed) };
+            }
+            protect(page, page + PAGE, e.range.prot);
+            return;
+        }
+    }
+    // Memory we protected that `mremap` moved elsewhere keeps its read-only protection but
+    // leaves our table: a write fault on a private anonymous read-only mapping is taken to be
+    // that. The mapping becomes writable again (the next snapshot covers it as new memory).
+    // SAFETY: reading si_code of the kernel's siginfo.
+    if unsafe { (*info).si_code } == SEGV_ACCERR {
+        if let Some((start, end)) = moved_read_only_anon(addr) {
+            protect(start, end, libc::PROT_READ | libc::PROT_WRITE);
+            return;
+        }
+    }
+    // Not ours: hand it to whoever had SIGSEGV before us.
+    let old = OLD_ACTION.load(Ordering::Acquire);
+    // SAFETY: `old` is the sigaction saved at install time (or null).
+    unsafe {
+        if !old.is_null()
+            && (*old).sa_sigaction != libc::SIG_DFL
+            && (*old).sa_sigaction != libc::SIG_IGN
+        {
+            if (*old).sa_flags & libc::SA_SIGINFO != 0 {
+                let f: extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void) =
+                    std::mem::transmute((*old).sa_sigaction);
+                f(sig, info, ctx);
+            } else {
+                let f: extern "C" fn(i32) = std::mem::transmute((*old).sa_sigaction);
+                f(sig);
+            }
+            return;
+        }
+        // Default action: restore it and return; the faulting instruction runs again and the
+        // process dies of SIGSEGV as it would have without us.
+
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(libc::SIGSEGV, &dfl, std::ptr::null_mut());
+    }
+}
+
+/// The `[start, end)` of the mapping holding `addr` if it is private, anonymous and read-only
+/// (`r--p`, no name or an `[anon:…]`/`[heap]` name). Async-signal-safe: raw open/read on a
+/// stack buffer.
+fn moved_read_only_anon(addr: usize) -> Option<(usize, usize)> {
+    // SAFETY: open/read/close are async-signal-safe; the buffer is on this stack.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/maps".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    let mut buf = [0u8; 4096];
+    let mut line = [0u8; 512];
+    let (mut len, mut found) = (0usize, None);
+    'read: loop {
+        // SAFETY: reading into our stack buffer.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        for &b in &buf[..n as usize] {
+            if b != b'\n' {
+                if len < line.len() {
+                    line[len] = b;
+                    len += 1;
+                }
+                continue;
+            }
+            if let Some(hit) = match_line(&line[..len], addr) {
+                found = hit;
+                break 'read;
+            }
+            len = 0;
+        }
+    }
+    // SAFETY: closing our descriptor.
+    unsafe { libc::close(fd) };
+    found
+}
+
+/// For a maps line: `None` if it does not hold `addr`, else whether it qualifies.
+fn match_line(line: &[u8], addr: usize) -> Option<Option<(usize, usize)>> {
+    let mut fields = line.split(|&b| b == b' ').filter(|f| !f.is_empty());
+    let range = fields.next()?;
+    let dash = range.iter().position(|&b| b == b'-')?;
+    let hex = |s: &[u8]| {
+        s.iter().try_fold(0usize, |v, &c| {
+            Some(v * 16 + (c as char).to_digit(16)? as usize)
+        })
+    };
+    let (start, end) = (hex(&range[..dash])?, hex(&range[dash + 1..])?);
+    if !(start..end).contains(&addr) {
+        return None;
+    }
+    let perms = fields.next().unwrap_or(&[]);
+    let inode = fields.nth(2).unwrap_or(&[]);
+    let name = fields.next().unwrap_or(&[]);
+    let anonymous =
+        inode == b"0" && (name.is_empty() || name.starts_with(b"[anon") || name == b"[heap]");
+    Some((perms == b"r--p" && anonymous).then_some((start, end)))
+}
+
+impl Mprotect {
+    /// Installs the SIGSEGV handler (keeping the program's for faults that are not ours).
+    pub fn install() -> Result<Self> {
+        let old = book::leak(
+            // SAFETY: an all-zero sigaction is a valid value to be overwritten.
+            unsafe { std::mem::zeroed::<libc::sigaction>() },
+        );
+        // SAFETY: installing our handler; the old action is saved for chaining. The stop
+        // signal is blocked while the handler runs so that no thread stops inside it.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_segv as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaddset(&mut sa.sa_mask, stop_signal());
+            if libc::sigaction(libc::SIGSEGV, &sa, old) != 0 {
+                return Err(Error::last_os("sigaction(SIGSEGV)"));
+            }
+        }
+        OLD_ACTION.store(old, Ordering::Release);
+        FAULTS.store(book::leak(AtomicUsize::new(0)), Ordering::Release);
+        let table = book::leak(Table {
+            entries: std::ptr::null(),
+            count: 0,
+        }) as *mut Table;
+        TABLE.store(table, Ordering::Release);
+        Ok(Mprotect {
+            tracked: BookVec::new(),
+            table,
+        })
+    }
+
+    /// Appends the pages of tracked ranges that are writable although we never saw a write
+    /// fault: they lost our protection (mapped anew, or the program changed the protection),
+    /// so they may hold anything. (Pages we saw written are writable too; callers dedupe.)
+    fn writable_untracked(&self, out: &mut BookVec<usize>) -> Result<()> {
+        let maps = crate::maps::read().map_err(|e| Error::Os {
+            op: "read /proc/self/maps",
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+        })?;
+        for m in maps.as_slice() {
+            if m.prot & libc::PROT_WRITE == 0 || m.shared {
+                continue;
+            }
+            for t in self.tracked.as_slice() {
+                let (s, e) = (t.range.start.max(m.start), t.range.end.min(m.end));
+                for page in (s..e.max(s)).step_by(PAGE) {
+                    out.push(page);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn for_each_dirty(&self, clear: bool, mut f: impl FnMut(usize, Range)) {
+        for t in self.tracked.as_slice() {
+            for w in 0..t.words {
+                // SAFETY: `w` < words, inside the bitmap.
+                let word = unsafe { &*t.bits.add(w) };
+                let bits = if clear {
+                    word.swap(0, Ordering::AcqRel)
+                } else {
+                    word.load(Ordering::Acquire)
+                };
+                let mut b = bits;
+                while b != 0 {
+                    let i = b.trailing_zeros() as usize;
+                    b &= b - 1;
+                    let page = t.range.start + (w * 64 + i) * PAGE;
+                    if page < t.range.end {
+                        f(page, t.range);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Tracker for Mprotect {
+    const NAME: &'static str = "mprotect";
+    const REWRITES_PROT: bool = true;
+
+    fn arm(&mut self, r: Range) -> Result<()> {
+        protect(r.start, r.end, r.prot & !libc::PROT_WRITE);
+        Ok(())
+    }
+
+    fn disarm(&mut self, r: Range) {
+        protect(r.start, r.end, r.prot);
+    }
+
+    fn set_ranges(&mut self, ranges: &[Range]) {
+        let mut next: BookVec<Tracked> = BookVec::new();
+        for &r in ranges {
+            let pages = (r.end - r.start) / PAGE;
+            let words = pages.div_ceil(64);
+            let bits = book::book().alloc_zeroed(words * 8) as *mut AtomicU64;
+            next.push(Tracked {
+                range: r,
+                bits,
+                words,
+            });
+        }
+        // Publish the new table (the world is stopped), then free the old bitmaps.
+        // SAFETY: `table` is ours, in the book; no handler runs while the world is stopped.
+        unsafe {
+            (*self.table).entries = next.as_slice().as_ptr();
+            (*self.table).count = next.len();
+        }
+        for t in self.tracked.as_slice() {
+            book::book().free(t.bits.cast(), t.words * 8);
+        }
+        self.tracked = next;
+    }
+
+    fn collect(&mut self, out: &mut BookVec<usize>) -> Result<()> {
+        let before = out.len();
+        self.for_each_dirty(true, |page, _| out.push(page));
+        self.writable_untracked(out)?;
+        let v = out.as_mut_slice();
+        v[before..].sort_unstable();
+        let mut w = before;
+        for r in before..v.len() {
+            if w == before || v[w - 1] != v[r] {
+                v[w] = v[r];
+                w += 1;
+            }
+        }
+        out.truncate(w);
+        // Re-arm them, a run at a time.
+        let pages = &out.as_slice()[before..];
+        let mut i = 0;
+        while i < pages.len() {
+            let mut j = i + 1;
+            while j < pages.len() && pages[j] == pages[j - 1] + PAGE {
+                j += 1;
+            }
+            let prot = self
+                .tracked
+                .as_slice()
+                .iter()
+                .find(|t| (t.range.start..t.range.end).contains(&pages[i]))
+                .map(|t| t.range.prot)
+                .unwrap_or(libc::PROT_READ | libc::PROT_WRITE);
+            protect(pages[i], pages[j - 1] + PAGE, prot & !libc::PROT_WRITE);
+            i = j;
+        }
+        Ok(())
+    }
+
+    fn peek(&mut self, out: &mut BookVec<usize>) -> Result<()> {
+        self.for_each_dirty(false, |page, _| out.push(page));
+        self.writable_untracked(out)
+    }
+
+    fn open_for_write(&mut self, page: usize, prot: i32) {
+        protect(page, page + PAGE, prot | libc::PROT_WRITE);
+    }
+
+    fn faults(&self) -> u64 {
+        let faults = FAULTS.load(Ordering::Acquire);
+        // SAFETY: set at install time to a counter in the book.
+        if faults.is_null() {
+            0
+        } else {
+            unsafe { (*faults).load(Ordering::Relaxed) as u64 }
+        }
+    }
+}

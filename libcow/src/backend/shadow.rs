@@ -1,0 +1,807 @@
+//! The shadow engine shared by the mainline backends.
+//!
+//! The kernel tells these backends *which* pages were written, not what they held, so the
+//! engine keeps a **shadow**: a copy of every covered page as of the last snapshot (only pages
+//! that were ever non-zero; a missing entry means a zero page). Each snapshot `S_j` owns an
+//! **undo log**: the contents at `S_j` of the pages written (or unmapped) before `S_j+1`.
+//!
+//! - **snapshot**: stop the other threads; ask the tracker for the pages written since the last
+//!   snapshot (it re-arms them); for each, move its shadow page into the newest undo log and
+//!   copy the page into a fresh shadow page (one copy per written page). Memory that appeared
+//!   since (new mappings, a grown heap) is shadowed (present pages only) and armed; memory that
+//!   vanished moves its shadow pages into the undo log. The covered ranges, the program break
+//!   and the thread ids are recorded with the snapshot.
+//! - **restore `S_k`**: stop the other threads (the thread set must be the snapshot's); put the
+//!   program break back and re-create mappings of `S_k` that are gone; every page written since
+//!   the last snapshot or named in an undo log of `S_k` or later gets its image at `S_k` (the
+//!   oldest undo entry at or after `S_k`, else the shadow). Undo pages move into the shadow
+//!   rather than being copied twice. Mappings created after `S_k` are left alone (their owner's
+//!   bookkeeping, restored, no longer knows them) and stop being covered until the next
+//!   snapshot.
+//! - **read `S_k`**: the oldest undo entry at or after `S_k`, else the shadow.
+//!
+//! All state lives in the book, which no restore touches. Memory cost: one shadow page per
+//! non-zero covered page, plus one undo page per page written per retained epoch.
+
+use super::pagetable::PageTable;
+use super::{Backend, Stats};
+use crate::book::{self, BookVec};
+use crate::error::{Error, Result};
+use crate::{maps, world};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+const PAGE: usize = 4096;
+/// Most snapshots held; past it the oldest is merged away (`COW_MAX_SNAPSHOTS` overrides).
+const DEFAULT_MAX_SNAPSHOTS: usize = 64;
+
+/// A covered address range and its original protection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Range {
+    /// First address (page-aligned).
+    pub start: usize,
+    /// End (exclusive, page-aligned).
+    pub end: usize,
+    /// `PROT_*` of the mapping as the program set it.
+    pub prot: i32,
+}
+
+/// How a backend learns which covered pages were written.
+pub trait Tracker: Send + 'static {
+    /// The backend's name.
+    const NAME: &'static str;
+    /// Starts tracking writes to `r` (new covered memory). Other threads are stopped.
+    fn arm(&mut self, r: Range) -> Result<()>;
+    /// Stops tracking `r`, which is still mapped (it stopped being covered).
+    fn disarm(&mut self, r: Range);
+    /// Tracks exactly `ranges` from now on (sorted, disjoint), after `arm`/`disarm` calls.
+    fn set_ranges(&mut self, ranges: &[Range]);
+    /// Appends the pages written since the last call and re-arms them.
+    fn collect(&mut self, out: &mut BookVec<usize>) -> Result<()>;
+    /// Appends the pages written since the last `collect`, without re-arming.
+    fn peek(&mut self, out: &mut BookVec<usize>) -> Result<()>;
+    /// Lets libcow itself write `page` (during a restore).
+    fn open_for_write(&mut self, page: usize, prot: i32);
+    /// Write faults seen so far.
+    fn faults(&self) -> u64 {
+        0
+    }
+    /// Whether `prot` from /proc/self/maps may hide a covered, write-protected range
+    /// (mprotect rewrites permissions; uffd does not).
+    const REWRITES_PROT: bool;
+}
+
+struct Snap {
+    id: u64,
+    brk: usize,
+    tids: BookVec<i32>,
+    ranges: BookVec<Range>,
+    /// (page, shadow slot or 0 for a zero page), sorted by page once sealed.
+    undo: BookVec<(usize, usize)>,
+    /// Covered ranges that were unmapped in the epoch after this snapshot: their zero pages
+    /// have no undo entry, so a restore zero-fills what of them is mapped again.
+    vanished: BookVec<Range>,
+}
+
+struct State<T: Tracker> {
+    tracker: T,
+    armed: BookVec<Range>,
+    shadow: PageTable,
+    snaps: BookVec<usize>, // pointers to book-allocated Snap, oldest first
+    next_id: u64,
+    max_snapshots: usize,
+    slots_held: u64,
+    stats: Stats,
+}
+
+/// A mainline backend: the shadow engine driven by tracker `T`.
+pub struct Shadow<T: Tracker> {
+    state: &'static Mutex<State<T>>,
+    faults_base: AtomicU64,
+}
+
+fn err(op: &'static str, errno: i32) -> Error {
+    Error::Os { op, errno }
+}
+
+fn io_err(op: &'static str, e: std::io::Error) -> Error {
+    err(op, e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn current_brk() -> usize {
+    // SAFETY: brk(0) only reports the current break.
+    unsafe { libc::syscall(libc::SYS_brk, 0) as usize }
+}
+
+fn new_slot_copy(page: usize) -> usize {
+    let slot = book::book().alloc(PAGE);
+    // SAFETY: `page` is a readable covered page (the world is stopped; only we run); `slot` is a
+    // fresh page-sized block of the book.
+    unsafe { std::ptr::copy_nonoverlapping(page as *const u8, slot, PAGE) };
+    slot as usize
+}
+
+fn free_slot(slot: usize) {
+    if slot != 0 {
+        book::book().free(slot as *mut u8, PAGE);
+    }
+}
+
+/// The covered ranges now: private, non-special mappings that are writable (or tracked and
+/// write-protected by us), minus the book, every thread's stack, and every thread's control
+/// block (glibc's `struct pthread` at the thread pointer: the kernel writes its rseq area and
+/// its exit futex, and must never find them write-protected or rewound).
+fn covered_now(
+    armed: &[Range],
+    stopped: &world::Stopped,
+    rewrites_prot: bool,
+) -> Result<BookVec<Range>> {
+    covered_for(
+        armed,
+        stopped.stack_pointers(),
+        stopped.thread_pointers(),
+        rewrites_prot,
+    )
+}
+
+fn covered_for(
+    armed: &[Range],
+    stack_pointers: &[usize],
+    thread_pointers: &[usize],
+    rewrites_prot: bool,
+) -> Result<BookVec<Range>> {
+    let mut holes: BookVec<Range> = BookVec::new();
+    for &tp in thread_pointers {
+        let start = tp & !(PAGE - 1);
+        holes.push(Range {
+            start,
+            end: start + 2 * PAGE,
+            prot: 0,
+        });
+    }
+    holes.as_mut_slice().sort_unstable_by_key(|r| r.start);
+    let covered = covered_maps(armed, stack_pointers, rewrites_prot)?;
+    let mut out = BookVec::new();
+    subtract(covered.as_slice(), holes.as_slice(), &mut out);
+    Ok(out)
+}
+
+fn covered_maps(
+    armed: &[Range],
+    stack_pointers: &[usize],
+    rewrites_prot: bool,
+) -> Result<BookVec<Range>> {
+    let maps = maps::read().map_err(|e| io_err("read /proc/self/maps", e))?;
+    let (book_start, book_end) = book::book().range();
+    let mut out: BookVec<Range> = BookVec::new();
+    let push = |r: Range, out: &mut BookVec<Range>| {
+        if r.start >= r.end {
+            return;
+        }
+        match out.as_mut_slice().last_mut() {
+            Some(last) if last.end == r.start && last.prot == r.prot => last.end = r.end,
+            _ => out.push(r),
+        }
+    };
+    for m in maps.as_slice() {
+        if m.shared || m.special || (m.start < book_end && m.end > book_start) {
+            continue;
+        }
+        if stack_pointers
+            .iter()
+            .any(|&sp| (m.start..m.end).contains(&sp))
+        {
+            continue;
+        }
+        if m.prot & libc::PROT_WRITE != 0 {
+            push(
+                Range {
+                    start: m.start,
+                    end: m.end,
+                    prot: m.prot,
+                },
+                &mut out,
+            );
+        } else if rewrites_prot {
+            for a in armed {
+                let (s, e) = (a.start.max(m.start), a.end.min(m.end));
+                if s < e {
+                    push(
+                        Range {
+                            start: s,
+                            end: e,
+                            prot: a.prot,
+                        },
+                        &mut out,
+                    );
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `a − b` for sorted, disjoint range lists.
+fn subtract(a: &[Range], b: &[Range], out: &mut BookVec<Range>) {
+    for r in a {
+        let mut start = r.start;
+        for x in b.iter().filter(|x| x.end > r.start && x.start < r.end) {
+            if x.start > start {
+                out.push(Range {
+                    start,
+                    end: x.start,
+                    prot: r.prot,
+                });
+            }
+            start = start.max(x.end);
+        }
+        if start < r.end {
+            out.push(Range {
+                start,
+                end: r.end,
+                prot: r.prot,
+            });
+        }
+    }
+}
+
+fn contains(ranges: &[Range], page: usize) -> Option<Range> {
+    let i = ranges.partition_point(|r| r.end <= page);
+    ranges.get(i).copied().filter(|r| r.start <= page)
+}
+
+/// Pages of `r` that are present or swapped (so possibly non-zero), from /proc/self/pagemap.
+fn present_pages(r: Range, out: &mut BookVec<usize>) -> Result<()> {
+    // SAFETY: opening pagemap read-only; closed below.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/pagemap".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(Error::last_os("open /proc/self/pagemap"));
+    }
+    let mut entries = [0u64; 512];
+    let mut page = r.start;
+    while page < r.end {
+        let n = ((r.end - page) / PAGE).min(entries.len());
+        // SAFETY: reading n entries into our stack buffer at the page's pagemap offset.
+        let got = unsafe {
+            libc::pread(
+                fd,
+                entries.as_mut_ptr().cast(),
+                n * 8,
+                (page / PAGE * 8) as libc::off_t,
+            )
+        };
+        if got <= 0 {
+            break;
+        }
+        for (i, e) in entries[..got as usize / 8].iter().enumerate() {
+            if e & (3 << 62) != 0 {
+                out.push(page + i * PAGE);
+            }
+        }
+        page += got as usize / 8 * PAGE;
+    }
+    // SAFETY: closing our descriptor.
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
+/// Merges two sorted undo logs of consecutive epochs into one for the older snapshot: where
+/// both have a page, the older entry (the earlier image) wins and the newer page is freed.
+/// Returns the merged log and how many book pages were freed.
+fn merge_undo(
+    older: &[(usize, usize)],
+    newer: &[(usize, usize)],
+) -> (BookVec<(usize, usize)>, u64) {
+    let mut merged = BookVec::new();
+    merged.reserve(older.len() + newer.len());
+    let (mut a, mut b, mut freed) = (0, 0, 0);
+    while a < older.len() || b < newer.len() {
+        if b == newer.len() || (a < older.len() && older[a].0 < newer[b].0) {
+            merged.push(older[a]);
+            a += 1;
+        } else if a == older.len() || newer[b].0 < older[a].0 {
+            merged.push(newer[b]);
+            b += 1;
+        } else {
+            merged.push(older[a]);
+            if newer[b].1 != 0 {
+                freed += 1;
+            }
+            free_slot(newer[b].1);
+            a += 1;
+            b += 1;
+        }
+    }
+    (merged, freed)
+}
+
+impl<T: Tracker> State<T> {
+    fn snap(&self, i: usize) -> &Snap {
+        // SAFETY: every entry of `snaps` points at a live Snap in the book.
+        unsafe { &*(self.snaps.as_slice()[i] as *const Snap) }
+    }
+
+    fn snap_mut(&mut self, i: usize) -> &mut Snap {
+        // SAFETY: as above; exclusive through &mut self.
+        unsafe { &mut *(self.snaps.as_slice()[i] as *mut Snap) }
+    }
+
+    fn position(&self, id: u64) -> Result<usize> {
+        (0..self.snaps.len())
+            .find(|&i| self.snap(i).id == id)
+            .ok_or(err("no such snapshot", libc::ENOENT))
+    }
+
+    /// Frees snapshot `i`'s undo pages and the Snap itself, removing it from the list.
+    fn free_snap(&mut self, i: usize) {
+        let p = self.snaps.as_slice()[i] as *mut Snap;
+        // SAFETY: `p` is a live Snap allocated by `snapshot`; it is read out and freed once.
+        let snap = unsafe { p.read() };
+        for &(_, slot) in snap.undo.as_slice() {
+            if slot != 0 {
+                self.slots_held -= 1;
+            }
+            free_slot(slot);
+        }
+        book::book().free(p.cast(), std::mem::size_of::<Snap>());
+        let v = self.snaps.as_mut_slice();
+        v.copy_within(i + 1.., i);
+        let n = v.len() - 1;
+        self.snaps.truncate(n);
+    }
+
+    fn snapshot(&mut self) -> Result<u64> {
+        let start = now_ns();
+        let stopped = world::stop_others().map_err(|e| io_err("stop the other threads", e))?;
+        let covered = covered_now(self.armed.as_slice(), &stopped, T::REWRITES_PROT)?;
+        let mut dirty = BookVec::new();
+        self.tracker.collect(&mut dirty)?;
+        let newest = self.snaps.len().checked_sub(1);
+        let mut undo: BookVec<(usize, usize)> = BookVec::new();
+
+        // Memory that vanished: its shadow pages hold its contents at the newest snapshot.
+        let mut gone = BookVec::new();
+        subtract(self.armed.as_slice(), covered.as_slice(), &mut gone);
+        for r in gone.as_slice() {
+            for page in (r.start..r.end).step_by(PAGE) {
+                if let Some(slot) = self.shadow.remove(page) {
+                    undo.push((page, slot));
+                }
+            }
+        }
+        // Pages written since the newest snapshot: shadow page → undo, copy → shadow.
+        for &page in dirty.as_slice() {
+            if contains(gone.as_slice(), page).is_some()
+                || contains(covered.as_slice(), page).is_none()
+            {
+                continue;
+            }
+            // The new shadow page is held, and the old one stays held by the undo log.
+            let old = self.shadow.insert(page, new_slot_copy(page)).unwrap_or(0);
+            self.slots_held += 1;
+            undo.push((page, old));
+            self.stats.pages_saved += 1;
+        }
+        // New memory: shadow its present pages, then arm it.
+        let mut fresh = BookVec::new();
+        subtract(covered.as_slice(), self.armed.as_slice(), &mut fresh);
+        let mut present = BookVec::new();
+        for &r in fresh.as_slice() {
+            present.clear();
+            present_pages(r, &mut present)?;
+            for &page in present.as_slice() {
+                if let Some(old) = self.shadow.insert(page, new_slot_copy(page)) {
+                    free_slot(old);
+                } else {
+                    self.slots_held += 1;
+                }
+                self.stats.pages_saved += 1;
+            }
+            self.tracker.arm(r)?;
+        }
+        self.tracker.set_ranges(covered.as_slice());
+
+        // Seal the newest snapshot's undo log (or drop it: nothing older needs it).
+        undo.as_mut_slice().sort_unstable_by_key(|e| e.0);
+        match newest {
+            Some(i) => {
+                // After a drop of the newest snapshot, the one before it already holds a log:
+                // its older images win.
+                let (merged, freed) = merge_undo(self.snap(i).undo.as_slice(), undo.as_slice());
+                self.slots_held -= freed;
+                let snap = self.snap_mut(i);
+                snap.undo = merged;
+                for &r in gone.as_slice() {
+                    snap.vanished.push(r);
+                }
+            }
+            None => {
+                for &(_, slot) in undo.as_slice() {
+                    if slot != 0 {
+                        self.slots_held -= 1;
+                    }
+                    free_slot(slot);
+                }
+            }
+        }
+        if self.snaps.len() >= self.max_snapshots {
+            self.merge_oldest_away();
+        }
+        let mut tids = BookVec::new();
+        for &t in stopped.tids() {
+            tids.push(t);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut ranges = BookVec::new();
+        for &r in covered.as_slice() {
+            ranges.push(r);
+        }
+        let snap = book::leak(Snap {
+            id,
+            brk: current_brk(),
+            tids,
+            ranges,
+            undo: BookVec::new(),
+            vanished: BookVec::new(),
+        });
+        self.snaps.push(snap as *mut Snap as usize);
+        self.armed = covered;
+        drop(stopped);
+        self.stats.snapshot_ns += now_ns() - start;
+        Ok(id)
+    }
+
+    fn merge_oldest_away(&mut self) {
+        self.free_snap(0);
+    }
+
+    fn restore(&mut self, id: u64) -> Result<()> {
+        let start = now_ns();
+        let k = self.position(id)?;
+        let stopped = world::stop_others().map_err(|e| io_err("stop the other threads", e))?;
+        if stopped.tids() != self.snap(k).tids.as_slice() {
+            return Err(err(
+                "restore: threads were created or ended since the snapshot",
+                libc::EBUSY,
+            ));
+        }
+        // The program break and the mappings of S_k come back first.
+        let brk = self.snap(k).brk;
+        if current_brk() != brk {
+            // SAFETY: moving the break back to where it was at the snapshot.
+            unsafe { libc::syscall(libc::SYS_brk, brk) };
+        }
+        let maps = maps::read().map_err(|e| io_err("read /proc/self/maps", e))?;
+        let mapped: BookVec<Range> = {
+            let mut v = BookVec::new();
+            for m in maps.as_slice() {
+                v.push(Range {
+                    start: m.start,
+                    end: m.end,
+                    prot: m.prot,
+                });
+            }
+            v
+        };
+        let mut missing = BookVec::new();
+        subtract(
+            self.snap(k).ranges.as_slice(),
+            mapped.as_slice(),
+            &mut missing,
+        );
+        for r in missing.as_slice() {
+            // SAFETY: re-creating anonymous memory where the program had it at the snapshot;
+            // nothing is mapped there now (it is in no mapping of /proc/self/maps).
+            let p = unsafe {
+                libc::mmap(
+                    r.start as *mut libc::c_void,
+                    r.end - r.start,
+                    r.prot,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(Error::last_os(
+                    "restore: re-create a mapping of the snapshot",
+                ));
+            }
+        }
+
+        // The plan: page → its image at S_k (undo entries, oldest at or after S_k win).
+        let mut plan = PageTable::default();
+        for i in (k..self.snaps.len()).rev() {
+            let undo = std::mem::take(&mut self.snap_mut(i).undo);
+            for &(page, slot) in undo.as_slice() {
+                // Value stored: slot + 1, so that a zero page (slot 0) is not "absent".
+                if let Some(newer) = plan.insert(page, slot + 1) {
+                    if newer > 1 {
+                        self.slots_held -= 1;
+                    }
+                    free_slot(newer - 1);
+                }
+            }
+        }
+        let mut dirty = BookVec::new();
+        self.tracker.collect(&mut dirty)?;
+        let ranges_k: BookVec<Range> = {
+            let mut v = BookVec::new();
+            for &r in self.snap(k).ranges.as_slice() {
+                v.push(r);
+            }
+            v
+        };
+        for &page in dirty.as_slice() {
+            if plan.get(page).is_none() && contains(ranges_k.as_slice(), page).is_some() {
+                plan.insert(page, usize::MAX); // image = the shadow, unchanged
+            }
+        }
+        // Memory that vanished after S_k and is mapped again holds whatever its new owner put
+        // there; pages with no undo entry were zero at S_k.
+        for i in k..self.snaps.len() {
+            for j in 0..self.snap(i).vanished.len() {
+                let r = self.snap(i).vanished.as_slice()[j];
+                for page in (r.start..r.end).step_by(PAGE) {
+                    if plan.get(page).is_none() && contains(mapped.as_slice(), page).is_some() {
+                        plan.insert(page, 1); // slot 0 + 1: a zero page
+                    }
+                }
+            }
+            self.snap_mut(i).vanished.clear();
+        }
+        // Mappings re-created above hold zeros: every shadowed page of them needs its image.
+        for r in missing.as_slice() {
+            for page in (r.start..r.end).step_by(PAGE) {
+                if plan.get(page).is_none() && self.shadow.get(page).is_some() {
+                    plan.insert(page, usize::MAX);
+                }
+            }
+        }
+        for (page, v) in plan.iter() {
+            let Some(r) = contains(ranges_k.as_slice(), page) else {
+                if v != usize::MAX && v > 1 {
+                    self.slots_held -= 1;
+                }
+                if v != usize::MAX {
+                    free_slot(v - 1);
+                }
+                continue;
+            };
+            self.tracker.open_for_write(page, r.prot);
+            let image = if v == usize::MAX {
+                self.shadow.get(page).unwrap_or(0)
+            } else {
+                let slot = v - 1;
+                // The undo page becomes the shadow page: it is the image at S_k.
+                let old = if slot == 0 {
+                    self.shadow.remove(page)
+                } else {
+                    self.shadow.insert(page, slot)
+                };
+                if let Some(old) = old {
+                    if old != 0 {
+                        self.slots_held -= 1;
+                    }
+                    free_slot(old);
+                }
+                slot
+            };
+            // SAFETY: `page` is in a mapping of S_k that exists again and is writable to us
+            // now; `image` is a page of the book or 0 for zeros. Other threads are stopped.
+            unsafe {
+                if image == 0 {
+                    std::ptr::write_bytes(page as *mut u8, 0, PAGE);
+                } else {
+                    std::ptr::copy_nonoverlapping(image as *const u8, page as *mut u8, PAGE);
+                }
+            }
+        }
+        // Forget what our own writes looked like to the tracker, and stop covering mappings
+        // that did not exist at S_k.
+        dirty.clear();
+        self.tracker.collect(&mut dirty)?;
+        let mut newer = BookVec::new();
+        subtract(self.armed.as_slice(), ranges_k.as_slice(), &mut newer);
+        for &r in newer.as_slice() {
+            for page in (r.start..r.end).step_by(PAGE) {
+                if let Some(slot) = self.shadow.remove(page) {
+                    if slot != 0 {
+                        self.slots_held -= 1;
+                    }
+                    free_slot(slot);
+                }
+            }
+            self.tracker.disarm(r);
+        }
+        let mut armed = BookVec::new();
+        for &r in ranges_k.as_slice() {
+            armed.push(r);
+        }
+        self.tracker.set_ranges(armed.as_slice());
+        self.armed = armed;
+        while self.snaps.len() > k + 1 {
+            let last = self.snaps.len() - 1;
+            self.free_snap(last);
+        }
+        drop(stopped);
+        self.stats.restore_ns += now_ns() - start;
+        Ok(())
+    }
+
+    fn drop_snapshot(&mut self, id: u64) -> Result<()> {
+        let j = self.position(id)?;
+        if j == 0 {
+            self.free_snap(0);
+            return Ok(());
+        }
+        // Merge S_j's undo log into S_j-1's: entries S_j-1 lacks move down; S_j's vanished
+        // ranges too.
+        let newer = std::mem::take(&mut self.snap_mut(j).undo);
+        let (merged, freed) = merge_undo(self.snap(j - 1).undo.as_slice(), newer.as_slice());
+        self.slots_held -= freed;
+        self.snap_mut(j - 1).undo = merged;
+        let vanished = std::mem::take(&mut self.snap_mut(j).vanished);
+        for &r in vanished.as_slice() {
+            self.snap_mut(j - 1).vanished.push(r);
+        }
+        self.free_snap(j);
+        Ok(())
+    }
+
+    fn image_page(&self, k: usize, page: usize) -> usize {
+        for i in k..self.snaps.len() {
+            let undo = self.snap(i).undo.as_slice();
+            if let Ok(x) = undo.binary_search_by_key(&page, |e| e.0) {
+                return undo[x].1;
+            }
+        }
+        self.shadow.get(page).unwrap_or(0)
+    }
+}
+
+impl<T: Tracker> Shadow<T> {
+    /// The engine around `tracker`, its state in the book.
+    pub fn new(tracker: T) -> Self {
+        let max_snapshots = std::env::var("COW_MAX_SNAPSHOTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_MAX_SNAPSHOTS)
+            .max(1);
+        let state = book::leak(Mutex::new(State {
+            tracker,
+            armed: BookVec::new(),
+            shadow: PageTable::default(),
+            snaps: BookVec::new(),
+            next_id: 1,
+            max_snapshots,
+            slots_held: 0,
+            stats: Stats::default(),
+        }));
+        Shadow {
+            state,
+            faults_base: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<T: Tracker> Backend for Shadow<T> {
+    fn name(&self) -> &'static str {
+        T::NAME
+    }
+
+    fn map(&self, len: usize) -> Result<*mut u8> {
+        // SAFETY: a fresh private anonymous mapping; covered from the next snapshot on.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len.max(1),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::last_os("mmap"));
+        }
+        Ok(p.cast())
+    }
+
+    fn snapshot(&self) -> Result<u64> {
+        self.lock().snapshot()
+    }
+
+    fn restore(&self, id: u64) -> Result<()> {
+        self.lock().restore(id)
+    }
+
+    fn drop_snapshot(&self, id: u64) -> Result<()> {
+        self.lock().drop_snapshot(id)
+    }
+
+    fn read(&self, id: u64, addr: usize, buf: &mut [u8]) -> Result<()> {
+        let st = self.lock();
+        let k = st.position(id)?;
+        let mut done = 0;
+        while done < buf.len() {
+            let a = addr + done;
+            let page = a & !(PAGE - 1);
+            let off = a - page;
+            let n = (PAGE - off).min(buf.len() - done);
+            let image = st.image_page(k, page);
+            if image == 0 {
+                buf[done..done + n].fill(0);
+            } else {
+                // SAFETY: `image` is a live page of the book (held under the lock).
+                let src = unsafe { std::slice::from_raw_parts((image + off) as *const u8, n) };
+                buf[done..done + n].copy_from_slice(src);
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn dirty_since(&self, id: u64) -> Result<Vec<usize>> {
+        let mut st = self.lock();
+        let k = st.position(id)?;
+        let mut pages = BookVec::new();
+        st.tracker.peek(&mut pages)?;
+        // Memory that appeared since the last snapshot is not tracked yet: all of it counts.
+        let marker = 0u8;
+        // SAFETY: pthread_self only reads the thread pointer.
+        let tp = unsafe { libc::pthread_self() } as usize;
+        let covered = covered_for(
+            st.armed.as_slice(),
+            &[&marker as *const u8 as usize],
+            &[tp],
+            T::REWRITES_PROT,
+        )?;
+        let mut fresh = BookVec::new();
+        subtract(covered.as_slice(), st.armed.as_slice(), &mut fresh);
+        for &r in fresh.as_slice() {
+            present_pages(r, &mut pages)?;
+        }
+        let mut out: Vec<usize> = pages.as_slice().to_vec();
+        for i in k..st.snaps.len() {
+            out.extend(st.snap(i).undo.as_slice().iter().map(|e| e.0));
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
+    fn list(&self) -> Result<Vec<u64>> {
+        let st = self.lock();
+        Ok((0..st.snaps.len()).map(|i| st.snap(i).id).collect())
+    }
+
+    fn stats(&self) -> Stats {
+        let st = self.lock();
+        let mut s = st.stats;
+        s.snapshots = st.snaps.len() as u64;
+        s.write_faults = st.tracker.faults() + self.faults_base.load(Ordering::Relaxed);
+        s.bytes_held = st.slots_held * PAGE as u64;
+        s
+    }
+}

@@ -1,0 +1,278 @@
+//! Write tracking with userfaultfd write-protect in `WP_ASYNC` mode and `PAGEMAP_SCAN`.
+//!
+//! Registered ranges are write-protected (holes too: `WP_UNPOPULATED` installs markers). A write
+//! to a protected page is resolved by the kernel itself — no fault reaches userland — and the
+//! page's protection is gone. At a snapshot one `PAGEMAP_SCAN` per range reports the pages
+//! written since (`PAGE_IS_WRITTEN`) and write-protects them again in the same walk
+//! (`PM_SCAN_WP_MATCHING`). Memory that lost registration (unmapped and mapped again at the same
+//! place) is found by a second scan for pages that are not wp-capable, reported whole, and
+//! registered again.
+
+use super::shadow::{Range, Tracker};
+use crate::book::BookVec;
+use crate::error::{Error, Result};
+use crate::probe::{
+    PageRegion, PmScanArg, UffdioApi, PAGEMAP_SCAN, PAGE_IS_WRITTEN, UFFDIO_API, UFFD_API,
+    UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY,
+};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+const PAGE: usize = 4096;
+/// `PAGE_IS_WPALLOWED`.
+const PAGE_IS_WPALLOWED: u64 = 1 << 0;
+/// `PM_SCAN_WP_MATCHING`.
+const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+/// `UFFDIO_REGISTER_MODE_WP`.
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// `UFFDIO_WRITEPROTECT_MODE_WP`.
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+const fn iowr(nr: u32, size: usize) -> u32 {
+    cow_abi::ioc(cow_abi::IOC_READ | cow_abi::IOC_WRITE, 0xAA, nr, size)
+}
+const UFFDIO_REGISTER: u32 = iowr(0x00, std::mem::size_of::<UffdioRegister>());
+const UFFDIO_UNREGISTER: u32 = cow_abi::ioc(
+    cow_abi::IOC_READ,
+    0xAA,
+    0x01,
+    std::mem::size_of::<UffdioRange>(),
+);
+const UFFDIO_WRITEPROTECT: u32 = iowr(0x06, std::mem::size_of::<UffdioWriteprotect>());
+
+/// The uffd tracker.
+pub struct Uffd {
+    uffd: OwnedFd,
+    pagemap: OwnedFd,
+    ranges: BookVec<Range>,
+    written: u64,
+}
+
+fn ioctl<T>(fd: &OwnedFd, cmd: u32, arg: &mut T, op: &'static str) -> Result<i32> {
+    // SAFETY: `arg` is the live argument struct of command `cmd`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), cmd as libc::c_ulong, arg as *mut T) };
+    if rc < 0 {
+        Err(Error::last_os(op))
+    } else {
+        Ok(rc)
+    }
+}
+
+impl Uffd {
+    /// Opens a userfaultfd with `WP_ASYNC | WP_UNPOPULATED` and `/proc/self/pagemap`.
+    pub fn open() -> Result<Self> {
+        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY;
+        // SAFETY: userfaultfd takes flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+        if fd < 0 {
+            return Err(Error::last_os("userfaultfd"));
+        }
+        // SAFETY: a descriptor the kernel just gave us.
+        let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
+            ioctls: 0,
+        };
+        ioctl(
+            &uffd,
+            UFFDIO_API,
+            &mut api,
+            "UFFDIO_API (WP_ASYNC | WP_UNPOPULATED)",
+        )?;
+        // SAFETY: opening pagemap with a static path.
+        let pm = unsafe {
+            libc::open(
+                c"/proc/self/pagemap".as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if pm < 0 {
+            return Err(Error::last_os("open /proc/self/pagemap"));
+        }
+        // SAFETY: as above.
+        let pagemap = unsafe { OwnedFd::from_raw_fd(pm) };
+        Ok(Uffd {
+            uffd,
+            pagemap,
+            ranges: BookVec::new(),
+            written: 0,
+        })
+    }
+
+    /// One PAGEMAP_SCAN over `r`; appends matching pages.
+    fn scan(
+        &self,
+        r: Range,
+        flags: u64,
+        inverted: u64,
+        mask: u64,
+        out: &mut BookVec<usize>,
+    ) -> Result<()> {
+        let mut regions = [PageRegion::default(); 256];
+        let mut start = r.start as u64;
+        while start < r.end as u64 {
+            let mut arg = PmScanArg {
+                size: std::mem::size_of::<PmScanArg>() as u64,
+                flags,
+                start,
+                end: r.end as u64,
+                vec: regions.as_mut_ptr() as u64,
+                vec_len: regions.len() as u64,
+                category_inverted: inverted,
+                category_mask: mask,
+                return_mask: mask,
+                ..Default::default()
+            };
+            let n = match ioctl(&self.pagemap, PAGEMAP_SCAN, &mut arg, "PAGEMAP_SCAN") {
+                Ok(n) => n as usize,
+                // The range is no longer (entirely) mapped: nothing to report there.
+                Err(e) if e.errno() == libc::ENOMEM || e.errno() == libc::EINVAL => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            for reg in &regions[..n] {
+                for page in (reg.start..reg.end).step_by(PAGE) {
+                    out.push(page as usize);
+                }
+            }
+            if arg.walk_end <= start {
+                break;
+            }
+            start = arg.walk_end;
+        }
+        Ok(())
+    }
+
+    fn register(&self, r: Range) -> Result<()> {
+        let range = UffdioRange {
+            start: r.start as u64,
+            len: (r.end - r.start) as u64,
+        };
+        let mut reg = UffdioRegister {
+            range,
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        ioctl(
+            &self.uffd,
+            UFFDIO_REGISTER,
+            &mut reg,
+            "UFFDIO_REGISTER (WP)",
+        )?;
+        let range = UffdioRange {
+            start: r.start as u64,
+            len: (r.end - r.start) as u64,
+        };
+        let mut wp = UffdioWriteprotect {
+            range,
+            mode: UFFDIO_WRITEPROTECT_MODE_WP,
+        };
+        ioctl(
+            &self.uffd,
+            UFFDIO_WRITEPROTECT,
+            &mut wp,
+            "UFFDIO_WRITEPROTECT",
+        )?;
+        Ok(())
+    }
+}
+
+impl Tracker for Uffd {
+    const NAME: &'static str = "uffd";
+    const REWRITES_PROT: bool = false;
+
+    fn arm(&mut self, r: Range) -> Result<()> {
+        self.register(r)
+    }
+
+    fn disarm(&mut self, r: Range) {
+        let mut range = UffdioRange {
+            start: r.start as u64,
+            len: (r.end - r.start) as u64,
+        };
+        let _ = ioctl(
+            &self.uffd,
+            UFFDIO_UNREGISTER,
+            &mut range,
+            "UFFDIO_UNREGISTER",
+        );
+    }
+
+    fn set_ranges(&mut self, ranges: &[Range]) {
+        self.ranges.clear();
+        for &r in ranges {
+            self.ranges.push(r);
+        }
+    }
+
+    fn collect(&mut self, out: &mut BookVec<usize>) -> Result<()> {
+        let before = out.len();
+        for i in 0..self.ranges.len() {
+            let r = self.ranges.as_slice()[i];
+            self.scan(r, PM_SCAN_WP_MATCHING, 0, PAGE_IS_WRITTEN, out)?;
+            // Memory mapped anew at a tracked address has no registration: report it all and
+            // register it again.
+            let mut lost = BookVec::new();
+            self.scan(r, 0, PAGE_IS_WPALLOWED, PAGE_IS_WPALLOWED, &mut lost)?;
+            let lost = lost.as_slice();
+            let mut i = 0;
+            while i < lost.len() {
+                let mut j = i + 1;
+                while j < lost.len() && lost[j] == lost[j - 1] + PAGE {
+                    j += 1;
+                }
+                let run = Range {
+                    start: lost[i],
+                    end: lost[j - 1] + PAGE,
+                    prot: r.prot,
+                };
+                for &p in &lost[i..j] {
+                    out.push(p);
+                }
+                self.register(run)?;
+                i = j;
+            }
+        }
+        out.as_mut_slice()[before..].sort_unstable();
+        self.written += (out.len() - before) as u64;
+        Ok(())
+    }
+
+    fn peek(&mut self, out: &mut BookVec<usize>) -> Result<()> {
+        for i in 0..self.ranges.len() {
+            let r = self.ranges.as_slice()[i];
+            self.scan(r, 0, 0, PAGE_IS_WRITTEN, out)?;
+            self.scan(r, 0, PAGE_IS_WPALLOWED, PAGE_IS_WPALLOWED, out)?;
+        }
+        Ok(())
+    }
+
+    fn open_for_write(&mut self, _page: usize, _prot: i32) {
+        // WP_ASYNC: the kernel resolves our own writes; the next collect re-protects them.
+    }
+
+    fn faults(&self) -> u64 {
+        self.written
+    }
+}

@@ -1,0 +1,468 @@
+//! cow-suite — the backend-generic correctness suite: randomized, byte-exact.
+//!
+//! Usage: cow-suite BACKEND churn [STEPS] [SEED] | BACKEND threads
+//!
+//! `churn`: random writes, malloc/calloc/realloc/free (which moves the program break and
+//! maps/unmaps large blocks), mmap/munmap/mremap of large regions, snapshots, restores to random
+//! retained ids, reads of old snapshots, dirty-set checks and drops. The program's state (a
+//! table of blocks and regions in its globals, their bytes) is covered memory; the reference
+//! copies, the random generator and the suite's control state are on the stack or in memory no
+//! backend covers. After every restore the whole state must equal the reference byte for byte.
+//!
+//! `threads`: four threads write increasing sequence numbers to two pages each (A then B)
+//! while the main thread snapshots; every snapshot must show A == B or A == B + 1, and a
+//! restore with the threads running must bring back exactly a snapshot's values.
+//!
+//! For the kmod backend, run it under `cowctl run` (the heap and globals are then covered).
+
+use cow::backend::{self, Backend};
+use std::process::ExitCode;
+
+const SLOTS: usize = 128;
+const MAX_REFS: usize = 12;
+const PAGE: usize = 4096;
+
+/// What one table slot holds.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(C)]
+struct Slot {
+    addr: usize,
+    len: usize,
+    /// 0 free, 1 malloc block, 2 mapped region.
+    kind: usize,
+}
+
+const FREE: Slot = Slot {
+    addr: 0,
+    len: 0,
+    kind: 0,
+};
+
+/// The covered program state: in the executable's globals.
+static mut TABLE: [Slot; SLOTS] = [FREE; SLOTS];
+static mut GLOBAL_BYTES: [u8; 3 * PAGE + 77] = [0; 3 * PAGE + 77];
+
+fn table() -> &'static mut [Slot; SLOTS] {
+    // SAFETY: the suite's main thread is the only one touching the table.
+    unsafe { &mut *std::ptr::addr_of_mut!(TABLE) }
+}
+
+fn globals() -> &'static mut [u8] {
+    // SAFETY: as above.
+    unsafe { &mut *std::ptr::addr_of_mut!(GLOBAL_BYTES) }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545F4914F6CDD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// A snapshot's reference: its id and an uncovered copy of the whole program state.
+#[derive(Clone, Copy)]
+struct Ref {
+    id: u64,
+    table: [Slot; SLOTS],
+    globals: *mut u8,
+    /// Concatenated bytes of every slot, in slot order.
+    bytes: *mut u8,
+    bytes_len: usize,
+}
+
+fn bytes_of(s: &Slot) -> &'static mut [u8] {
+    // SAFETY: a live block or region of `len` bytes owned by the table.
+    unsafe { std::slice::from_raw_parts_mut(s.addr as *mut u8, s.len) }
+}
+
+fn uncovered(len: usize) -> *mut u8 {
+    cow::book::alloc_uncovered(len.max(1)).as_mut_ptr()
+}
+
+fn save(id: u64) -> Ref {
+    let t = *table();
+    let total: usize = t.iter().map(|s| s.len).sum();
+    let bytes = uncovered(total);
+    let mut off = 0;
+    for s in t.iter().filter(|s| s.kind != 0) {
+        // SAFETY: `bytes` has room for every slot's bytes.
+        unsafe { std::ptr::copy_nonoverlapping(s.addr as *const u8, bytes.add(off), s.len) };
+        off += s.len;
+    }
+    let g = uncovered(globals().len());
+    // SAFETY: `g` has room for the globals.
+    unsafe { std::ptr::copy_nonoverlapping(globals().as_ptr(), g, globals().len()) };
+    Ref {
+        id,
+        table: t,
+        globals: g,
+        bytes,
+        bytes_len: total,
+    }
+}
+
+fn release(r: &Ref) {
+    let book = cow::book::book();
+    book.free(r.bytes, r.bytes_len.max(1));
+    book.free(r.globals, globals().len());
+}
+
+fn check(r: &Ref, step: usize) -> Result<(), String> {
+    if *table() != r.table {
+        return Err(format!(
+            "step {step}: the table differs after restore to {}",
+            r.id
+        ));
+    }
+    // SAFETY: the reference's globals copy is `globals().len()` bytes.
+    let g = unsafe { std::slice::from_raw_parts(r.globals, globals().len()) };
+    if let Some(j) = g.iter().zip(globals().iter()).position(|(a, b)| a != b) {
+        let addr = globals().as_ptr() as usize + j;
+        return Err(format!(
+            "step {step}: globals byte {j} (address {addr:#x}) differs after restore to {}",
+            r.id
+        ));
+    }
+    let mut off = 0;
+    for (i, s) in table().iter().enumerate().filter(|(_, s)| s.kind != 0) {
+        // SAFETY: the reference holds this slot's bytes at `off`.
+        let want = unsafe { std::slice::from_raw_parts(r.bytes.add(off), s.len) };
+        if let Some(j) = bytes_of(s).iter().zip(want).position(|(a, b)| a != b) {
+            return Err(format!(
+                "step {step}: slot {i} ({}) byte {j} of {} differs after restore to {}",
+                if s.kind == 1 { "malloc" } else { "region" },
+                s.len,
+                r.id
+            ));
+        }
+        off += s.len;
+    }
+    Ok(())
+}
+
+fn fill(rng: &mut Rng, b: &mut [u8]) {
+    for x in b {
+        *x = rng.next() as u8;
+    }
+}
+
+fn map_region(b: &dyn Backend, len: usize) -> Option<usize> {
+    b.map(len).ok().map(|p| p as usize)
+}
+
+fn churn(b: &dyn Backend, steps: usize, seed: u64) -> Result<String, String> {
+    let mut rng = Rng(seed.max(1));
+    let refs_mem = uncovered(std::mem::size_of::<Ref>() * MAX_REFS) as *mut Ref;
+    // SAFETY: uncovered memory for MAX_REFS references, used as an array.
+    let refs = unsafe { std::slice::from_raw_parts_mut(refs_mem, MAX_REFS) };
+    let mut nrefs = 0usize;
+    let kmod = b.name() == "kmod";
+    let (mut restores, mut reads, mut unmaps) = (0, 0, 0);
+    let e = |op: &str, err: cow::Error| format!("{op}: {err}");
+    for step in 0..steps {
+        let s = rng.below(SLOTS);
+        let slot = table()[s];
+        match rng.below(100) {
+            0..=29 if slot.kind != 0 => {
+                let m = bytes_of(&slot);
+                let off = rng.below(m.len());
+                let cap = if rng.below(8) == 0 { 3 * PAGE } else { 64 };
+                let n = 1 + rng.below((m.len() - off).min(cap));
+                fill(&mut rng, &mut m[off..off + n]);
+            }
+            30..=41 if slot.kind == 0 => {
+                let len = 1 + if rng.below(8) == 0 {
+                    rng.below(300_000)
+                } else {
+                    rng.below(2000)
+                };
+                // SAFETY: plain malloc/calloc; the block is recorded in the table.
+                let p = unsafe {
+                    if rng.below(2) == 0 {
+                        libc::calloc(1, len)
+                    } else {
+                        libc::malloc(len)
+                    }
+                } as usize;
+                if p == 0 {
+                    return Err("malloc failed".into());
+                }
+                table()[s] = Slot {
+                    addr: p,
+                    len,
+                    kind: 1,
+                };
+                fill(&mut rng, bytes_of(&table()[s]));
+            }
+            42..=49 if slot.kind == 1 => {
+                // SAFETY: a live malloc block of the table.
+                unsafe { libc::free(slot.addr as *mut libc::c_void) };
+                table()[s] = FREE;
+            }
+            50..=56 if slot.kind == 1 => {
+                let len = 1 + if rng.below(6) == 0 {
+                    rng.below(400_000)
+                } else {
+                    rng.below(3000)
+                };
+                // SAFETY: a live malloc block of the table.
+                let p = unsafe { libc::realloc(slot.addr as *mut libc::c_void, len) } as usize;
+                if p == 0 {
+                    return Err("realloc failed".into());
+                }
+                table()[s] = Slot {
+                    addr: p,
+                    len,
+                    kind: 1,
+                };
+                if len > slot.len {
+                    fill(&mut rng, &mut bytes_of(&table()[s])[slot.len..]);
+                }
+            }
+            57..=60 if slot.kind == 0 => {
+                let len = (1 + rng.below(96)) * PAGE;
+                let p = map_region(b, len).ok_or("map failed")?;
+                table()[s] = Slot {
+                    addr: p,
+                    len,
+                    kind: 2,
+                };
+                let m = bytes_of(&table()[s]);
+                let off = rng.below(len - 100);
+                fill(&mut rng, &mut m[off..off + 100]);
+            }
+            61..=62 if slot.kind == 2 && !kmod => {
+                // SAFETY: unmapping a region of the table.
+                unsafe { libc::munmap(slot.addr as *mut libc::c_void, slot.len) };
+                table()[s] = FREE;
+                unmaps += 1;
+            }
+            63 if slot.kind == 2 && !kmod => {
+                let len = (1 + rng.below(128)) * PAGE;
+                // SAFETY: moving/resizing a region of the table.
+                let p = unsafe {
+                    libc::mremap(
+                        slot.addr as *mut libc::c_void,
+                        slot.len,
+                        len,
+                        libc::MREMAP_MAYMOVE,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    let errno = std::io::Error::last_os_error().raw_os_error();
+                    // mprotect splits a partly written region into read-only and writable
+                    // mappings, which mremap refuses (documented); glibc falls back to copying.
+                    if b.name() == "mprotect" && errno == Some(libc::EFAULT) {
+                        continue;
+                    }
+                    return Err(format!("mremap failed: {errno:?}"));
+                }
+                table()[s] = Slot {
+                    addr: p as usize,
+                    len,
+                    kind: 2,
+                };
+                if len > slot.len {
+                    fill(
+                        &mut rng,
+                        &mut bytes_of(&table()[s])[slot.len..slot.len + 64],
+                    );
+                }
+            }
+            64..=67 => {
+                let g = globals();
+                let off = rng.below(g.len());
+                let n = 1 + rng.below(g.len() - off);
+                fill(&mut rng, &mut g[off..off + n]);
+            }
+            68..=77 => {
+                if nrefs == MAX_REFS {
+                    b.drop_snapshot(refs[0].id).map_err(|x| e("drop", x))?;
+                    release(&refs[0]);
+                    refs.copy_within(1..nrefs, 0);
+                    nrefs -= 1;
+                }
+                let id = b.snapshot().map_err(|x| e("snapshot", x))?;
+                refs[nrefs] = save(id);
+                nrefs += 1;
+            }
+            78..=85 if nrefs > 0 => {
+                let k = rng.below(nrefs);
+                b.restore(refs[k].id).map_err(|x| e("restore", x))?;
+                restores += 1;
+                check(&refs[k], step)?;
+                for r in &refs[k + 1..nrefs] {
+                    release(r);
+                }
+                nrefs = k + 1;
+            }
+            86..=91 if nrefs > 0 => {
+                let k = rng.below(nrefs);
+                let r = refs[k];
+                let Some(i) = (0..SLOTS).find(|&i| r.table[i].kind != 0) else {
+                    continue;
+                };
+                let mut off = 0;
+                for s in r.table[..i].iter() {
+                    off += s.len;
+                }
+                let s = r.table[i];
+                let got = cow::book::alloc_uncovered(s.len);
+                b.read(r.id, s.addr, got).map_err(|x| e("read", x))?;
+                // SAFETY: the reference holds slot i's bytes at `off`.
+                let want = unsafe { std::slice::from_raw_parts(r.bytes.add(off), s.len) };
+                if got[..] != want[..] {
+                    return Err(format!("step {step}: read({}) of slot {i} differs", r.id));
+                }
+                cow::book::book().free(got.as_mut_ptr(), s.len);
+                reads += 1;
+            }
+            92..=94 if nrefs > 0 => {
+                // Every page of a live slot that differs from the snapshot must be dirty.
+                let k = rng.below(nrefs);
+                let r = refs[k];
+                let dirty = b.dirty_since(r.id).map_err(|x| e("dirty", x))?;
+                let mut off = 0;
+                for (i, s) in r.table.iter().enumerate() {
+                    if s.kind != 0 && table()[i] == *s {
+                        // SAFETY: the reference holds this slot's bytes at `off`.
+                        let want = unsafe { std::slice::from_raw_parts(r.bytes.add(off), s.len) };
+                        for (j, (x, y)) in bytes_of(s).iter().zip(want).enumerate() {
+                            let page = (s.addr + j) & !(PAGE - 1);
+                            if x != y && dirty.binary_search(&page).is_err() {
+                                return Err(format!(
+                                    "step {step}: page {page:#x} changed but is not dirty"
+                                ));
+                            }
+                        }
+                    }
+                    off += s.len;
+                }
+            }
+            95..=97 if nrefs > 1 => {
+                let k = rng.below(nrefs);
+                b.drop_snapshot(refs[k].id).map_err(|x| e("drop", x))?;
+                release(&refs[k]);
+                refs.copy_within(k + 1..nrefs, k);
+                nrefs -= 1;
+            }
+            _ => {}
+        }
+    }
+    if restores < steps / 40 {
+        return Err(format!("only {restores} restores"));
+    }
+    let st = b.stats();
+    Ok(format!(
+        "churn: backend {}, seed {seed}: {steps} steps, {restores} restores, {reads} reads, {unmaps} unmaps, \
+         {} pages saved, {} KiB held; zero differences",
+        b.name(),
+        st.pages_saved,
+        st.bytes_held / 1024
+    ))
+}
+
+fn threads(b: &'static dyn Backend) -> Result<String, String> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const THREADS: usize = 4;
+    let region = b.map(THREADS * 2 * PAGE).map_err(|e| format!("map: {e}"))? as usize;
+    let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let a = (region + t * 2 * PAGE) as *mut u64;
+                let bb = (region + (t * 2 + 1) * PAGE) as *mut u64;
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    // SAFETY: each thread owns its two pages of the region.
+                    unsafe {
+                        std::ptr::write_volatile(a, n);
+                        std::ptr::write_volatile(bb, n);
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // The ids live on this stack: a restore rewinds the heap, and with it any Vec.
+    let mut ids = [0u64; 64];
+    let mut n = 0usize;
+    for round in 0..60 {
+        let id = b.snapshot().map_err(|e| format!("snapshot: {e}"))?;
+        ids[n] = id;
+        n += 1;
+        for t in 0..THREADS {
+            let (mut x, mut y) = ([0u8; 8], [0u8; 8]);
+            b.read(id, region + t * 2 * PAGE, &mut x)
+                .map_err(|e| format!("read: {e}"))?;
+            b.read(id, region + (t * 2 + 1) * PAGE, &mut y)
+                .map_err(|e| format!("read: {e}"))?;
+            let (x, y) = (u64::from_ne_bytes(x), u64::from_ne_bytes(y));
+            if !(x == y || x == y + 1) {
+                return Err(format!("snapshot {id} thread {t}: A = {x}, B = {y}"));
+            }
+        }
+        if round % 10 == 9 {
+            // Restore with the writers running: they are stopped around it.
+            let k = ids[n / 2];
+            b.restore(k).map_err(|e| format!("restore: {e}"))?;
+            n = n / 2 + 1;
+        }
+        if n > 20 {
+            b.drop_snapshot(ids[0]).map_err(|e| format!("drop: {e}"))?;
+            ids.copy_within(1..n, 0);
+            n -= 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().map_err(|_| "writer panicked")?;
+    }
+    Ok(format!(
+        "threads: backend {}, 60 snapshots under 4 writers, consistent cuts",
+        b.name()
+    ))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (Some(name), Some(mode)) = (args.first(), args.get(1)) else {
+        eprintln!("usage: cow-suite BACKEND churn [STEPS] [SEED] | BACKEND threads");
+        return ExitCode::from(2);
+    };
+    // Everything the suite itself needs later is created now, before the first snapshot.
+    println!("cow-suite: {name} {mode}");
+    let b: &'static dyn Backend = match backend::open(name) {
+        Ok((b, _)) => Box::leak(b),
+        Err(e) => {
+            eprintln!("cow-suite: backend {name}: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let result = match mode.as_str() {
+        "churn" => {
+            let steps = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3000);
+            let seed = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(0xC0FFEE);
+            churn(b, steps, seed)
+        }
+        "threads" => threads(b),
+        _ => Err(format!("unknown mode {mode}")),
+    };
+    match result {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("cow-suite: {name} {mode}: {why}");
+            ExitCode::FAILURE
+        }
+    }
+}

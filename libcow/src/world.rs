@@ -1,0 +1,220 @@
+//! Stopping the process's other threads around a snapshot or restore.
+//!
+//! The in-process backends read and rewrite memory that other threads may be writing. Before a
+//! snapshot or restore, every other thread of the process is sent a real-time signal whose
+//! handler records its stack pointer (so its stack is not covered), announces itself and waits
+//! on a futex until the operation is over. Threads created meanwhile are found by listing
+//! `/proc/self/task` again until the set is stable. The handler is async-signal-safe: atomics and
+//! raw futex calls only, and it preserves `errno`.
+
+use crate::book::{self, BookVec};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+/// Most threads stopped at once.
+const MAX_THREADS: usize = 4096;
+
+struct World {
+    generation: AtomicU32,
+    arrived: AtomicUsize,
+    next: AtomicUsize,
+    stack_pointers: [AtomicUsize; MAX_THREADS],
+    thread_pointers: [AtomicUsize; MAX_THREADS],
+}
+
+static WORLD: OnceLock<&'static World> = OnceLock::new();
+
+fn signal() -> i32 {
+    libc::SIGRTMAX() - 3
+}
+
+fn world() -> &'static World {
+    WORLD.get_or_init(|| {
+        let w = book::leak(World {
+            generation: AtomicU32::new(0),
+            arrived: AtomicUsize::new(0),
+            next: AtomicUsize::new(0),
+            stack_pointers: [const { AtomicUsize::new(0) }; MAX_THREADS],
+            thread_pointers: [const { AtomicUsize::new(0) }; MAX_THREADS],
+        });
+        // SAFETY: installing our handler for a signal reserved for libcow; SA_RESTART keeps
+        // interrupted system calls going in the stopped threads.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_stop as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(signal(), &sa, std::ptr::null_mut());
+        }
+        w
+    })
+}
+
+fn futex(word: &AtomicU32, op: i32, val: u32) {
+    // SAFETY: a futex call on a live 32-bit atomic; no timeout.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            op | libc::FUTEX_PRIVATE_FLAG,
+            val,
+            std::ptr::null::<libc::timespec>(),
+        )
+    };
+}
+
+extern "C" fn on_stop(_sig: i32) {
+    // SAFETY: reading and restoring this thread's errno around our system calls.
+    let saved_errno = unsafe { *libc::__errno_location() };
+    let Some(w) = WORLD.get() else { return };
+    let marker = 0u8;
+    let gen = w.generation.load(Ordering::Acquire);
+    let i = w.next.fetch_add(1, Ordering::AcqRel);
+    if i < MAX_THREADS {
+        w.stack_pointers[i].store(&marker as *const u8 as usize, Ordering::Release);
+        // SAFETY: pthread_self only reads the thread pointer.
+        w.thread_pointers[i].store(unsafe { libc::pthread_self() } as usize, Ordering::Release);
+    }
+    w.arrived.fetch_add(1, Ordering::AcqRel);
+    while w.generation.load(Ordering::Acquire) == gen {
+        futex(&w.generation, libc::FUTEX_WAIT, gen);
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = saved_errno };
+}
+
+/// The other threads, stopped until this value is dropped.
+pub struct Stopped {
+    tids: BookVec<i32>,
+    /// Stack pointers of every thread, including the caller's.
+    stack_pointers: BookVec<usize>,
+    /// Thread pointers (glibc's `struct pthread`, which holds the rseq area the kernel writes)
+    /// of every thread, including the caller's.
+    thread_pointers: BookVec<usize>,
+}
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// Lists the thread ids of this process.
+fn list_tids(out: &mut BookVec<i32>) -> std::io::Result<()> {
+    out.clear();
+    // SAFETY: opening a directory with a NUL-terminated path; closed below.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/task".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: getdents64 fills our stack buffer with linux_dirent64 records.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        let mut off = 0usize;
+        while off < n as usize {
+            // linux_dirent64: u64 ino, i64 off, u16 reclen, u8 type, char name[].
+            let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+            let name = &buf[off + 19..off + reclen];
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            if let Some(tid) = std::str::from_utf8(name).ok().and_then(|s| s.parse().ok()) {
+                out.push(tid);
+            }
+            off += reclen;
+        }
+    }
+    // SAFETY: closing our descriptor.
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
+/// Stops every other thread of the process. Fails with `ETIMEDOUT` if some thread does not
+/// stop within 5 s (it blocks the signal, say); then nothing stays stopped.
+pub fn stop_others() -> std::io::Result<Stopped> {
+    let w = world();
+    w.arrived.store(0, Ordering::Release);
+    w.next.store(0, Ordering::Release);
+    let me = gettid();
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let mut signalled: BookVec<i32> = BookVec::new();
+    let mut now: BookVec<i32> = BookVec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let stopped = loop {
+        list_tids(&mut now)?;
+        let mut new = 0;
+        for &tid in now.as_slice() {
+            if tid == me || signalled.as_slice().contains(&tid) {
+                continue;
+            }
+            // SAFETY: tgkill to a thread of our own process.
+            if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal()) } == 0 {
+                signalled.push(tid);
+                new += 1;
+            }
+        }
+        while w.arrived.load(Ordering::Acquire) < signalled.len() {
+            if std::time::Instant::now() > deadline {
+                release(w);
+                return Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT));
+            }
+            std::thread::yield_now();
+        }
+        if new == 0 {
+            break signalled;
+        }
+    };
+    let mut stack_pointers = BookVec::new();
+    let mut thread_pointers = BookVec::new();
+    let marker = 0u8;
+    stack_pointers.push(&marker as *const u8 as usize);
+    // SAFETY: pthread_self only reads the thread pointer.
+    thread_pointers.push(unsafe { libc::pthread_self() } as usize);
+    for i in 0..w.next.load(Ordering::Acquire).min(MAX_THREADS) {
+        stack_pointers.push(w.stack_pointers[i].load(Ordering::Acquire));
+        thread_pointers.push(w.thread_pointers[i].load(Ordering::Acquire));
+    }
+    let mut tids = stopped;
+    tids.push(me);
+    tids.as_mut_slice().sort_unstable();
+    Ok(Stopped {
+        tids,
+        stack_pointers,
+        thread_pointers,
+    })
+}
+
+fn release(w: &World) {
+    w.generation.fetch_add(1, Ordering::AcqRel);
+    futex(&w.generation, libc::FUTEX_WAKE, i32::MAX as u32);
+}
+
+impl Stopped {
+    /// Every thread of the process (sorted), the caller included.
+    pub fn tids(&self) -> &[i32] {
+        self.tids.as_slice()
+    }
+
+    /// A stack pointer of every thread, the caller's first.
+    pub fn stack_pointers(&self) -> &[usize] {
+        self.stack_pointers.as_slice()
+    }
+
+    /// The thread pointer of every thread, the caller's first.
+    pub fn thread_pointers(&self) -> &[usize] {
+        self.thread_pointers.as_slice()
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        release(world());
+    }
+}
