@@ -160,28 +160,56 @@ fn covered_for(
     thread_pointers: &[usize],
     rewrites_prot: bool,
 ) -> Result<BookVec<Range>> {
+    let maps = maps::read().map_err(|e| io_err("read /proc/self/maps", e))?;
+    // Stacks: the kernel may merge a thread's stack with an adjacent anonymous mapping of the
+    // program, so the stack is not the whole mapping that holds its stack pointer. glibc puts
+    // a thread's control block (`struct pthread`, at the thread pointer) at the very top of its
+    // stack block, so the stack block is the mapping's part from its start (above the guard
+    // page) to the page boundary just above the thread pointer. The main thread's control
+    // block lives elsewhere: its two pages are excluded (the kernel writes its rseq area).
     let mut holes: BookVec<Range> = BookVec::new();
-    for &tp in thread_pointers {
-        let start = tp & !(PAGE - 1);
-        holes.push(Range {
-            start,
-            end: start + 2 * PAGE,
-            prot: 0,
-        });
+    for (i, &sp) in stack_pointers.iter().enumerate() {
+        let tp = thread_pointers.get(i).copied().unwrap_or(0);
+        let Some(m) = maps
+            .as_slice()
+            .iter()
+            .find(|m| (m.start..m.end).contains(&sp))
+        else {
+            continue;
+        };
+        if m.special {
+            let start = tp & !(PAGE - 1);
+            holes.push(Range {
+                start,
+                end: start + 2 * PAGE,
+                prot: 0,
+            });
+        } else if (m.start..m.end).contains(&tp) {
+            holes.push(Range {
+                start: m.start,
+                end: (tp + 1).next_multiple_of(PAGE),
+                prot: 0,
+            });
+        } else {
+            holes.push(Range {
+                start: m.start,
+                end: m.end,
+                prot: 0,
+            });
+        }
     }
     holes.as_mut_slice().sort_unstable_by_key(|r| r.start);
-    let covered = covered_maps(armed, stack_pointers, rewrites_prot)?;
+    let covered = covered_maps(&maps, armed, rewrites_prot);
     let mut out = BookVec::new();
     subtract(covered.as_slice(), holes.as_slice(), &mut out);
     Ok(out)
 }
 
 fn covered_maps(
+    maps: &BookVec<maps::Mapping>,
     armed: &[Range],
-    stack_pointers: &[usize],
     rewrites_prot: bool,
-) -> Result<BookVec<Range>> {
-    let maps = maps::read().map_err(|e| io_err("read /proc/self/maps", e))?;
+) -> BookVec<Range> {
     let (book_start, book_end) = book::book().range();
     let mut out: BookVec<Range> = BookVec::new();
     let push = |r: Range, out: &mut BookVec<Range>| {
@@ -195,12 +223,6 @@ fn covered_maps(
     };
     for m in maps.as_slice() {
         if m.shared || m.special || (m.start < book_end && m.end > book_start) {
-            continue;
-        }
-        if stack_pointers
-            .iter()
-            .any(|&sp| (m.start..m.end).contains(&sp))
-        {
             continue;
         }
         if m.prot & libc::PROT_WRITE != 0 {
@@ -228,7 +250,7 @@ fn covered_maps(
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// `a − b` for sorted, disjoint range lists.

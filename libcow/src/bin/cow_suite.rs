@@ -368,21 +368,47 @@ fn churn(b: &dyn Backend, steps: usize, seed: u64) -> Result<String, String> {
     ))
 }
 
+/// Control flags of the threads mode; they live in uncovered memory so restores leave them be.
+struct Control {
+    stop: std::sync::atomic::AtomicBool,
+    pause: std::sync::atomic::AtomicBool,
+    paused: std::sync::atomic::AtomicUsize,
+    ready: std::sync::atomic::AtomicUsize,
+}
+
 fn threads(b: &'static dyn Backend) -> Result<String, String> {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     const THREADS: usize = 4;
     let region = b.map(THREADS * 2 * PAGE).map_err(|e| format!("map: {e}"))? as usize;
-    let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+    let control: &'static Control = cow::book::leak(Control {
+        stop: AtomicBool::new(false),
+        pause: AtomicBool::new(false),
+        paused: AtomicUsize::new(0),
+        ready: AtomicUsize::new(0),
+    });
+    let page = move |t: usize, second: usize| (region + (t * 2 + second) * PAGE) as *mut u64;
     let workers: Vec<_> = (0..THREADS)
         .map(|t| {
             std::thread::spawn(move || {
-                let a = (region + t * 2 * PAGE) as *mut u64;
-                let bb = (region + (t * 2 + 1) * PAGE) as *mut u64;
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    n += 1;
+                // Thread state that points into the heap (glibc's per-thread cache) must exist
+                // before the first snapshot, or a restore leaves it dangling: allocate once.
+                drop(std::hint::black_box(vec![0u8; 64]));
+                control.ready.fetch_add(1, Ordering::AcqRel);
+                let (a, bb) = (page(t, 0), page(t, 1));
+                while !control.stop.load(Ordering::Relaxed) {
+                    if control.pause.load(Ordering::Acquire) {
+                        control.paused.fetch_add(1, Ordering::AcqRel);
+                        while control.pause.load(Ordering::Acquire) {
+                            std::hint::spin_loop();
+                        }
+                        control.paused.fetch_sub(1, Ordering::AcqRel);
+                        continue;
+                    }
+                    // The next value comes from memory, so the pair stays a valid state even
+                    // after a restore rewrote it: A is written first, then B.
                     // SAFETY: each thread owns its two pages of the region.
                     unsafe {
+                        let n = std::ptr::read_volatile(bb) + 1;
                         std::ptr::write_volatile(a, n);
                         std::ptr::write_volatile(bb, n);
                     }
@@ -390,43 +416,70 @@ fn threads(b: &'static dyn Backend) -> Result<String, String> {
             })
         })
         .collect();
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    // The ids live on this stack: a restore rewinds the heap, and with it any Vec.
+    while control.ready.load(Ordering::Acquire) < THREADS {
+        std::thread::yield_now();
+    }
+    // The ids and expected values live on this stack: a restore rewinds the heap.
     let mut ids = [0u64; 64];
+    let mut seen = [[0u64; 2]; 64 * THREADS];
     let mut n = 0usize;
     for round in 0..60 {
         let id = b.snapshot().map_err(|e| format!("snapshot: {e}"))?;
-        ids[n] = id;
-        n += 1;
         for t in 0..THREADS {
             let (mut x, mut y) = ([0u8; 8], [0u8; 8]);
-            b.read(id, region + t * 2 * PAGE, &mut x)
+            b.read(id, page(t, 0) as usize, &mut x)
                 .map_err(|e| format!("read: {e}"))?;
-            b.read(id, region + (t * 2 + 1) * PAGE, &mut y)
+            b.read(id, page(t, 1) as usize, &mut y)
                 .map_err(|e| format!("read: {e}"))?;
             let (x, y) = (u64::from_ne_bytes(x), u64::from_ne_bytes(y));
             if !(x == y || x == y + 1) {
                 return Err(format!("snapshot {id} thread {t}: A = {x}, B = {y}"));
             }
+            seen[n * THREADS + t] = [x, y];
         }
+        ids[n] = id;
+        n += 1;
         if round % 10 == 9 {
-            // Restore with the writers running: they are stopped around it.
-            let k = ids[n / 2];
-            b.restore(k).map_err(|e| format!("restore: {e}"))?;
-            n = n / 2 + 1;
+            // Restore while the writers run (they spin: the backend stops them around it),
+            // then check every pair is exactly the snapshot's before they resume writing.
+            let k = n / 2;
+            control.pause.store(true, Ordering::Release);
+            while control.paused.load(Ordering::Acquire) < THREADS {
+                std::thread::yield_now();
+            }
+            b.restore(ids[k]).map_err(|e| format!("restore: {e}"))?;
+            for t in 0..THREADS {
+                // SAFETY: reading the region; the writers are paused.
+                let got = unsafe {
+                    [
+                        std::ptr::read_volatile(page(t, 0)),
+                        std::ptr::read_volatile(page(t, 1)),
+                    ]
+                };
+                if got != seen[k * THREADS + t] {
+                    return Err(format!(
+                        "restore to {} thread {t}: {got:?}, snapshot had {:?}",
+                        ids[k],
+                        seen[k * THREADS + t]
+                    ));
+                }
+            }
+            control.pause.store(false, Ordering::Release);
+            n = k + 1;
         }
         if n > 20 {
             b.drop_snapshot(ids[0]).map_err(|e| format!("drop: {e}"))?;
             ids.copy_within(1..n, 0);
+            seen.copy_within(THREADS..n * THREADS, 0);
             n -= 1;
         }
     }
-    stop.store(true, Ordering::Relaxed);
+    control.stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.join().map_err(|_| "writer panicked")?;
     }
     Ok(format!(
-        "threads: backend {}, 60 snapshots under 4 writers, consistent cuts",
+        "threads: backend {}, 60 snapshots under 4 writers, consistent cuts, 6 exact restores",
         b.name()
     ))
 }

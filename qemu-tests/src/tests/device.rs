@@ -319,7 +319,7 @@ fn boot_log_clean() -> Result<()> {
 /// libcow.a.
 pub fn c_program_uses_cow_h() -> Result<()> {
     let exe = sibling("cabi")?;
-    let out = std::process::Command::new(exe).output()?;
+    let out = std::process::Command::new(exe).arg("kmod").output()?;
     ensure!(
         out.status.success(),
         "cabi: {} {}",

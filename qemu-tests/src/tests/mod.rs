@@ -1,5 +1,6 @@
 //! Every in-guest test, in the order the runner executes them.
 
+mod backends;
 mod device;
 mod preload;
 mod remote;
@@ -14,6 +15,7 @@ pub fn all() -> Vec<Test> {
     v.extend(snapshots::tests());
     v.extend(remote::tests());
     v.extend(preload::tests());
+    v.extend(backends::tests());
     v
 }
 

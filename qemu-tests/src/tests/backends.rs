@@ -1,0 +1,99 @@
+//! Every backend in the guest: the randomized byte-exact suite, the threads suite, and the C
+//! program that uses only cow.h. kmod runs under `cowctl run`, which covers the heap and globals.
+
+use super::sibling;
+use crate::Test;
+use anyhow::{ensure, Result};
+use std::process::Command;
+
+/// This file's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        Test {
+            name: "backends::uffd_churn",
+            run: || churn("uffd"),
+        },
+        Test {
+            name: "backends::mprotect_churn",
+            run: || churn("mprotect"),
+        },
+        Test {
+            name: "backends::kmod_churn",
+            run: || churn("kmod"),
+        },
+        Test {
+            name: "backends::uffd_threads",
+            run: || threads("uffd"),
+        },
+        Test {
+            name: "backends::mprotect_threads",
+            run: || threads("mprotect"),
+        },
+        Test {
+            name: "backends::kmod_threads",
+            run: || threads("kmod"),
+        },
+        Test {
+            name: "backends::c_program_every_backend",
+            run: c_program_every_backend,
+        },
+        Test {
+            name: "backends::auto_is_kmod_with_the_module",
+            run: auto_is_kmod_with_the_module,
+        },
+    ]
+}
+
+fn run(backend: &str, args: &[&str]) -> Result<String> {
+    let suite = sibling("cow-suite")?;
+    let mut cmd = if backend == "kmod" {
+        let mut c = Command::new(sibling("cowctl")?);
+        c.args(["run", "--"]).arg(suite);
+        c
+    } else {
+        Command::new(suite)
+    };
+    let out = cmd.arg(backend).args(args).output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "{backend} {args:?}: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+fn churn(backend: &str) -> Result<()> {
+    for seed in ["11", "22"] {
+        let out = run(backend, &["churn", "3000", seed])?;
+        ensure!(out.contains("zero differences"), "{out}");
+    }
+    Ok(())
+}
+
+fn threads(backend: &str) -> Result<()> {
+    let out = run(backend, &["threads"])?;
+    ensure!(out.contains("consistent cuts"), "{out}");
+    Ok(())
+}
+
+fn c_program_every_backend() -> Result<()> {
+    for backend in ["kmod", "uffd", "mprotect"] {
+        let out = Command::new(sibling("cabi")?).arg(backend).output()?;
+        ensure!(
+            out.status.success(),
+            "cabi {backend}: {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn auto_is_kmod_with_the_module() -> Result<()> {
+    let out = Command::new(sibling("cabi")?).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success() && text.contains("(kmod:"), "{text}");
+    Ok(())
+}
