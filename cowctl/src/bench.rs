@@ -52,54 +52,101 @@ pub fn memcpy_page_us() -> f64 {
     median(samples)
 }
 
-fn touch(base: *mut u8, pages: &[usize], value: u8) {
-    for &p in pages {
-        // SAFETY: `p` indexes a page of the live region the caller mapped.
-        unsafe { std::ptr::write_volatile(base.add(p * 4096 + (p % 512) * 8), value) };
-    }
-}
+/// Most rounds per configuration (measurements live in fixed arrays on the stack: a restore
+/// rewinds the heap under the in-process backends).
+const MAX_ROUNDS: usize = 64;
 
-/// Runs the kmod backend for one size and dirty count.
-fn bench_kmod(size_mib: usize, dirty: usize, rounds: usize, memcpy: f64) -> Result<Row> {
-    let cow = cow::Cow::open()?;
-    cow.set_limits(4, u64::MAX, cow::abi::COW_POLICY_MERGE_OLDEST)?;
+/// Measures one backend for one size and dirty count.
+fn bench_one(
+    b: &dyn cow::backend::Backend,
+    size_mib: usize,
+    dirty: usize,
+    rounds: usize,
+    memcpy: f64,
+) -> Result<Row> {
     let total = size_mib * 256;
     if dirty > total {
         bail!("{dirty} dirty pages do not fit in {size_mib} MiB");
     }
-    let region = cow.map_region(size_mib << 20)?;
-    let all: Vec<usize> = (0..total).collect();
-    touch(region.addr, &all, 1);
-    // Dirty pages spread over the whole region.
-    let pages: Vec<usize> = (0..dirty).map(|i| i * (total / dirty)).collect();
-    cow.snapshot()?; // the first snapshot write-protects every present page, once
-    let (mut snap, mut restore, mut write) = (Vec::new(), Vec::new(), Vec::new());
-    let mut overhead = 0;
-    for round in 0..rounds {
-        let held_before = cow.stats()?.bytes_held;
-        let t = Instant::now();
-        touch(region.addr, &pages, round as u8);
-        write.push(us(t) / dirty as f64);
-        overhead = overhead.max(cow.stats()?.bytes_held.saturating_sub(held_before));
-        let t = Instant::now();
-        let id = cow.snapshot()?;
-        snap.push(us(t));
-        touch(region.addr, &pages, 0xff);
-        let t = Instant::now();
-        cow.restore(id)?;
-        restore.push(us(t));
+    let rounds = rounds.clamp(1, MAX_ROUNDS);
+    let base = b.map(size_mib << 20)?;
+    for p in 0..total {
+        // SAFETY: `p` indexes a page of the region just mapped.
+        unsafe { std::ptr::write_volatile(base.add(p * 4096), 1) };
     }
+    let stride = total / dirty;
+    let touch = |value: u8| {
+        for i in 0..dirty {
+            let p = i * stride;
+            // SAFETY: as above.
+            unsafe { std::ptr::write_volatile(base.add(p * 4096 + (p % 512) * 8), value) };
+        }
+    };
+    // The first snapshot write-protects (and, for the shadow backends, copies) everything once.
+    let first = b.snapshot()?;
+    let (mut snap, mut restore, mut write) =
+        ([0f64; MAX_ROUNDS], [0f64; MAX_ROUNDS], [0f64; MAX_ROUNDS]);
+    let mut overhead = 0u64;
+    for round in 0..rounds {
+        let t = Instant::now();
+        touch(round as u8);
+        write[round] = us(t) / dirty as f64;
+        let t = Instant::now();
+        let id = b.snapshot()?;
+        snap[round] = us(t);
+        overhead = overhead.max(b.stats().bytes_held);
+        touch(0xff);
+        let t = Instant::now();
+        b.restore(id)?;
+        restore[round] = us(t);
+        b.drop_snapshot(id)?;
+    }
+    b.drop_snapshot(first)?;
+    // SAFETY: unmapping the region this function mapped; nothing refers to it any more.
+    unsafe { libc::munmap(base.cast(), size_mib << 20) };
     Ok(Row {
-        backend: "kmod".into(),
+        backend: b.name().into(),
         size_mib,
         dirty_pages: dirty,
         rounds,
-        snapshot_us: median(snap),
-        restore_us: median(restore),
-        first_write_us: median(write),
+        snapshot_us: median(snap[..rounds].to_vec()),
+        restore_us: median(restore[..rounds].to_vec()),
+        first_write_us: median(write[..rounds].to_vec()),
         memcpy_page_us: memcpy,
         memory_overhead_bytes: overhead,
     })
+}
+
+/// Opens each backend once per process (the in-process ones install handlers and state).
+fn opened(name: &str) -> Result<&'static dyn cow::backend::Backend> {
+    use std::sync::Mutex;
+    static OPENED: Mutex<Vec<(String, &'static dyn cow::backend::Backend)>> =
+        Mutex::new(Vec::new());
+    let mut opened = OPENED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, b)) = opened.iter().find(|(n, _)| n == name) {
+        return Ok(*b);
+    }
+    let (b, _) = cow::backend::open(name)?;
+    let b: &'static dyn cow::backend::Backend = Box::leak(b);
+    opened.push((name.to_string(), b));
+    Ok(b)
+}
+
+/// The backends to measure: those asked for, else every one that works here.
+pub fn default_backends(asked: Vec<String>) -> Vec<String> {
+    if !asked.is_empty() {
+        return asked;
+    }
+    let mut v = Vec::new();
+    if cow::Cow::open().is_ok() {
+        v.push("kmod".to_string());
+    }
+    let f = cow::probe::kernel_features();
+    if f.uffd_wp_async.available && f.pagemap_scan.available {
+        v.push("uffd".to_string());
+    }
+    v.push("mprotect".to_string());
+    v
 }
 
 /// Runs `cowctl bench`.
@@ -112,15 +159,14 @@ pub fn run(
 ) -> Result<()> {
     eprintln!("cowctl bench: measuring the page-copy baseline");
     let memcpy = memcpy_page_us();
+    // A restore under an in-process backend rewinds this process's heap, but only to a
+    // snapshot taken inside bench_one, after every row so far was pushed.
     let mut rows = Vec::new();
     for backend in backends {
         for &size in sizes {
             for &d in dirty {
                 eprintln!("cowctl bench: {backend} {size} MiB, {d} dirty pages, {rounds} rounds");
-                let row = match backend.as_str() {
-                    "kmod" => bench_kmod(size, d, rounds, memcpy)?,
-                    other => bail!("unknown backend {other:?} (available: kmod)"),
-                };
+                let row = bench_one(opened(backend)?, size, d, rounds, memcpy)?;
                 rows.push(row);
             }
         }
@@ -141,14 +187,15 @@ pub fn run(
     );
     for r in &rows {
         println!(
-            "{:<8} {:>8} {:>6} {:>12.1} {:>12.1} {:>15.2} {:>12.3}",
+            "{:<8} {:>8} {:>6} {:>12.1} {:>12.1} {:>15.2} {:>12.3} {:>10.1}",
             r.backend,
             r.size_mib,
             r.dirty_pages,
             r.snapshot_us,
             r.restore_us,
             r.first_write_us,
-            r.memcpy_page_us
+            r.memcpy_page_us,
+            r.memory_overhead_bytes as f64 / (1 << 20) as f64
         );
     }
     Ok(())

@@ -110,11 +110,11 @@ enum Command {
         after_help = "Examples:\n  cowctl bench\n  cowctl bench --size 16 --dirty-pages 64 --json"
     )]
     Bench {
-        /// Backends to measure, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "kmod")]
+        /// Backends to measure, comma-separated (default: every one available here).
+        #[arg(long, value_delimiter = ',')]
         backends: Vec<String>,
         /// Covered memory sizes in MiB, comma-separated.
-        #[arg(long = "size", value_delimiter = ',', default_value = "16,256")]
+        #[arg(long = "size", value_delimiter = ',', default_value = "16,256,1024")]
         sizes: Vec<usize>,
         /// Pages written per epoch, comma-separated.
         #[arg(
@@ -176,7 +176,13 @@ fn main() -> ExitCode {
             dirty,
             rounds,
             json,
-        } => bench::run(&backends, &sizes, &dirty, rounds, json),
+        } => bench::run(
+            &bench::default_backends(backends),
+            &sizes,
+            &dirty,
+            rounds,
+            json,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
