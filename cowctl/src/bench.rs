@@ -7,7 +7,7 @@ use serde::Serialize;
 use std::time::Instant;
 
 /// One measured configuration.
-#[derive(Serialize, Debug)]
+#[derive(Serialize, serde::Deserialize, Debug)]
 pub struct Row {
     backend: String,
     size_mib: usize,
@@ -51,6 +51,11 @@ pub fn memcpy_page_us() -> f64 {
     std::hint::black_box(&dst);
     median(samples)
 }
+
+/// Set in a worker process: the backend it measures.
+const WORKER_ENV: &str = "COW_BENCH_WORKER";
+/// Set in a worker process: the page-copy baseline measured by the parent.
+const MEMCPY_ENV: &str = "COW_BENCH_MEMCPY_US";
 
 /// Most rounds per configuration (measurements live in fixed arrays on the stack: a restore
 /// rewinds the heap under the in-process backends).
@@ -117,21 +122,6 @@ fn bench_one(
     })
 }
 
-/// Opens each backend once per process (the in-process ones install handlers and state).
-fn opened(name: &str) -> Result<&'static dyn cow::backend::Backend> {
-    use std::sync::Mutex;
-    static OPENED: Mutex<Vec<(String, &'static dyn cow::backend::Backend)>> =
-        Mutex::new(Vec::new());
-    let mut opened = OPENED.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, b)) = opened.iter().find(|(n, _)| n == name) {
-        return Ok(*b);
-    }
-    let (b, _) = cow::backend::open(name)?;
-    let b: &'static dyn cow::backend::Backend = Box::leak(b);
-    opened.push((name.to_string(), b));
-    Ok(b)
-}
-
 /// The backends to measure: those asked for, else every one that works here.
 pub fn default_backends(asked: Vec<String>) -> Vec<String> {
     if !asked.is_empty() {
@@ -146,6 +136,7 @@ pub fn default_backends(asked: Vec<String>) -> Vec<String> {
         v.push("uffd".to_string());
     }
     v.push("mprotect".to_string());
+    v.push("fork".to_string());
     v
 }
 
@@ -157,19 +148,37 @@ pub fn run(
     rounds: usize,
     json: bool,
 ) -> Result<()> {
-    eprintln!("cowctl bench: measuring the page-copy baseline");
-    let memcpy = memcpy_page_us();
-    // A restore under an in-process backend rewinds this process's heap, but only to a
-    // snapshot taken inside bench_one, after every row so far was pushed.
-    let mut rows = Vec::new();
-    for backend in backends {
+    // Worker mode: one backend, in its own process (so that one backend's state — the shadow
+    // backends' copies, a fork child's page tables — never weighs on another's numbers).
+    if let Ok(backend) = std::env::var(WORKER_ENV) {
+        let memcpy: f64 = std::env::var(MEMCPY_ENV)?.parse()?;
+        let (b, _) = cow::backend::open(&backend)?;
+        let mut rows = Vec::new();
         for &size in sizes {
             for &d in dirty {
                 eprintln!("cowctl bench: {backend} {size} MiB, {d} dirty pages, {rounds} rounds");
-                let row = bench_one(opened(backend)?, size, d, rounds, memcpy)?;
-                rows.push(row);
+                rows.push(bench_one(b.as_ref(), size, d, rounds, memcpy)?);
             }
         }
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    eprintln!("cowctl bench: measuring the page-copy baseline");
+    let memcpy = memcpy_page_us();
+    let mut rows: Vec<Row> = Vec::new();
+    for backend in backends {
+        let out = std::process::Command::new(std::env::current_exe()?)
+            .args(std::env::args_os().skip(1))
+            .env(WORKER_ENV, backend)
+            .env(MEMCPY_ENV, memcpy.to_string())
+            .stderr(std::process::Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            bail!("benchmarking {backend} failed ({})", out.status);
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().last().unwrap_or("[]");
+        rows.extend(serde_json::from_str::<Vec<Row>>(line)?);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);

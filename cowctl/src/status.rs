@@ -8,6 +8,14 @@ use serde::Serialize;
 struct Status {
     module: ModuleStatus,
     kernel: KernelFeatures,
+    auto_backend: AutoBackend,
+}
+
+/// What `cow_init("auto")` would pick here, and why.
+#[derive(Serialize)]
+struct AutoBackend {
+    name: &'static str,
+    reason: String,
 }
 
 #[derive(Serialize)]
@@ -54,9 +62,14 @@ fn yes_no(p: &Probe) -> String {
 
 /// Runs `cowctl status`.
 pub fn run(json: bool) -> anyhow::Result<()> {
+    let choice = cow::backend::choose_auto();
     let status = Status {
         module: module_status(),
         kernel: kernel_features(),
+        auto_backend: AutoBackend {
+            name: choice.name,
+            reason: choice.reason,
+        },
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -78,5 +91,9 @@ pub fn run(json: bool) -> anyhow::Result<()> {
     println!("uffd WP_ASYNC   {}", yes_no(&k.uffd_wp_async));
     println!("PAGEMAP_SCAN    {}", yes_no(&k.pagemap_scan));
     println!("soft-dirty      {}", yes_no(&k.soft_dirty));
+    println!(
+        "auto backend    {} ({})",
+        status.auto_backend.name, status.auto_backend.reason
+    );
     Ok(())
 }

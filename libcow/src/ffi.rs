@@ -138,6 +138,7 @@ pub extern "C" fn cow_backend() -> *const c_char {
         Some("kmod") => c"kmod".as_ptr(),
         Some("uffd") => c"uffd".as_ptr(),
         Some("mprotect") => c"mprotect".as_ptr(),
+        Some("fork") => c"fork".as_ptr(),
         _ => c"none".as_ptr(),
     }
 }

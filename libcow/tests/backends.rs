@@ -1,4 +1,5 @@
-//! The backend-generic correctness suite on the host kernel: every mainline backend, randomized
+//! The backend-generic correctness suite on the host kernel: every mainline backend (uffd,
+//! mprotect, fork), randomized
 //! and byte-exact (the suite binary runs in its own process, because a restore rewinds the
 //! whole process's memory).
 
@@ -43,6 +44,18 @@ fn mprotect_churn_is_byte_exact() {
     for seed in ["1", "2", "3"] {
         suite(&["mprotect", "churn", "3000", seed]);
     }
+}
+
+#[test]
+fn fork_churn_is_byte_exact() {
+    for seed in ["1", "2"] {
+        suite(&["fork", "churn", "2000", seed]);
+    }
+}
+
+#[test]
+fn fork_threads_see_consistent_cuts() {
+    suite(&["fork", "threads"]);
 }
 
 #[test]

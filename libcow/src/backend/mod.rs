@@ -10,6 +10,7 @@
 //! they share the shadow engine ([`shadow`]) and differ only in how they learn which pages were
 //! written ([`shadow::Tracker`]).
 
+pub mod fork;
 pub mod kmod;
 pub mod mprotect;
 mod pagetable;
@@ -112,9 +113,10 @@ pub fn open(name: &str) -> Result<(Box<dyn Backend>, Choice)> {
                 "kmod" => "kmod",
                 "uffd" => "uffd",
                 "mprotect" => "mprotect",
+                "fork" => "fork",
                 _ => {
                     return Err(crate::Error::Os {
-                        op: "unknown backend (kmod, uffd, mprotect, auto)",
+                        op: "unknown backend (kmod, uffd, mprotect, fork, auto)",
                         errno: libc::EINVAL,
                     })
                 }
@@ -125,6 +127,7 @@ pub fn open(name: &str) -> Result<(Box<dyn Backend>, Choice)> {
     let backend: Box<dyn Backend> = match choice.name {
         "kmod" => Box::new(kmod::Kmod::open()?),
         "uffd" => Box::new(shadow::Shadow::new(uffd::Uffd::open()?)),
+        "fork" => Box::new(fork::Fork::new()?),
         _ => Box::new(shadow::Shadow::new(mprotect::Mprotect::install()?)),
     };
     Ok((backend, choice))

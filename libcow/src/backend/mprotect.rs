@@ -268,6 +268,7 @@ impl Mprotect {
 impl Tracker for Mprotect {
     const NAME: &'static str = "mprotect";
     const REWRITES_PROT: bool = true;
+    const SEES_ZAPS: bool = false;
 
     fn arm(&mut self, r: Range) -> Result<()> {
         protect(r.start, r.end, r.prot & !libc::PROT_WRITE);

@@ -69,6 +69,10 @@ pub trait Tracker: Send + 'static {
     /// Whether `prot` from /proc/self/maps may hide a covered, write-protected range
     /// (mprotect rewrites permissions; uffd does not).
     const REWRITES_PROT: bool;
+    /// Whether pages the program zaps (`MADV_DONTNEED`: they read as zero afterwards) are
+    /// reported as written. uffd reports them (an unpopulated page in a uffd-wp range counts as
+    /// written); mprotect does not, so the engine looks for them itself.
+    const SEES_ZAPS: bool;
 }
 
 struct Snap {
@@ -100,15 +104,15 @@ pub struct Shadow<T: Tracker> {
     faults_base: AtomicU64,
 }
 
-fn err(op: &'static str, errno: i32) -> Error {
+pub(super) fn err(op: &'static str, errno: i32) -> Error {
     Error::Os { op, errno }
 }
 
-fn io_err(op: &'static str, e: std::io::Error) -> Error {
+pub(super) fn io_err(op: &'static str, e: std::io::Error) -> Error {
     err(op, e.raw_os_error().unwrap_or(libc::EIO))
 }
 
-fn now_ns() -> u64 {
+pub(super) fn now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -118,7 +122,7 @@ fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn current_brk() -> usize {
+pub(super) fn current_brk() -> usize {
     // SAFETY: brk(0) only reports the current break.
     unsafe { libc::syscall(libc::SYS_brk, 0) as usize }
 }
@@ -141,7 +145,7 @@ fn free_slot(slot: usize) {
 /// write-protected by us), minus the book, every thread's stack, and every thread's control
 /// block (glibc's `struct pthread` at the thread pointer: the kernel writes its rseq area and
 /// its exit futex, and must never find them write-protected or rewound).
-fn covered_now(
+pub(super) fn covered_now(
     armed: &[Range],
     stopped: &world::Stopped,
     rewrites_prot: bool,
@@ -154,7 +158,7 @@ fn covered_now(
     )
 }
 
-fn covered_for(
+pub(super) fn covered_for(
     armed: &[Range],
     stack_pointers: &[usize],
     thread_pointers: &[usize],
@@ -254,7 +258,7 @@ fn covered_maps(
 }
 
 /// `a − b` for sorted, disjoint range lists.
-fn subtract(a: &[Range], b: &[Range], out: &mut BookVec<Range>) {
+pub(super) fn subtract(a: &[Range], b: &[Range], out: &mut BookVec<Range>) {
     for r in a {
         let mut start = r.start;
         for x in b.iter().filter(|x| x.end > r.start && x.start < r.end) {
@@ -277,13 +281,27 @@ fn subtract(a: &[Range], b: &[Range], out: &mut BookVec<Range>) {
     }
 }
 
-fn contains(ranges: &[Range], page: usize) -> Option<Range> {
+pub(super) fn contains(ranges: &[Range], page: usize) -> Option<Range> {
     let i = ranges.partition_point(|r| r.end <= page);
     ranges.get(i).copied().filter(|r| r.start <= page)
 }
 
 /// Pages of `r` that are present or swapped (so possibly non-zero), from /proc/self/pagemap.
 fn present_pages(r: Range, out: &mut BookVec<usize>) -> Result<()> {
+    pagemap_filter(r, |e| e & (3 << 62) != 0, out)
+}
+
+/// Pages of `r` that are absent (neither present nor swapped) or present but not mapped
+/// exclusively by us (the shared zero page, or pages shared with a forked child).
+fn maybe_zapped_pages(r: Range, out: &mut BookVec<usize>) -> Result<()> {
+    pagemap_filter(
+        r,
+        |e| e & (3 << 62) == 0 || (e & (1 << 63) != 0 && e & (1 << 56) == 0),
+        out,
+    )
+}
+
+fn pagemap_filter(r: Range, keep: impl Fn(u64) -> bool, out: &mut BookVec<usize>) -> Result<()> {
     // SAFETY: opening pagemap read-only; closed below.
     let fd = unsafe {
         libc::open(
@@ -311,7 +329,7 @@ fn present_pages(r: Range, out: &mut BookVec<usize>) -> Result<()> {
             break;
         }
         for (i, e) in entries[..got as usize / 8].iter().enumerate() {
-            if e & (3 << 62) != 0 {
+            if keep(*e) {
                 out.push(page + i * PAGE);
             }
         }
@@ -353,6 +371,41 @@ fn merge_undo(
 }
 
 impl<T: Tracker> State<T> {
+    /// The tracker's written pages, plus (for trackers blind to them) shadowed pages that are
+    /// no longer present: the program zapped them, so they read as zero now. Sorted, unique.
+    fn written(&mut self, rearm: bool, out: &mut BookVec<usize>) -> Result<()> {
+        if rearm {
+            self.tracker.collect(out)?;
+        } else {
+            self.tracker.peek(out)?;
+        }
+        if !T::SEES_ZAPS {
+            // A zapped page is absent, or maps the shared zero page once read (present but not
+            // exclusive): either way it may no longer hold its shadow's contents.
+            let mut absent = BookVec::new();
+            for i in 0..self.armed.len() {
+                let r = self.armed.as_slice()[i];
+                maybe_zapped_pages(r, &mut absent)?;
+            }
+            for &p in absent.as_slice() {
+                if self.shadow.get(p).is_some() {
+                    out.push(p);
+                }
+            }
+        }
+        let v = out.as_mut_slice();
+        v.sort_unstable();
+        let mut w = 0;
+        for r in 0..v.len() {
+            if w == 0 || v[w - 1] != v[r] {
+                v[w] = v[r];
+                w += 1;
+            }
+        }
+        out.truncate(w);
+        Ok(())
+    }
+
     fn snap(&self, i: usize) -> &Snap {
         // SAFETY: every entry of `snaps` points at a live Snap in the book.
         unsafe { &*(self.snaps.as_slice()[i] as *const Snap) }
@@ -392,7 +445,7 @@ impl<T: Tracker> State<T> {
         let stopped = world::stop_others().map_err(|e| io_err("stop the other threads", e))?;
         let covered = covered_now(self.armed.as_slice(), &stopped, T::REWRITES_PROT)?;
         let mut dirty = BookVec::new();
-        self.tracker.collect(&mut dirty)?;
+        self.written(true, &mut dirty)?;
         let newest = self.snaps.len().checked_sub(1);
         let mut undo: BookVec<(usize, usize)> = BookVec::new();
 
@@ -562,7 +615,7 @@ impl<T: Tracker> State<T> {
             }
         }
         let mut dirty = BookVec::new();
-        self.tracker.collect(&mut dirty)?;
+        self.written(true, &mut dirty)?;
         let ranges_k: BookVec<Range> = {
             let mut v = BookVec::new();
             for &r in self.snap(k).ranges.as_slice() {
@@ -788,7 +841,7 @@ impl<T: Tracker> Backend for Shadow<T> {
         let mut st = self.lock();
         let k = st.position(id)?;
         let mut pages = BookVec::new();
-        st.tracker.peek(&mut pages)?;
+        st.written(false, &mut pages)?;
         // Memory that appeared since the last snapshot is not tracked yet: all of it counts.
         let marker = 0u8;
         // SAFETY: pthread_self only reads the thread pointer.
@@ -807,6 +860,10 @@ impl<T: Tracker> Backend for Shadow<T> {
         let mut out: Vec<usize> = pages.as_slice().to_vec();
         for i in k..st.snaps.len() {
             out.extend(st.snap(i).undo.as_slice().iter().map(|e| e.0));
+            // Memory unmapped since (and perhaps mapped again) changed in every page.
+            for r in st.snap(i).vanished.as_slice() {
+                out.extend((r.start..r.end).step_by(PAGE));
+            }
         }
         out.sort_unstable();
         out.dedup();

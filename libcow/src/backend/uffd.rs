@@ -201,6 +201,7 @@ impl Uffd {
 impl Tracker for Uffd {
     const NAME: &'static str = "uffd";
     const REWRITES_PROT: bool = false;
+    const SEES_ZAPS: bool = true;
 
     fn arm(&mut self, r: Range) -> Result<()> {
         self.register(r)

@@ -205,7 +205,7 @@ fn churn(b: &dyn Backend, steps: usize, seed: u64) -> Result<String, String> {
                 unsafe { libc::free(slot.addr as *mut libc::c_void) };
                 table()[s] = FREE;
             }
-            50..=56 if slot.kind == 1 => {
+            50..=54 if slot.kind == 1 => {
                 let len = 1 + if rng.below(6) == 0 {
                     rng.below(400_000)
                 } else {
@@ -225,7 +225,7 @@ fn churn(b: &dyn Backend, steps: usize, seed: u64) -> Result<String, String> {
                     fill(&mut rng, &mut bytes_of(&table()[s])[slot.len..]);
                 }
             }
-            57..=60 if slot.kind == 0 => {
+            55..=60 if slot.kind == 0 => {
                 let len = (1 + rng.below(96)) * PAGE;
                 let p = map_region(b, len).ok_or("map failed")?;
                 table()[s] = Slot {
@@ -275,7 +275,20 @@ fn churn(b: &dyn Backend, steps: usize, seed: u64) -> Result<String, String> {
                     );
                 }
             }
-            64..=67 => {
+            64..=66 if slot.kind == 2 => {
+                // Zap some pages: private memory reads as zero afterwards.
+                let first = rng.below(slot.len / PAGE);
+                let n = 1 + rng.below(slot.len / PAGE - first);
+                // SAFETY: advising pages of a region of the table.
+                unsafe {
+                    libc::madvise(
+                        (slot.addr + first * PAGE) as *mut libc::c_void,
+                        n * PAGE,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+            }
+            67 => {
                 let g = globals();
                 let off = rng.below(g.len());
                 let n = 1 + rng.below(g.len() - off);
@@ -337,7 +350,9 @@ fn churn(b: &dyn Backend, steps: usize, seed: u64) -> Result<String, String> {
                             let page = (s.addr + j) & !(PAGE - 1);
                             if x != y && dirty.binary_search(&page).is_err() {
                                 return Err(format!(
-                                    "step {step}: page {page:#x} changed but is not dirty"
+                                    "step {step}: page {page:#x} (slot {i}, kind {}, {} bytes) \
+                                     changed since {} but is not dirty",
+                                    s.kind, s.len, r.id
                                 ));
                             }
                         }

@@ -18,6 +18,10 @@ pub fn tests() -> Vec<Test> {
             run: || churn("mprotect"),
         },
         Test {
+            name: "backends::fork_churn",
+            run: || churn("fork"),
+        },
+        Test {
             name: "backends::kmod_churn",
             run: || churn("kmod"),
         },
@@ -28,6 +32,10 @@ pub fn tests() -> Vec<Test> {
         Test {
             name: "backends::mprotect_threads",
             run: || threads("mprotect"),
+        },
+        Test {
+            name: "backends::fork_threads",
+            run: || threads("fork"),
         },
         Test {
             name: "backends::kmod_threads",
@@ -79,7 +87,7 @@ fn threads(backend: &str) -> Result<()> {
 }
 
 fn c_program_every_backend() -> Result<()> {
-    for backend in ["kmod", "uffd", "mprotect"] {
+    for backend in ["kmod", "uffd", "mprotect", "fork"] {
         let out = Command::new(sibling("cabi")?).arg(backend).output()?;
         ensure!(
             out.status.success(),
