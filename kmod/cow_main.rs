@@ -116,12 +116,37 @@ impl PinnedDrop for Space {
 const MAX_READ: u64 = 64 << 20;
 
 impl Space {
-    fn snapshot(&self) -> Result<u64> {
+    fn snapshot(&self, quiesced: bool) -> Result<u64> {
         let mapping = self.mapping;
         let base = self.base;
-        self.state.lock().snapshot(|idx, page| {
+        self.state.lock().snapshot(quiesced, |idx, page| {
             mm::wrprotect(mapping, base + idx, page);
         })
+    }
+
+    fn hint(&self, arg: &abi::CowHint) -> Result {
+        if arg.flags != 0 || arg.count > abi::COW_MAX_HINT_PAGES {
+            return Err(EINVAL);
+        }
+        // Copy the list in before taking the lock (it may live in covered memory).
+        let n = arg.count as usize;
+        let mut pages: KVec<usize> = KVec::with_capacity(n, GFP_KERNEL)?;
+        let mut reader = kernel::uaccess::UserSlice::new(
+            kernel::uaccess::UserPtr::from_addr(arg.pages as usize),
+            n * 8,
+        )
+        .reader();
+        let limit = 1u64 << abi::COW_SPACE_PAGES_SHIFT;
+        for _ in 0..n {
+            let idx: u64 = reader.read()?;
+            if idx >= limit {
+                return Err(EINVAL);
+            }
+            pages.push(idx as usize, GFP_KERNEL)?;
+        }
+        pages.as_mut_slice().sort_unstable();
+        self.state.lock().hint = pages;
+        Ok(())
     }
 
     fn restore(&self, id: u64) -> Result {
@@ -190,10 +215,11 @@ impl Space {
     }
 
     fn dirty(&self, arg: &mut abi::CowDirty) -> Result {
-        if arg.flags != 0 {
+        if arg.flags & !abi::COW_DIRTY_EPOCH != 0 {
             return Err(EINVAL);
         }
-        let pages = self.state.lock().dirty_since(arg.id)?;
+        let epoch_only = arg.flags & abi::COW_DIRTY_EPOCH != 0;
+        let pages = self.state.lock().dirty_since(arg.id, epoch_only)?;
         let n = core::cmp::min(pages.len() as u64, arg.capacity) as usize;
         // SAFETY: the first `n` elements of a `[u64]` viewed as bytes: initialised integers,
         // no padding, `n * 8` bytes inside the vector's allocation.
@@ -272,15 +298,15 @@ impl MiscDevice for Space {
                 v.abi_version = abi::COW_ABI_VERSION;
                 v.page_size = PAGE_SIZE as u32;
                 v.reserved = 0;
-                v.features = abi::features::SNAPSHOTS;
+                v.features = abi::features::SNAPSHOTS | abi::features::PRECOPY;
                 out.write(&v)?;
             }
             abi::nr::SNAPSHOT => {
                 let (mut a, out) = uarg::read::<abi::CowId>(arg, 16)?;
-                if a.flags != 0 {
+                if a.flags & !abi::COW_SNAPSHOT_QUIESCED != 0 {
                     return Err(EINVAL);
                 }
-                a.id = space.snapshot()?;
+                a.id = space.snapshot(a.flags & abi::COW_SNAPSHOT_QUIESCED != 0)?;
                 out.write(&a)?;
             }
             abi::nr::RESTORE | abi::nr::DROP => {
@@ -321,6 +347,10 @@ impl MiscDevice for Space {
                 let (mut a, out) = uarg::read::<abi::CowDirty>(arg, 40)?;
                 space.dirty(&mut a)?;
                 out.write(&a)?;
+            }
+            abi::nr::HINT => {
+                let (a, _) = uarg::read::<abi::CowHint>(arg, 24)?;
+                space.hint(&a)?;
             }
             abi::nr::LIMITS => {
                 let (mut a, out) = uarg::read::<abi::CowLimits>(arg, 24)?;

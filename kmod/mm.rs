@@ -77,3 +77,19 @@ pub(crate) fn copy_from_page(page: *mut bindings::page, dst: &mut [u8]) {
         bindings::kunmap_local(src);
     }
 }
+
+/// Whether two pages hold the same bytes.
+pub(crate) fn same_page(a: *mut bindings::page, b: *mut bindings::page) -> bool {
+    // SAFETY: both are live pages owned by the space (the caller holds its lock);
+    // kmap_local_page maps each for this thread until kunmap_local (reverse order). Nothing
+    // writes them meanwhile: the page is write-protected or the caller is quiesced.
+    unsafe {
+        let pa = bindings::kmap_local_page(a).cast::<u8>();
+        let pb = bindings::kmap_local_page(b).cast::<u8>();
+        let same = core::slice::from_raw_parts(pa, kernel::page::PAGE_SIZE)
+            == core::slice::from_raw_parts(pb, kernel::page::PAGE_SIZE);
+        bindings::kunmap_local(pb.cast());
+        bindings::kunmap_local(pa.cast());
+        same
+    }
+}

@@ -51,6 +51,9 @@ pub(crate) struct Snapshot {
     saved: RBTree<usize, Option<Page>>,
     /// Number of `Some` entries in `saved`.
     copies: u64,
+    /// Pages pre-copied into `saved` at this snapshot and left writable (sorted): at the next
+    /// snapshot the unchanged ones are dropped again.
+    precopied: KVec<usize>,
 }
 
 impl Snapshot {
@@ -68,6 +71,8 @@ pub(crate) struct SpaceState {
     next_id: u64,
     pub(crate) limits: Limits,
     pub(crate) stats: abi::CowStats,
+    /// Page indices to pre-copy at quiesced snapshots (sorted).
+    pub(crate) hint: KVec<usize>,
 }
 
 /// What a fault found, for the caller to install.
@@ -91,6 +96,7 @@ impl SpaceState {
             next_id: 1,
             limits,
             stats: abi::CowStats::default(),
+            hint: KVec::new(),
         }
     }
 
@@ -169,9 +175,12 @@ impl SpaceState {
         }
     }
 
-    /// Takes a snapshot; `wrprotect(idx, page)` write-protects one page's PTEs.
+    /// Takes a snapshot; `wrprotect(idx, page)` write-protects one page's PTEs. With
+    /// `quiesced` (nothing writes the space meanwhile), hinted pages written in the epoch that
+    /// ends are copied now and left writable, so the next epoch's writes to them do not fault.
     pub(crate) fn snapshot(
         &mut self,
+        quiesced: bool,
         mut wrprotect: impl FnMut(usize, *mut kernel::bindings::page),
     ) -> Result<u64> {
         let start = now_ns();
@@ -190,35 +199,80 @@ impl SpaceState {
         }
         // Reserve first so that nothing below can fail half-way.
         self.snapshots.reserve(1, GFP_KERNEL)?;
-        // Re-arm the pages written in the epoch that ends now.
-        match self.snapshots.last() {
-            Some(newest) => {
-                for (idx, _) in newest.saved.iter() {
-                    if let Some(page) = self.pages.get(idx) {
-                        wrprotect(*idx, page.as_ptr());
+        // The pages writable now: those made writable in the epoch that ends (every present
+        // page before the first snapshot). Hinted ones stay writable (pre-copied below) when
+        // nothing can write them meanwhile; the rest are re-armed.
+        let mut keep = KVec::new();
+        {
+            let hint = self.hint.as_slice();
+            let mut arm = |idx: usize, page: *mut kernel::bindings::page| -> Result {
+                if quiesced && hint.binary_search(&idx).is_ok() {
+                    keep.push((idx, page), GFP_KERNEL)?;
+                } else {
+                    wrprotect(idx, page);
+                }
+                Ok(())
+            };
+            match self.snapshots.last() {
+                Some(newest) => {
+                    for (idx, _) in newest.saved.iter() {
+                        if let Some(page) = self.pages.get(idx) {
+                            arm(*idx, page.as_ptr())?;
+                        }
+                    }
+                }
+                None => {
+                    for (idx, page) in self.pages.iter() {
+                        arm(*idx, page.as_ptr())?;
                     }
                 }
             }
-            None => {
-                for (idx, page) in self.pages.iter() {
-                    wrprotect(*idx, page.as_ptr());
+        }
+        // Pre-copies of the epoch that ends that were never written: their image is the page
+        // itself, so drop them (every such page is write-protected or quiesced now).
+        if let Some(newest) = self.snapshots.last_mut() {
+            let precopied = core::mem::take(&mut newest.precopied);
+            for &idx in precopied.iter() {
+                let unchanged = match (newest.saved.get(&idx), self.pages.get(&idx)) {
+                    (Some(Some(copy)), Some(page)) => mm::same_page(copy.as_ptr(), page.as_ptr()),
+                    _ => false,
+                };
+                if unchanged {
+                    newest.saved.remove(&idx);
+                    newest.copies -= 1;
+                    self.stats.bytes_held -= PAGE_SIZE as u64;
+                } else {
+                    self.stats.precopy_useful += 1;
                 }
             }
         }
         let id = self.next_id;
         self.next_id += 1;
         let taken_ns = now_ns();
-        self.snapshots
-            .push(
-                Snapshot {
-                    id,
-                    taken_ns,
-                    saved: RBTree::new(),
-                    copies: 0,
-                },
-                GFP_KERNEL,
-            )
-            .map_err(|_| ENOMEM)?;
+        let mut snap = Snapshot {
+            id,
+            taken_ns,
+            saved: RBTree::new(),
+            copies: 0,
+            precopied: KVec::new(),
+        };
+        for &(idx, page) in keep.iter() {
+            let copied = Page::alloc_page(GFP_KERNEL_ACCOUNT).ok().and_then(|copy| {
+                mm::copy_page(copy.as_ptr(), page);
+                snap.saved.try_create_and_insert(idx, Some(copy), GFP_KERNEL).ok()
+            });
+            if copied.is_some() && snap.precopied.push(idx, GFP_KERNEL).is_ok() {
+                snap.copies += 1;
+                self.stats.bytes_held += PAGE_SIZE as u64;
+                self.stats.pages_saved += 1;
+                self.stats.precopied_pages += 1;
+            } else {
+                // No memory for the copy: take the ordinary path for this page.
+                snap.saved.remove(&idx);
+                wrprotect(idx, page);
+            }
+        }
+        self.snapshots.push(snap, GFP_KERNEL).map_err(|_| ENOMEM)?;
         self.stats.snapshots_taken += 1;
         self.stats.snapshot_ns += now_ns().saturating_sub(start);
         Ok(id)
@@ -283,6 +337,7 @@ impl SpaceState {
             }
         }
         self.snapshots.truncate(k + 1);
+        self.snapshots[k].precopied.clear();
         self.stats.restores += 1;
         self.stats.restore_ns += now_ns().saturating_sub(start);
         Ok(())
@@ -297,6 +352,11 @@ impl SpaceState {
             return Ok(()); // nothing older: the pre-images are not needed by anyone
         }
         let older = &mut self.snapshots[j - 1];
+        // Pre-copied pages of the dropped snapshot are still writable: the older one checks them.
+        for &idx in gone.precopied.iter() {
+            older.precopied.push(idx, GFP_KERNEL)?;
+        }
+        older.precopied.as_mut_slice().sort_unstable();
         while let Some(cursor) = gone.saved.cursor_front_mut() {
             let (idx, is_copy) = {
                 let (idx, image) = cursor.current();
@@ -329,11 +389,13 @@ impl SpaceState {
         Ok(self.pages.get(&idx).map(|p| p.as_ptr()))
     }
 
-    /// Page indices written (or created) since snapshot `id`, sorted and unique.
-    pub(crate) fn dirty_since(&self, id: u64) -> Result<KVec<u64>> {
+    /// Page indices written (or created) since snapshot `id` (or, with `epoch_only`, in the
+    /// epoch right after it), sorted and unique.
+    pub(crate) fn dirty_since(&self, id: u64, epoch_only: bool) -> Result<KVec<u64>> {
         let k = self.position(id)?;
+        let end = if epoch_only { k + 1 } else { self.snapshots.len() };
         let mut out = KVec::new();
-        for snap in &self.snapshots[k..] {
+        for snap in &self.snapshots[k..end] {
             for (idx, _) in snap.saved.iter() {
                 out.push(*idx as u64, GFP_KERNEL)?;
             }

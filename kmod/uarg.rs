@@ -32,7 +32,8 @@ plain_bytes!(
     abi::CowStats,
     abi::CowRead,
     abi::CowDirty,
-    abi::CowLimits
+    abi::CowLimits,
+    abi::CowHint
 );
 
 /// Copies `bytes` to user address `addr`.

@@ -81,13 +81,27 @@ pub mod nr {
     pub const DIRTY: u32 = 0x17;
     /// [`super::COW_IOC_LIMITS`].
     pub const LIMITS: u32 = 0x18;
+    /// [`super::COW_IOC_HINT`].
+    pub const HINT: u32 = 0x19;
 }
 
 /// Feature bits reported in [`CowVersion::features`].
 pub mod features {
     /// Snapshot, restore, drop, list, stats, read, dirty and limits are implemented.
     pub const SNAPSHOTS: u64 = 1 << 0;
+    /// Speculative pre-copy: `COW_IOC_HINT` and [`super::COW_SNAPSHOT_QUIESCED`].
+    pub const PRECOPY: u64 = 1 << 1;
 }
+
+/// [`CowId::flags`] of `COW_IOC_SNAPSHOT`: the caller guarantees that nothing writes the
+/// space during the call (the process is single-threaded, or its other threads are stopped).
+/// Only then are hinted pages pre-copied and left writable: with concurrent writers that would
+/// break the snapshot's atomicity, so without the flag hints are ignored.
+pub const COW_SNAPSHOT_QUIESCED: u32 = 1;
+
+/// [`CowDirty::flags`]: only the pages written in the epoch right after snapshot `id` (until
+/// the next snapshot), rather than everything since `id`.
+pub const COW_DIRTY_EPOCH: u32 = 1;
 
 /// Regions of a space live at mmap offsets below `2^COW_SPACE_PAGES_SHIFT` pages (16 TiB);
 /// the module gives each space its own range of the device's page offsets.
@@ -183,6 +197,10 @@ pub struct CowStats {
     pub snapshot_ns: u64,
     /// Nanoseconds spent restoring.
     pub restore_ns: u64,
+    /// Pages copied eagerly at snapshots because they were hinted (and left writable).
+    pub precopied_pages: u64,
+    /// Of those, pages that were then written before the next snapshot (useful copies).
+    pub precopy_useful: u64,
 }
 
 /// Argument of [`COW_IOC_READ`]: bytes of covered memory as they were at a snapshot.
@@ -220,6 +238,24 @@ pub struct CowDirty {
     /// In: user address of a `u64[capacity]` array of page indices (offset / page size), sorted.
     pub pages: u64,
 }
+
+/// Argument of [`COW_IOC_HINT`]: the page indices (space offset / page size) to pre-copy at the
+/// following quiesced snapshots, replacing any earlier hint. An empty list switches pre-copy off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CowHint {
+    /// In: `size_of::<CowHint>()`.
+    pub size: u32,
+    /// In: zero.
+    pub flags: u32,
+    /// In: number of page indices (at most [`COW_MAX_HINT_PAGES`]).
+    pub count: u64,
+    /// In: user address of a `u64[count]` array of page indices.
+    pub pages: u64,
+}
+
+/// Most pages one hint may name.
+pub const COW_MAX_HINT_PAGES: u64 = 1 << 20;
 
 /// [`CowLimits::policy`]: when the window is full, merge the oldest snapshot away.
 pub const COW_POLICY_MERGE_OLDEST: u32 = 0;
@@ -271,13 +307,16 @@ pub const COW_IOC_READ: u32 = iowr_of::<CowRead>(nr::READ);
 pub const COW_IOC_DIRTY: u32 = iowr_of::<CowDirty>(nr::DIRTY);
 /// Reads or sets the retention window. Argument: [`CowLimits`].
 pub const COW_IOC_LIMITS: u32 = iowr_of::<CowLimits>(nr::LIMITS);
+/// Sets the pre-copy hint. Argument: [`CowHint`].
+pub const COW_IOC_HINT: u32 = iowr_of::<CowHint>(nr::HINT);
 
 // The struct layouts are the ABI: fail the build, in the kernel and in userland, if one drifts.
 const _: () = assert!(core::mem::size_of::<CowVersion>() == COW_VERSION_SIZE_V1 as usize);
 const _: () = assert!(core::mem::size_of::<CowId>() == 16);
 const _: () = assert!(core::mem::size_of::<CowSnapshotInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<CowList>() == 24);
-const _: () = assert!(core::mem::size_of::<CowStats>() == 104);
+const _: () = assert!(core::mem::size_of::<CowStats>() == 120);
+const _: () = assert!(core::mem::size_of::<CowHint>() == 24);
 const _: () = assert!(core::mem::size_of::<CowRead>() == 40);
 const _: () = assert!(core::mem::size_of::<CowDirty>() == 40);
 const _: () = assert!(core::mem::size_of::<CowLimits>() == 24);

@@ -3,9 +3,10 @@
 use crate::error::{Error, Result};
 use crate::sys::ioctl_ptr;
 use cow_abi::{
-    CowDirty, CowId, CowLimits, CowList, CowRead, CowSnapshotInfo, CowStats, CowVersion,
-    COW_ABI_VERSION, COW_IOC_DIRTY, COW_IOC_DROP, COW_IOC_LIMITS, COW_IOC_LIST, COW_IOC_READ,
-    COW_IOC_RESTORE, COW_IOC_SNAPSHOT, COW_IOC_STATS, COW_IOC_VERSION, COW_LIMITS_SET,
+    CowDirty, CowHint, CowId, CowLimits, CowList, CowRead, CowSnapshotInfo, CowStats, CowVersion,
+    COW_ABI_VERSION, COW_DIRTY_EPOCH, COW_IOC_DIRTY, COW_IOC_DROP, COW_IOC_HINT, COW_IOC_LIMITS,
+    COW_IOC_LIST, COW_IOC_READ, COW_IOC_RESTORE, COW_IOC_SNAPSHOT, COW_IOC_STATS, COW_IOC_VERSION,
+    COW_LIMITS_SET, COW_SNAPSHOT_QUIESCED,
 };
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -207,6 +208,50 @@ impl Cow {
             "COW_IOC_SNAPSHOT",
         )?;
         Ok(a.id)
+    }
+
+    /// Takes a snapshot, promising that nothing writes the space during the call (the caller
+    /// is single-threaded or has stopped its other threads): hinted pages are then pre-copied
+    /// and left writable.
+    pub fn snapshot_quiesced(&self) -> Result<u64> {
+        let mut a = CowId {
+            flags: COW_SNAPSHOT_QUIESCED,
+            ..sized()
+        };
+        ioctl_ptr(
+            self.fd.as_fd(),
+            COW_IOC_SNAPSHOT,
+            &mut a,
+            "COW_IOC_SNAPSHOT",
+        )?;
+        Ok(a.id)
+    }
+
+    /// Replaces the pre-copy hint: page indices (space offset / page size) to copy eagerly at
+    /// quiesced snapshots. An empty list switches pre-copy off.
+    pub fn hint(&self, pages: &[u64]) -> Result<()> {
+        let mut a = CowHint {
+            count: pages.len() as u64,
+            pages: pages.as_ptr() as u64,
+            ..sized()
+        };
+        ioctl_ptr(self.fd.as_fd(), COW_IOC_HINT, &mut a, "COW_IOC_HINT")?;
+        Ok(())
+    }
+
+    /// Page indices written in the epoch right after snapshot `id` (until the next snapshot).
+    pub fn dirty_in_epoch(&self, id: u64) -> Result<Vec<u64>> {
+        fill_growing(1024, |v| {
+            let mut a = CowDirty {
+                id,
+                flags: COW_DIRTY_EPOCH,
+                capacity: v.len() as u64,
+                pages: v.as_mut_ptr() as u64,
+                ..sized()
+            };
+            ioctl_ptr(self.fd.as_fd(), COW_IOC_DIRTY, &mut a, "COW_IOC_DIRTY")?;
+            Ok(a.count as usize)
+        })
     }
 
     /// Restores every region to snapshot `id`; newer snapshots are discarded, `id` and older

@@ -14,6 +14,7 @@ pub mod error;
 pub mod ffi;
 pub mod maps;
 pub mod probe;
+pub mod speculate;
 mod sys;
 pub mod world;
 

@@ -5,6 +5,21 @@ use super::{Backend, Stats};
 use crate::device::Cow;
 use crate::error::{Error, Result};
 use crate::maps::{self, Mapping};
+use crate::speculate::{Costs, Policy, Speculator, Totals};
+use std::sync::Mutex;
+
+/// Speculation state of a kmod backend.
+#[derive(Default)]
+struct Spec {
+    speculator: Option<Speculator>,
+    /// A hint is set (by a policy or directly): snapshots must be quiesced for it to act.
+    hinting: bool,
+    last_id: Option<u64>,
+    /// Kernel counters right after the last snapshot.
+    after_last: cow_abi::CowStats,
+    /// Pages pre-copied at the last snapshot (for the epoch it started).
+    precopied_last: u64,
+}
 
 /// Space offsets are below 2^44 bytes; the module adds the space's base above that, which is
 /// what /proc/self/maps shows in its offset column.
@@ -13,6 +28,7 @@ const SPACE_OFFSET_MASK: u64 = (1 << 44) - 1;
 /// cow.ko as a backend.
 pub struct Kmod {
     cow: &'static Cow,
+    spec: Mutex<Spec>,
 }
 
 /// The `/dev/cow` mappings of this process (every region of the space, whoever mapped it).
@@ -39,7 +55,10 @@ impl Kmod {
 
     /// Drives an already open space (libcow_preload's).
     pub fn with(cow: &'static Cow) -> Self {
-        Kmod { cow }
+        Kmod {
+            cow,
+            spec: Mutex::new(Spec::default()),
+        }
     }
 
     fn offset_of(&self, addr: usize) -> Result<u64> {
@@ -64,7 +83,44 @@ impl Backend for Kmod {
     }
 
     fn snapshot(&self) -> Result<u64> {
-        self.cow.snapshot()
+        // The lock is never held across the snapshot: under `cowctl run` this struct is in
+        // covered memory, and a restore must never bring back a lock held at a snapshot.
+        let (hinting, hint) = {
+            let spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
+            (spec.hinting, spec.speculator.as_ref().map(|s| s.hint()))
+        };
+        if !hinting {
+            return self.cow.snapshot();
+        }
+        if let Some(hint) = hint {
+            self.cow.hint(&hint)?;
+        }
+        // Pre-copied pages stay writable: the snapshot must not race with writers, so the
+        // other threads are stopped around it.
+        let before = self.cow.stats()?;
+        let stopped = crate::world::stop_others().map_err(|e| Error::Os {
+            op: "stop the other threads",
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+        })?;
+        let id = self.cow.snapshot_quiesced();
+        drop(stopped);
+        let id = id?;
+        let after = self.cow.stats()?;
+        let mut spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(last), true) = (spec.last_id, spec.speculator.is_some()) {
+            // The epoch after `last` just ended: what it wrote, and what speculation did for it.
+            let written = self.cow.dirty_in_epoch(last).unwrap_or_default();
+            let useful = after.precopy_useful - before.precopy_useful;
+            let faults = before.first_write_faults - spec.after_last.first_write_faults;
+            let precopied = spec.precopied_last;
+            if let Some(s) = spec.speculator.as_mut() {
+                s.observe(&written, precopied, useful, faults);
+            }
+        }
+        spec.precopied_last = after.precopied_pages - before.precopied_pages;
+        spec.after_last = after;
+        spec.last_id = Some(id);
+        Ok(id)
     }
 
     fn restore(&self, id: u64) -> Result<()> {
@@ -103,6 +159,41 @@ impl Backend for Kmod {
 
     fn list(&self) -> Result<Vec<u64>> {
         Ok(self.cow.list()?.iter().map(|s| s.id).collect())
+    }
+
+    fn set_speculation(&self, policy: Policy, recorded: Option<Vec<Vec<u64>>>) -> Result<()> {
+        let mut spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
+        let costs = Costs::measure();
+        let speculator = match (policy, recorded) {
+            (Policy::Oracle, Some(r)) => Speculator::oracle(r, costs),
+            (p, _) => Speculator::new(p, costs),
+        };
+        spec.hinting = policy != Policy::None;
+        spec.speculator = Some(speculator);
+        spec.last_id = None;
+        self.cow.hint(&[])
+    }
+
+    fn speculation(&self) -> Option<Totals> {
+        let spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
+        spec.speculator.as_ref().map(|s| s.totals)
+    }
+
+    fn hint_addrs(&self, addrs: &[usize]) -> Result<()> {
+        let mappings = cow_mappings()?;
+        let page = self.cow.page_size() as u64;
+        let pages: Vec<u64> = addrs
+            .iter()
+            .filter_map(|&a| {
+                mappings
+                    .iter()
+                    .find(|m| (m.start..m.end).contains(&a))
+                    .map(|m| ((m.offset & SPACE_OFFSET_MASK) + (a - m.start) as u64) / page)
+            })
+            .collect();
+        self.cow.hint(&pages)?;
+        self.spec.lock().unwrap_or_else(|e| e.into_inner()).hinting = !pages.is_empty();
+        Ok(())
     }
 
     fn stats(&self) -> Stats {

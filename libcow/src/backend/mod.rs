@@ -18,6 +18,7 @@ pub mod shadow;
 pub mod uffd;
 
 use crate::error::Result;
+use crate::speculate::{Policy, Totals};
 
 /// Counters every backend keeps.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -58,6 +59,26 @@ pub trait Backend: Send + Sync {
     fn list(&self) -> Result<Vec<u64>>;
     /// Counters.
     fn stats(&self) -> Stats;
+    /// Drives speculative pre-copy with `policy` (`oracle`: replaying `recorded`, the write set
+    /// of each epoch of an earlier run). Backends without pre-copy refuse with `ENOTSUP`.
+    fn set_speculation(&self, _policy: Policy, _recorded: Option<Vec<Vec<u64>>>) -> Result<()> {
+        Err(crate::Error::Os {
+            op: "speculation",
+            errno: libc::ENOTSUP,
+        })
+    }
+    /// What speculation did so far (None without speculation).
+    fn speculation(&self) -> Option<Totals> {
+        None
+    }
+    /// Sets the pre-copy hint by address directly (tests: random hints must never change
+    /// results). Backends without pre-copy refuse with `ENOTSUP`.
+    fn hint_addrs(&self, _addrs: &[usize]) -> Result<()> {
+        Err(crate::Error::Os {
+            op: "hint",
+            errno: libc::ENOTSUP,
+        })
+    }
 }
 
 /// Which backend `auto` picked, and why.

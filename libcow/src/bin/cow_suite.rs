@@ -163,6 +163,7 @@ fn churn(b: &dyn Backend, steps: usize, seed: u64) -> Result<String, String> {
     let refs = unsafe { std::slice::from_raw_parts_mut(refs_mem, MAX_REFS) };
     let mut nrefs = 0usize;
     let kmod = b.name() == "kmod";
+    let random_hints = kmod && std::env::var_os("COW_SUITE_RANDOM_HINTS").is_some();
     let (mut restores, mut reads, mut unmaps) = (0, 0, 0);
     let e = |op: &str, err: cow::Error| format!("{op}: {err}");
     for step in 0..steps {
@@ -300,6 +301,20 @@ fn churn(b: &dyn Backend, steps: usize, seed: u64) -> Result<String, String> {
                     release(&refs[0]);
                     refs.copy_within(1..nrefs, 0);
                     nrefs -= 1;
+                }
+                if random_hints {
+                    // Hint random pages of random slots (and junk): pre-copy must never change
+                    // what a snapshot holds, only what it costs.
+                    let mut hint = [0usize; 64];
+                    for h in hint.iter_mut() {
+                        let t = table()[rng.below(SLOTS)];
+                        *h = if t.kind != 0 {
+                            t.addr + rng.below(t.len)
+                        } else {
+                            rng.next() as usize
+                        };
+                    }
+                    b.hint_addrs(&hint).map_err(|x| e("hint", x))?;
                 }
                 let id = b.snapshot().map_err(|x| e("snapshot", x))?;
                 refs[nrefs] = save(id);

@@ -26,6 +26,10 @@ pub fn tests() -> Vec<Test> {
             run: || churn("kmod"),
         },
         Test {
+            name: "backends::kmod_churn_random_hints",
+            run: kmod_churn_random_hints,
+        },
+        Test {
             name: "backends::uffd_threads",
             run: || threads("uffd"),
         },
@@ -75,6 +79,16 @@ fn run(backend: &str, args: &[&str]) -> Result<String> {
 fn churn(backend: &str) -> Result<()> {
     for seed in ["11", "22"] {
         let out = run(backend, &["churn", "3000", seed])?;
+        ensure!(out.contains("zero differences"), "{out}");
+    }
+    Ok(())
+}
+
+/// The kmod suite with random pre-copy hints before every snapshot: results must not change.
+fn kmod_churn_random_hints() -> Result<()> {
+    std::env::set_var("COW_SUITE_RANDOM_HINTS", "1");
+    for seed in ["33", "44"] {
+        let out = run("kmod", &["churn", "3000", seed])?;
         ensure!(out.contains("zero differences"), "{out}");
     }
     Ok(())

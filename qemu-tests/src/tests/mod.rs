@@ -5,6 +5,7 @@ mod device;
 mod preload;
 mod remote;
 pub mod snapshots;
+mod speculate;
 
 use crate::Test;
 
@@ -16,6 +17,7 @@ pub fn all() -> Vec<Test> {
     v.extend(remote::tests());
     v.extend(preload::tests());
     v.extend(backends::tests());
+    v.extend(speculate::tests());
     v
 }
 

@@ -509,7 +509,7 @@ fn garbage_ioctls() -> Result<()> {
     let mut buf = vec![0u8; 8192];
     let raw_fd = std::os::fd::AsFd::as_fd(&cow).as_raw_fd();
     for _ in 0..20000 {
-        let nr = 0x10 + rng.below(10) as u32;
+        let nr = 0x10 + rng.below(11) as u32;
         let cmd = abi::ioc(
             rng.below(4) as u32,
             abi::COW_IOC_MAGIC,
@@ -546,7 +546,9 @@ fn garbage_ioctls() -> Result<()> {
         // from an address ≤ 4 KiB into `buf`, so nothing outside `buf` can be written.
         unsafe { libc::ioctl(raw_fd, cmd as libc::c_ulong, buf.as_mut_ptr()) };
     }
-    // The space still works.
+    // The space still works (with sane limits and no hint again: garbage may have set both).
+    cow.set_limits(64, 1 << 30, abi::COW_POLICY_MERGE_OLDEST)?;
+    cow.hint(&[])?;
     let id = cow.snapshot()?;
     bytes(&r).fill(1);
     cow.restore(id)?;

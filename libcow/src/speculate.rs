@@ -1,0 +1,394 @@
+//! Speculative pre-copy: predicting the pages the next epoch will write.
+//!
+//! A program that snapshots often rewrites much the same pages every epoch, and each of them
+//! then pays a write fault plus a copy. cow.ko can copy hinted pages at the snapshot and leave
+//! them writable (`COW_IOC_HINT` + a quiesced `COW_IOC_SNAPSHOT`): a hit saves the fault, a miss
+//! costs a copy. The mechanism is in the kernel; the policy — which pages to hint — is here.
+//!
+//! Policies:
+//! - `active`: pages that faulted join an active set; the set's capacity grows while faults
+//!   keep coming and shrinks (by random eviction) when they stop.
+//! - `stable`: a page stays in the set until it went unwritten for [`STABLE_EPOCHS`] epochs.
+//! - `adaptive`: `stable`, switched off while the copies it wastes cost more than the faults it
+//!   saves (costs measured on this machine at start-up and from the kernel's counters), with
+//!   exponential back-off before it tries again.
+//! - `oracle` (evaluation only): replays the write sets recorded in a previous run.
+
+use std::str::FromStr;
+
+/// Epochs a page may go unwritten before `stable` forgets it.
+pub const STABLE_EPOCHS: u32 = 3;
+
+/// A speculation policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// No speculation.
+    None,
+    /// Active set with random eviction.
+    Active,
+    /// Stability: pages leave after [`STABLE_EPOCHS`] unwritten epochs.
+    Stable,
+    /// `stable` with the cost-based off-switch.
+    Adaptive,
+    /// Replays recorded write sets (evaluation only).
+    Oracle,
+}
+
+impl Policy {
+    /// Every policy, `none` first.
+    pub const ALL: [Policy; 5] = [
+        Policy::None,
+        Policy::Active,
+        Policy::Stable,
+        Policy::Adaptive,
+        Policy::Oracle,
+    ];
+
+    /// The policy's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::None => "none",
+            Policy::Active => "active",
+            Policy::Stable => "stable",
+            Policy::Adaptive => "adaptive",
+            Policy::Oracle => "oracle",
+        }
+    }
+}
+
+impl FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Policy::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("unknown policy {s:?} (none, active, stable, adaptive, oracle)"))
+    }
+}
+
+/// Costs the adaptive policy weighs, measured on the running machine.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Costs {
+    /// A first-write fault, as the writing thread sees it (trap + pre-image copy), in ns.
+    pub fault_ns: f64,
+    /// Copying (or comparing) one page, in ns.
+    pub copy_ns: f64,
+}
+
+impl Costs {
+    /// Measures both on this machine: first writes to a scratch cow.ko space after a snapshot,
+    /// and page copies. Falls back to a copy-only estimate without the module.
+    pub fn measure() -> Costs {
+        let copy_ns = measure_copy_ns();
+        let fault_ns = measure_fault_ns().unwrap_or(copy_ns * 10.0);
+        Costs { fault_ns, copy_ns }
+    }
+}
+
+fn measure_copy_ns() -> f64 {
+    const PAGES: usize = 1024;
+    let src = vec![7u8; PAGES * 4096];
+    let mut dst = vec![0u8; PAGES * 4096];
+    let t = std::time::Instant::now();
+    for p in 0..PAGES {
+        dst[p * 4096..(p + 1) * 4096].copy_from_slice(&src[p * 4096..(p + 1) * 4096]);
+    }
+    std::hint::black_box(&dst);
+    t.elapsed().as_nanos() as f64 / PAGES as f64
+}
+
+fn measure_fault_ns() -> Option<f64> {
+    const PAGES: usize = 256;
+    let cow = crate::Cow::open().ok()?;
+    let r = cow.map_region(PAGES * 4096).ok()?;
+    for p in 0..PAGES {
+        // SAFETY: pages of the scratch region just mapped.
+        unsafe { r.addr.add(p * 4096).write_volatile(1) };
+    }
+    cow.snapshot().ok()?;
+    let t = std::time::Instant::now();
+    for p in 0..PAGES {
+        // SAFETY: as above.
+        unsafe { r.addr.add(p * 4096).write_volatile(2) };
+    }
+    let ns = t.elapsed().as_nanos() as f64 / PAGES as f64;
+    // SAFETY: unmapping the scratch region; the space closes with `cow`.
+    unsafe { libc::munmap(r.addr.cast(), r.len) };
+    Some(ns)
+}
+
+/// What speculation did, summed over the epochs observed.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Totals {
+    /// Epochs observed.
+    pub epochs: u64,
+    /// Pages pre-copied.
+    pub precopied: u64,
+    /// Pre-copied pages that were then written.
+    pub useful: u64,
+    /// First-write faults taken.
+    pub faults: u64,
+    /// Pages written (faulted or pre-copied and written).
+    pub written: u64,
+}
+
+impl Totals {
+    /// Useful pre-copies / pre-copies.
+    pub fn precision(&self) -> f64 {
+        if self.precopied == 0 {
+            0.0
+        } else {
+            self.useful as f64 / self.precopied as f64
+        }
+    }
+    /// Useful pre-copies / pages written.
+    pub fn recall(&self) -> f64 {
+        let total = self.useful + self.faults;
+        if total == 0 {
+            0.0
+        } else {
+            self.useful as f64 / total as f64
+        }
+    }
+}
+
+/// A policy's state.
+pub struct Speculator {
+    policy: Policy,
+    costs: Costs,
+    /// Predicted pages, sorted, with their unwritten-epoch counts.
+    set: Vec<(u64, u32)>,
+    /// `active`: capacity of the set.
+    cap: usize,
+    rng: u64,
+    /// `adaptive`: epochs left switched off, current back-off, and the running balance.
+    off_for: u32,
+    backoff: u32,
+    benefit: f64,
+    waste: f64,
+    /// `oracle`: the write set of every epoch of a previous run, and the next epoch's index.
+    recorded: Vec<Vec<u64>>,
+    epoch: usize,
+    /// Sums over the run.
+    pub totals: Totals,
+    /// Write sets seen so far (kept when recording for a later oracle run).
+    pub record: Option<Vec<Vec<u64>>>,
+}
+
+impl Speculator {
+    /// A speculator for `policy` weighing `costs`.
+    pub fn new(policy: Policy, costs: Costs) -> Self {
+        Speculator {
+            policy,
+            costs,
+            set: Vec::new(),
+            cap: 64,
+            rng: 0x9E37_79B9_7F4A_7C15,
+            off_for: 0,
+            backoff: 4,
+            benefit: 0.0,
+            waste: 0.0,
+            recorded: Vec::new(),
+            epoch: 0,
+            totals: Totals::default(),
+            record: None,
+        }
+    }
+
+    /// An oracle replaying `recorded` (the write set of each epoch, in order).
+    pub fn oracle(recorded: Vec<Vec<u64>>, costs: Costs) -> Self {
+        Speculator {
+            recorded,
+            ..Self::new(Policy::Oracle, costs)
+        }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// Whether the adaptive off-switch has speculation off now.
+    pub fn is_off(&self) -> bool {
+        self.off_for > 0
+    }
+
+    /// The hint for the epoch that the next snapshot starts.
+    pub fn hint(&self) -> Vec<u64> {
+        match self.policy {
+            Policy::None => Vec::new(),
+            Policy::Oracle => self.recorded.get(self.epoch).cloned().unwrap_or_default(),
+            Policy::Adaptive if self.off_for > 0 => Vec::new(),
+            _ => self.set.iter().map(|e| e.0).collect(),
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// Learns from the epoch that just ended: the pages it wrote (sorted), and the kernel's
+    /// counts for it (pre-copies made for it, how many were written, faults taken).
+    pub fn observe(&mut self, written: &[u64], precopied: u64, useful: u64, faults: u64) {
+        self.totals.epochs += 1;
+        self.totals.precopied += precopied;
+        self.totals.useful += useful;
+        self.totals.faults += faults;
+        self.totals.written += written.len() as u64;
+        self.epoch += 1;
+        if let Some(r) = self.record.as_mut() {
+            r.push(written.to_vec());
+        }
+        match self.policy {
+            Policy::None | Policy::Oracle => {}
+            Policy::Active => self.observe_active(written),
+            Policy::Stable => self.observe_stable(written),
+            Policy::Adaptive => {
+                self.observe_stable(written);
+                self.switch(precopied, useful);
+            }
+        }
+    }
+
+    fn merge_new(&mut self, written: &[u64]) -> usize {
+        let mut added = 0;
+        for &p in written {
+            if let Err(i) = self.set.binary_search_by_key(&p, |e| e.0) {
+                self.set.insert(i, (p, 0));
+                added += 1;
+            }
+        }
+        added
+    }
+
+    fn observe_active(&mut self, written: &[u64]) {
+        let faulted = self.merge_new(written);
+        if faulted > 0 {
+            self.cap = (self.cap + faulted).min(1 << 20);
+        } else {
+            self.cap = (self.cap * 7 / 8).max(16);
+        }
+        // Shrink by random eviction, preferring pages this epoch did not write.
+        while self.set.len() > self.cap {
+            let i = (self.random() % self.set.len() as u64) as usize;
+            let p = self.set[i].0;
+            if written.binary_search(&p).is_err() || self.random().is_multiple_of(4) {
+                self.set.remove(i);
+            }
+        }
+    }
+
+    fn observe_stable(&mut self, written: &[u64]) {
+        for e in &mut self.set {
+            if written.binary_search(&e.0).is_ok() {
+                e.1 = 0;
+            } else {
+                e.1 += 1;
+            }
+        }
+        self.set.retain(|e| e.1 < STABLE_EPOCHS);
+        self.merge_new(written);
+    }
+
+    /// The off-switch: speculation pays when the faults it saves (each a trap plus a copy made
+    /// in the fault path, minus the copy now made at the snapshot) outweigh the copies it
+    /// wastes (a copy plus a comparison per unwritten pre-copy).
+    fn switch(&mut self, precopied: u64, useful: u64) {
+        if self.off_for > 0 {
+            self.off_for -= 1;
+            return;
+        }
+        if precopied == 0 {
+            return;
+        }
+        let saved = useful as f64 * (self.costs.fault_ns - self.costs.copy_ns).max(0.0);
+        let wasted = (precopied - useful) as f64 * 2.0 * self.costs.copy_ns;
+        self.benefit = 0.7 * self.benefit + 0.3 * saved;
+        self.waste = 0.7 * self.waste + 0.3 * wasted;
+        if self.waste > self.benefit {
+            self.off_for = self.backoff;
+            self.backoff = (self.backoff * 2).min(256);
+            self.benefit = 0.0;
+            self.waste = 0.0;
+        } else {
+            self.backoff = 4;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn costs() -> Costs {
+        Costs {
+            fault_ns: 2000.0,
+            copy_ns: 200.0,
+        }
+    }
+
+    #[test]
+    fn stable_keeps_a_stable_set_and_forgets_idle_pages() {
+        let mut s = Speculator::new(Policy::Stable, costs());
+        let ws: Vec<u64> = (0..50).collect();
+        for _ in 0..5 {
+            s.observe(&ws, 0, 0, 50);
+        }
+        assert_eq!(s.hint(), ws);
+        for _ in 0..STABLE_EPOCHS {
+            s.observe(&[1000], 0, 0, 1);
+        }
+        assert_eq!(s.hint(), vec![1000]);
+    }
+
+    #[test]
+    fn active_set_is_bounded_and_shrinks() {
+        let mut s = Speculator::new(Policy::Active, costs());
+        for e in 0..20u64 {
+            let ws: Vec<u64> = (e * 100..e * 100 + 100).collect();
+            s.observe(&ws, 0, 0, 100);
+        }
+        let grown = s.hint().len();
+        assert!(grown >= 100);
+        for _ in 0..60 {
+            s.observe(&[], 0, 0, 0);
+        }
+        assert!(s.hint().len() < grown / 4, "{} vs {grown}", s.hint().len());
+    }
+
+    #[test]
+    fn adaptive_switches_off_when_copies_are_wasted_and_retries() {
+        let mut s = Speculator::new(Policy::Adaptive, costs());
+        s.observe(&(0..100).collect::<Vec<_>>(), 0, 0, 100);
+        assert!(!s.hint().is_empty());
+        // 100 pre-copies, none written: pure waste.
+        s.observe(&(500..600).collect::<Vec<_>>(), 100, 0, 100);
+        assert!(s.is_off() && s.hint().is_empty());
+        for _ in 0..4 {
+            s.observe(&(500..600).collect::<Vec<_>>(), 0, 0, 100);
+        }
+        assert!(!s.is_off(), "it tries again after its back-off");
+    }
+
+    #[test]
+    fn adaptive_stays_on_when_it_pays() {
+        let mut s = Speculator::new(Policy::Adaptive, costs());
+        let ws: Vec<u64> = (0..100).collect();
+        s.observe(&ws, 0, 0, 100);
+        for _ in 0..10 {
+            s.observe(&ws, 100, 95, 5);
+        }
+        assert!(!s.is_off());
+        assert!(s.totals.recall() > 0.8);
+    }
+
+    #[test]
+    fn oracle_replays() {
+        let s = Speculator::oracle(vec![vec![1, 2], vec![3]], costs());
+        assert_eq!(s.hint(), vec![1, 2]);
+    }
+}
