@@ -230,6 +230,7 @@ impl SpaceState {
         }
         // Pre-copies of the epoch that ends that were never written: their image is the page
         // itself, so drop them (every such page is write-protected or quiesced now).
+        let precopy_start = now_ns();
         if let Some(newest) = self.snapshots.last_mut() {
             let precopied = core::mem::take(&mut newest.precopied);
             for &idx in precopied.iter() {
@@ -272,6 +273,7 @@ impl SpaceState {
                 wrprotect(idx, page);
             }
         }
+        self.stats.precopy_ns += now_ns().saturating_sub(precopy_start);
         self.snapshots.push(snap, GFP_KERNEL).map_err(|_| ENOMEM)?;
         self.stats.snapshots_taken += 1;
         self.stats.snapshot_ns += now_ns().saturating_sub(start);

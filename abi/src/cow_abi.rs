@@ -201,6 +201,8 @@ pub struct CowStats {
     pub precopied_pages: u64,
     /// Of those, pages that were then written before the next snapshot (useful copies).
     pub precopy_useful: u64,
+    /// Nanoseconds spent pre-copying and checking pre-copies at snapshots.
+    pub precopy_ns: u64,
 }
 
 /// Argument of [`COW_IOC_READ`]: bytes of covered memory as they were at a snapshot.
@@ -315,7 +317,7 @@ const _: () = assert!(core::mem::size_of::<CowVersion>() == COW_VERSION_SIZE_V1 
 const _: () = assert!(core::mem::size_of::<CowId>() == 16);
 const _: () = assert!(core::mem::size_of::<CowSnapshotInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<CowList>() == 24);
-const _: () = assert!(core::mem::size_of::<CowStats>() == 120);
+const _: () = assert!(core::mem::size_of::<CowStats>() == 128);
 const _: () = assert!(core::mem::size_of::<CowHint>() == 24);
 const _: () = assert!(core::mem::size_of::<CowRead>() == 40);
 const _: () = assert!(core::mem::size_of::<CowDirty>() == 40);

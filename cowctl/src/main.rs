@@ -5,6 +5,7 @@ mod exit;
 mod remote;
 mod run;
 mod snapshots;
+mod speculate_bench;
 mod status;
 
 use clap::{Parser, Subcommand};
@@ -23,6 +24,8 @@ Examples:
   id=$(cowctl snapshot 1234)    snapshot process 1234's covered memory
   cowctl restore 1234 $id       put it back (the process is stopped around the restore)
   cowctl diff 1234 1 2 --json   byte ranges that changed between snapshots 1 and 2
+  cowctl bench --json           every backend side by side, memcpy as the baseline
+  cowctl bench --speculate=all  pre-copy policies vs none vs an oracle (needs cow.ko)
 
 Exit codes:
   0  success
@@ -57,6 +60,10 @@ enum Command {
         /// Size of the covered heap in MiB (virtual; pages are allocated at first touch).
         #[arg(long)]
         heap_mib: Option<u64>,
+        /// Speculative pre-copy policy for the program's own snapshots (none, active, stable,
+        /// adaptive).
+        #[arg(long)]
+        speculate: Option<String>,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         argv: Vec<String>,
@@ -129,6 +136,10 @@ enum Command {
         /// Print a JSON array of rows.
         #[arg(long)]
         json: bool,
+        /// Instead: benchmark speculative pre-copy with this policy (none, active, stable,
+        /// adaptive, oracle) or `all`, on stable, drifting and random workloads (kmod).
+        #[arg(long)]
+        speculate: Option<String>,
     },
     /// Show the snapshot counters of a live process.
     Stats {
@@ -140,15 +151,30 @@ enum Command {
     },
 }
 
+/// `--speculate=all` or one policy (none and oracle are always measured for comparison).
+fn speculate_bench_policies(which: &str) -> anyhow::Result<Vec<cow::speculate::Policy>> {
+    use cow::speculate::Policy;
+    let mut v = if which == "all" {
+        Policy::ALL.to_vec()
+    } else {
+        vec![which.parse::<Policy>().map_err(anyhow::Error::msg)?]
+    };
+    if !v.contains(&Policy::Oracle) {
+        v.push(Policy::Oracle);
+    }
+    Ok(v)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Run {
         backend,
         heap_mib,
+        speculate,
         argv,
     } = &cli.command
     {
-        return match run::run(backend, *heap_mib, argv) {
+        return match run::run(backend, *heap_mib, speculate.as_deref(), argv) {
             Ok(code) => ExitCode::from(code),
             Err(err) => {
                 eprintln!("cowctl: {err:#}");
@@ -171,11 +197,17 @@ fn main() -> ExitCode {
         Command::Drop { pid, id } => snapshots::drop(pid, id),
         Command::Stats { pid, json } => snapshots::stats(pid, json),
         Command::Bench {
+            speculate: Some(which),
+            json,
+            ..
+        } => speculate_bench_policies(&which).and_then(|p| speculate_bench::run(&p, json)),
+        Command::Bench {
             backends,
             sizes,
             dirty,
             rounds,
             json,
+            speculate: None,
         } => bench::run(
             &bench::default_backends(backends),
             &sizes,

@@ -21,7 +21,12 @@ fn preload_path() -> Result<PathBuf> {
 }
 
 /// Runs `cowctl run`; returns the program's exit code (128 + signal if it was killed).
-pub fn run(backend: &str, heap_mib: Option<u64>, argv: &[String]) -> Result<u8> {
+pub fn run(
+    backend: &str,
+    heap_mib: Option<u64>,
+    speculate: Option<&str>,
+    argv: &[String],
+) -> Result<u8> {
     if backend != "kmod" && backend != "auto" {
         bail!("backend {backend:?} is not available yet (available: kmod)");
     }
@@ -37,6 +42,12 @@ pub fn run(backend: &str, heap_mib: Option<u64>, argv: &[String]) -> Result<u8> 
     cmd.args(&argv[1..]).env("LD_PRELOAD", ld_preload);
     if let Some(mib) = heap_mib {
         cmd.env("COW_HEAP_MIB", mib.to_string());
+    }
+    if let Some(policy) = speculate {
+        policy
+            .parse::<cow::speculate::Policy>()
+            .map_err(anyhow::Error::msg)?;
+        cmd.env("COW_SPECULATE", policy);
     }
     let status = cmd
         .status()

@@ -147,6 +147,13 @@ pub fn stats(pid: i32, json: bool) -> Result<()> {
         "fault_ns": s.fault_ns,
         "snapshot_ns": s.snapshot_ns,
         "restore_ns": s.restore_ns,
+        "precopied_pages": s.precopied_pages,
+        "precopy_useful": s.precopy_useful,
+        "precision": if s.precopied_pages == 0 { 0.0 } else { s.precopy_useful as f64 / s.precopied_pages as f64 },
+        "recall": if s.precopy_useful + s.first_write_faults == 0 { 0.0 } else {
+            s.precopy_useful as f64 / (s.precopy_useful + s.first_write_faults) as f64
+        },
+        "faults_avoided": s.precopy_useful,
     });
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);

@@ -15,12 +15,21 @@ static REASON: OnceLock<CString> = OnceLock::new();
 static QUIESCE: OnceLock<QuiesceHooks> = OnceLock::new();
 
 /// `(hold, release)`: make the covered heap quiescent, and let it go again.
-type QuiesceHooks = (fn(), fn());
+pub type QuiesceHooks = (fn(), fn());
 
 /// Makes `space` (libcow_preload's) the space the C API drives, with `hold`/`release`
 /// bracketing snapshots and restores.
 pub fn install(space: &'static Cow, hold: fn(), release: fn()) {
-    let kmod: &'static dyn Backend = Box::leak(Box::new(backend::kmod::Kmod::with(space)));
+    let kmod: &'static dyn Backend = Box::leak(Box::new(backend::kmod::Kmod::with_quiesce(
+        space, hold, release,
+    )));
+    // `cowctl run --speculate=POLICY` passes the policy in COW_SPECULATE.
+    if let Some(policy) = std::env::var("COW_SPECULATE")
+        .ok()
+        .and_then(|p| p.parse().ok())
+    {
+        let _ = kmod.set_speculation(policy, None);
+    }
     let _ = BACKEND.set(kmod);
     let _ = REASON.set(c"libcow_preload covers the heap and globals with cow.ko".into());
     let _ = QUIESCE.set((hold, release));
@@ -174,7 +183,9 @@ pub extern "C" fn cow_alloc_uncovered(len: usize) -> *mut c_void {
 #[no_mangle]
 pub extern "C" fn cow_snapshot() -> i64 {
     match backend() {
-        Ok(b) => match quiesced(|| b.snapshot()) {
+        // The backend holds the heap quiescent around the snapshot itself (it allocates
+        // before and after, which it could not do with the allocator's locks held).
+        Ok(b) => match b.snapshot() {
             Ok(id) => id as i64,
             Err(e) => -(e.errno() as i64),
         },

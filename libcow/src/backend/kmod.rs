@@ -19,6 +19,8 @@ struct Spec {
     after_last: cow_abi::CowStats,
     /// Pages pre-copied at the last snapshot (for the epoch it started).
     precopied_last: u64,
+    /// The kernel holds a non-empty hint.
+    hint_set: bool,
 }
 
 /// Space offsets are below 2^44 bytes; the module adds the space's base above that, which is
@@ -29,6 +31,9 @@ const SPACE_OFFSET_MASK: u64 = (1 << 44) - 1;
 pub struct Kmod {
     cow: &'static Cow,
     spec: Mutex<Spec>,
+    /// `(hold, release)`: make the covered heap quiescent around the snapshot ioctl itself
+    /// (libcow_preload's allocator locks; nothing may allocate while they are held).
+    quiesce: Option<crate::ffi::QuiesceHooks>,
 }
 
 /// The `/dev/cow` mappings of this process (every region of the space, whoever mapped it).
@@ -53,11 +58,33 @@ impl Kmod {
         ))))
     }
 
-    /// Drives an already open space (libcow_preload's).
+    /// Drives an already open space.
     pub fn with(cow: &'static Cow) -> Self {
         Kmod {
             cow,
             spec: Mutex::new(Spec::default()),
+            quiesce: None,
+        }
+    }
+
+    /// Drives libcow_preload's space: `hold`/`release` bracket each snapshot ioctl.
+    pub fn with_quiesce(cow: &'static Cow, hold: fn(), release: fn()) -> Self {
+        Kmod {
+            quiesce: Some((hold, release)),
+            ..Self::with(cow)
+        }
+    }
+
+    /// Runs the snapshot ioctl `op` with the heap quiescent (if a preload asked for that).
+    fn quiesced(&self, op: impl FnOnce() -> Result<u64>) -> Result<u64> {
+        match self.quiesce {
+            Some((hold, release)) => {
+                hold();
+                let r = op();
+                release();
+                r
+            }
+            None => op(),
         }
     }
 
@@ -85,41 +112,84 @@ impl Backend for Kmod {
     fn snapshot(&self) -> Result<u64> {
         // The lock is never held across the snapshot: under `cowctl run` this struct is in
         // covered memory, and a restore must never bring back a lock held at a snapshot.
-        let (hinting, hint) = {
+        let (hinting, hint, observe, hinted_before) = {
             let spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
-            (spec.hinting, spec.speculator.as_ref().map(|s| s.hint()))
+            let s = spec.speculator.as_ref();
+            (
+                spec.hinting,
+                s.map(|s| s.hint()),
+                s.is_some_and(|s| s.wants_observation()),
+                spec.precopied_last > 0 || spec.hint_set,
+            )
         };
         if !hinting {
-            return self.cow.snapshot();
+            return self.quiesced(|| self.cow.snapshot());
         }
-        if let Some(hint) = hint {
+        let t0 = std::time::Instant::now();
+        let hint = hint.unwrap_or_default();
+        if !hint.is_empty() || hinted_before {
             self.cow.hint(&hint)?;
         }
-        // Pre-copied pages stay writable: the snapshot must not race with writers, so the
-        // other threads are stopped around it.
-        let before = self.cow.stats()?;
-        let stopped = crate::world::stop_others().map_err(|e| Error::Os {
-            op: "stop the other threads",
-            errno: e.raw_os_error().unwrap_or(libc::EIO),
-        })?;
-        let id = self.cow.snapshot_quiesced();
-        drop(stopped);
+        let before = if observe {
+            Some(self.cow.stats()?)
+        } else {
+            None
+        };
+        let id = if hint.is_empty() {
+            // Nothing to pre-copy: an ordinary snapshot.
+            self.quiesced(|| self.cow.snapshot())
+        } else {
+            // Pre-copied pages stay writable: the snapshot must not race with writers, so the
+            // other threads are stopped around it (their stacks are ours to allocate on: the
+            // world is stopped before the heap is held, and released after).
+            let stopped = crate::world::stop_others().map_err(|e| Error::Os {
+                op: "stop the other threads",
+                errno: e.raw_os_error().unwrap_or(libc::EIO),
+            })?;
+            let id = self.quiesced(|| self.cow.snapshot_quiesced());
+            drop(stopped);
+            id
+        };
         let id = id?;
-        let after = self.cow.stats()?;
         let mut spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
-        if let (Some(last), true) = (spec.last_id, spec.speculator.is_some()) {
-            // The epoch after `last` just ended: what it wrote, and what speculation did for it.
-            let written = self.cow.dirty_in_epoch(last).unwrap_or_default();
-            let useful = after.precopy_useful - before.precopy_useful;
-            let faults = before.first_write_faults - spec.after_last.first_write_faults;
-            let precopied = spec.precopied_last;
-            if let Some(s) = spec.speculator.as_mut() {
-                s.observe(&written, precopied, useful, faults);
+        spec.hint_set = !hint.is_empty();
+
+        match before {
+            Some(before) => {
+                let after = self.cow.stats()?;
+                if let Some(last) = spec.last_id {
+                    // The epoch after `last` just ended: what it wrote, and what speculation
+                    // did for it.
+                    let written = self.cow.dirty_in_epoch(last).unwrap_or_default();
+                    let useful = after.precopy_useful - before.precopy_useful;
+                    let faults = before.first_write_faults - spec.after_last.first_write_faults;
+                    let precopied = spec.precopied_last;
+                    // What speculation added: everything but the kernel's ordinary snapshot work.
+                    let wall = t0.elapsed().as_nanos() as u64;
+                    let ordinary = (after.snapshot_ns - before.snapshot_ns)
+                        .saturating_sub(after.precopy_ns - before.precopy_ns);
+                    if let Some(s) = spec.speculator.as_mut() {
+                        s.observe(
+                            &written,
+                            precopied,
+                            useful,
+                            faults,
+                            wall.saturating_sub(ordinary),
+                        );
+                    }
+                }
+                spec.precopied_last = after.precopied_pages - before.precopied_pages;
+                spec.after_last = after;
+                spec.last_id = Some(id);
+            }
+            None => {
+                if let Some(s) = spec.speculator.as_mut() {
+                    s.skip();
+                }
+                spec.precopied_last = 0;
+                spec.last_id = None;
             }
         }
-        spec.precopied_last = after.precopied_pages - before.precopied_pages;
-        spec.after_last = after;
-        spec.last_id = Some(id);
         Ok(id)
     }
 
@@ -205,6 +275,8 @@ impl Backend for Kmod {
             bytes_held: s.bytes_held,
             snapshot_ns: s.snapshot_ns,
             restore_ns: s.restore_ns,
+            precopied: s.precopied_pages,
+            precopy_useful: s.precopy_useful,
         }
     }
 }

@@ -36,6 +36,10 @@ pub struct Stats {
     pub snapshot_ns: u64,
     /// Time spent restoring, in nanoseconds.
     pub restore_ns: u64,
+    /// Pages pre-copied speculatively (kmod).
+    pub precopied: u64,
+    /// Pre-copied pages that were then written (kmod).
+    pub precopy_useful: u64,
 }
 
 /// A way of taking copy-on-write snapshots of this process's memory.

@@ -21,6 +21,10 @@ pub fn tests() -> Vec<Test> {
             run: hints_need_quiesced_snapshots,
         },
         Test {
+            name: "speculate::cowctl_run_speculate_and_stats",
+            run: cowctl_run_speculate_and_stats,
+        },
+        Test {
             name: "speculate::bad_hints_rejected",
             run: bad_hints_rejected,
         },
@@ -176,6 +180,39 @@ fn bad_hints_rejected() -> Result<()> {
     ensure!(
         rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EFAULT),
         "bad pointer"
+    );
+    Ok(())
+}
+
+/// `cowctl run --speculate=stable` on a program that rewrites the same pages every epoch:
+/// `cowctl stats PID` shows that speculation avoided most of the faults.
+fn cowctl_run_speculate_and_stats() -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let cowctl = super::sibling("cowctl")?;
+    let mut child = Command::new(&cowctl)
+        .args(["run", "--speculate=stable", "--"])
+        .arg(super::sibling("speculate_loop")?)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let pid = line.trim().strip_prefix("ready ").unwrap_or("").to_string();
+    let stats = Command::new(&cowctl)
+        .args(["stats", &pid, "--json"])
+        .output()?;
+    let _ = writeln!(child.stdin.take().expect("stdin"), "quit");
+    let status = child.wait()?;
+    ensure!(status.success(), "speculate_loop: {status}");
+    let v: serde_json::Value = serde_json::from_slice(&stats.stdout)?;
+    let useful = v["precopy_useful"].as_u64().unwrap_or(0);
+    let faults = v["first_write_faults"].as_u64().unwrap_or(0);
+    ensure!(v["precision"].as_f64() > Some(0.9), "stats: {v}");
+    ensure!(
+        useful > 5 * faults,
+        "useful pre-copies {useful} vs faults {faults}: {v}"
     );
     Ok(())
 }
