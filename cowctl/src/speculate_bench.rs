@@ -162,11 +162,33 @@ fn run_one(
     ))
 }
 
+/// Timing-based decisions and results are meaningless on a clock that ticks in milliseconds
+/// (a TCG guest whose TSC was refused falls back to jiffies): say so loudly.
+fn warn_if_coarse_clock() {
+    let mut finest = u128::MAX;
+    for _ in 0..200 {
+        let t = Instant::now();
+        let mut d = t.elapsed().as_nanos();
+        while d == 0 {
+            d = t.elapsed().as_nanos();
+        }
+        finest = finest.min(d);
+    }
+    if finest > 100_000 {
+        eprintln!(
+            "cowctl bench: WARNING: the clock ticks every {:.1} ms here; timings (and the adaptive \
+             policy, which measures) are unreliable in this run",
+            finest as f64 / 1e6
+        );
+    }
+}
+
 /// Runs the speculation benchmark for `policies` (`none` and `oracle` always included).
 pub fn run(policies: &[Policy], json: bool) -> Result<()> {
     if cow::Cow::open().is_err() {
         bail!("speculation needs cow.ko (run inside scripts/guest)");
     }
+    warn_if_coarse_clock();
     let mut rows = Vec::new();
     for w in Workload::ALL {
         eprintln!("cowctl bench --speculate: {w:?}, policy none");
