@@ -230,6 +230,22 @@ impl<T: Copy> BookVec<T> {
     }
 }
 
+impl<T: Copy + Ord> BookVec<T> {
+    /// Sorts the elements and removes duplicates.
+    pub fn sort_dedup(&mut self) {
+        let v = self.as_mut_slice();
+        v.sort_unstable();
+        let mut w = 0;
+        for r in 0..v.len() {
+            if w == 0 || v[w - 1] != v[r] {
+                v[w] = v[r];
+                w += 1;
+            }
+        }
+        self.truncate(w);
+    }
+}
+
 impl<T: Copy> Drop for BookVec<T> {
     fn drop(&mut self) {
         if !self.ptr.is_null() {

@@ -241,10 +241,14 @@ impl Cow {
 
     /// Page indices written in the epoch right after snapshot `id` (until the next snapshot).
     pub fn dirty_in_epoch(&self, id: u64) -> Result<Vec<u64>> {
+        self.dirty(id, COW_DIRTY_EPOCH)
+    }
+
+    fn dirty(&self, id: u64, flags: u32) -> Result<Vec<u64>> {
         fill_growing(1024, |v| {
             let mut a = CowDirty {
                 id,
-                flags: COW_DIRTY_EPOCH,
+                flags,
                 capacity: v.len() as u64,
                 pages: v.as_mut_ptr() as u64,
                 ..sized()
@@ -307,16 +311,7 @@ impl Cow {
 
     /// Page indices (space offset / page size) written since snapshot `id`, sorted.
     pub fn dirty_since(&self, id: u64) -> Result<Vec<u64>> {
-        fill_growing(1024, |v| {
-            let mut a = CowDirty {
-                id,
-                capacity: v.len() as u64,
-                pages: v.as_mut_ptr() as u64,
-                ..sized()
-            };
-            ioctl_ptr(self.fd.as_fd(), COW_IOC_DIRTY, &mut a, "COW_IOC_DIRTY")?;
-            Ok(a.count as usize)
-        })
+        self.dirty(id, 0)
     }
 
     /// The retention window.

@@ -13,11 +13,14 @@
 //! blocks and libcow's book. When the process exits (or execs), the pipe closes and the children
 //! exit.
 
-use super::shadow::{contains, covered_now, current_brk, err, io_err, now_ns, subtract, Range};
+use super::shadow::{
+    contains, covered_now, current_brk, err, io_err, map_anonymous, now_ns, restore_layout,
+    subtract, Range,
+};
 use super::{Backend, Stats};
 use crate::book::{self, BookVec};
 use crate::error::{Error, Result};
-use crate::{maps, world};
+use crate::world;
 use std::sync::Mutex;
 
 const PAGE: usize = 4096;
@@ -231,19 +234,6 @@ fn copy_from_child(child: i32, pages: &[usize]) -> Result<()> {
     flush(&mut iov)
 }
 
-fn sort_dedup(v: &mut BookVec<usize>) {
-    let s = v.as_mut_slice();
-    s.sort_unstable();
-    let mut w = 0;
-    for r in 0..s.len() {
-        if w == 0 || s[w - 1] != s[r] {
-            s[w] = s[r];
-            w += 1;
-        }
-    }
-    v.truncate(w);
-}
-
 impl State {
     fn snap(&self, i: usize) -> &ForkSnap {
         // SAFETY: entries point at live ForkSnaps in the book.
@@ -341,7 +331,7 @@ impl State {
             for &p in written.as_slice() {
                 snap.dirty.push(p);
             }
-            sort_dedup(&mut snap.dirty);
+            snap.dirty.sort_dedup();
             for &r in gone.as_slice() {
                 snap.vanished.push(r);
             }
@@ -387,7 +377,7 @@ impl State {
             let r = self.snap(k).ranges.as_slice()[j];
             changed_pages(r, child, out)?;
         }
-        sort_dedup(out);
+        out.sort_dedup();
         Ok(())
     }
 
@@ -401,45 +391,13 @@ impl State {
                 libc::EBUSY,
             ));
         }
-        let brk = self.snap(k).brk;
-        if current_brk() != brk {
-            // SAFETY: moving the break back to where it was at the snapshot.
-            unsafe { libc::syscall(libc::SYS_brk, brk) };
-        }
-        let maps = maps::read().map_err(|e| io_err("read /proc/self/maps", e))?;
-        let mut mapped = BookVec::new();
-        for m in maps.as_slice() {
-            mapped.push(Range {
-                start: m.start,
-                end: m.end,
-                prot: m.prot,
-            });
-        }
-        let mut missing = BookVec::new();
-        subtract(
-            self.snap(k).ranges.as_slice(),
-            mapped.as_slice(),
-            &mut missing,
-        );
+        let (_, missing) = {
+            let snap = self.snap(k);
+            restore_layout(snap.ranges.as_slice(), snap.brk)?
+        };
+        // Re-created memory is zero: all of it comes from the snapshot's process.
         let mut pages = BookVec::new();
         for r in missing.as_slice() {
-            // SAFETY: re-creating anonymous memory where the program had it at the snapshot;
-            // nothing is mapped there now.
-            let p = unsafe {
-                libc::mmap(
-                    r.start as *mut libc::c_void,
-                    r.end - r.start,
-                    r.prot,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return Err(Error::last_os(
-                    "restore: re-create a mapping of the snapshot",
-                ));
-            }
             for page in (r.start..r.end).step_by(PAGE) {
                 pages.push(page);
             }
@@ -452,7 +410,7 @@ impl State {
                 inside.push(p);
             }
         }
-        sort_dedup(&mut inside);
+        inside.sort_dedup();
         copy_from_child(self.snap(k).child, inside.as_slice())?;
         self.stats.pages_saved += inside.len() as u64;
         // Newer snapshots go; S_k gets a fresh child holding the restored memory, so the next
@@ -486,7 +444,7 @@ impl State {
             for &p in dirty.as_slice() {
                 older.dirty.push(p);
             }
-            sort_dedup(&mut older.dirty);
+            older.dirty.sort_dedup();
             for &r in vanished.as_slice() {
                 older.vanished.push(r);
             }
@@ -525,21 +483,7 @@ impl Backend for Fork {
     }
 
     fn map(&self, len: usize) -> Result<*mut u8> {
-        // SAFETY: a fresh private anonymous mapping; covered from the next snapshot on.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len.max(1),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(Error::last_os("mmap"));
-        }
-        Ok(p.cast())
+        map_anonymous(len)
     }
 
     fn snapshot(&self) -> Result<u64> {

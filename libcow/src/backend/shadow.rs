@@ -257,6 +257,70 @@ fn covered_maps(
     out
 }
 
+/// Maps `len` bytes of fresh private anonymous memory (covered from the next snapshot on).
+pub(super) fn map_anonymous(len: usize) -> Result<*mut u8> {
+    // SAFETY: a fresh private anonymous mapping aliases nothing.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len.max(1),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(Error::last_os("mmap"));
+    }
+    Ok(p.cast())
+}
+
+/// Puts the process's layout back as it was at a snapshot, before its contents: the program
+/// break, then every covered range of the snapshot that is no longer mapped (re-created as
+/// anonymous memory, zero-filled). Returns what is mapped now (before the re-creation) and what
+/// was re-created.
+pub(super) fn restore_layout(
+    ranges: &[Range],
+    brk: usize,
+) -> Result<(BookVec<Range>, BookVec<Range>)> {
+    if current_brk() != brk {
+        // SAFETY: moving the break back to where it was at the snapshot.
+        unsafe { libc::syscall(libc::SYS_brk, brk) };
+    }
+    let maps = maps::read().map_err(|e| io_err("read /proc/self/maps", e))?;
+    let mut mapped = BookVec::new();
+    for m in maps.as_slice() {
+        mapped.push(Range {
+            start: m.start,
+            end: m.end,
+            prot: m.prot,
+        });
+    }
+    let mut missing = BookVec::new();
+    subtract(ranges, mapped.as_slice(), &mut missing);
+    for r in missing.as_slice() {
+        // SAFETY: re-creating anonymous memory where the program had it at the snapshot;
+        // nothing is mapped there now (it is in no mapping of /proc/self/maps).
+        let p = unsafe {
+            libc::mmap(
+                r.start as *mut libc::c_void,
+                r.end - r.start,
+                r.prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::last_os(
+                "restore: re-create a mapping of the snapshot",
+            ));
+        }
+    }
+    Ok((mapped, missing))
+}
+
 /// `a − b` for sorted, disjoint range lists.
 pub(super) fn subtract(a: &[Range], b: &[Range], out: &mut BookVec<Range>) {
     for r in a {
@@ -393,16 +457,7 @@ impl<T: Tracker> State<T> {
                 }
             }
         }
-        let v = out.as_mut_slice();
-        v.sort_unstable();
-        let mut w = 0;
-        for r in 0..v.len() {
-            if w == 0 || v[w - 1] != v[r] {
-                v[w] = v[r];
-                w += 1;
-            }
-        }
-        out.truncate(w);
+        out.sort_dedup();
         Ok(())
     }
 
@@ -557,48 +612,10 @@ impl<T: Tracker> State<T> {
             ));
         }
         // The program break and the mappings of S_k come back first.
-        let brk = self.snap(k).brk;
-        if current_brk() != brk {
-            // SAFETY: moving the break back to where it was at the snapshot.
-            unsafe { libc::syscall(libc::SYS_brk, brk) };
-        }
-        let maps = maps::read().map_err(|e| io_err("read /proc/self/maps", e))?;
-        let mapped: BookVec<Range> = {
-            let mut v = BookVec::new();
-            for m in maps.as_slice() {
-                v.push(Range {
-                    start: m.start,
-                    end: m.end,
-                    prot: m.prot,
-                });
-            }
-            v
+        let (mapped, missing) = {
+            let snap = self.snap(k);
+            restore_layout(snap.ranges.as_slice(), snap.brk)?
         };
-        let mut missing = BookVec::new();
-        subtract(
-            self.snap(k).ranges.as_slice(),
-            mapped.as_slice(),
-            &mut missing,
-        );
-        for r in missing.as_slice() {
-            // SAFETY: re-creating anonymous memory where the program had it at the snapshot;
-            // nothing is mapped there now (it is in no mapping of /proc/self/maps).
-            let p = unsafe {
-                libc::mmap(
-                    r.start as *mut libc::c_void,
-                    r.end - r.start,
-                    r.prot,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return Err(Error::last_os(
-                    "restore: re-create a mapping of the snapshot",
-                ));
-            }
-        }
 
         // The plan: page → its image at S_k (undo entries, oldest at or after S_k win).
         let mut plan = PageTable::default();
@@ -786,21 +803,7 @@ impl<T: Tracker> Backend for Shadow<T> {
     }
 
     fn map(&self, len: usize) -> Result<*mut u8> {
-        // SAFETY: a fresh private anonymous mapping; covered from the next snapshot on.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len.max(1),
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(Error::last_os("mmap"));
-        }
-        Ok(p.cast())
+        map_anonymous(len)
     }
 
     fn snapshot(&self) -> Result<u64> {
