@@ -14,7 +14,7 @@ const EPOCHS: usize = 300;
 const WORKING_SET: usize = PAGES / 50;
 
 /// A write pattern.
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Workload {
     /// The same 2 % of the pages every epoch.
@@ -53,11 +53,11 @@ impl Workload {
 }
 
 /// One run: a workload under a policy.
-#[derive(Serialize, Debug)]
+#[derive(Serialize, serde::Deserialize, Debug)]
 pub struct Row {
-    backend: &'static str,
+    backend: String,
     workload: Workload,
-    policy: &'static str,
+    policy: String,
     epochs: usize,
     pages_per_epoch: usize,
     /// First-write faults taken over the run.
@@ -79,18 +79,22 @@ pub struct Row {
 }
 
 fn run_one(
+    backend: &'static str,
     workload: Workload,
     policy: Policy,
     recorded: Option<Vec<Vec<u64>>>,
 ) -> Result<(Row, Vec<Vec<u64>>)> {
-    let (b, _) = cow::backend::open("kmod")?;
+    let (b, _) = cow::backend::open(backend)?;
     let base = b.map(PAGES * 4096)?;
     for p in 0..PAGES {
         // SAFETY: pages of the region just mapped.
         unsafe { base.add(p * 4096).write_volatile(1) };
     }
-    let first_page = {
-        // The space offset of the region, in pages: what hints and write sets speak.
+    // What hints and write sets speak: kmod, page indices of the space; the in-process
+    // backends, page addresses.
+    let first_page = if backend != "kmod" {
+        0
+    } else {
         let maps = std::fs::read_to_string("/proc/self/maps")?;
         let line = maps
             .lines()
@@ -99,11 +103,18 @@ fn run_one(
         let off = u64::from_str_radix(line.split_whitespace().nth(2).unwrap_or("0"), 16)?;
         (off & ((1 << 44) - 1)) / 4096
     };
+    let page_id = |p: u64| -> u64 {
+        if backend == "kmod" {
+            p + first_page
+        } else {
+            base as u64 + p * 4096
+        }
+    };
     b.set_speculation(
         policy,
         recorded.map(|r| {
             r.into_iter()
-                .map(|e| e.into_iter().map(|p| p + first_page).collect())
+                .map(|e| e.into_iter().map(page_id).collect())
                 .collect()
         }),
     )?;
@@ -136,9 +147,9 @@ fn run_one(
     unsafe { libc::munmap(base.cast(), PAGES * 4096) };
     Ok((
         Row {
-            backend: "kmod",
+            backend: backend.to_string(),
             workload,
-            policy: policy.name(),
+            policy: policy.name().to_string(),
             epochs: EPOCHS,
             pages_per_epoch: WORKING_SET,
             faults,
@@ -183,28 +194,88 @@ fn warn_if_coarse_clock() {
     }
 }
 
-/// Runs the speculation benchmark for `policies` (`none` and `oracle` always included).
-pub fn run(policies: &[Policy], json: bool) -> Result<()> {
-    if cow::Cow::open().is_err() {
-        bail!("speculation needs cow.ko (run inside scripts/guest)");
+/// Set in a worker process: `backend,workload,policy` to run.
+const WORKER_ENV: &str = "COW_SPECULATE_WORKER";
+/// Set in a worker process: where the `none` run writes (and the oracle reads) write sets.
+const RECORD_ENV: &str = "COW_SPECULATE_RECORD";
+
+fn worker(spec: &str) -> Result<()> {
+    let mut it = spec.split(',');
+    let backend: &'static str = match it.next() {
+        Some("kmod") => "kmod",
+        Some("mprotect") => "mprotect",
+        other => bail!("bad worker backend {other:?}"),
+    };
+    let workload: Workload = serde_json::from_str(&format!("\"{}\"", it.next().unwrap_or("")))?;
+    let policy: Policy = it
+        .next()
+        .unwrap_or("")
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    let record_path = std::env::var(RECORD_ENV)?;
+    let recorded = if policy == Policy::Oracle {
+        Some(serde_json::from_str(&std::fs::read_to_string(
+            &record_path,
+        )?)?)
+    } else {
+        None
+    };
+    let (row, record) = run_one(backend, workload, policy, recorded)?;
+    if policy == Policy::None {
+        std::fs::write(&record_path, serde_json::to_string(&record)?)?;
     }
+    println!("{}", serde_json::to_string(&row)?);
+    Ok(())
+}
+
+/// Runs the speculation benchmark for `policies` (`none` and `oracle` always included), each
+/// run in its own process (an in-process backend covers the whole process it lives in).
+pub fn run(policies: &[Policy], json: bool) -> Result<()> {
+    if let Ok(spec) = std::env::var(WORKER_ENV) {
+        return worker(&spec);
+    }
+    let mut backends = vec![];
+    if cow::Cow::open().is_ok() {
+        backends.push("kmod");
+    }
+    backends.push("mprotect");
     warn_if_coarse_clock();
-    let mut rows = Vec::new();
-    for w in Workload::ALL {
-        eprintln!("cowctl bench --speculate: {w:?}, policy none");
-        let (none, recorded) = run_one(w, Policy::None, None)?;
-        let base_faults = none.faults.max(1) as f64;
-        let base_ms = none.total_ms;
-        rows.push(none);
-        for &p in policies.iter().filter(|p| **p != Policy::None) {
-            eprintln!("cowctl bench --speculate: {w:?}, policy {}", p.name());
-            let rec = (p == Policy::Oracle).then(|| recorded.clone());
-            let (mut row, _) = run_one(w, p, rec)?;
-            row.faults_avoided_pct = 100.0 * (1.0 - row.faults as f64 / base_faults);
-            row.vs_none = row.total_ms / base_ms;
-            rows.push(row);
+    let record = std::env::temp_dir().join(format!("cowctl-speculate-{}.json", std::process::id()));
+    let mut rows: Vec<Row> = Vec::new();
+    for backend in backends {
+        for w in Workload::ALL {
+            let mut base: Option<(f64, f64)> = None;
+            let order = std::iter::once(Policy::None)
+                .chain(policies.iter().copied().filter(|p| *p != Policy::None));
+            for p in order {
+                eprintln!(
+                    "cowctl bench --speculate: {backend} {w:?}, policy {}",
+                    p.name()
+                );
+                let name = serde_json::to_string(&w)?.trim_matches('"').to_string();
+                let out = std::process::Command::new(std::env::current_exe()?)
+                    .args(std::env::args_os().skip(1))
+                    .env(WORKER_ENV, format!("{backend},{name},{}", p.name()))
+                    .env(RECORD_ENV, &record)
+                    .stderr(std::process::Stdio::inherit())
+                    .output()?;
+                if !out.status.success() {
+                    bail!("{backend} {w:?} {} failed ({})", p.name(), out.status);
+                }
+                let text = String::from_utf8_lossy(&out.stdout);
+                let mut row: Row = serde_json::from_str(text.lines().last().unwrap_or("{}"))?;
+                match base {
+                    None => base = Some((row.faults.max(1) as f64, row.total_ms)),
+                    Some((faults, ms)) => {
+                        row.faults_avoided_pct = 100.0 * (1.0 - row.faults as f64 / faults);
+                        row.vs_none = row.total_ms / ms;
+                    }
+                }
+                rows.push(row);
+            }
         }
     }
+    let _ = std::fs::remove_file(&record);
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
@@ -223,7 +294,8 @@ pub fn run(policies: &[Policy], json: bool) -> Result<()> {
     );
     for r in &rows {
         println!(
-            "{:<9} {:<9} {:>8} {:>9.1} {:>9.2} {:>7.2} {:>11.1} {:>9.1} {:>8.3}",
+            "{:<9} {:<9} {:<9} {:>8} {:>9.1} {:>9.2} {:>7.2} {:>11.1} {:>9.1} {:>8.3}",
+            r.backend,
             format!("{:?}", r.workload).to_lowercase(),
             r.policy,
             r.faults,

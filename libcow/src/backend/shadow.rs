@@ -62,6 +62,12 @@ pub trait Tracker: Send + 'static {
     fn peek(&mut self, out: &mut BookVec<usize>) -> Result<()>;
     /// Lets libcow itself write `page` (during a restore).
     fn open_for_write(&mut self, page: usize, prot: i32);
+    /// Leaves `pages` writable after a snapshot (speculation: their next writes do not fault;
+    /// the next `collect` reports them as possibly written). Trackers whose writes cost no
+    /// fault worth saving ignore it.
+    fn keep_writable(&mut self, _pages: &[usize]) {}
+    /// Whether [`Tracker::keep_writable`] saves anything (speculation is offered).
+    const SPECULATES: bool = false;
     /// Write faults seen so far.
     fn faults(&self) -> u64 {
         0
@@ -96,6 +102,14 @@ struct State<T: Tracker> {
     max_snapshots: usize,
     slots_held: u64,
     stats: Stats,
+    /// Speculation: the policy, and the pages left writable at the last snapshot (sorted).
+    speculator: Option<crate::speculate::Speculator>,
+    left_open: BookVec<usize>,
+    /// A hint given directly (tests), used when there is no policy.
+    manual_hint: BookVec<usize>,
+    faults_at_last: u64,
+    /// Time the last snapshot spent on speculation itself.
+    spec_ns: u64,
 }
 
 /// A mainline backend: the shadow engine driven by tracker `T`.
@@ -321,6 +335,11 @@ pub(super) fn restore_layout(
     Ok((mapped, missing))
 }
 
+/// `n` as a divisor (at least 1).
+fn dirty_pages(n: usize) -> u64 {
+    n.max(1) as u64
+}
+
 /// `a − b` for sorted, disjoint range lists.
 pub(super) fn subtract(a: &[Range], b: &[Range], out: &mut BookVec<Range>) {
     for r in a {
@@ -461,6 +480,51 @@ impl<T: Tracker> State<T> {
         Ok(())
     }
 
+    /// Speculation at a snapshot: learn from the epoch that ended (`written`, of which
+    /// `useful` were pages left writable), then leave the pages the policy predicts writable.
+    fn speculate(&mut self, written: &[usize], useful: u64, covered: &[Range], compare_ns: u64) {
+        if !T::SPECULATES {
+            return;
+        }
+        let start = now_ns();
+        let faults = self.tracker.faults();
+        let precopied = self.left_open.len() as u64;
+        let mut hint: BookVec<usize> = BookVec::new();
+        if let Some(s) = self.speculator.as_mut() {
+            let w: Vec<u64> = written.iter().map(|&p| p as u64).collect();
+            // Charged to speculation: last time's hinting (unprotecting), and this snapshot's
+            // comparisons and copies of the pages it left writable.
+            let per_page = if dirty_pages(written.len()) > 0 {
+                compare_ns / dirty_pages(written.len())
+            } else {
+                0
+            };
+            let extra = self.spec_ns + per_page * precopied;
+            s.observe(&w, precopied, useful, faults - self.faults_at_last, extra);
+            for p in s.hint() {
+                hint.push(p as usize);
+            }
+        } else {
+            for &p in self.manual_hint.as_slice() {
+                hint.push(p);
+            }
+        }
+        self.faults_at_last = faults;
+        self.stats.precopy_useful += useful;
+        // Only pages that exist, are covered and hold a shadow (a pre-image) may stay open.
+        let mut open = BookVec::new();
+        for &p in hint.as_slice() {
+            if contains(covered, p).is_some() && self.shadow.get(p).is_some() {
+                open.push(p);
+            }
+        }
+        open.sort_dedup();
+        self.tracker.keep_writable(open.as_slice());
+        self.stats.precopied += open.len() as u64;
+        self.left_open = open;
+        self.spec_ns = now_ns() - start;
+    }
+
     fn snap(&self, i: usize) -> &Snap {
         // SAFETY: every entry of `snaps` points at a live Snap in the book.
         unsafe { &*(self.snaps.as_slice()[i] as *const Snap) }
@@ -514,12 +578,31 @@ impl<T: Tracker> State<T> {
                 }
             }
         }
-        // Pages written since the newest snapshot: shadow page → undo, copy → shadow.
+        // Pages written since the newest snapshot: shadow page → undo, copy → shadow. A page
+        // the tracker only suspects (left writable by speculation, say) that still equals its
+        // shadow was not written: nothing to save.
+        let mut written: BookVec<usize> = BookVec::new();
+        let mut useful = 0u64;
+        let compare_start = now_ns();
         for &page in dirty.as_slice() {
             if contains(gone.as_slice(), page).is_some()
                 || contains(covered.as_slice(), page).is_none()
             {
                 continue;
+            }
+            if let Some(slot) = self.shadow.get(page) {
+                // SAFETY: both are readable pages (covered memory, the world stopped; a book page).
+                let same = unsafe {
+                    std::slice::from_raw_parts(page as *const u8, PAGE)
+                        == std::slice::from_raw_parts(slot as *const u8, PAGE)
+                };
+                if same {
+                    continue;
+                }
+            }
+            written.push(page);
+            if self.left_open.as_slice().binary_search(&page).is_ok() {
+                useful += 1;
             }
             // The new shadow page is held, and the old one stays held by the undo log.
             let old = self.shadow.insert(page, new_slot_copy(page)).unwrap_or(0);
@@ -545,6 +628,8 @@ impl<T: Tracker> State<T> {
             self.tracker.arm(r)?;
         }
         self.tracker.set_ranges(covered.as_slice());
+        let compare_ns = now_ns() - compare_start;
+        self.speculate(written.as_slice(), useful, covered.as_slice(), compare_ns);
 
         // Seal the newest snapshot's undo log (or drop it: nothing older needs it).
         undo.as_mut_slice().sort_unstable_by_key(|e| e.0);
@@ -728,6 +813,7 @@ impl<T: Tracker> State<T> {
         }
         self.tracker.set_ranges(armed.as_slice());
         self.armed = armed;
+        self.left_open.clear();
         while self.snaps.len() > k + 1 {
             let last = self.snaps.len() - 1;
             self.free_snap(last);
@@ -785,6 +871,11 @@ impl<T: Tracker> Shadow<T> {
             max_snapshots,
             slots_held: 0,
             stats: Stats::default(),
+            speculator: None,
+            left_open: BookVec::new(),
+            manual_hint: BookVec::new(),
+            faults_at_last: 0,
+            spec_ns: 0,
         }));
         Shadow {
             state,
@@ -876,6 +967,44 @@ impl<T: Tracker> Backend for Shadow<T> {
     fn list(&self) -> Result<Vec<u64>> {
         let st = self.lock();
         Ok((0..st.snaps.len()).map(|i| st.snap(i).id).collect())
+    }
+
+    fn set_speculation(
+        &self,
+        policy: crate::speculate::Policy,
+        recorded: Option<Vec<Vec<u64>>>,
+    ) -> Result<()> {
+        if !T::SPECULATES {
+            return Err(err(
+                "speculation (this backend has no faults to save)",
+                libc::ENOTSUP,
+            ));
+        }
+        let costs = crate::speculate::Costs::measure();
+        let s = match (policy, recorded) {
+            (crate::speculate::Policy::Oracle, Some(r)) => {
+                crate::speculate::Speculator::oracle(r, costs)
+            }
+            (p, _) => crate::speculate::Speculator::new(p, costs),
+        };
+        self.lock().speculator = Some(s);
+        Ok(())
+    }
+
+    fn speculation(&self) -> Option<crate::speculate::Totals> {
+        self.lock().speculator.as_ref().map(|s| s.totals)
+    }
+
+    fn hint_addrs(&self, addrs: &[usize]) -> Result<()> {
+        if !T::SPECULATES {
+            return Err(err("hint", libc::ENOTSUP));
+        }
+        let mut st = self.lock();
+        st.manual_hint.clear();
+        for &a in addrs {
+            st.manual_hint.push(a & !(PAGE - 1));
+        }
+        Ok(())
     }
 
     fn stats(&self) -> Stats {

@@ -163,7 +163,8 @@ fn churn(b: &dyn Backend, steps: usize, seed: u64) -> Result<String, String> {
     let refs = unsafe { std::slice::from_raw_parts_mut(refs_mem, MAX_REFS) };
     let mut nrefs = 0usize;
     let kmod = b.name() == "kmod";
-    let random_hints = kmod && std::env::var_os("COW_SUITE_RANDOM_HINTS").is_some();
+    let random_hints =
+        (kmod || b.name() == "mprotect") && std::env::var_os("COW_SUITE_RANDOM_HINTS").is_some();
     let (mut restores, mut reads, mut unmaps) = (0, 0, 0);
     let e = |op: &str, err: cow::Error| format!("{op}: {err}");
     for step in 0..steps {
