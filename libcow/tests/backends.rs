@@ -76,3 +76,19 @@ fn auto_picks_a_backend_and_says_why() {
     assert!(["kmod", "uffd", "mprotect"].contains(&c.name));
     assert!(!c.reason.is_empty());
 }
+
+#[test]
+fn mprotect_churn_with_random_speculation_hints_is_byte_exact() {
+    // Pages left writable at random must never change what a snapshot holds.
+    let out = Command::new(env!("CARGO_BIN_EXE_cow-suite"))
+        .args(["mprotect", "churn", "3000", "9"])
+        .env("COW_SUITE_RANDOM_HINTS", "1")
+        .output()
+        .expect("run cow-suite");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("zero differences"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
