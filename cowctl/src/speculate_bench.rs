@@ -76,6 +76,9 @@ pub struct Row {
     total_ms: f64,
     /// Total relative to no speculation (1.0 = same; below is faster).
     vs_none: f64,
+    /// A first-write fault on this backend as measured at start-up (what the adaptive policy
+    /// weighs against the time speculation adds), in µs; 0 without speculation.
+    fault_us: f64,
 }
 
 fn run_one(
@@ -138,6 +141,7 @@ fn run_one(
         prev = id;
     }
     let total_ms = start.elapsed().as_secs_f64() * 1e3;
+    let fault_us = b.speculation().map_or(0.0, |t| t.costs.fault_ns / 1e3);
     let st = b.stats();
     let faults = st.write_faults - stats0.write_faults;
     let precopied = st.precopied - stats0.precopied;
@@ -168,6 +172,7 @@ fn run_one(
             snapshot_us: snaps[snaps.len() / 2],
             total_ms,
             vs_none: 1.0,
+            fault_us,
         },
         record,
     ))

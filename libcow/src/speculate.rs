@@ -68,7 +68,7 @@ impl FromStr for Policy {
 }
 
 /// Costs the adaptive policy weighs, measured on the running machine.
-#[derive(Clone, Copy, Debug, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct Costs {
     /// A first-write fault, as the writing thread sees it (trap + pre-image copy), in ns.
     pub fault_ns: f64,
@@ -77,13 +77,26 @@ pub struct Costs {
 }
 
 impl Costs {
-    /// Measures both on this machine: first writes to a scratch cow.ko space after a snapshot,
-    /// and page copies. Falls back to a copy-only estimate without the module.
-    pub fn measure() -> Costs {
+    /// Measures both on this machine: page copies, and a first-write fault of the backend that
+    /// will speculate (`fault_probe`: its own trap, as the writing thread sees it; a cow.ko
+    /// fault and an mprotect signal differ by an order of magnitude). Without a probe result
+    /// the fault is estimated at ten copies.
+    pub fn measure(fault_probe: impl FnOnce() -> Option<f64>) -> Costs {
         let copy_ns = measure_copy_ns();
-        let fault_ns = measure_fault_ns().unwrap_or(copy_ns * 10.0);
+        let fault_ns = fault_probe().unwrap_or(copy_ns * 10.0);
         Costs { fault_ns, copy_ns }
     }
+}
+
+/// The median of `rounds` per-page timings of `round` (which returns nanoseconds per page):
+/// one slow round (a TCG hiccup) must not make speculation look more valuable than it is.
+pub fn median_per_page(rounds: usize, mut round: impl FnMut(usize) -> Option<f64>) -> Option<f64> {
+    let mut samples = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        samples.push(round(i)?);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples.get(rounds / 2).copied()
 }
 
 fn measure_copy_ns() -> f64 {
@@ -104,11 +117,9 @@ fn measure_copy_ns() -> f64 {
     best
 }
 
-fn measure_fault_ns() -> Option<f64> {
-    // The median of several rounds: one slow round (a TCG hiccup) must not make speculation
-    // look more valuable than it is.
+/// A cow.ko first-write fault: writes to a scratch space's pages after a snapshot.
+pub fn measure_kmod_fault_ns() -> Option<f64> {
     const PAGES: usize = 64;
-    const ROUNDS: usize = 7;
     let cow = crate::Cow::open().ok()?;
     let r = cow.map_region(PAGES * 4096).ok()?;
     let touch = |v: u8| {
@@ -118,17 +129,15 @@ fn measure_fault_ns() -> Option<f64> {
         }
     };
     touch(1);
-    let mut samples = [0f64; ROUNDS];
-    for (i, s) in samples.iter_mut().enumerate() {
+    let median = median_per_page(7, |i| {
         cow.snapshot().ok()?;
         let t = std::time::Instant::now();
         touch(i as u8 + 2);
-        *s = t.elapsed().as_nanos() as f64 / PAGES as f64;
-    }
-    samples.sort_by(|a, b| a.total_cmp(b));
+        Some(t.elapsed().as_nanos() as f64 / PAGES as f64)
+    });
     // SAFETY: unmapping the scratch region; the space closes with `cow`.
     unsafe { libc::munmap(r.addr.cast(), r.len) };
-    Some(samples[ROUNDS / 2])
+    median
 }
 
 /// What speculation did, summed over the epochs observed.
@@ -144,6 +153,8 @@ pub struct Totals {
     pub faults: u64,
     /// Pages written (faulted or pre-copied and written).
     pub written: u64,
+    /// The costs the policy weighed (measured at start-up on this backend).
+    pub costs: Costs,
 }
 
 impl Totals {
@@ -207,7 +218,10 @@ impl Speculator {
             waste: 0.0,
             recorded: Vec::new(),
             epoch: 0,
-            totals: Totals::default(),
+            totals: Totals {
+                costs,
+                ..Totals::default()
+            },
             record: None,
         }
     }
@@ -285,6 +299,10 @@ impl Speculator {
             r.push(written.to_vec());
         }
         match self.policy {
+            Policy::Adaptive if self.off_for > 1 => {
+                // Switched off and not relearning yet: nothing to learn or judge.
+                self.off_for -= 1;
+            }
             Policy::None | Policy::Oracle => {}
             Policy::Active => self.observe_active(written),
             Policy::Stable => self.observe_stable(written),
@@ -295,14 +313,26 @@ impl Speculator {
         }
     }
 
+    /// Adds the pages of `written` (sorted) not in the set yet, in one merge; returns how many.
     fn merge_new(&mut self, written: &[u64]) -> usize {
-        let mut added = 0;
+        let mut merged = Vec::with_capacity(self.set.len() + written.len());
+        let (mut i, mut added) = (0, 0);
         for &p in written {
-            if let Err(i) = self.set.binary_search_by_key(&p, |e| e.0) {
-                self.set.insert(i, (p, 0));
-                added += 1;
+            while i < self.set.len() && self.set[i].0 < p {
+                merged.push(self.set[i]);
+                i += 1;
             }
+            if i < self.set.len() && self.set[i].0 == p {
+                continue;
+            }
+            if merged.last().is_some_and(|e: &(u64, u32)| e.0 == p) {
+                continue;
+            }
+            merged.push((p, 0));
+            added += 1;
         }
+        merged.extend_from_slice(&self.set[i..]);
+        self.set = merged;
         added
     }
 
@@ -356,8 +386,8 @@ impl Speculator {
         // Judge only after a few epochs of evidence, and with a margin: speculation must not
         // make a workload slower, so it has to pay clearly to stay on.
         // A clear loss in one epoch switches off at once.
-        let clear_loss = wasted > 2.0 * saved;
-        if clear_loss || (self.on_epochs >= 3 && self.waste > 0.8 * self.benefit) {
+        let clear_loss = wasted > 1.5 * saved;
+        if clear_loss || (self.on_epochs >= 2 && self.waste > 0.8 * self.benefit) {
             self.off_for = self.backoff;
             self.backoff = (self.backoff * 2).min(256);
             self.benefit = 0.0;

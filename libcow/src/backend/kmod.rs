@@ -233,7 +233,7 @@ impl Backend for Kmod {
 
     fn set_speculation(&self, policy: Policy, recorded: Option<Vec<Vec<u64>>>) -> Result<()> {
         let mut spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
-        let costs = Costs::measure();
+        let costs = Costs::measure(crate::speculate::measure_kmod_fault_ns);
         let speculator = match (policy, recorded) {
             (Policy::Oracle, Some(r)) => Speculator::oracle(r, costs),
             (p, _) => Speculator::new(p, costs),

@@ -352,17 +352,79 @@ impl Tracker for Mprotect {
     fn keep_writable(&mut self, pages: &[usize]) {
         // A signal and two mprotect calls saved per predicted write; the next collect finds
         // these pages writable without a recorded fault and reports them.
-        for &p in pages {
-            let prot = self
-                .tracked
-                .as_slice()
-                .iter()
-                .find(|t| (t.range.start..t.range.end).contains(&p))
-                .map(|t| t.range.prot);
-            if let Some(prot) = prot {
-                protect(p, p + PAGE, prot);
+        // `pages` is sorted; consecutive pages of one range open with one call.
+        let tracked = self.tracked.as_slice();
+        let mut i = 0;
+        while i < pages.len() {
+            let k = tracked.partition_point(|t| t.range.end <= pages[i]);
+            let Some(t) = tracked.get(k).filter(|t| t.range.start <= pages[i]) else {
+                i += 1;
+                continue;
+            };
+            let mut j = i + 1;
+            while j < pages.len() && pages[j] == pages[j - 1] + PAGE && pages[j] < t.range.end {
+                j += 1;
             }
+            protect(pages[i], pages[j - 1] + PAGE, t.range.prot);
+            i = j;
         }
+    }
+
+    fn measure_fault_ns(&mut self) -> Option<f64> {
+        // A scratch range joins the handler's table for the measurement: the fault is then
+        // exactly the program's (signal, table lookup, bitmap, mprotect, sigreturn).
+        const PAGES: usize = 64;
+        let start = super::shadow::map_anonymous(PAGES * PAGE).ok()? as usize;
+        let end = start + PAGES * PAGE;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let bits = book::book().alloc_zeroed(8) as *mut AtomicU64;
+        let mut entries: BookVec<Tracked> = BookVec::new();
+        for t in self.tracked.as_slice() {
+            entries.push(*t);
+        }
+        entries.push(Tracked {
+            range: Range {
+                start,
+                end,
+                prot: rw,
+            },
+            bits,
+            words: 1,
+        });
+        entries
+            .as_mut_slice()
+            .sort_unstable_by_key(|t| t.range.start);
+        let publish = |tracked: &[Tracked]| {
+            // SAFETY: `table` is ours, in the book; the other threads are stopped, and this
+            // thread is not in the handler.
+            unsafe {
+                (*self.table).entries = tracked.as_ptr();
+                (*self.table).count = tracked.len();
+            }
+        };
+        publish(entries.as_slice());
+        // Every other page: each fault then splits a mapping, as scattered writes do (writes
+        // in address order would only grow the previous page's mapping, which is cheaper).
+        let median = crate::speculate::median_per_page(7, |round| {
+            protect(start, end, libc::PROT_READ);
+            let t = std::time::Instant::now();
+            for p in (start..end).step_by(2 * PAGE) {
+                // SAFETY: a page of the scratch mapping; the write faults into our handler,
+                // which makes it writable.
+                unsafe { (p as *mut u8).write_volatile(round as u8) };
+            }
+            Some(t.elapsed().as_nanos() as f64 / (PAGES / 2) as f64)
+        });
+        publish(self.tracked.as_slice());
+        book::book().free(bits.cast(), 8);
+        // SAFETY: unmapping the scratch mapping, which nothing else knows.
+        unsafe { libc::munmap(start as *mut libc::c_void, end - start) };
+        let faults = FAULTS.load(Ordering::Acquire);
+        if !faults.is_null() {
+            // SAFETY: the counter leaked into the book at install time.
+            unsafe { (*faults).fetch_sub(7 * PAGES / 2, Ordering::Relaxed) };
+        }
+        median
     }
 
     fn faults(&self) -> u64 {

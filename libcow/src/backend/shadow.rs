@@ -72,6 +72,11 @@ pub trait Tracker: Send + 'static {
     fn faults(&self) -> u64 {
         0
     }
+    /// What one tracked first write costs the writing thread, in ns (for the adaptive
+    /// speculation policy), measured on scratch memory. Other threads are stopped.
+    fn measure_fault_ns(&mut self) -> Option<f64> {
+        None
+    }
     /// Whether `prot` from /proc/self/maps may hide a covered, write-protected range
     /// (mprotect rewrites permissions; uffd does not).
     const REWRITES_PROT: bool;
@@ -493,13 +498,10 @@ impl<T: Tracker> State<T> {
         if let Some(s) = self.speculator.as_mut() {
             let w: Vec<u64> = written.iter().map(|&p| p as u64).collect();
             // Charged to speculation: last time's hinting (unprotecting), and this snapshot's
-            // comparisons and copies of the pages it left writable.
-            let per_page = if dirty_pages(written.len()) > 0 {
-                compare_ns / dirty_pages(written.len())
-            } else {
-                0
-            };
-            let extra = self.spec_ns + per_page * precopied;
+            // comparisons of the pages it left writable that were not written (written ones
+            // are compared and copied with or without speculation).
+            let per_page = compare_ns / dirty_pages(written.len());
+            let extra = self.spec_ns + per_page * precopied.saturating_sub(useful);
             s.observe(&w, precopied, useful, faults - self.faults_at_last, extra);
             for p in s.hint() {
                 hint.push(p as usize);
@@ -610,6 +612,7 @@ impl<T: Tracker> State<T> {
             undo.push((page, old));
             self.stats.pages_saved += 1;
         }
+        let compare_ns = now_ns() - compare_start;
         // New memory: shadow its present pages, then arm it.
         let mut fresh = BookVec::new();
         subtract(covered.as_slice(), self.armed.as_slice(), &mut fresh);
@@ -628,7 +631,6 @@ impl<T: Tracker> State<T> {
             self.tracker.arm(r)?;
         }
         self.tracker.set_ranges(covered.as_slice());
-        let compare_ns = now_ns() - compare_start;
         self.speculate(written.as_slice(), useful, covered.as_slice(), compare_ns);
 
         // Seal the newest snapshot's undo log (or drop it: nothing older needs it).
@@ -980,7 +982,11 @@ impl<T: Tracker> Backend for Shadow<T> {
                 libc::ENOTSUP,
             ));
         }
-        let costs = crate::speculate::Costs::measure();
+        let costs = crate::speculate::Costs::measure(|| {
+            let mut st = self.lock();
+            let _stopped = world::stop_others().ok()?;
+            st.tracker.measure_fault_ns()
+        });
         let s = match (policy, recorded) {
             (crate::speculate::Policy::Oracle, Some(r)) => {
                 crate::speculate::Speculator::oracle(r, costs)
