@@ -51,7 +51,7 @@ enum Command {
     },
     /// Run a program with its heap and globals under cow.ko (exit code = the program's).
     #[command(
-        after_help = "Examples:\n  cowctl run -- ./server --port 8080\n  cowctl run --heap-mib 512 -- python3 script.py"
+        after_help = "Examples:\n  cowctl run -- ./server --port 8080\n  cowctl run --heap-mib 512 -- python3 script.py\n  cowctl run --every 10 --speculate=adaptive -- perl bench.pl\n  cowctl run --every 100 --keep 32 --report run.json -- ./server"
     )]
     Run {
         /// Backend to cover the program with.
@@ -60,10 +60,21 @@ enum Command {
         /// Size of the covered heap in MiB (virtual; pages are allocated at first touch).
         #[arg(long)]
         heap_mib: Option<u64>,
-        /// Speculative pre-copy policy for the program's own snapshots (none, active, stable,
+        /// Speculative pre-copy policy for the program's snapshots (none, active, stable,
         /// adaptive).
         #[arg(long)]
         speculate: Option<String>,
+        /// Snapshot the program every MS milliseconds (a libcow thread in the program); a
+        /// summary of what the checkpoints cost is printed at exit.
+        #[arg(long, value_name = "MS")]
+        every: Option<u64>,
+        /// With --every: snapshots kept (older ones are dropped).
+        #[arg(long, value_name = "N", requires = "every")]
+        keep: Option<usize>,
+        /// Write a JSON report (checkpoints, counters, speculation) to FILE when the program
+        /// exits.
+        #[arg(long, value_name = "FILE")]
+        report: Option<std::path::PathBuf>,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         argv: Vec<String>,
@@ -171,10 +182,20 @@ fn main() -> ExitCode {
         backend,
         heap_mib,
         speculate,
+        every,
+        keep,
+        report,
         argv,
     } = &cli.command
     {
-        return match run::run(backend, *heap_mib, speculate.as_deref(), argv) {
+        let opts = run::Options {
+            heap_mib: *heap_mib,
+            speculate: speculate.clone(),
+            every_ms: *every,
+            keep: *keep,
+            report: report.clone(),
+        };
+        return match run::run(backend, &opts, argv) {
             Ok(code) => ExitCode::from(code),
             Err(err) => {
                 eprintln!("cowctl: {err:#}");

@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 use cow::speculate::Policy;
 use serde::Serialize;
+use std::path::Path;
 use std::time::Instant;
 
 /// Pages of the covered region.
@@ -23,6 +24,10 @@ pub enum Workload {
     Drifting,
     /// 2 % random pages each epoch: nothing to predict.
     Random,
+    /// A real program: Debian's perl running a key-value cache script (`workloads/kv.pl`)
+    /// under `cowctl run --every`, its heap and globals covered by cow.ko.
+    #[serde(rename = "perl-kv")]
+    PerlKv,
 }
 
 impl Workload {
@@ -37,6 +42,7 @@ impl Workload {
                 let start = epoch * WORKING_SET / 4;
                 (start..start + WORKING_SET).map(spread).collect()
             }
+            Workload::PerlKv => Vec::new(),
             Workload::Random => (0..WORKING_SET)
                 .map(|_| {
                     *rng ^= *rng << 13;
@@ -233,6 +239,129 @@ fn worker(spec: &str) -> Result<()> {
     Ok(())
 }
 
+/// The real program's script, and how often it is checkpointed.
+const KV_SCRIPT: &str = include_str!("workloads/kv.pl");
+const KV_EVERY_MS: u64 = 10;
+
+/// Runs the perl workload once under `cowctl run --every` with `policy` (`record`: also write
+/// the epochs' write sets there; an oracle replays `replay`). Returns the row and the
+/// program's wall time.
+fn run_program(
+    policy: Option<Policy>,
+    record: Option<&Path>,
+    replay: Option<&Path>,
+) -> Result<Row> {
+    let report = std::env::temp_dir().join(format!("cowctl-kv-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&report);
+    let opts = crate::run::Options {
+        every_ms: policy.map(|_| KV_EVERY_MS),
+        speculate: policy.map(|p| p.name().to_string()),
+        report: Some(report.clone()),
+        ..Default::default()
+    };
+    let argv = ["perl".to_string(), "-e".to_string(), KV_SCRIPT.to_string()];
+    let mut cmd = crate::run::command(&opts, &argv)?;
+    if let Some(r) = record {
+        cmd.env("COW_SPECULATE_RECORD", r);
+    }
+    if let Some(r) = replay {
+        cmd.env("COW_SPECULATE_REPLAY", r);
+    }
+    let start = Instant::now();
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run perl: {e}"))?;
+    let total_ms = start.elapsed().as_secs_f64() * 1e3;
+    if !out.status.success() {
+        bail!("perl under cowctl run failed ({})", out.status);
+    }
+    let r = crate::run::read_report(&report)?;
+    let _ = std::fs::remove_file(&report);
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let faults = n(&r["stats"]["write_faults"]);
+    let precopied = n(&r["stats"]["precopied"]);
+    let useful = n(&r["stats"]["precopy_useful"]);
+    let epochs = n(&r["checkpoints"]["snapshots"]) as usize;
+    Ok(Row {
+        backend: "kmod".into(),
+        workload: Workload::PerlKv,
+        policy: policy.map_or("no-checkpoints", |p| p.name()).to_string(),
+        epochs,
+        pages_per_epoch: ((faults + useful) as usize)
+            .checked_div(epochs)
+            .unwrap_or(0),
+        faults,
+        faults_avoided_pct: 0.0,
+        precision: if precopied == 0 {
+            0.0
+        } else {
+            useful as f64 / precopied as f64
+        },
+        recall: if useful + faults == 0 {
+            0.0
+        } else {
+            useful as f64 / (useful + faults) as f64
+        },
+        precopied,
+        snapshot_us: r["checkpoints"]["snapshot_us_median"]
+            .as_f64()
+            .unwrap_or(0.0),
+        total_ms,
+        vs_none: 1.0,
+        fault_us: r["speculation"]["costs"]["fault_ns"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e3,
+    })
+}
+
+/// The real-program rows: the script under each policy, checkpointed every
+/// [`KV_EVERY_MS`] ms. The oracle replays the write sets of a recording run by epoch index;
+/// epochs are timer-driven, so it is near-perfect only where the program's phases repeat.
+fn program_rows(policies: &[Policy]) -> Result<Vec<Row>> {
+    if std::process::Command::new("perl")
+        .arg("-e1")
+        .status()
+        .map_or(true, |s| !s.success())
+    {
+        eprintln!("cowctl bench --speculate: no perl here; the real-program workload is skipped");
+        return Ok(Vec::new());
+    }
+    let record = std::env::temp_dir().join(format!("cowctl-kv-record-{}.json", std::process::id()));
+    eprintln!("cowctl bench --speculate: kmod perl-kv, without checkpoints (for reference)");
+    let alone = run_program(None, None, None)?;
+    eprintln!("cowctl bench --speculate: kmod perl-kv, recording write sets for the oracle");
+    run_program(Some(Policy::None), Some(&record), None)?;
+    let mut rows = vec![alone];
+    let order = std::iter::once(Policy::None)
+        .chain(policies.iter().copied().filter(|p| *p != Policy::None));
+    for p in order {
+        eprintln!(
+            "cowctl bench --speculate: kmod perl-kv, policy {}",
+            p.name()
+        );
+        let replay = (p == Policy::Oracle).then_some(record.as_path());
+        rows.push(run_program(Some(p), None, replay)?);
+    }
+    let _ = std::fs::remove_file(&record);
+    Ok(rows)
+}
+
+/// Fills in each row's comparison with the group's `none` row.
+fn relate_to_none(group: &mut [Row]) {
+    let Some(none) = group.iter().find(|r| r.policy == "none") else {
+        return;
+    };
+    let (faults, ms) = (none.faults.max(1) as f64, none.total_ms);
+    for row in group.iter_mut() {
+        if row.policy != "no-checkpoints" {
+            row.faults_avoided_pct = 100.0 * (1.0 - row.faults as f64 / faults);
+        }
+        row.vs_none = row.total_ms / ms;
+    }
+}
+
 /// Runs the speculation benchmark for `policies` (`none` and `oracle` always included), each
 /// run in its own process (an in-process backend covers the whole process it lives in).
 pub fn run(policies: &[Policy], json: bool) -> Result<()> {
@@ -249,7 +378,7 @@ pub fn run(policies: &[Policy], json: bool) -> Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     for backend in backends {
         for w in Workload::ALL {
-            let mut base: Option<(f64, f64)> = None;
+            let mut group = Vec::new();
             let order = std::iter::once(Policy::None)
                 .chain(policies.iter().copied().filter(|p| *p != Policy::None));
             for p in order {
@@ -268,16 +397,15 @@ pub fn run(policies: &[Policy], json: bool) -> Result<()> {
                     bail!("{backend} {w:?} {} failed ({})", p.name(), out.status);
                 }
                 let text = String::from_utf8_lossy(&out.stdout);
-                let mut row: Row = serde_json::from_str(text.lines().last().unwrap_or("{}"))?;
-                match base {
-                    None => base = Some((row.faults.max(1) as f64, row.total_ms)),
-                    Some((faults, ms)) => {
-                        row.faults_avoided_pct = 100.0 * (1.0 - row.faults as f64 / faults);
-                        row.vs_none = row.total_ms / ms;
-                    }
-                }
-                rows.push(row);
+                group.push(serde_json::from_str(text.lines().last().unwrap_or("{}"))?);
             }
+            relate_to_none(&mut group);
+            rows.append(&mut group);
+        }
+        if backend == "kmod" {
+            let mut group = program_rows(policies)?;
+            relate_to_none(&mut group);
+            rows.append(&mut group);
         }
     }
     let _ = std::fs::remove_file(&record);
@@ -286,7 +414,8 @@ pub fn run(policies: &[Policy], json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<9} {:<9} {:>8} {:>9} {:>9} {:>7} {:>11} {:>9} {:>8}",
+        "{:<9} {:<9} {:<14} {:>8} {:>9} {:>9} {:>7} {:>11} {:>9} {:>8}",
+        "backend",
         "workload",
         "policy",
         "faults",
@@ -298,10 +427,11 @@ pub fn run(policies: &[Policy], json: bool) -> Result<()> {
         "vs none"
     );
     for r in &rows {
+        let workload = serde_json::to_string(&r.workload)?;
         println!(
-            "{:<9} {:<9} {:<9} {:>8} {:>9.1} {:>9.2} {:>7.2} {:>11.1} {:>9.1} {:>8.3}",
+            "{:<9} {:<9} {:<14} {:>8} {:>9.1} {:>9.2} {:>7.2} {:>11.1} {:>9.1} {:>8.3}",
             r.backend,
-            format!("{:?}", r.workload).to_lowercase(),
+            workload.trim_matches('"'),
             r.policy,
             r.faults,
             r.faults_avoided_pct,

@@ -14,6 +14,17 @@ static REASON: OnceLock<CString> = OnceLock::new();
 /// libcow_preload, whose allocator they lock).
 static QUIESCE: OnceLock<QuiesceHooks> = OnceLock::new();
 
+/// Serialises snapshots, restores and drops between threads (a program's own calls and the
+/// checkpointer's). In the book, and created before the first snapshot, so that no restore
+/// ever rewinds it.
+static OPS: OnceLock<&'static std::sync::Mutex<()>> = OnceLock::new();
+
+fn ops_lock() -> std::sync::MutexGuard<'static, ()> {
+    OPS.get_or_init(|| crate::book::leak(std::sync::Mutex::new(())))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
 /// `(hold, release)`: make the covered heap quiescent, and let it go again.
 pub type QuiesceHooks = (fn(), fn());
 
@@ -23,16 +34,25 @@ pub fn install(space: &'static Cow, hold: fn(), release: fn()) {
     let kmod: &'static dyn Backend = Box::leak(Box::new(backend::kmod::Kmod::with_quiesce(
         space, hold, release,
     )));
-    // `cowctl run --speculate=POLICY` passes the policy in COW_SPECULATE.
+    // `cowctl run --speculate=POLICY` passes the policy in COW_SPECULATE; an oracle replays
+    // the write sets in COW_SPECULATE_REPLAY (recorded by a run with COW_SPECULATE_RECORD).
     if let Some(policy) = std::env::var("COW_SPECULATE")
         .ok()
-        .and_then(|p| p.parse().ok())
+        .and_then(|p| p.parse::<crate::speculate::Policy>().ok())
     {
-        let _ = kmod.set_speculation(policy, None);
+        let recorded = std::env::var_os("COW_SPECULATE_REPLAY")
+            .filter(|_| policy == crate::speculate::Policy::Oracle)
+            .and_then(|path| std::fs::read_to_string(path).ok())
+            .and_then(|text| serde_json::from_str(&text).ok());
+        let _ = kmod.set_speculation(policy, recorded);
+    }
+    if std::env::var_os("COW_SPECULATE_RECORD").is_some() {
+        let _ = kmod.record_write_sets();
     }
     let _ = BACKEND.set(kmod);
     let _ = REASON.set(c"libcow_preload covers the heap and globals with cow.ko".into());
     let _ = QUIESCE.set((hold, release));
+    drop(ops_lock());
 }
 
 /// Runs `op` with the covered heap quiescent, if a preload installed the hooks.
@@ -132,6 +152,7 @@ pub unsafe extern "C" fn cow_init(backend: *const c_char) -> c_int {
     }
     match backend::open(name) {
         Ok((b, choice)) => {
+            drop(ops_lock());
             let _ = BACKEND.set(Box::leak(b));
             let _ = REASON.set(CString::new(choice.reason).unwrap_or_default());
             0
@@ -182,27 +203,35 @@ pub extern "C" fn cow_alloc_uncovered(len: usize) -> *mut c_void {
 /// Takes a snapshot of all covered memory; returns its id (≥ 1) or a negative errno.
 #[no_mangle]
 pub extern "C" fn cow_snapshot() -> i64 {
-    match backend() {
-        // The backend holds the heap quiescent around the snapshot itself (it allocates
-        // before and after, which it could not do with the allocator's locks held).
-        Ok(b) => match b.snapshot() {
-            Ok(id) => id as i64,
-            Err(e) => -(e.errno() as i64),
-        },
-        Err(e) => e as i64,
+    let b = match backend() {
+        Ok(b) => b,
+        Err(e) => return e as i64,
+    };
+    let _ops = ops_lock();
+    // The backend holds the heap quiescent around the snapshot itself (it allocates before
+    // and after, which it could not do with the allocator's locks held).
+    match b.snapshot() {
+        Ok(id) => id as i64,
+        Err(e) => -(e.errno() as i64),
     }
 }
 
 /// Restores all covered memory to snapshot `id`. 0 or a negative errno (`-ENOENT`: no such id).
 #[no_mangle]
 pub extern "C" fn cow_restore(id: i64) -> c_int {
-    with_backend(|b| quiesced(|| b.restore(positive_id(id)?)))
+    with_backend(|b| {
+        let _ops = ops_lock();
+        quiesced(|| b.restore(positive_id(id)?))
+    })
 }
 
 /// Drops snapshot `id`. 0 or a negative errno.
 #[no_mangle]
 pub extern "C" fn cow_drop(id: i64) -> c_int {
-    with_backend(|b| b.drop_snapshot(positive_id(id)?))
+    with_backend(|b| {
+        let _ops = ops_lock();
+        b.drop_snapshot(positive_id(id)?)
+    })
 }
 
 /// Copies `len` bytes at `addr` as they were at snapshot `id` into `buf`. 0 or a negative errno.

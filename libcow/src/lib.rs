@@ -9,11 +9,13 @@
 
 pub mod backend;
 pub mod book;
+pub mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod ffi;
 pub mod maps;
 pub mod probe;
+pub mod report;
 pub mod speculate;
 mod sys;
 pub mod world;

@@ -265,7 +265,7 @@ impl Speculator {
     /// (not while the adaptive policy is switched off, except in the last epoch before it
     /// tries again, to relearn the working set).
     pub fn wants_observation(&self) -> bool {
-        self.policy != Policy::None && self.off_for <= 1
+        self.record.is_some() || (self.policy != Policy::None && self.off_for <= 1)
     }
 
     /// Counts an epoch that was not observed (speculation switched off).

@@ -50,6 +50,41 @@ extern "C" fn constructor() {
         globals::cover_executable_globals();
         fork::install_handlers();
         publish_fd();
+        // SAFETY: getpid has no preconditions.
+        OWNER_PID.store(unsafe { libc::getpid() }, Ordering::Release);
+        start_checkpointer();
+    }
+}
+
+/// The covered process (a forked child is no longer covered and has no checkpointer).
+static OWNER_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// `cowctl run --every MS`: periodic snapshots, started before the program's first
+/// instruction so that every snapshot holds what the checkpointer itself allocated.
+fn start_checkpointer() {
+    let Some(cfg) = cow::checkpoint::Config::from_env() else {
+        return;
+    };
+    if let Err(e) = cow::checkpoint::start(
+        cfg,
+        || cow::ffi::cow_snapshot(),
+        |id| cow::ffi::cow_drop(id),
+    ) {
+        eprintln!("libcow_preload: cannot start the checkpointer: {e}");
+    }
+}
+
+/// Runs after the program's own destructors (the loader finalises preloaded objects last).
+#[used]
+#[link_section = ".fini_array"]
+static DESTRUCTOR: extern "C" fn() = destructor;
+
+extern "C" fn destructor() {
+    // SAFETY: getpid has no preconditions.
+    let me = unsafe { libc::getpid() };
+    // A forked child (no longer covered, and without the checkpointer thread) reports nothing.
+    if STATE.load(Ordering::Acquire) == READY && OWNER_PID.load(Ordering::Acquire) == me {
+        cow::report::write_at_exit();
     }
 }
 

@@ -140,15 +140,18 @@ impl Backend for Kmod {
             self.quiesced(|| self.cow.snapshot())
         } else {
             // Pre-copied pages stay writable: the snapshot must not race with writers, so the
-            // other threads are stopped around it (their stacks are ours to allocate on: the
-            // world is stopped before the heap is held, and released after).
-            let stopped = crate::world::stop_others().map_err(|e| Error::Os {
-                op: "stop the other threads",
-                errno: e.raw_os_error().unwrap_or(libc::EIO),
-            })?;
-            let id = self.quiesced(|| self.cow.snapshot_quiesced());
-            drop(stopped);
-            id
+            // other threads are stopped around it. The heap is held first: a thread stopped
+            // inside malloc would otherwise keep its shard locked for good. (Stopping
+            // allocates nothing: its state is in the book.)
+            self.quiesced(|| {
+                let stopped = crate::world::stop_others().map_err(|e| Error::Os {
+                    op: "stop the other threads",
+                    errno: e.raw_os_error().unwrap_or(libc::EIO),
+                })?;
+                let id = self.cow.snapshot_quiesced();
+                drop(stopped);
+                id
+            })
         };
         let id = id?;
         let mut spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
@@ -242,6 +245,22 @@ impl Backend for Kmod {
         spec.speculator = Some(speculator);
         spec.last_id = None;
         self.cow.hint(&[])
+    }
+
+    fn record_write_sets(&self) -> Result<()> {
+        let mut spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
+        let s = spec
+            .speculator
+            .get_or_insert_with(|| Speculator::new(Policy::None, Costs::default()));
+        s.record = Some(Vec::new());
+        // Observation needs the quiesced path's bookkeeping (an empty hint copies nothing).
+        spec.hinting = true;
+        Ok(())
+    }
+
+    fn recorded_write_sets(&self) -> Option<Vec<Vec<u64>>> {
+        let spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
+        spec.speculator.as_ref().and_then(|s| s.record.clone())
     }
 
     fn speculation(&self) -> Option<Totals> {

@@ -75,6 +75,18 @@ pub trait Backend: Send + Sync {
     fn speculation(&self) -> Option<Totals> {
         None
     }
+    /// Records the write set of every epoch from now on (for a later `oracle` run), whatever
+    /// the policy. Backends that cannot refuse with `ENOTSUP`.
+    fn record_write_sets(&self) -> Result<()> {
+        Err(crate::Error::Os {
+            op: "record write sets",
+            errno: libc::ENOTSUP,
+        })
+    }
+    /// The write sets recorded since [`Backend::record_write_sets`] (in the units hints use).
+    fn recorded_write_sets(&self) -> Option<Vec<Vec<u64>>> {
+        None
+    }
     /// Sets the pre-copy hint by address directly (tests: random hints must never change
     /// results). Backends without pre-copy refuse with `ENOTSUP`.
     fn hint_addrs(&self, _addrs: &[usize]) -> Result<()> {

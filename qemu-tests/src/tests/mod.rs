@@ -1,6 +1,7 @@
 //! Every in-guest test, in the order the runner executes them.
 
 mod backends;
+mod checkpoint;
 mod device;
 mod preload;
 mod remote;
@@ -18,6 +19,7 @@ pub fn all() -> Vec<Test> {
     v.extend(preload::tests());
     v.extend(backends::tests());
     v.extend(speculate::tests());
+    v.extend(checkpoint::tests());
     v
 }
 

@@ -1,0 +1,208 @@
+//! Periodic checkpoints: a thread that snapshots the whole process every `every`, keeping the
+//! newest `keep` snapshots (older ones are dropped), for programs that never call libcow.
+//!
+//! `cowctl run --every MS` starts it in libcow_preload. The thread goes through the C API's
+//! snapshot path, so speculation, heap quiescing and stopping the other threads are the same
+//! as for a program's own `cow_snapshot`. Its state lives in the book: a restore of the
+//! program's memory never rewinds the checkpointer. It is started before the first snapshot,
+//! so every snapshot already holds whatever the thread itself allocated.
+//!
+//! Effect on the program: every snapshot briefly holds the covered heap's locks (and, while a
+//! speculation policy hints pages, stops the other threads with a signal; interrupted system
+//! calls restart, except those Linux never restarts, such as `nanosleep`, which return early
+//! with `EINTR`).
+
+use crate::book;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+/// Latency samples kept for the summary's percentiles (later snapshots are still counted).
+const MAX_SAMPLES: usize = 1 << 16;
+
+/// What to do, from the environment (`COW_CHECKPOINT_MS`, `COW_CHECKPOINT_KEEP`).
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// Time between snapshots.
+    pub every: Duration,
+    /// Snapshots kept; the oldest beyond it is dropped.
+    pub keep: usize,
+}
+
+impl Config {
+    /// The configuration `cowctl run --every MS [--keep N]` passes, if any.
+    pub fn from_env() -> Option<Config> {
+        let ms: u64 = std::env::var("COW_CHECKPOINT_MS").ok()?.parse().ok()?;
+        let keep = std::env::var("COW_CHECKPOINT_KEEP")
+            .ok()
+            .and_then(|k| k.parse().ok())
+            .unwrap_or(8usize)
+            .max(1);
+        (ms > 0).then_some(Config {
+            every: Duration::from_millis(ms),
+            keep,
+        })
+    }
+}
+
+/// What the checkpointer did.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Summary {
+    /// Snapshots taken.
+    pub snapshots: u64,
+    /// Snapshots that failed (the errno of the last one in `last_errno`).
+    pub failures: u64,
+    /// The errno of the last failure (0: none).
+    pub last_errno: i32,
+    /// Snapshot latency as the checkpointer saw it (heap quiescing and thread stops included):
+    /// median, 99th percentile and maximum, in µs.
+    pub snapshot_us_median: f64,
+    /// See `snapshot_us_median`.
+    pub snapshot_us_p99: f64,
+    /// See `snapshot_us_median`.
+    pub snapshot_us_max: f64,
+}
+
+struct State {
+    stop: AtomicBool,
+    snapshots: AtomicU64,
+    failures: AtomicU64,
+    last_errno: AtomicU64,
+    /// Held while a checkpoint is in progress, so that `stop` waits for it.
+    busy: Mutex<()>,
+    /// Latencies in ns, `min(snapshots, MAX_SAMPLES)` of them.
+    samples: &'static mut [AtomicU64],
+}
+
+static STATE: OnceLock<&'static State> = OnceLock::new();
+
+/// Starts the checkpointer thread: `snapshot` takes a snapshot (returning its id or a negative
+/// errno), `drop` drops one. Returns an error if it is already running or the thread cannot
+/// be created.
+pub fn start(cfg: Config, snapshot: fn() -> i64, drop: fn(i64) -> i32) -> std::io::Result<()> {
+    let samples_mem = book::alloc_uncovered(MAX_SAMPLES * 8);
+    // SAFETY: the book hands out 8-aligned zeroed memory; zero is a valid AtomicU64, and the
+    // slice is this state's alone.
+    let samples = unsafe {
+        std::slice::from_raw_parts_mut(samples_mem.as_mut_ptr().cast::<AtomicU64>(), MAX_SAMPLES)
+    };
+    let state: &'static State = book::leak(State {
+        stop: AtomicBool::new(false),
+        snapshots: AtomicU64::new(0),
+        failures: AtomicU64::new(0),
+        last_errno: AtomicU64::new(0),
+        busy: Mutex::new(()),
+        samples,
+    });
+    if STATE.set(state).is_err() {
+        return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
+    }
+    std::thread::Builder::new()
+        .name("cow-checkpoint".into())
+        .spawn(move || run(state, cfg, snapshot, drop))
+        .map(|_| ())
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn sleep_until(ns: u64) {
+    let ts = libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: an absolute monotonic sleep on a timespec of ours; EINTR just ends it early.
+    unsafe {
+        libc::clock_nanosleep(
+            libc::CLOCK_MONOTONIC,
+            libc::TIMER_ABSTIME,
+            &ts,
+            std::ptr::null_mut(),
+        )
+    };
+}
+
+fn run(state: &'static State, cfg: Config, snapshot: fn() -> i64, drop: fn(i64) -> i32) {
+    // The ids kept, oldest first, in the book: a restore must not rewind them.
+    let kept_mem = book::alloc_uncovered(cfg.keep * 8);
+    // SAFETY: zeroed, 8-aligned memory of `keep` i64s, this thread's alone.
+    let kept =
+        unsafe { std::slice::from_raw_parts_mut(kept_mem.as_mut_ptr().cast::<i64>(), cfg.keep) };
+    let (mut head, mut len) = (0usize, 0usize);
+    let period = cfg.every.as_nanos() as u64;
+    let mut next = monotonic_ns() + period;
+    loop {
+        sleep_until(next);
+        let now = monotonic_ns();
+        // A late wake-up does not cause a burst of catch-up snapshots.
+        next = (next + period).max(now + period / 2);
+        let _busy = state.busy.lock().unwrap_or_else(|e| e.into_inner());
+        if state.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let t0 = monotonic_ns();
+        let id = snapshot();
+        let took = monotonic_ns() - t0;
+        if id < 0 {
+            state.failures.fetch_add(1, Ordering::Relaxed);
+            state.last_errno.store(-id as u64, Ordering::Relaxed);
+            continue;
+        }
+        let n = state.snapshots.fetch_add(1, Ordering::AcqRel) as usize;
+        if let Some(s) = state.samples.get(n) {
+            s.store(took, Ordering::Relaxed);
+        }
+        if len == kept.len() {
+            // Dropping may fail if a restore already discarded it: nothing to do then.
+            drop(kept[head]);
+            head = (head + 1) % kept.len();
+            len -= 1;
+        }
+        kept[(head + len) % kept.len()] = id;
+        len += 1;
+    }
+}
+
+/// Whether the checkpointer was started in this process.
+pub fn running() -> bool {
+    STATE.get().is_some_and(|s| !s.stop.load(Ordering::Acquire))
+}
+
+/// Stops the checkpointer (waiting for a checkpoint in progress) and sums up what it did.
+/// `None` if it was never started.
+pub fn stop() -> Option<Summary> {
+    let state = STATE.get()?;
+    {
+        let _busy = state.busy.lock().unwrap_or_else(|e| e.into_inner());
+        state.stop.store(true, Ordering::Release);
+    }
+    Some(summary(state))
+}
+
+fn summary(state: &State) -> Summary {
+    let snapshots = state.snapshots.load(Ordering::Acquire);
+    let mut ns: Vec<u64> = state.samples[..(snapshots as usize).min(MAX_SAMPLES)]
+        .iter()
+        .map(|s| s.load(Ordering::Relaxed))
+        .collect();
+    ns.sort_unstable();
+    let at = |q: f64| {
+        ns.get(((ns.len() as f64 - 1.0) * q).round() as usize)
+            .map_or(0.0, |&v| v as f64 / 1e3)
+    };
+    Summary {
+        snapshots,
+        failures: state.failures.load(Ordering::Relaxed),
+        last_errno: state.last_errno.load(Ordering::Relaxed) as i32,
+        snapshot_us_median: at(0.5),
+        snapshot_us_p99: at(0.99),
+        snapshot_us_max: at(1.0),
+    }
+}

@@ -1,0 +1,51 @@
+//! What a run under libcow_preload did, written at exit: `COW_REPORT` (set by
+//! `cowctl run --report FILE`) receives one JSON object, and `COW_SPECULATE_RECORD` the write
+//! set of every epoch (for a later `oracle` run, which reads them from `COW_SPECULATE_REPLAY`).
+
+use crate::backend::Stats;
+use crate::checkpoint::Summary;
+use crate::speculate::Totals;
+
+/// The report's JSON object.
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    /// The backend that covered the program.
+    pub backend: &'static str,
+    /// The speculation policy (`none` without speculation).
+    pub policy: String,
+    /// The periodic checkpointer's summary (absent without `--every`).
+    pub checkpoints: Option<Summary>,
+    /// The backend's counters at exit.
+    pub stats: Stats,
+    /// What speculation did (absent without a policy).
+    pub speculation: Option<Totals>,
+}
+
+/// Stops the checkpointer and writes what the environment asks for. Errors go to stderr: the
+/// program's own exit status is not ours to change.
+pub fn write_at_exit() {
+    let checkpoints = crate::checkpoint::stop();
+    let Some(backend) = crate::ffi::current_backend() else {
+        return;
+    };
+    if let Some(path) = std::env::var_os("COW_SPECULATE_RECORD") {
+        let sets = backend.recorded_write_sets().unwrap_or_default();
+        let text = serde_json::to_string(&sets).unwrap_or_default();
+        if let Err(e) = std::fs::write(&path, text) {
+            eprintln!("libcow: cannot write {}: {e}", path.to_string_lossy());
+        }
+    }
+    if let Some(path) = std::env::var_os("COW_REPORT") {
+        let report = Report {
+            backend: backend.name(),
+            policy: std::env::var("COW_SPECULATE").unwrap_or_else(|_| "none".into()),
+            checkpoints,
+            stats: backend.stats(),
+            speculation: backend.speculation(),
+        };
+        let text = serde_json::to_string(&report).unwrap_or_default();
+        if let Err(e) = std::fs::write(&path, text + "\n") {
+            eprintln!("libcow: cannot write {}: {e}", path.to_string_lossy());
+        }
+    }
+}

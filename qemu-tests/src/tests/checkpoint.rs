@@ -1,0 +1,154 @@
+//! `cowctl run --every MS`: a libcow thread checkpoints an unmodified program periodically,
+//! alone and together with the program's own snapshots and restores, with and without
+//! speculation; the program's results must not change.
+
+use super::sibling;
+use crate::Test;
+use anyhow::{ensure, Context, Result};
+use std::process::Command;
+
+/// This file's tests.
+pub fn tests() -> Vec<Test> {
+    vec![
+        Test {
+            name: "checkpoint::perl_unchanged_and_reported",
+            run: perl_unchanged_and_reported,
+        },
+        Test {
+            name: "checkpoint::own_restores_stay_exact",
+            run: own_restores_stay_exact,
+        },
+        Test {
+            name: "checkpoint::threads_with_speculation",
+            run: threads_with_speculation,
+        },
+        Test {
+            name: "checkpoint::bad_options_rejected",
+            run: bad_options_rejected,
+        },
+    ]
+}
+
+/// The real-program workload of `cowctl bench --speculate`.
+const KV_SCRIPT: &str = include_str!("../../../cowctl/src/workloads/kv.pl");
+
+fn cowctl_run(opts: &[&str], argv: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(sibling("cowctl")?)
+        .arg("run")
+        .args(opts)
+        .arg("--")
+        .args(argv)
+        .output()?)
+}
+
+fn ok(out: &std::process::Output, what: &str) -> Result<String> {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "{what}: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+fn perl_unchanged_and_reported() -> Result<()> {
+    let plain = Command::new("perl")
+        .args(["-e", KV_SCRIPT, "40000"])
+        .output()
+        .context("perl")?;
+    let expected = ok(&plain, "plain perl")?;
+    for policy in ["none", "adaptive"] {
+        let report = std::env::temp_dir().join(format!("checkpoint-{policy}.json"));
+        let _ = std::fs::remove_file(&report);
+        let out = cowctl_run(
+            &[
+                "--every=2",
+                "--keep=3",
+                &format!("--speculate={policy}"),
+                &format!("--report={}", report.display()),
+            ],
+            &["perl", "-e", KV_SCRIPT, "40000"],
+        )?;
+        let got = ok(&out, policy)?;
+        ensure!(
+            got == expected,
+            "{policy}: output {got:?}, expected {expected:?}"
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            stderr.contains("checkpoints (0 failed)"),
+            "{policy}: summary: {stderr}"
+        );
+        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+        let c = &r["checkpoints"];
+        ensure!(
+            c["snapshots"].as_u64() >= Some(5),
+            "{policy}: too few checkpoints: {r}"
+        );
+        ensure!(c["failures"] == 0, "{policy}: failures: {r}");
+        ensure!(
+            r["stats"]["snapshots"].as_u64() <= Some(3),
+            "{policy}: more snapshots held than --keep: {r}"
+        );
+        ensure!(
+            r["stats"]["write_faults"].as_u64() > Some(0),
+            "{policy}: no faults: {r}"
+        );
+        ensure!(
+            r["policy"] == policy,
+            "{policy}: report says {}",
+            r["policy"]
+        );
+    }
+    Ok(())
+}
+
+fn own_restores_stay_exact() -> Result<()> {
+    // The program snapshots and restores its own memory at random while the checkpointer
+    // snapshots and drops underneath; every restore is still compared byte for byte.
+    let churn = sibling("preload_churn")?;
+    let churn = churn.to_str().unwrap_or_default();
+    for (policy, seed) in [("none", "4242"), ("stable", "777")] {
+        let out = cowctl_run(
+            &["--every=1", "--keep=2", &format!("--speculate={policy}")],
+            &[churn, "3000", seed],
+        )?;
+        let got = ok(&out, policy)?;
+        ensure!(got.contains("zero differences"), "{policy}: {got}");
+    }
+    Ok(())
+}
+
+fn threads_with_speculation() -> Result<()> {
+    // Four threads allocating while the checkpointer stops them for pre-copying snapshots:
+    // the heap is held before the threads are stopped, so nobody is stopped inside malloc.
+    let threads = sibling("preload_threads")?;
+    let out = cowctl_run(
+        &["--every=1", "--speculate=stable"],
+        &[threads.to_str().unwrap_or_default()],
+    )?;
+    let got = ok(&out, "preload_threads")?;
+    ensure!(got.contains("restores coherent"), "{got}");
+    Ok(())
+}
+
+fn bad_options_rejected() -> Result<()> {
+    let out = cowctl_run(&["--every=0"], &["/bin/true"])?;
+    ensure!(
+        out.status.code() == Some(1),
+        "--every=0 -> {:?}",
+        out.status.code()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(stderr.contains("at least 1 ms"), "{stderr}");
+    let out = cowctl_run(&["--keep=3"], &["/bin/true"])?;
+    ensure!(
+        out.status.code() == Some(2),
+        "--keep without --every -> {:?}",
+        out.status.code()
+    );
+    let out = cowctl_run(&["--every=5", "--speculate=psychic"], &["/bin/true"])?;
+    ensure!(out.status.code() != Some(0), "unknown policy accepted");
+    Ok(())
+}
