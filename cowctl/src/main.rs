@@ -148,7 +148,8 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Instead: benchmark speculative pre-copy with this policy (none, active, stable,
-        /// adaptive, oracle) or `all`, on stable, drifting and random workloads (kmod).
+        /// adaptive, oracle) or `all`, on stable, drifting and random workloads (kmod and
+        /// mprotect, or those of --backends) and a real program (perl, kmod).
         #[arg(long)]
         speculate: Option<String>,
     },
@@ -219,9 +220,12 @@ fn main() -> ExitCode {
         Command::Stats { pid, json } => snapshots::stats(pid, json),
         Command::Bench {
             speculate: Some(which),
+            backends,
             json,
             ..
-        } => speculate_bench_policies(&which).and_then(|p| speculate_bench::run(&p, json)),
+        } => {
+            speculate_bench_policies(&which).and_then(|p| speculate_bench::run(&p, &backends, json))
+        }
         Command::Bench {
             backends,
             sizes,

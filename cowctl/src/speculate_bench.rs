@@ -122,9 +122,11 @@ fn run_one(
     b.set_speculation(
         policy,
         recorded.map(|r| {
-            r.into_iter()
-                .map(|e| e.into_iter().map(page_id).collect())
-                .collect()
+            cow::speculate::Recording::by_index(
+                r.into_iter()
+                    .map(|e| e.into_iter().map(page_id).collect())
+                    .collect(),
+            )
         }),
     )?;
     let stats0 = b.stats();
@@ -364,15 +366,25 @@ fn relate_to_none(group: &mut [Row]) {
 
 /// Runs the speculation benchmark for `policies` (`none` and `oracle` always included), each
 /// run in its own process (an in-process backend covers the whole process it lives in).
-pub fn run(policies: &[Policy], json: bool) -> Result<()> {
+pub fn run(policies: &[Policy], only: &[String], json: bool) -> Result<()> {
     if let Ok(spec) = std::env::var(WORKER_ENV) {
         return worker(&spec);
     }
-    let mut backends = vec![];
-    if cow::Cow::open().is_ok() {
-        backends.push("kmod");
+    let wanted = |b: &str| only.is_empty() || only.iter().any(|o| o == b);
+    if let Some(other) = only.iter().find(|o| *o != "kmod" && *o != "mprotect") {
+        bail!("speculation runs on kmod and mprotect, not {other:?}");
     }
-    backends.push("mprotect");
+    let mut backends = vec![];
+    if wanted("kmod") {
+        if cow::Cow::open().is_ok() {
+            backends.push("kmod");
+        } else if !only.is_empty() {
+            cow::Cow::open()?;
+        }
+    }
+    if wanted("mprotect") {
+        backends.push("mprotect");
+    }
     warn_if_coarse_clock();
     let record = std::env::temp_dir().join(format!("cowctl-speculate-{}.json", std::process::id()));
     let mut rows: Vec<Row> = Vec::new();

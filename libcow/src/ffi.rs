@@ -29,11 +29,12 @@ fn ops_lock() -> std::sync::MutexGuard<'static, ()> {
 pub type QuiesceHooks = (fn(), fn());
 
 /// Makes `space` (libcow_preload's) the space the C API drives, with `hold`/`release`
-/// bracketing snapshots and restores.
-pub fn install(space: &'static Cow, hold: fn(), release: fn()) {
-    let kmod: &'static dyn Backend = Box::leak(Box::new(backend::kmod::Kmod::with_quiesce(
-        space, hold, release,
-    )));
+/// bracketing snapshots and restores, and `progress` as the program's progress clock (see
+/// [`crate::speculate::Progress`]).
+pub fn install(space: &'static Cow, hold: fn(), release: fn(), progress: fn() -> u64) {
+    let kmod: &'static dyn Backend = Box::leak(Box::new(
+        backend::kmod::Kmod::with_quiesce(space, hold, release).with_progress(progress),
+    ));
     // `cowctl run --speculate=POLICY` passes the policy in COW_SPECULATE; an oracle replays
     // the write sets in COW_SPECULATE_REPLAY (recorded by a run with COW_SPECULATE_RECORD).
     if let Some(policy) = std::env::var("COW_SPECULATE")
@@ -43,7 +44,7 @@ pub fn install(space: &'static Cow, hold: fn(), release: fn()) {
         let recorded = std::env::var_os("COW_SPECULATE_REPLAY")
             .filter(|_| policy == crate::speculate::Policy::Oracle)
             .and_then(|path| std::fs::read_to_string(path).ok())
-            .and_then(|text| serde_json::from_str(&text).ok());
+            .and_then(|text| serde_json::from_str::<crate::speculate::Recording>(&text).ok());
         let _ = kmod.set_speculation(policy, recorded);
     }
     if std::env::var_os("COW_SPECULATE_RECORD").is_some() {

@@ -88,15 +88,17 @@ impl Costs {
     }
 }
 
-/// The median of `rounds` per-page timings of `round` (which returns nanoseconds per page):
-/// one slow round (a TCG hiccup) must not make speculation look more valuable than it is.
-pub fn median_per_page(rounds: usize, mut round: impl FnMut(usize) -> Option<f64>) -> Option<f64> {
+/// The lower quartile of `rounds` per-page timings of `round` (which returns nanoseconds per
+/// page). Noise only ever adds time, and on a loaded machine or under emulation it adds a
+/// lot to whole rounds: the median of a few rounds still came out three times the cost a
+/// workload really paid per fault, which made speculation look far more valuable than it is.
+pub fn typical_per_page(rounds: usize, mut round: impl FnMut(usize) -> Option<f64>) -> Option<f64> {
     let mut samples = Vec::with_capacity(rounds);
     for i in 0..rounds {
         samples.push(round(i)?);
     }
     samples.sort_by(|a, b| a.total_cmp(b));
-    samples.get(rounds / 2).copied()
+    samples.get(rounds / 4).copied()
 }
 
 fn measure_copy_ns() -> f64 {
@@ -117,6 +119,9 @@ fn measure_copy_ns() -> f64 {
     best
 }
 
+/// Rounds of first-write probes (each writes a few dozen pages after a snapshot).
+pub const PROBE_ROUNDS: usize = 15;
+
 /// A cow.ko first-write fault: writes to a scratch space's pages after a snapshot.
 pub fn measure_kmod_fault_ns() -> Option<f64> {
     const PAGES: usize = 64;
@@ -129,7 +134,7 @@ pub fn measure_kmod_fault_ns() -> Option<f64> {
         }
     };
     touch(1);
-    let median = median_per_page(7, |i| {
+    let typical = typical_per_page(PROBE_ROUNDS, |i| {
         cow.snapshot().ok()?;
         let t = std::time::Instant::now();
         touch(i as u8 + 2);
@@ -137,7 +142,7 @@ pub fn measure_kmod_fault_ns() -> Option<f64> {
     });
     // SAFETY: unmapping the scratch region; the space closes with `cow`.
     unsafe { libc::munmap(r.addr.cast(), r.len) };
-    median
+    typical
 }
 
 /// What speculation did, summed over the epochs observed.
@@ -177,6 +182,50 @@ impl Totals {
     }
 }
 
+/// A program-progress clock (libcow_preload counts allocator calls): deterministic for a
+/// deterministic program, unlike time, so a replay can line epochs up with a recording.
+pub type Progress = fn() -> u64;
+
+/// The write sets of a run, for an oracle to replay.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Recording {
+    /// The pages each epoch wrote, in the units hints use.
+    pub epochs: Vec<Vec<u64>>,
+    /// The program's progress when each epoch started (empty without a progress clock: the
+    /// replay then goes by epoch index).
+    #[serde(default)]
+    pub starts: Vec<u64>,
+}
+
+impl Recording {
+    /// A recording replayed by epoch index.
+    pub fn by_index(epochs: Vec<Vec<u64>>) -> Self {
+        Recording {
+            epochs,
+            starts: Vec::new(),
+        }
+    }
+
+    /// What the recorded run wrote while its progress went from `from` to `to`: the union of
+    /// the epochs overlapping that stretch, sorted.
+    fn written_between(&self, from: u64, to: u64) -> Vec<u64> {
+        let first = self
+            .starts
+            .partition_point(|&s| s <= from)
+            .saturating_sub(1);
+        let mut out: Vec<u64> = Vec::new();
+        for (e, &start) in self.starts.iter().enumerate().skip(first) {
+            if start >= to.max(from + 1) {
+                break;
+            }
+            out.extend_from_slice(self.epochs.get(e).map_or(&[][..], |v| v));
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
 /// A policy's state.
 pub struct Speculator {
     policy: Policy,
@@ -193,13 +242,16 @@ pub struct Speculator {
     on_epochs: u32,
     benefit: f64,
     waste: f64,
-    /// `oracle`: the write set of every epoch of a previous run, and the next epoch's index.
-    recorded: Vec<Vec<u64>>,
+    /// `oracle`: the write sets of a previous run, and the next epoch's index.
+    recorded: Recording,
     epoch: usize,
+    /// The progress clock, and its reading when the current epoch started.
+    progress: Option<Progress>,
+    epoch_start: u64,
     /// Sums over the run.
     pub totals: Totals,
     /// Write sets seen so far (kept when recording for a later oracle run).
-    pub record: Option<Vec<Vec<u64>>>,
+    pub record: Option<Recording>,
 }
 
 impl Speculator {
@@ -216,8 +268,10 @@ impl Speculator {
             on_epochs: 0,
             benefit: 0.0,
             waste: 0.0,
-            recorded: Vec::new(),
+            recorded: Recording::default(),
             epoch: 0,
+            progress: None,
+            epoch_start: 0,
             totals: Totals {
                 costs,
                 ..Totals::default()
@@ -226,12 +280,20 @@ impl Speculator {
         }
     }
 
-    /// An oracle replaying `recorded` (the write set of each epoch, in order).
-    pub fn oracle(recorded: Vec<Vec<u64>>, costs: Costs) -> Self {
+    /// An oracle replaying `recorded`: by progress if it has epoch starts and this speculator
+    /// a progress clock (see [`Speculator::set_progress`]), else by epoch index.
+    pub fn oracle(recorded: Recording, costs: Costs) -> Self {
         Speculator {
             recorded,
             ..Self::new(Policy::Oracle, costs)
         }
+    }
+
+    /// Reads `clock` at every epoch boundary: recordings then carry each epoch's start, and an
+    /// oracle replays what the recorded run wrote over the same stretch of the program.
+    pub fn set_progress(&mut self, clock: Progress) {
+        self.progress = Some(clock);
+        self.epoch_start = clock();
     }
 
     /// The policy.
@@ -248,7 +310,20 @@ impl Speculator {
     pub fn hint(&self) -> Vec<u64> {
         match self.policy {
             Policy::None => Vec::new(),
-            Policy::Oracle => self.recorded.get(self.epoch).cloned().unwrap_or_default(),
+            Policy::Oracle => match self.progress {
+                Some(clock) if !self.recorded.starts.is_empty() => {
+                    // The coming epoch will cover about as much progress as the last one did.
+                    let now = clock();
+                    let span = now.saturating_sub(self.epoch_start).max(1);
+                    self.recorded.written_between(now, now + span)
+                }
+                _ => self
+                    .recorded
+                    .epochs
+                    .get(self.epoch)
+                    .cloned()
+                    .unwrap_or_default(),
+            },
             Policy::Adaptive if self.off_for > 0 => Vec::new(),
             _ => self.set.iter().map(|e| e.0).collect(),
         }
@@ -296,7 +371,13 @@ impl Speculator {
         self.totals.written += written.len() as u64;
         self.epoch += 1;
         if let Some(r) = self.record.as_mut() {
-            r.push(written.to_vec());
+            r.epochs.push(written.to_vec());
+            if self.progress.is_some() {
+                r.starts.push(self.epoch_start);
+            }
+        }
+        if let Some(clock) = self.progress {
+            self.epoch_start = clock();
         }
         match self.policy {
             Policy::Adaptive if self.off_for > 1 => {
@@ -387,6 +468,7 @@ impl Speculator {
         // make a workload slower, so it has to pay clearly to stay on.
         // A clear loss in one epoch switches off at once.
         let clear_loss = wasted > 1.5 * saved;
+
         if clear_loss || (self.on_epochs >= 2 && self.waste > 0.8 * self.benefit) {
             self.off_for = self.backoff;
             self.backoff = (self.backoff * 2).min(256);
@@ -470,8 +552,24 @@ mod tests {
     }
 
     #[test]
+    fn recording_replays_by_progress() {
+        let r = Recording {
+            epochs: vec![vec![1, 2], vec![3], vec![4, 1]],
+            starts: vec![0, 100, 200],
+        };
+        assert_eq!(r.written_between(0, 50), vec![1, 2]);
+        assert_eq!(r.written_between(150, 250), vec![1, 3, 4]);
+        assert_eq!(r.written_between(100, 101), vec![3]);
+        assert_eq!(
+            r.written_between(900, 950),
+            vec![1, 4],
+            "past the end: the last epoch"
+        );
+    }
+
+    #[test]
     fn oracle_replays() {
-        let s = Speculator::oracle(vec![vec![1, 2], vec![3]], costs());
+        let s = Speculator::oracle(Recording::by_index(vec![vec![1, 2], vec![3]]), costs());
         assert_eq!(s.hint(), vec![1, 2]);
     }
 }

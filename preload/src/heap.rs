@@ -4,7 +4,11 @@
 //! Everything the allocator knows lives in covered memory, so a restore returns the heap's
 //! bookkeeping and its contents to the same instant. Only the locks stay outside (in this
 //! library's `.bss`): a restore must never bring back a lock "held" by a thread that has since
-//! moved on. Shards are picked by CPU, so threads rarely contend.
+//! moved on. Each thread has a home shard (handed out round-robin at its first allocation), so
+//! threads rarely contend. libcow's own allocations (its set-up, the checkpointer's work) go to
+//! a shard of their own, so a deterministic program gets the same heap layout every run
+//! whatever libcow does meanwhile (what an oracle replaying recorded write sets, or a journal
+//! comparing runs, relies on).
 
 use std::alloc::Layout;
 use std::cell::UnsafeCell;
@@ -139,15 +143,68 @@ fn block_layout(size: usize, align: usize) -> Option<(Layout, usize)> {
     Some((layout, lead))
 }
 
+/// Next home shard to hand out.
+static NEXT_HOME: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's home shard (`usize::MAX`: none yet). No destructor, so it stays
+    /// readable while the thread exits (allocations happen then too).
+    static HOME: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+    /// Whether this thread is doing libcow's own work (see [`internal`]).
+    static INTERNAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The shard libcow's own allocations come from.
+const INTERNAL_SHARD: usize = SHARDS - 1;
+
+/// Runs `f` as libcow's own work: its allocations come from the internal shard and do not
+/// advance the progress clock (their amount depends on timing, not on the program).
+pub(crate) fn internal<T>(f: impl FnOnce() -> T) -> T {
+    let was = INTERNAL.with(|c| c.replace(true));
+    let r = f();
+    INTERNAL.with(|c| c.set(was));
+    r
+}
+
+/// Allocations served, counted per home shard (each counter on its own cache line).
+#[repr(align(64))]
+struct Counter(std::sync::atomic::AtomicU64);
+static ALLOCATIONS: [Counter; SHARDS] =
+    [const { Counter(std::sync::atomic::AtomicU64::new(0)) }; SHARDS];
+
+/// Allocations served so far: the program's progress clock (deterministic for a
+/// deterministic program, unlike time).
+pub(crate) fn allocations() -> u64 {
+    ALLOCATIONS
+        .iter()
+        .map(|c| c.0.load(Ordering::Relaxed))
+        .sum()
+}
+
+/// The calling thread's home shard (never the internal one).
+fn home_shard() -> usize {
+    HOME.with(|h| {
+        if h.get() == usize::MAX {
+            h.set(NEXT_HOME.fetch_add(1, Ordering::Relaxed) % INTERNAL_SHARD);
+        }
+        h.get()
+    })
+}
+
 /// Allocates `size` bytes aligned to `align` (a power of two). Null when out of memory.
 pub(crate) fn alloc(size: usize, align: usize) -> *mut u8 {
     let Some((layout, lead)) = block_layout(size.max(1), align) else {
         return std::ptr::null_mut();
     };
-    // SAFETY: sched_getcpu has no preconditions.
-    let cpu = unsafe { libc::sched_getcpu() }.max(0) as usize;
+    let home = if INTERNAL.with(|c| c.get()) {
+        INTERNAL_SHARD
+    } else {
+        let home = home_shard();
+        ALLOCATIONS[home].0.fetch_add(1, Ordering::Relaxed);
+        home
+    };
     for k in 0..SHARDS {
-        let i = (cpu + k) % SHARDS;
+        let i = (home + k) % SHARDS;
         let _guard = ShardGuard::lock(i);
         // SAFETY: the shard's allocator was initialised by `init`; its lock is held.
         if let Some(block) = unsafe { (*shard_talc(i)).allocate(layout) } {

@@ -45,14 +45,18 @@ static CONSTRUCTOR: extern "C" fn() = constructor;
 extern "C" fn constructor() {
     if ensure_init() {
         if let Some(space) = space() {
-            cow::ffi::install(space, heap::hold_all, heap::release_all);
+            // libcow's set-up (cost probes, a replayed recording) is not the program's
+            // progress.
+            heap::internal(|| {
+                cow::ffi::install(space, heap::hold_all, heap::release_all, heap::allocations)
+            });
         }
         globals::cover_executable_globals();
         fork::install_handlers();
         publish_fd();
         // SAFETY: getpid has no preconditions.
         OWNER_PID.store(unsafe { libc::getpid() }, Ordering::Release);
-        start_checkpointer();
+        heap::internal(start_checkpointer);
     }
 }
 
@@ -67,8 +71,8 @@ fn start_checkpointer() {
     };
     if let Err(e) = cow::checkpoint::start(
         cfg,
-        || cow::ffi::cow_snapshot(),
-        |id| cow::ffi::cow_drop(id),
+        || heap::internal(|| cow::ffi::cow_snapshot()),
+        |id| heap::internal(|| cow::ffi::cow_drop(id)),
     ) {
         eprintln!("libcow_preload: cannot start the checkpointer: {e}");
     }

@@ -5,7 +5,7 @@ use super::{Backend, Stats};
 use crate::device::Cow;
 use crate::error::{Error, Result};
 use crate::maps::{self, Mapping};
-use crate::speculate::{Costs, Policy, Speculator, Totals};
+use crate::speculate::{Costs, Policy, Progress, Recording, Speculator, Totals};
 use std::sync::Mutex;
 
 /// Speculation state of a kmod backend.
@@ -34,6 +34,8 @@ pub struct Kmod {
     /// `(hold, release)`: make the covered heap quiescent around the snapshot ioctl itself
     /// (libcow_preload's allocator locks; nothing may allocate while they are held).
     quiesce: Option<crate::ffi::QuiesceHooks>,
+    /// The program's progress clock (libcow_preload's), for recordings and oracle replays.
+    progress: Option<Progress>,
 }
 
 /// The `/dev/cow` mappings of this process (every region of the space, whoever mapped it).
@@ -64,6 +66,7 @@ impl Kmod {
             cow,
             spec: Mutex::new(Spec::default()),
             quiesce: None,
+            progress: None,
         }
     }
 
@@ -85,6 +88,14 @@ impl Kmod {
                 r
             }
             None => op(),
+        }
+    }
+
+    /// Reads `clock` at epoch boundaries (see [`crate::speculate::Progress`]).
+    pub fn with_progress(self, clock: Progress) -> Self {
+        Kmod {
+            progress: Some(clock),
+            ..self
         }
     }
 
@@ -234,13 +245,16 @@ impl Backend for Kmod {
         Ok(self.cow.list()?.iter().map(|s| s.id).collect())
     }
 
-    fn set_speculation(&self, policy: Policy, recorded: Option<Vec<Vec<u64>>>) -> Result<()> {
+    fn set_speculation(&self, policy: Policy, recorded: Option<Recording>) -> Result<()> {
         let mut spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
         let costs = Costs::measure(crate::speculate::measure_kmod_fault_ns);
-        let speculator = match (policy, recorded) {
+        let mut speculator = match (policy, recorded) {
             (Policy::Oracle, Some(r)) => Speculator::oracle(r, costs),
             (p, _) => Speculator::new(p, costs),
         };
+        if let Some(clock) = self.progress {
+            speculator.set_progress(clock);
+        }
         spec.hinting = policy != Policy::None;
         spec.speculator = Some(speculator);
         spec.last_id = None;
@@ -252,13 +266,16 @@ impl Backend for Kmod {
         let s = spec
             .speculator
             .get_or_insert_with(|| Speculator::new(Policy::None, Costs::default()));
-        s.record = Some(Vec::new());
+        s.record = Some(Recording::default());
+        if let Some(clock) = self.progress {
+            s.set_progress(clock);
+        }
         // Observation needs the quiesced path's bookkeeping (an empty hint copies nothing).
         spec.hinting = true;
         Ok(())
     }
 
-    fn recorded_write_sets(&self) -> Option<Vec<Vec<u64>>> {
+    fn recorded_write_sets(&self) -> Option<Recording> {
         let spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
         spec.speculator.as_ref().and_then(|s| s.record.clone())
     }

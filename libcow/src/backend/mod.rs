@@ -18,7 +18,7 @@ pub mod shadow;
 pub mod uffd;
 
 use crate::error::Result;
-use crate::speculate::{Policy, Totals};
+use crate::speculate::{Policy, Recording, Totals};
 
 /// Counters every backend keeps.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -65,7 +65,7 @@ pub trait Backend: Send + Sync {
     fn stats(&self) -> Stats;
     /// Drives speculative pre-copy with `policy` (`oracle`: replaying `recorded`, the write set
     /// of each epoch of an earlier run). Backends without pre-copy refuse with `ENOTSUP`.
-    fn set_speculation(&self, _policy: Policy, _recorded: Option<Vec<Vec<u64>>>) -> Result<()> {
+    fn set_speculation(&self, _policy: Policy, _recorded: Option<Recording>) -> Result<()> {
         Err(crate::Error::Os {
             op: "speculation",
             errno: libc::ENOTSUP,
@@ -84,7 +84,7 @@ pub trait Backend: Send + Sync {
         })
     }
     /// The write sets recorded since [`Backend::record_write_sets`] (in the units hints use).
-    fn recorded_write_sets(&self) -> Option<Vec<Vec<u64>>> {
+    fn recorded_write_sets(&self) -> Option<Recording> {
         None
     }
     /// Sets the pre-copy hint by address directly (tests: random hints must never change

@@ -405,7 +405,7 @@ impl Tracker for Mprotect {
         publish(entries.as_slice());
         // Every other page: each fault then splits a mapping, as scattered writes do (writes
         // in address order would only grow the previous page's mapping, which is cheaper).
-        let median = crate::speculate::median_per_page(7, |round| {
+        let typical = crate::speculate::typical_per_page(crate::speculate::PROBE_ROUNDS, |round| {
             protect(start, end, libc::PROT_READ);
             let t = std::time::Instant::now();
             for p in (start..end).step_by(2 * PAGE) {
@@ -422,9 +422,14 @@ impl Tracker for Mprotect {
         let faults = FAULTS.load(Ordering::Acquire);
         if !faults.is_null() {
             // SAFETY: the counter leaked into the book at install time.
-            unsafe { (*faults).fetch_sub(7 * PAGES / 2, Ordering::Relaxed) };
+            unsafe {
+                (*faults).fetch_sub(
+                    crate::speculate::PROBE_ROUNDS * PAGES / 2,
+                    Ordering::Relaxed,
+                )
+            };
         }
-        median
+        typical
     }
 
     fn faults(&self) -> u64 {

@@ -974,7 +974,7 @@ impl<T: Tracker> Backend for Shadow<T> {
     fn set_speculation(
         &self,
         policy: crate::speculate::Policy,
-        recorded: Option<Vec<Vec<u64>>>,
+        recorded: Option<crate::speculate::Recording>,
     ) -> Result<()> {
         if !T::SPECULATES {
             return Err(err(
