@@ -19,6 +19,9 @@ use std::str::FromStr;
 /// Epochs a page may go unwritten before `stable` forgets it.
 pub const STABLE_EPOCHS: u32 = 3;
 
+/// Pages an `adaptive` probe pre-copies (a sample of the predicted set).
+pub const PROBE_PAGES: usize = 64;
+
 /// A speculation policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -240,6 +243,9 @@ pub struct Speculator {
     backoff: u32,
     /// Epochs observed since speculation was last switched on.
     on_epochs: u32,
+    /// `adaptive`: the next hinted epoch is a probe (a sample of the set), at start and after
+    /// every back-off.
+    probing: bool,
     benefit: f64,
     waste: f64,
     /// `oracle`: the write sets of a previous run, and the next epoch's index.
@@ -266,6 +272,7 @@ impl Speculator {
             off_for: 0,
             backoff: 4,
             on_epochs: 0,
+            probing: true,
             benefit: 0.0,
             waste: 0.0,
             recorded: Recording::default(),
@@ -325,6 +332,12 @@ impl Speculator {
                     .unwrap_or_default(),
             },
             Policy::Adaptive if self.off_for > 0 => Vec::new(),
+            Policy::Adaptive if self.probing => {
+                // An evenly spread sample of the set: enough to measure precision and cost,
+                // cheap when the answer is no.
+                let step = self.set.len().div_ceil(PROBE_PAGES).max(1);
+                self.set.iter().step_by(step).map(|e| e.0).collect()
+            }
             _ => self.set.iter().map(|e| e.0).collect(),
         }
     }
@@ -352,10 +365,17 @@ impl Speculator {
         }
     }
 
+    /// Whether [`Speculator::hint`] returns a probe now (a sample of the set, `adaptive`).
+    /// Callers remember it with the pre-copies the hint makes, for [`Speculator::observe`].
+    pub fn hint_is_probe(&self) -> bool {
+        self.policy == Policy::Adaptive && self.off_for == 0 && self.probing
+    }
+
     /// Learns from the epoch that just ended: the pages it wrote (sorted), the kernel's counts
-    /// for it (pre-copies made for it, how many were written, faults taken) and the time
-    /// speculation added to the snapshot that ended it (`extra_ns`: everything but the
-    /// ordinary snapshot work).
+    /// for it (pre-copies made for it, how many were written, faults taken), the time
+    /// speculation added to make and check those pre-copies (`extra_ns`: at the snapshot that
+    /// started the epoch, everything but the ordinary snapshot work) and whether the hint that
+    /// made them was a probe (`probe`, see [`Speculator::hint_is_probe`]).
     pub fn observe(
         &mut self,
         written: &[u64],
@@ -363,6 +383,7 @@ impl Speculator {
         useful: u64,
         faults: u64,
         extra_ns: u64,
+        probe: bool,
     ) {
         self.totals.epochs += 1;
         self.totals.precopied += precopied;
@@ -389,7 +410,7 @@ impl Speculator {
             Policy::Stable => self.observe_stable(written),
             Policy::Adaptive => {
                 self.observe_stable(written);
-                self.switch(precopied, useful, extra_ns);
+                self.switch(precopied, useful, extra_ns, probe);
             }
         }
     }
@@ -451,7 +472,7 @@ impl Speculator {
     /// The off-switch: speculation pays when the faults it saves (each a trap plus a copy in
     /// the fault path) outweigh what it costs, measured rather than modelled: the time it adds
     /// to a snapshot (pre-copies, checks, the hint, stopping the threads, its bookkeeping).
-    fn switch(&mut self, precopied: u64, useful: u64, extra_ns: u64) {
+    fn switch(&mut self, precopied: u64, useful: u64, extra_ns: u64, probe: bool) {
         if self.off_for > 0 {
             self.off_for -= 1;
             return;
@@ -468,17 +489,40 @@ impl Speculator {
         // make a workload slower, so it has to pay clearly to stay on.
         // A clear loss in one epoch switches off at once.
         let clear_loss = wasted > 1.5 * saved;
-
+        if probe {
+            // A sampled epoch decides whether the whole set is worth pre-copying. Its fixed
+            // costs (the ioctls, stopping threads) are spread over few pages, so it is judged
+            // on precision: a pre-copy costs about a page copy and a useful one saves a fault,
+            // so below copy/fault (with a margin) it cannot pay. After it, the running
+            // balance below judges the whole set.
+            let precision = useful as f64 / precopied as f64;
+            let break_even = self.costs.copy_ns / self.costs.fault_ns.max(1.0);
+            if precision < 1.25 * break_even {
+                self.switch_off();
+            } else if self.probing {
+                self.probing = false;
+                self.benefit = 0.0;
+                self.waste = 0.0;
+                self.on_epochs = 0;
+            }
+            return;
+        }
         if clear_loss || (self.on_epochs >= 2 && self.waste > 0.8 * self.benefit) {
-            self.off_for = self.backoff;
-            self.backoff = (self.backoff * 2).min(256);
-            self.benefit = 0.0;
-            self.waste = 0.0;
-            self.on_epochs = 0;
+            self.switch_off();
         } else if self.on_epochs >= 16 {
             // Sustained success: the next failure starts its back-off short again.
             self.backoff = 4;
         }
+    }
+
+    /// Off for the current back-off, which doubles; the next try starts with a probe.
+    fn switch_off(&mut self) {
+        self.off_for = self.backoff;
+        self.backoff = (self.backoff * 2).min(256);
+        self.benefit = 0.0;
+        self.waste = 0.0;
+        self.on_epochs = 0;
+        self.probing = true;
     }
 }
 
@@ -498,11 +542,11 @@ mod tests {
         let mut s = Speculator::new(Policy::Stable, costs());
         let ws: Vec<u64> = (0..50).collect();
         for _ in 0..5 {
-            s.observe(&ws, 0, 0, 50, 0);
+            s.observe(&ws, 0, 0, 50, 0, false);
         }
         assert_eq!(s.hint(), ws);
         for _ in 0..STABLE_EPOCHS {
-            s.observe(&[1000], 0, 0, 1, 0);
+            s.observe(&[1000], 0, 0, 1, 0, false);
         }
         assert_eq!(s.hint(), vec![1000]);
     }
@@ -512,12 +556,12 @@ mod tests {
         let mut s = Speculator::new(Policy::Active, costs());
         for e in 0..20u64 {
             let ws: Vec<u64> = (e * 100..e * 100 + 100).collect();
-            s.observe(&ws, 0, 0, 100, 0);
+            s.observe(&ws, 0, 0, 100, 0, false);
         }
         let grown = s.hint().len();
         assert!(grown >= 100);
         for _ in 0..60 {
-            s.observe(&[], 0, 0, 0, 0);
+            s.observe(&[], 0, 0, 0, 0, false);
         }
         assert!(s.hint().len() < grown / 4, "{} vs {grown}", s.hint().len());
     }
@@ -525,27 +569,58 @@ mod tests {
     #[test]
     fn adaptive_switches_off_when_copies_are_wasted_and_retries() {
         let mut s = Speculator::new(Policy::Adaptive, costs());
-        s.observe(&(0..100).collect::<Vec<_>>(), 0, 0, 100, 0);
+        s.observe(&(0..100).collect::<Vec<_>>(), 0, 0, 100, 0, false);
         assert!(!s.hint().is_empty());
         // 100 pre-copies, none written, 1 ms added to each snapshot: pure waste.
         for _ in 0..3 {
-            s.observe(&(500..600).collect::<Vec<_>>(), 100, 0, 100, 1_000_000);
+            s.observe(
+                &(500..600).collect::<Vec<_>>(),
+                100,
+                0,
+                100,
+                1_000_000,
+                false,
+            );
         }
         assert!(s.is_off() && s.hint().is_empty());
         for _ in 0..4 {
-            s.observe(&(500..600).collect::<Vec<_>>(), 0, 0, 100, 0);
+            s.observe(&(500..600).collect::<Vec<_>>(), 0, 0, 100, 0, false);
         }
         assert!(!s.is_off(), "it tries again after its back-off");
+        assert!(s.hint().len() <= PROBE_PAGES, "a probe first");
+    }
+
+    #[test]
+    fn adaptive_probes_with_a_sample_then_goes_all_in() {
+        let mut s = Speculator::new(Policy::Adaptive, costs());
+        let ws: Vec<u64> = (0..1000).collect();
+        s.observe(&ws, 0, 0, 1000, 0, false);
+        let probe = s.hint();
+        assert!(
+            !probe.is_empty() && probe.len() <= PROBE_PAGES,
+            "{}",
+            probe.len()
+        );
+        // The probe paid: 64 faults of 2 µs saved for 20 µs added.
+        s.observe(
+            &ws,
+            probe.len() as u64,
+            probe.len() as u64,
+            936,
+            20_000,
+            true,
+        );
+        assert_eq!(s.hint().len(), 1000);
     }
 
     #[test]
     fn adaptive_stays_on_when_it_pays() {
         let mut s = Speculator::new(Policy::Adaptive, costs());
         let ws: Vec<u64> = (0..100).collect();
-        s.observe(&ws, 0, 0, 100, 0);
+        s.observe(&ws, 0, 0, 100, 0, false);
         // 95 faults of 2 µs saved for 50 µs added: it pays.
         for _ in 0..10 {
-            s.observe(&ws, 100, 95, 5, 50_000);
+            s.observe(&ws, 100, 95, 5, 50_000, false);
         }
         assert!(!s.is_off());
         assert!(s.totals.recall() > 0.8);

@@ -21,6 +21,11 @@ struct Spec {
     precopied_last: u64,
     /// The kernel holds a non-empty hint.
     hint_set: bool,
+    /// Whether the last snapshot's hint was a probe.
+    probe_last: bool,
+    /// What speculation added to the last snapshot, which made the pre-copies the next one
+    /// judges (the cost belongs with them, not with the ones this snapshot makes).
+    extra_last: u64,
 }
 
 /// Space offsets are below 2^44 bytes; the module adds the space's base above that, which is
@@ -123,12 +128,13 @@ impl Backend for Kmod {
     fn snapshot(&self) -> Result<u64> {
         // The lock is never held across the snapshot: under `cowctl run` this struct is in
         // covered memory, and a restore must never bring back a lock held at a snapshot.
-        let (hinting, hint, observe, hinted_before) = {
+        let (hinting, hint, probe, observe, hinted_before) = {
             let spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
             let s = spec.speculator.as_ref();
             (
                 spec.hinting,
                 s.map(|s| s.hint()),
+                s.is_some_and(|s| s.hint_is_probe()),
                 s.is_some_and(|s| s.wants_observation()),
                 spec.precopied_last > 0 || spec.hint_set,
             )
@@ -171,6 +177,7 @@ impl Backend for Kmod {
         match before {
             Some(before) => {
                 let after = self.cow.stats()?;
+                let extra_last = spec.extra_last;
                 if let Some(last) = spec.last_id {
                     // The epoch after `last` just ended: what it wrote, and what speculation
                     // did for it.
@@ -178,20 +185,18 @@ impl Backend for Kmod {
                     let useful = after.precopy_useful - before.precopy_useful;
                     let faults = before.first_write_faults - spec.after_last.first_write_faults;
                     let precopied = spec.precopied_last;
-                    // What speculation added: everything but the kernel's ordinary snapshot work.
-                    let wall = t0.elapsed().as_nanos() as u64;
-                    let ordinary = (after.snapshot_ns - before.snapshot_ns)
-                        .saturating_sub(after.precopy_ns - before.precopy_ns);
+                    let probe_last = spec.probe_last;
                     if let Some(s) = spec.speculator.as_mut() {
-                        s.observe(
-                            &written,
-                            precopied,
-                            useful,
-                            faults,
-                            wall.saturating_sub(ordinary),
-                        );
+                        s.observe(&written, precopied, useful, faults, extra_last, probe_last);
                     }
                 }
+                // What speculation added to this snapshot (everything but the kernel's ordinary
+                // snapshot work), to be weighed against the pre-copies it just made.
+                let wall = t0.elapsed().as_nanos() as u64;
+                let ordinary = (after.snapshot_ns - before.snapshot_ns)
+                    .saturating_sub(after.precopy_ns - before.precopy_ns);
+                spec.extra_last = wall.saturating_sub(ordinary);
+                spec.probe_last = probe;
                 spec.precopied_last = after.precopied_pages - before.precopied_pages;
                 spec.after_last = after;
                 spec.last_id = Some(id);
@@ -201,6 +206,7 @@ impl Backend for Kmod {
                     s.skip();
                 }
                 spec.precopied_last = 0;
+                spec.extra_last = 0;
                 spec.last_id = None;
             }
         }

@@ -110,6 +110,8 @@ struct State<T: Tracker> {
     /// Speculation: the policy, and the pages left writable at the last snapshot (sorted).
     speculator: Option<crate::speculate::Speculator>,
     left_open: BookVec<usize>,
+    /// Whether `left_open` came from a probe of the adaptive policy.
+    left_open_probe: bool,
     /// A hint given directly (tests), used when there is no policy.
     manual_hint: BookVec<usize>,
     faults_at_last: u64,
@@ -502,7 +504,16 @@ impl<T: Tracker> State<T> {
             // are compared and copied with or without speculation).
             let per_page = compare_ns / dirty_pages(written.len());
             let extra = self.spec_ns + per_page * precopied.saturating_sub(useful);
-            s.observe(&w, precopied, useful, faults - self.faults_at_last, extra);
+            let probe = self.left_open_probe;
+            s.observe(
+                &w,
+                precopied,
+                useful,
+                faults - self.faults_at_last,
+                extra,
+                probe,
+            );
+            self.left_open_probe = s.hint_is_probe();
             for p in s.hint() {
                 hint.push(p as usize);
             }
@@ -875,6 +886,7 @@ impl<T: Tracker> Shadow<T> {
             stats: Stats::default(),
             speculator: None,
             left_open: BookVec::new(),
+            left_open_probe: false,
             manual_hint: BookVec::new(),
             faults_at_last: 0,
             spec_ns: 0,
