@@ -152,6 +152,10 @@ enum Command {
         /// mprotect, or those of --backends) and a real program (perl, kmod).
         #[arg(long)]
         speculate: Option<String>,
+        /// With --speculate: only these workloads, comma-separated (stable, drifting, random,
+        /// perl-kv).
+        #[arg(long, value_delimiter = ',')]
+        workloads: Vec<String>,
     },
     /// Show the snapshot counters of a live process.
     Stats {
@@ -221,11 +225,11 @@ fn main() -> ExitCode {
         Command::Bench {
             speculate: Some(which),
             backends,
+            workloads,
             json,
             ..
-        } => {
-            speculate_bench_policies(&which).and_then(|p| speculate_bench::run(&p, &backends, json))
-        }
+        } => speculate_bench_policies(&which)
+            .and_then(|p| speculate_bench::run(&p, &backends, &workloads, json)),
         Command::Bench {
             backends,
             sizes,
@@ -233,6 +237,7 @@ fn main() -> ExitCode {
             rounds,
             json,
             speculate: None,
+            ..
         } => bench::run(
             &bench::default_backends(backends),
             &sizes,

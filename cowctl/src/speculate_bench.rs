@@ -366,10 +366,17 @@ fn relate_to_none(group: &mut [Row]) {
 
 /// Runs the speculation benchmark for `policies` (`none` and `oracle` always included), each
 /// run in its own process (an in-process backend covers the whole process it lives in).
-pub fn run(policies: &[Policy], only: &[String], json: bool) -> Result<()> {
+pub fn run(policies: &[Policy], only: &[String], workloads: &[String], json: bool) -> Result<()> {
     if let Ok(spec) = std::env::var(WORKER_ENV) {
         return worker(&spec);
     }
+    let mut chosen: Vec<Workload> = Vec::new();
+    for w in workloads {
+        chosen.push(serde_json::from_str(&format!("\"{w}\"")).map_err(|_| {
+            anyhow::anyhow!("unknown workload {w:?} (stable, drifting, random, perl-kv)")
+        })?);
+    }
+    let runs = |w: Workload| chosen.is_empty() || chosen.contains(&w);
     let wanted = |b: &str| only.is_empty() || only.iter().any(|o| o == b);
     if let Some(other) = only.iter().find(|o| *o != "kmod" && *o != "mprotect") {
         bail!("speculation runs on kmod and mprotect, not {other:?}");
@@ -389,7 +396,7 @@ pub fn run(policies: &[Policy], only: &[String], json: bool) -> Result<()> {
     let record = std::env::temp_dir().join(format!("cowctl-speculate-{}.json", std::process::id()));
     let mut rows: Vec<Row> = Vec::new();
     for backend in backends {
-        for w in Workload::ALL {
+        for w in Workload::ALL.into_iter().filter(|&w| runs(w)) {
             let mut group = Vec::new();
             let order = std::iter::once(Policy::None)
                 .chain(policies.iter().copied().filter(|p| *p != Policy::None));
@@ -414,7 +421,7 @@ pub fn run(policies: &[Policy], only: &[String], json: bool) -> Result<()> {
             relate_to_none(&mut group);
             rows.append(&mut group);
         }
-        if backend == "kmod" {
+        if backend == "kmod" && runs(Workload::PerlKv) {
             let mut group = program_rows(policies)?;
             relate_to_none(&mut group);
             rows.append(&mut group);

@@ -478,6 +478,10 @@ impl Speculator {
             return;
         }
         if precopied == 0 {
+            if probe {
+                // Not one sampled page was even rewritten before the snapshot: nothing to gain.
+                self.switch_off();
+            }
             return;
         }
         let saved = useful as f64 * self.costs.fault_ns;
@@ -588,6 +592,15 @@ mod tests {
         }
         assert!(!s.is_off(), "it tries again after its back-off");
         assert!(s.hint().len() <= PROBE_PAGES, "a probe first");
+    }
+
+    #[test]
+    fn adaptive_gives_up_on_a_probe_that_precopies_nothing() {
+        let mut s = Speculator::new(Policy::Adaptive, costs());
+        s.observe(&(0..1000).collect::<Vec<_>>(), 0, 0, 1000, 0, false);
+        assert!(s.hint_is_probe());
+        s.observe(&(5000..6000).collect::<Vec<_>>(), 0, 0, 1000, 30_000, true);
+        assert!(s.is_off() && s.hint().is_empty());
     }
 
     #[test]
