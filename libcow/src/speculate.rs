@@ -229,6 +229,19 @@ impl Recording {
     }
 }
 
+/// What the pre-copies an epoch is judged on cost, as the backend measured them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PrecopyCost {
+    /// Everything speculation added to the snapshot that made them: the hint, stopping the
+    /// threads, the copies (or unprotects), the bookkeeping.
+    pub extra_ns: u64,
+    /// The part of it that grows with the pages: the copies (kmod) or unprotects and
+    /// comparisons (mprotect).
+    pub per_pages_ns: u64,
+    /// Whether the hint that made them was a probe ([`Speculator::hint_is_probe`]).
+    pub probe: bool,
+}
+
 /// A policy's state.
 pub struct Speculator {
     policy: Policy,
@@ -372,18 +385,15 @@ impl Speculator {
     }
 
     /// Learns from the epoch that just ended: the pages it wrote (sorted), the kernel's counts
-    /// for it (pre-copies made for it, how many were written, faults taken), the time
-    /// speculation added to make and check those pre-copies (`extra_ns`: at the snapshot that
-    /// started the epoch, everything but the ordinary snapshot work) and whether the hint that
-    /// made them was a probe (`probe`, see [`Speculator::hint_is_probe`]).
+    /// for it (pre-copies made for it, how many were written, faults taken), and what those
+    /// pre-copies cost (`cost`).
     pub fn observe(
         &mut self,
         written: &[u64],
         precopied: u64,
         useful: u64,
         faults: u64,
-        extra_ns: u64,
-        probe: bool,
+        cost: PrecopyCost,
     ) {
         self.totals.epochs += 1;
         self.totals.precopied += precopied;
@@ -410,7 +420,7 @@ impl Speculator {
             Policy::Stable => self.observe_stable(written),
             Policy::Adaptive => {
                 self.observe_stable(written);
-                self.switch(precopied, useful, extra_ns, probe);
+                self.switch(precopied, useful, cost);
             }
         }
     }
@@ -472,20 +482,20 @@ impl Speculator {
     /// The off-switch: speculation pays when the faults it saves (each a trap plus a copy in
     /// the fault path) outweigh what it costs, measured rather than modelled: the time it adds
     /// to a snapshot (pre-copies, checks, the hint, stopping the threads, its bookkeeping).
-    fn switch(&mut self, precopied: u64, useful: u64, extra_ns: u64, probe: bool) {
+    fn switch(&mut self, precopied: u64, useful: u64, cost: PrecopyCost) {
         if self.off_for > 0 {
             self.off_for -= 1;
             return;
         }
         if precopied == 0 {
-            if probe {
+            if cost.probe {
                 // Not one sampled page was even rewritten before the snapshot: nothing to gain.
                 self.switch_off();
             }
             return;
         }
         let saved = useful as f64 * self.costs.fault_ns;
-        let wasted = extra_ns as f64;
+        let wasted = cost.extra_ns as f64;
         self.benefit = 0.7 * self.benefit + 0.3 * saved;
         self.waste = 0.7 * self.waste + 0.3 * wasted;
         self.on_epochs += 1;
@@ -493,15 +503,11 @@ impl Speculator {
         // make a workload slower, so it has to pay clearly to stay on.
         // A clear loss in one epoch switches off at once.
         let clear_loss = wasted > 1.5 * saved;
-        if probe {
-            // A sampled epoch decides whether the whole set is worth pre-copying. Its fixed
-            // costs (the ioctls, stopping threads) are spread over few pages, so it is judged
-            // on precision: a pre-copy costs about a page copy and a useful one saves a fault,
-            // so below copy/fault (with a margin) it cannot pay. After it, the running
-            // balance below judges the whole set.
-            let precision = useful as f64 / precopied as f64;
-            let break_even = self.costs.copy_ns / self.costs.fault_ns.max(1.0);
-            if precision < 1.25 * break_even {
+        if cost.probe {
+            // A sampled epoch decides whether the whole set is worth pre-copying: the sampled
+            // pages must pay for their own copies (the fixed costs, spread over few pages
+            // here, are the running balance's business once the whole set is on).
+            if cost.per_pages_ns as f64 > saved {
                 self.switch_off();
             } else if self.probing {
                 self.probing = false;
@@ -534,6 +540,14 @@ impl Speculator {
 mod tests {
     use super::*;
 
+    fn cost(extra_ns: u64, probe: bool) -> PrecopyCost {
+        PrecopyCost {
+            extra_ns,
+            per_pages_ns: extra_ns / 2,
+            probe,
+        }
+    }
+
     fn costs() -> Costs {
         Costs {
             fault_ns: 2000.0,
@@ -546,11 +560,11 @@ mod tests {
         let mut s = Speculator::new(Policy::Stable, costs());
         let ws: Vec<u64> = (0..50).collect();
         for _ in 0..5 {
-            s.observe(&ws, 0, 0, 50, 0, false);
+            s.observe(&ws, 0, 0, 50, cost(0, false));
         }
         assert_eq!(s.hint(), ws);
         for _ in 0..STABLE_EPOCHS {
-            s.observe(&[1000], 0, 0, 1, 0, false);
+            s.observe(&[1000], 0, 0, 1, cost(0, false));
         }
         assert_eq!(s.hint(), vec![1000]);
     }
@@ -560,12 +574,12 @@ mod tests {
         let mut s = Speculator::new(Policy::Active, costs());
         for e in 0..20u64 {
             let ws: Vec<u64> = (e * 100..e * 100 + 100).collect();
-            s.observe(&ws, 0, 0, 100, 0, false);
+            s.observe(&ws, 0, 0, 100, cost(0, false));
         }
         let grown = s.hint().len();
         assert!(grown >= 100);
         for _ in 0..60 {
-            s.observe(&[], 0, 0, 0, 0, false);
+            s.observe(&[], 0, 0, 0, cost(0, false));
         }
         assert!(s.hint().len() < grown / 4, "{} vs {grown}", s.hint().len());
     }
@@ -573,7 +587,7 @@ mod tests {
     #[test]
     fn adaptive_switches_off_when_copies_are_wasted_and_retries() {
         let mut s = Speculator::new(Policy::Adaptive, costs());
-        s.observe(&(0..100).collect::<Vec<_>>(), 0, 0, 100, 0, false);
+        s.observe(&(0..100).collect::<Vec<_>>(), 0, 0, 100, cost(0, false));
         assert!(!s.hint().is_empty());
         // 100 pre-copies, none written, 1 ms added to each snapshot: pure waste.
         for _ in 0..3 {
@@ -582,13 +596,12 @@ mod tests {
                 100,
                 0,
                 100,
-                1_000_000,
-                false,
+                cost(1_000_000, false),
             );
         }
         assert!(s.is_off() && s.hint().is_empty());
         for _ in 0..4 {
-            s.observe(&(500..600).collect::<Vec<_>>(), 0, 0, 100, 0, false);
+            s.observe(&(500..600).collect::<Vec<_>>(), 0, 0, 100, cost(0, false));
         }
         assert!(!s.is_off(), "it tries again after its back-off");
         assert!(s.hint().len() <= PROBE_PAGES, "a probe first");
@@ -597,9 +610,15 @@ mod tests {
     #[test]
     fn adaptive_gives_up_on_a_probe_that_precopies_nothing() {
         let mut s = Speculator::new(Policy::Adaptive, costs());
-        s.observe(&(0..1000).collect::<Vec<_>>(), 0, 0, 1000, 0, false);
+        s.observe(&(0..1000).collect::<Vec<_>>(), 0, 0, 1000, cost(0, false));
         assert!(s.hint_is_probe());
-        s.observe(&(5000..6000).collect::<Vec<_>>(), 0, 0, 1000, 30_000, true);
+        s.observe(
+            &(5000..6000).collect::<Vec<_>>(),
+            0,
+            0,
+            1000,
+            cost(30_000, true),
+        );
         assert!(s.is_off() && s.hint().is_empty());
     }
 
@@ -607,7 +626,7 @@ mod tests {
     fn adaptive_probes_with_a_sample_then_goes_all_in() {
         let mut s = Speculator::new(Policy::Adaptive, costs());
         let ws: Vec<u64> = (0..1000).collect();
-        s.observe(&ws, 0, 0, 1000, 0, false);
+        s.observe(&ws, 0, 0, 1000, cost(0, false));
         let probe = s.hint();
         assert!(
             !probe.is_empty() && probe.len() <= PROBE_PAGES,
@@ -620,8 +639,7 @@ mod tests {
             probe.len() as u64,
             probe.len() as u64,
             936,
-            20_000,
-            true,
+            cost(20_000, true),
         );
         assert_eq!(s.hint().len(), 1000);
     }
@@ -630,10 +648,10 @@ mod tests {
     fn adaptive_stays_on_when_it_pays() {
         let mut s = Speculator::new(Policy::Adaptive, costs());
         let ws: Vec<u64> = (0..100).collect();
-        s.observe(&ws, 0, 0, 100, 0, false);
+        s.observe(&ws, 0, 0, 100, cost(0, false));
         // 95 faults of 2 µs saved for 50 µs added: it pays.
         for _ in 0..10 {
-            s.observe(&ws, 100, 95, 5, 50_000, false);
+            s.observe(&ws, 100, 95, 5, cost(50_000, false));
         }
         assert!(!s.is_off());
         assert!(s.totals.recall() > 0.8);

@@ -5,7 +5,7 @@ use super::{Backend, Stats};
 use crate::device::Cow;
 use crate::error::{Error, Result};
 use crate::maps::{self, Mapping};
-use crate::speculate::{Costs, Policy, Progress, Recording, Speculator, Totals};
+use crate::speculate::{Costs, Policy, PrecopyCost, Progress, Recording, Speculator, Totals};
 use std::sync::Mutex;
 
 /// Speculation state of a kmod backend.
@@ -21,11 +21,9 @@ struct Spec {
     precopied_last: u64,
     /// The kernel holds a non-empty hint.
     hint_set: bool,
-    /// Whether the last snapshot's hint was a probe.
-    probe_last: bool,
-    /// What speculation added to the last snapshot, which made the pre-copies the next one
-    /// judges (the cost belongs with them, not with the ones this snapshot makes).
-    extra_last: u64,
+    /// What the last snapshot's pre-copies cost, to be weighed when the next one judges them
+    /// (the cost belongs with them, not with the ones that one makes).
+    cost_last: PrecopyCost,
 }
 
 /// Space offsets are below 2^44 bytes; the module adds the space's base above that, which is
@@ -177,7 +175,7 @@ impl Backend for Kmod {
         match before {
             Some(before) => {
                 let after = self.cow.stats()?;
-                let extra_last = spec.extra_last;
+                let cost_last = spec.cost_last;
                 if let Some(last) = spec.last_id {
                     // The epoch after `last` just ended: what it wrote, and what speculation
                     // did for it.
@@ -185,9 +183,8 @@ impl Backend for Kmod {
                     let useful = after.precopy_useful - before.precopy_useful;
                     let faults = before.first_write_faults - spec.after_last.first_write_faults;
                     let precopied = spec.precopied_last;
-                    let probe_last = spec.probe_last;
                     if let Some(s) = spec.speculator.as_mut() {
-                        s.observe(&written, precopied, useful, faults, extra_last, probe_last);
+                        s.observe(&written, precopied, useful, faults, cost_last);
                     }
                 }
                 // What speculation added to this snapshot (everything but the kernel's ordinary
@@ -195,8 +192,11 @@ impl Backend for Kmod {
                 let wall = t0.elapsed().as_nanos() as u64;
                 let ordinary = (after.snapshot_ns - before.snapshot_ns)
                     .saturating_sub(after.precopy_ns - before.precopy_ns);
-                spec.extra_last = wall.saturating_sub(ordinary);
-                spec.probe_last = probe;
+                spec.cost_last = PrecopyCost {
+                    extra_ns: wall.saturating_sub(ordinary),
+                    per_pages_ns: after.precopy_ns - before.precopy_ns,
+                    probe,
+                };
                 spec.precopied_last = after.precopied_pages - before.precopied_pages;
                 spec.after_last = after;
                 spec.last_id = Some(id);
@@ -206,7 +206,7 @@ impl Backend for Kmod {
                     s.skip();
                 }
                 spec.precopied_last = 0;
-                spec.extra_last = 0;
+                spec.cost_last = PrecopyCost::default();
                 spec.last_id = None;
             }
         }

@@ -504,15 +504,13 @@ impl<T: Tracker> State<T> {
             // are compared and copied with or without speculation).
             let per_page = compare_ns / dirty_pages(written.len());
             let extra = self.spec_ns + per_page * precopied.saturating_sub(useful);
-            let probe = self.left_open_probe;
-            s.observe(
-                &w,
-                precopied,
-                useful,
-                faults - self.faults_at_last,
-                extra,
-                probe,
-            );
+            // Nearly all of it grows with the pages (one mprotect each, comparisons).
+            let cost = crate::speculate::PrecopyCost {
+                extra_ns: extra,
+                per_pages_ns: extra,
+                probe: self.left_open_probe,
+            };
+            s.observe(&w, precopied, useful, faults - self.faults_at_last, cost);
             self.left_open_probe = s.hint_is_probe();
             for p in s.hint() {
                 hint.push(p as usize);
