@@ -25,7 +25,9 @@ Examples:
   cowctl restore 1234 $id       put it back (the process is stopped around the restore)
   cowctl diff 1234 1 2 --json   byte ranges that changed between snapshots 1 and 2
   cowctl bench --json           every backend side by side, memcpy as the baseline
-  cowctl bench --speculate=all  pre-copy policies vs none vs an oracle (needs cow.ko)
+  cowctl bench --speculate=all  pre-copy policies vs none vs an oracle (mprotect; cow.ko and
+                                a checkpointed perl program when the module is loaded)
+  cowctl run --every 10 -- PROG checkpoint PROG every 10 ms, keep the newest 8
 
 Exit codes:
   0  success
