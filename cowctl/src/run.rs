@@ -66,6 +66,8 @@ pub fn command(opts: &Options, argv: &[String]) -> Result<std::process::Command>
     if let Some(path) = &opts.report {
         cmd.env("COW_REPORT", path);
     }
+    // Only our child reports (not the programs it spawns, which inherit the environment).
+    cmd.env("COW_REPORT_PARENT", std::process::id().to_string());
     Ok(cmd)
 }
 

@@ -32,9 +32,8 @@ pub struct Config {
 impl Config {
     /// The configuration `cowctl run --every MS [--keep N]` passes, if any.
     pub fn from_env() -> Option<Config> {
-        let ms: u64 = std::env::var("COW_CHECKPOINT_MS").ok()?.parse().ok()?;
-        let keep = std::env::var("COW_CHECKPOINT_KEEP")
-            .ok()
+        let ms: u64 = crate::sys::env_var("COW_CHECKPOINT_MS")?.parse().ok()?;
+        let keep = crate::sys::env_var("COW_CHECKPOINT_KEEP")
             .and_then(|k| k.parse().ok())
             .unwrap_or(8usize)
             .max(1);

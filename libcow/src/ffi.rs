@@ -37,17 +37,16 @@ pub fn install(space: &'static Cow, hold: fn(), release: fn(), progress: fn() ->
     ));
     // `cowctl run --speculate=POLICY` passes the policy in COW_SPECULATE; an oracle replays
     // the write sets in COW_SPECULATE_REPLAY (recorded by a run with COW_SPECULATE_RECORD).
-    if let Some(policy) = std::env::var("COW_SPECULATE")
-        .ok()
+    if let Some(policy) = crate::sys::env_var("COW_SPECULATE")
         .and_then(|p| p.parse::<crate::speculate::Policy>().ok())
     {
-        let recorded = std::env::var_os("COW_SPECULATE_REPLAY")
+        let recorded = crate::sys::env_var("COW_SPECULATE_REPLAY")
             .filter(|_| policy == crate::speculate::Policy::Oracle)
             .and_then(|path| std::fs::read_to_string(path).ok())
             .and_then(|text| serde_json::from_str::<crate::speculate::Recording>(&text).ok());
         let _ = kmod.set_speculation(policy, recorded);
     }
-    if std::env::var_os("COW_SPECULATE_RECORD").is_some() {
+    if crate::sys::env_var("COW_SPECULATE_RECORD").is_some() {
         let _ = kmod.record_write_sets();
     }
     let _ = BACKEND.set(kmod);

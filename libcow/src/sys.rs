@@ -19,3 +19,33 @@ pub(crate) fn ioctl_ptr<T>(
         Ok(rc)
     }
 }
+
+extern "C" {
+    static environ: *const *const std::ffi::c_char;
+}
+
+/// The environment variable `name`, read from `environ` itself rather than through `getenv`:
+/// a program may define its own `getenv` (bash does, answering from its shell variables), and
+/// libcow_preload's constructor runs before such a program has set itself up.
+pub(crate) fn env_var(name: &str) -> Option<String> {
+    // SAFETY: `environ` is the process's NULL-terminated array of NUL-terminated strings; it is
+    // read without modification, from the constructor or at exit, when nothing rewrites it
+    // concurrently.
+    unsafe {
+        let mut p = environ;
+        if p.is_null() {
+            return None;
+        }
+        while !(*p).is_null() {
+            let entry = std::ffi::CStr::from_ptr(*p).to_bytes();
+            if let Some(value) = entry
+                .strip_prefix(name.as_bytes())
+                .and_then(|rest| rest.strip_prefix(b"="))
+            {
+                return Some(String::from_utf8_lossy(value).into_owned());
+            }
+            p = p.add(1);
+        }
+    }
+    None
+}

@@ -20,16 +20,29 @@ pub(crate) fn format_decimal(mut v: u64, buf: &mut [u8; 24]) -> &[u8] {
     &buf[i..]
 }
 
+extern "C" {
+    static environ: *const *const std::ffi::c_char;
+}
+
 /// Reads a decimal environment variable without allocating.
 pub(crate) fn env_u64(name: &std::ffi::CStr) -> Option<u64> {
-    // SAFETY: getenv with a NUL-terminated name; the result is a NUL-terminated string owned by
-    // the environment, read immediately.
-    let p = unsafe { libc::getenv(name.as_ptr()) };
-    if p.is_null() {
-        return None;
+    // `environ` itself, not getenv: a program may define its own getenv (bash does, answering
+    // from shell variables it has not set up yet when we run).
+    let name = name.to_bytes();
+    let mut s: &[u8] = &[];
+    // SAFETY: `environ` is the NULL-terminated array of NUL-terminated strings of the process,
+    // read without modification during start-up (the first malloc or our constructor).
+    unsafe {
+        let mut p = environ;
+        while !p.is_null() && !(*p).is_null() {
+            let entry = std::ffi::CStr::from_ptr(*p).to_bytes();
+            if entry.len() > name.len() && entry.starts_with(name) && entry[name.len()] == b'=' {
+                s = &entry[name.len() + 1..];
+                break;
+            }
+            p = p.add(1);
+        }
     }
-    // SAFETY: as above.
-    let s = unsafe { std::ffi::CStr::from_ptr(p) }.to_bytes();
     if s.is_empty() || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }

@@ -27,6 +27,10 @@ pub fn tests() -> Vec<Test> {
             run: oracle_replays_a_recording,
         },
         Test {
+            name: "checkpoint::only_the_started_process_reports",
+            run: only_the_started_process_reports,
+        },
+        Test {
             name: "checkpoint::bad_options_rejected",
             run: bad_options_rejected,
         },
@@ -185,6 +189,31 @@ fn oracle_replays_a_recording() -> Result<()> {
     ensure!(
         recall > 0.15,
         "oracle recall {recall:.2} ({useful} useful pre-copies, {faults} faults, {precopied} pre-copies): the replay does not line up: {r}"
+    );
+    Ok(())
+}
+
+fn only_the_started_process_reports() -> Result<()> {
+    // The shell exits at once (bash: dash leaves with _exit, which runs no destructors and so
+    // writes no report); the perl it left behind keeps being checkpointed (it inherits the
+    // preload) for a second, but must not overwrite the shell's report when it exits.
+    let report = std::env::temp_dir().join("checkpoint-parent.json");
+    let _ = std::fs::remove_file(&report);
+    let out = cowctl_run(
+        &["--every=5", &format!("--report={}", report.display())],
+        &[
+            "/bin/bash",
+            "-c",
+            "perl -e 'select(undef, undef, undef, 1.0)' & exit 0",
+        ],
+    )?;
+    ok(&out, "bash")?;
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
+    let n = r["checkpoints"]["snapshots"].as_u64().unwrap_or(u64::MAX);
+    ensure!(
+        n < 50,
+        "the report is the background perl's ({n} checkpoints), not the shell's: {r}"
     );
     Ok(())
 }
