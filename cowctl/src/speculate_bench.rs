@@ -166,16 +166,8 @@ fn run_one(
             pages_per_epoch: WORKING_SET,
             faults,
             faults_avoided_pct: 0.0,
-            precision: if precopied == 0 {
-                0.0
-            } else {
-                useful as f64 / precopied as f64
-            },
-            recall: if useful + faults == 0 {
-                0.0
-            } else {
-                useful as f64 / (useful + faults) as f64
-            },
+            precision: ratios(precopied, useful, faults).precision(),
+            recall: ratios(precopied, useful, faults).recall(),
             precopied,
             snapshot_us: snaps[snaps.len() / 2],
             total_ms,
@@ -184,6 +176,16 @@ fn run_one(
         },
         record,
     ))
+}
+
+/// The kernel's counts over a run, for their precision and recall.
+fn ratios(precopied: u64, useful: u64, faults: u64) -> cow::speculate::Totals {
+    cow::speculate::Totals {
+        precopied,
+        useful,
+        faults,
+        ..Default::default()
+    }
 }
 
 /// Timing-based decisions and results are meaningless on a clock that ticks in milliseconds
@@ -295,16 +297,8 @@ fn run_program(
             .unwrap_or(0),
         faults,
         faults_avoided_pct: 0.0,
-        precision: if precopied == 0 {
-            0.0
-        } else {
-            useful as f64 / precopied as f64
-        },
-        recall: if useful + faults == 0 {
-            0.0
-        } else {
-            useful as f64 / (useful + faults) as f64
-        },
+        precision: ratios(precopied, useful, faults).precision(),
+        recall: ratios(precopied, useful, faults).recall(),
         precopied,
         snapshot_us: r["checkpoints"]["snapshot_us_median"]
             .as_f64()

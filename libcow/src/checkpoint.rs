@@ -13,6 +13,7 @@
 //! with `EINTR`).
 
 use crate::book;
+use crate::sys::monotonic_ns;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -100,16 +101,6 @@ pub fn start(cfg: Config, snapshot: fn() -> i64, drop: fn(i64) -> i32) -> std::i
         .name("cow-checkpoint".into())
         .spawn(move || run(state, cfg, snapshot, drop))
         .map(|_| ())
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn sleep_until(ns: u64) {

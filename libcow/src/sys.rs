@@ -49,3 +49,14 @@ pub(crate) fn env_var(name: &str) -> Option<String> {
     }
     None
 }
+
+/// `CLOCK_MONOTONIC` in nanoseconds (no allocation; usable in libcow's critical sections).
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -133,15 +133,7 @@ pub(super) fn io_err(op: &'static str, e: std::io::Error) -> Error {
     err(op, e.raw_os_error().unwrap_or(libc::EIO))
 }
 
-pub(super) fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
+pub(super) use crate::sys::monotonic_ns as now_ns;
 
 pub(super) fn current_brk() -> usize {
     // SAFETY: brk(0) only reports the current break.
