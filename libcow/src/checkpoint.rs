@@ -160,11 +160,6 @@ fn run(state: &'static State, cfg: Config, snapshot: fn() -> i64, drop: fn(i64) 
     }
 }
 
-/// Whether the checkpointer was started in this process.
-pub fn running() -> bool {
-    STATE.get().is_some_and(|s| !s.stop.load(Ordering::Acquire))
-}
-
 /// Stops the checkpointer (waiting for a checkpoint in progress) and sums up what it did.
 /// `None` if it was never started.
 pub fn stop() -> Option<Summary> {

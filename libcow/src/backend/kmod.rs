@@ -190,11 +190,11 @@ impl Backend for Kmod {
                 // What speculation added to this snapshot (everything but the kernel's ordinary
                 // snapshot work), to be weighed against the pre-copies it just made.
                 let wall = t0.elapsed().as_nanos() as u64;
-                let ordinary = (after.snapshot_ns - before.snapshot_ns)
-                    .saturating_sub(after.precopy_ns - before.precopy_ns);
+                let precopy_ns = after.precopy_ns - before.precopy_ns;
+                let ordinary = (after.snapshot_ns - before.snapshot_ns).saturating_sub(precopy_ns);
                 spec.cost_last = PrecopyCost {
                     extra_ns: wall.saturating_sub(ordinary),
-                    per_pages_ns: after.precopy_ns - before.precopy_ns,
+                    per_pages_ns: precopy_ns,
                     probe,
                 };
                 spec.precopied_last = after.precopied_pages - before.precopied_pages;

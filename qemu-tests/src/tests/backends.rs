@@ -66,14 +66,7 @@ fn run(backend: &str, args: &[&str]) -> Result<String> {
         Command::new(suite)
     };
     let out = cmd.arg(backend).args(args).output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "{backend} {args:?}: {}\n{stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(stdout)
+    super::stdout_of_success(&out, &format!("{backend} {args:?}"))
 }
 
 fn churn(backend: &str) -> Result<()> {

@@ -2,7 +2,7 @@
 //! alone and together with the program's own snapshots and restores, with and without
 //! speculation; the program's results must not change.
 
-use super::sibling;
+use super::{cowctl_run, sibling, stdout_of_success as ok};
 use crate::Test;
 use anyhow::{ensure, Context, Result};
 use std::process::Command;
@@ -39,26 +39,6 @@ pub fn tests() -> Vec<Test> {
 
 /// The real-program workload of `cowctl bench --speculate`.
 const KV_SCRIPT: &str = include_str!("../../../cowctl/src/workloads/kv.pl");
-
-fn cowctl_run(opts: &[&str], argv: &[&str]) -> Result<std::process::Output> {
-    Ok(Command::new(sibling("cowctl")?)
-        .arg("run")
-        .args(opts)
-        .arg("--")
-        .args(argv)
-        .output()?)
-}
-
-fn ok(out: &std::process::Output, what: &str) -> Result<String> {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "{what}: {}\n{stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(stdout)
-}
 
 fn perl_unchanged_and_reported() -> Result<()> {
     let plain = Command::new("perl")

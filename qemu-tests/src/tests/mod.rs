@@ -23,6 +23,29 @@ pub fn all() -> Vec<Test> {
     v
 }
 
+/// `cowctl run OPTS -- ARGV`, its output collected.
+pub fn cowctl_run(opts: &[&str], argv: &[&str]) -> anyhow::Result<std::process::Output> {
+    Ok(std::process::Command::new(sibling("cowctl")?)
+        .arg("run")
+        .args(opts)
+        .arg("--")
+        .args(argv)
+        .output()?)
+}
+
+/// The stdout of a command that must have succeeded; else an error naming `what`, with its
+/// status, stdout and stderr.
+pub fn stdout_of_success(out: &std::process::Output, what: &str) -> anyhow::Result<String> {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "{what}: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
 /// Path of a sibling binary of the test runner (cowctl, test programs).
 pub fn sibling(name: &str) -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;

@@ -3,7 +3,6 @@
 use super::sibling;
 use crate::Test;
 use anyhow::{ensure, Result};
-use std::process::Command;
 
 /// This file's tests.
 pub fn tests() -> Vec<Test> {
@@ -31,12 +30,8 @@ pub fn tests() -> Vec<Test> {
     ]
 }
 
-fn cowctl_run(args: &[&str]) -> Result<std::process::Output> {
-    Ok(Command::new(sibling("cowctl")?)
-        .arg("run")
-        .arg("--")
-        .args(args)
-        .output()?)
+fn cowctl_run(argv: &[&str]) -> Result<std::process::Output> {
+    super::cowctl_run(&[], argv)
 }
 
 fn run_ok(prog: &str, args: &[&str]) -> Result<String> {
@@ -44,16 +39,7 @@ fn run_ok(prog: &str, args: &[&str]) -> Result<String> {
     let exe = exe.to_str().unwrap_or_default();
     let mut all = vec![exe];
     all.extend_from_slice(args);
-    let out = cowctl_run(&all)?;
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure!(
-        out.status.success(),
-        "{prog}: {}\n{}{}",
-        out.status,
-        stdout,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(stdout)
+    super::stdout_of_success(&cowctl_run(&all)?, prog)
 }
 
 fn heap_and_globals_are_covered() -> Result<()> {
