@@ -1,13 +1,48 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * C helpers for cow.ko: tiny wrappers around static inline kernel functions and macros that
- * Rust cannot call directly. They expand to exported symbols only; no kernel internals.
+ * C helpers for cow.ko: thin wrappers around static inline kernel functions, macros, and
+ * exported functions whose headers the Rust bindings do not include. Each expands to exported
+ * symbols only; no kernel internals. Keeping mapping_wrprotect_range() here means its prototype
+ * comes from <linux/rmap.h>, so a changed signature fails the build instead of the call.
  */
+#include <linux/capability.h>
 #include <linux/mm.h>
+#include <linux/rmap.h>
+#include <linux/sched.h>
+
+#ifndef CONFIG_64BIT
+#error "cow.ko needs a 64-bit kernel: a space spans 2^32 pages of file offsets"
+#endif
 
 unsigned long cow_page_to_pfn(struct page *page);
+int cow_wrprotect_page(struct address_space *mapping, pgoff_t pgoff, struct page *page);
+bool cow_page_maybe_pinned(struct page *page);
+bool cow_capable_sys_resource(void);
+void cow_cond_resched(void);
 
 unsigned long cow_page_to_pfn(struct page *page)
 {
 	return page_to_pfn(page);
+}
+
+/* Write-protects every PTE that maps @page at @pgoff of @mapping; returns how many. */
+int cow_wrprotect_page(struct address_space *mapping, pgoff_t pgoff, struct page *page)
+{
+	return mapping_wrprotect_range(mapping, pgoff, page_to_pfn(page), 1);
+}
+
+/* Whether @page may be pinned for DMA (O_DIRECT, vmsplice): writes bypass its PTEs. */
+bool cow_page_maybe_pinned(struct page *page)
+{
+	return folio_maybe_dma_pinned(page_folio(page));
+}
+
+bool cow_capable_sys_resource(void)
+{
+	return capable(CAP_SYS_RESOURCE);
+}
+
+void cow_cond_resched(void)
+{
+	cond_resched();
 }

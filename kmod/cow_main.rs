@@ -8,7 +8,6 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::{
-    alloc::flags::GFP_KERNEL,
     fs::File,
     miscdevice::{MiscDevice, MiscDeviceOptions, MiscDeviceRegistration},
     mm::virt::VmaNew,
@@ -28,7 +27,7 @@ mod space;
 mod uarg;
 mod vm;
 
-use space::{Limits, SpaceState};
+use space::{gfp_user_sized, Limits, SpaceState, GFP};
 
 module! {
     type: CowModule,
@@ -39,11 +38,11 @@ module! {
     params: {
         max_snapshots: u32 {
             default: 64,
-            description: "Default most snapshots a space holds (per-space override: COW_IOC_LIMITS)",
+            description: "Most snapshots a space holds by default; COW_IOC_LIMITS may lower it, raising it needs CAP_SYS_RESOURCE",
         },
         max_held_mib: u64 {
             default: 1024,
-            description: "Default most MiB of pre-images a space holds (per-space override: COW_IOC_LIMITS)",
+            description: "Most MiB of pre-images a space holds by default; COW_IOC_LIMITS may lower it, raising it needs CAP_SYS_RESOURCE",
         },
     },
 }
@@ -112,6 +111,14 @@ impl PinnedDrop for Space {
     }
 }
 
+/// The module parameters as limits: (most snapshots, most bytes of pre-images).
+fn module_caps() -> (u32, u64) {
+    (
+        module_parameters::max_snapshots.value().max(1),
+        module_parameters::max_held_mib.value().saturating_mul(1 << 20),
+    )
+}
+
 /// Largest `COW_IOC_READ` length per call.
 const MAX_READ: u64 = 64 << 20;
 
@@ -128,21 +135,25 @@ impl Space {
         if arg.flags != 0 || arg.count > abi::COW_MAX_HINT_PAGES {
             return Err(EINVAL);
         }
-        // Copy the list in before taking the lock (it may live in covered memory).
+        // Copy the list in before taking the lock (it may live in covered memory). Its size is
+        // the caller's choice: charged, and ENOMEM rather than an allocator warning.
         let n = arg.count as usize;
-        let mut pages: KVec<usize> = KVec::with_capacity(n, GFP_KERNEL)?;
+        let mut pages: KVVec<usize> = KVVec::with_capacity(n, gfp_user_sized())?;
         let mut reader = kernel::uaccess::UserSlice::new(
             kernel::uaccess::UserPtr::from_addr(arg.pages as usize),
             n * 8,
         )
         .reader();
         let limit = 1u64 << abi::COW_SPACE_PAGES_SHIFT;
-        for _ in 0..n {
+        for i in 0..n {
             let idx: u64 = reader.read()?;
             if idx >= limit {
                 return Err(EINVAL);
             }
-            pages.push(idx as usize, GFP_KERNEL)?;
+            pages.push_within_capacity(idx as usize).map_err(|_| ENOMEM)?;
+            if i % 4096 == 4095 {
+                mm::cond_resched();
+            }
         }
         pages.as_mut_slice().sort_unstable();
         self.state.lock().hint = pages;
@@ -158,19 +169,20 @@ impl Space {
     }
 
     fn list(&self, arg: &abi::CowList) -> Result<u32> {
-        let mut infos = KVec::new();
+        let mut infos = KVVec::new();
         let count = {
             let state = self.state.lock();
-            for s in state.snapshots.iter().take(arg.capacity as usize) {
-                infos.push(
-                    abi::CowSnapshotInfo {
+            let n = state.snapshots.len().min(arg.capacity as usize);
+            infos.reserve(n, gfp_user_sized())?;
+            for s in state.snapshots.iter().take(n) {
+                infos
+                    .push_within_capacity(abi::CowSnapshotInfo {
                         id: s.id,
                         saved_pages: s.saved_pages(),
                         bytes_held: s.saved_pages() * PAGE_SIZE as u64,
                         taken_ns: s.taken_ns,
-                    },
-                    GFP_KERNEL,
-                )?;
+                    })
+                    .map_err(|_| ENOMEM)?;
             }
             state.snapshots.len() as u32
         };
@@ -194,8 +206,10 @@ impl Space {
         if end > (1u64 << (abi::COW_SPACE_PAGES_SHIFT + kernel::bindings::PAGE_SHIFT)) {
             return Err(EINVAL);
         }
+        // An unknown id is ENOENT even for zero bytes.
+        self.state.lock().position(arg.id)?;
         // Page by page through a bounce buffer: never touch user memory under the lock.
-        let mut bounce = KVec::from_elem(0u8, PAGE_SIZE, GFP_KERNEL)?;
+        let mut bounce = KVec::from_elem(0u8, PAGE_SIZE, GFP)?;
         let mut pos = arg.offset;
         while pos < end {
             let idx = (pos / PAGE_SIZE as u64) as usize;
@@ -210,6 +224,7 @@ impl Space {
             }
             uarg::write_bytes(arg.buf + (pos - arg.offset), &bounce[in_page..in_page + n])?;
             pos += n as u64;
+            mm::cond_resched();
         }
         Ok(())
     }
@@ -238,6 +253,14 @@ impl Space {
             {
                 return Err(EINVAL);
             }
+            // The module parameters are caps an administrator sets: anyone may lower a space's
+            // limits, raising them above the caps needs CAP_SYS_RESOURCE (as RLIMITs do).
+            let (cap_snapshots, cap_bytes) = module_caps();
+            if (arg.max_snapshots > cap_snapshots || arg.max_bytes > cap_bytes)
+                && !mm::capable_sys_resource()
+            {
+                return Err(EPERM);
+            }
             state.limits = Limits {
                 max_snapshots: arg.max_snapshots,
                 policy: arg.policy,
@@ -259,10 +282,11 @@ impl MiscDevice for Space {
 
     fn open(file: &File, _misc: &MiscDeviceRegistration<Self>) -> Result<Pin<KBox<Self>>> {
         let id = alloc_space_id()?;
+        let (max_snapshots, max_bytes) = module_caps();
         let limits = Limits {
-            max_snapshots: module_parameters::max_snapshots.value().max(1),
+            max_snapshots,
             policy: abi::COW_POLICY_MERGE_OLDEST,
-            max_bytes: module_parameters::max_held_mib.value().saturating_mul(1 << 20),
+            max_bytes,
         };
         // SAFETY: `file` is being opened; do_dentry_open set f_mapping before calling ->open.
         let mapping = unsafe { (*file.as_ptr()).f_mapping };
@@ -274,7 +298,7 @@ impl MiscDevice for Space {
                 mapping,
                 state <- new_mutex!(SpaceState::new(limits)),
             }),
-            GFP_KERNEL,
+            GFP,
         );
         if space.is_err() {
             free_space_id(id);
@@ -286,10 +310,20 @@ impl MiscDevice for Space {
         vm::mmap(&space, vma)
     }
 
-    fn ioctl(space: Pin<&Space>, _file: &File, cmd: u32, arg: usize) -> Result<isize> {
+    fn ioctl(space: Pin<&Space>, file: &File, cmd: u32, arg: usize) -> Result<isize> {
         // Dispatch on type and number only: the size bits are informational (see cow_abi.rs).
         if abi::ioc_type(cmd) != abi::COW_IOC_MAGIC {
             return Err(ENOTTY);
+        }
+        // Commands that change the space need a descriptor opened for writing, as write(2)
+        // would; a read-only descriptor may still inspect it.
+        let changes_state = matches!(
+            abi::ioc_nr(cmd),
+            abi::nr::SNAPSHOT | abi::nr::RESTORE | abi::nr::DROP | abi::nr::HINT
+        );
+        let writable = file.flags() & kernel::bindings::O_ACCMODE != kernel::bindings::O_RDONLY;
+        if changes_state && !writable {
+            return Err(EBADF);
         }
         match abi::ioc_nr(cmd) {
             abi::nr::VERSION => {
@@ -354,6 +388,9 @@ impl MiscDevice for Space {
             }
             abi::nr::LIMITS => {
                 let (mut a, out) = uarg::read::<abi::CowLimits>(arg, 24)?;
+                if a.flags & abi::COW_LIMITS_SET != 0 && !writable {
+                    return Err(EBADF);
+                }
                 space.limits(&mut a)?;
                 out.write(&a)?;
             }

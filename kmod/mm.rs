@@ -8,16 +8,17 @@ use kernel::bindings;
 
 // Pointers are declared as `c_void`: the bindgen structs contain zero-sized members that the
 // improper_ctypes lint rejects in hand-written declarations.
+// All of these are in `cow_helpers.c`, which includes the kernel headers that declare what they
+// wrap (`mapping_wrprotect_range` is in `linux/rmap.h`, absent from the Rust bindings).
 extern "C" {
-    /// `mm/rmap.c`, `EXPORT_SYMBOL_GPL`; its header (`linux/rmap.h`) is not in the Rust bindings.
-    fn mapping_wrprotect_range(
+    fn cow_wrprotect_page(
         mapping: *mut core::ffi::c_void,
         pgoff: core::ffi::c_ulong,
-        pfn: core::ffi::c_ulong,
-        nr_pages: core::ffi::c_ulong,
+        page: *mut core::ffi::c_void,
     ) -> core::ffi::c_int;
-    /// `cow_helpers.c`: the `page_to_pfn()` macro.
-    fn cow_page_to_pfn(page: *mut core::ffi::c_void) -> core::ffi::c_ulong;
+    fn cow_page_maybe_pinned(page: *mut core::ffi::c_void) -> bool;
+    fn cow_capable_sys_resource() -> bool;
+    fn cow_cond_resched();
 }
 
 /// Copies the contents of page `src` into page `dst`.
@@ -36,10 +37,28 @@ pub(crate) fn wrprotect(mapping: *mut bindings::address_space, pgoff: usize, pag
     // space (the space is the file's private data). `page` is a live page owned by the space.
     // mapping_wrprotect_range only walks the mapping's VMAs under its own locks and changes PTEs
     // that map exactly `pfn` at `pgoff`, flushing the TLB.
-    unsafe {
-        let pfn = cow_page_to_pfn(page.cast());
-        mapping_wrprotect_range(mapping.cast(), pgoff as _, pfn, 1)
-    }
+    unsafe { cow_wrprotect_page(mapping.cast(), pgoff as _, page.cast()) }
+}
+
+/// Whether `page` may be pinned for DMA (`pin_user_pages`: O_DIRECT, vmsplice): such a page
+/// can be written behind its write-protected PTEs, so a snapshot must copy it at once.
+pub(crate) fn maybe_pinned(page: *mut bindings::page) -> bool {
+    // SAFETY: `page` is a live order-0 page owned by the space (caller holds its lock);
+    // folio_maybe_dma_pinned only reads the folio's counters.
+    unsafe { cow_page_maybe_pinned(page.cast()) }
+}
+
+/// Whether the calling task has `CAP_SYS_RESOURCE` (in the initial user namespace).
+pub(crate) fn capable_sys_resource() -> bool {
+    // SAFETY: capable() only inspects the current task's credentials.
+    unsafe { cow_capable_sys_resource() }
+}
+
+/// Yields the CPU if a reschedule is due: per-page loops over big spaces call it, unlocked.
+pub(crate) fn cond_resched() {
+    // SAFETY: called from process context without spinlocks held (callers only hold mutexes,
+    // or nothing), where sleeping is allowed.
+    unsafe { cow_cond_resched() }
 }
 
 /// Removes every PTE that maps page offsets `[pgoff, pgoff + nr)` of `mapping`, flushing the TLB

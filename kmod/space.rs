@@ -29,11 +29,20 @@
 use crate::abi;
 use crate::mm;
 use kernel::{
-    alloc::flags::{GFP_KERNEL, GFP_KERNEL_ACCOUNT, __GFP_ZERO},
+    alloc::flags::{GFP_KERNEL_ACCOUNT, __GFP_NOWARN, __GFP_ZERO},
+    alloc::Flags,
     page::{Page, PAGE_SIZE},
     prelude::*,
-    rbtree::RBTree,
+    rbtree::{RBTree, RBTreeNodeReservation},
 };
+
+/// Every allocation a space makes is charged to the caller's memory cgroup.
+pub(crate) const GFP: Flags = GFP_KERNEL_ACCOUNT;
+/// Allocations whose size a caller chooses (lists of pages): charged, and failing with `ENOMEM`
+/// instead of a page-allocator warning when they are too big.
+pub(crate) fn gfp_user_sized() -> Flags {
+    GFP_KERNEL_ACCOUNT | __GFP_NOWARN
+}
 
 /// Retention window of a space.
 #[derive(Clone, Copy)]
@@ -53,7 +62,7 @@ pub(crate) struct Snapshot {
     copies: u64,
     /// Pages pre-copied into `saved` at this snapshot and left writable (sorted): at the next
     /// snapshot the unchanged ones are dropped again.
-    precopied: KVec<usize>,
+    precopied: KVVec<usize>,
 }
 
 impl Snapshot {
@@ -67,12 +76,12 @@ pub(crate) struct SpaceState {
     /// Current page of every page index touched so far.
     pages: RBTree<usize, Page>,
     /// Snapshots, oldest first; the last one is the newest.
-    pub(crate) snapshots: KVec<Snapshot>,
+    pub(crate) snapshots: KVVec<Snapshot>,
     next_id: u64,
     pub(crate) limits: Limits,
     pub(crate) stats: abi::CowStats,
     /// Page indices to pre-copy at quiesced snapshots (sorted).
-    pub(crate) hint: KVec<usize>,
+    pub(crate) hint: KVVec<usize>,
 }
 
 /// What a fault found, for the caller to install.
@@ -92,11 +101,11 @@ impl SpaceState {
     pub(crate) fn new(limits: Limits) -> Self {
         SpaceState {
             pages: RBTree::new(),
-            snapshots: KVec::new(),
+            snapshots: KVVec::new(),
             next_id: 1,
             limits,
             stats: abi::CowStats::default(),
-            hint: KVec::new(),
+            hint: KVVec::new(),
         }
     }
 
@@ -119,13 +128,20 @@ impl SpaceState {
             (None, Some(_)) => return Ok(FaultPage::Stale),
             (Some(p), _) => p,
             (None, None) => {
-                let page = Page::alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO)?;
+                // Allocate everything first: a page created without its "did not exist" mark
+                // would survive a restore.
+                let page = Page::alloc_page(GFP | __GFP_ZERO)?;
+                let node = RBTreeNodeReservation::new(GFP)?;
+                let mark = match self.snapshots.last() {
+                    Some(_) => Some(RBTreeNodeReservation::new(GFP)?),
+                    None => None,
+                };
                 let ptr = page.as_ptr();
-                self.pages.try_create_and_insert(idx, page, GFP_KERNEL)?;
+                self.pages.insert(node.into_node(idx, page));
                 self.stats.pages_present += 1;
                 // The page did not exist at the newest snapshot: a restore must remove it.
-                if let Some(newest) = self.snapshots.last_mut() {
-                    newest.saved.try_create_and_insert(idx, None, GFP_KERNEL)?;
+                if let (Some(newest), Some(mark)) = (self.snapshots.last_mut(), mark) {
+                    newest.saved.insert(mark.into_node(idx, None));
                 }
                 ptr
             }
@@ -155,9 +171,9 @@ impl SpaceState {
         let Some(newest) = self.snapshots.last_mut() else {
             return Ok(()); // the budget took every snapshot: nothing left to preserve for
         };
-        let copy = Page::alloc_page(GFP_KERNEL_ACCOUNT)?;
+        let copy = Page::alloc_page(GFP)?;
         mm::copy_page(copy.as_ptr(), page);
-        newest.saved.try_create_and_insert(idx, Some(copy), GFP_KERNEL)?;
+        newest.saved.try_create_and_insert(idx, Some(copy), GFP)?;
         newest.copies += 1;
         self.stats.pages_saved += 1;
         self.stats.bytes_held += PAGE_SIZE as u64;
@@ -198,19 +214,26 @@ impl SpaceState {
             }
         }
         // Reserve first so that nothing below can fail half-way.
-        self.snapshots.reserve(1, GFP_KERNEL)?;
+        self.snapshots.reserve(1, GFP)?;
         // The pages writable now: those made writable in the epoch that ends (every present
         // page before the first snapshot). Hinted ones stay writable (pre-copied below) when
         // nothing can write them meanwhile; the rest are re-armed.
-        let mut keep = KVec::new();
+        // Pages that may be pinned for DMA are write-protected and copied at once: a device
+        // writes them behind their PTEs, so no first-write fault would save them (as fork does).
+        let mut keep = KVVec::new();
+        let mut pinned = KVVec::new();
         {
             let hint = self.hint.as_slice();
             let mut arm = |idx: usize, page: *mut kernel::bindings::page| -> Result {
                 if quiesced && hint.binary_search(&idx).is_ok() {
-                    keep.push((idx, page), GFP_KERNEL)?;
+                    keep.push((idx, page), gfp_user_sized())?;
                 } else {
                     wrprotect(idx, page);
+                    if mm::maybe_pinned(page) {
+                        pinned.push((idx, page), gfp_user_sized())?;
+                    }
                 }
+                mm::cond_resched();
                 Ok(())
             };
             match self.snapshots.last() {
@@ -228,9 +251,25 @@ impl SpaceState {
                 }
             }
         }
+        let mut snap = Snapshot {
+            id: self.next_id,
+            taken_ns: now_ns(),
+            saved: RBTree::new(),
+            copies: 0,
+            precopied: KVVec::new(),
+        };
+        // Pinned pages: without their copies the snapshot would not be exact, so a failure here
+        // fails the snapshot. Nothing has changed yet but write-protected PTEs, which only
+        // cost a fault.
+        for &(idx, page) in pinned.iter() {
+            let copy = Page::alloc_page(GFP)?;
+            mm::copy_page(copy.as_ptr(), page);
+            snap.saved.try_create_and_insert(idx, Some(copy), GFP)?;
+            snap.copies += 1;
+        }
+        let precopy_start = now_ns();
         // Pre-copies of the epoch that ends that were never written: their image is the page
         // itself, so drop them (every such page is write-protected or quiesced now).
-        let precopy_start = now_ns();
         if let Some(newest) = self.snapshots.last_mut() {
             let precopied = core::mem::take(&mut newest.precopied);
             for &idx in precopied.iter() {
@@ -247,22 +286,14 @@ impl SpaceState {
                 }
             }
         }
-        let id = self.next_id;
-        self.next_id += 1;
-        let taken_ns = now_ns();
-        let mut snap = Snapshot {
-            id,
-            taken_ns,
-            saved: RBTree::new(),
-            copies: 0,
-            precopied: KVec::new(),
-        };
+        self.stats.bytes_held += snap.copies * PAGE_SIZE as u64;
+        self.stats.pages_saved += snap.copies;
         for &(idx, page) in keep.iter() {
-            let copied = Page::alloc_page(GFP_KERNEL_ACCOUNT).ok().and_then(|copy| {
+            let copied = Page::alloc_page(GFP).ok().and_then(|copy| {
                 mm::copy_page(copy.as_ptr(), page);
-                snap.saved.try_create_and_insert(idx, Some(copy), GFP_KERNEL).ok()
+                snap.saved.try_create_and_insert(idx, Some(copy), GFP).ok()
             });
-            if copied.is_some() && snap.precopied.push(idx, GFP_KERNEL).is_ok() {
+            if copied.is_some() && snap.precopied.push(idx, GFP).is_ok() {
                 snap.copies += 1;
                 self.stats.bytes_held += PAGE_SIZE as u64;
                 self.stats.pages_saved += 1;
@@ -274,13 +305,16 @@ impl SpaceState {
             }
         }
         self.stats.precopy_ns += now_ns().saturating_sub(precopy_start);
-        self.snapshots.push(snap, GFP_KERNEL).map_err(|_| ENOMEM)?;
+        let id = snap.id;
+        self.next_id += 1;
+        self.snapshots.push(snap, GFP).map_err(|_| ENOMEM)?;
         self.stats.snapshots_taken += 1;
         self.stats.snapshot_ns += now_ns().saturating_sub(start);
         Ok(id)
     }
 
-    fn position(&self, id: u64) -> Result<usize> {
+    /// Index of snapshot `id` in `snapshots`; `ENOENT` if the space holds no such snapshot.
+    pub(crate) fn position(&self, id: u64) -> Result<usize> {
         self.snapshots
             .iter()
             .position(|s| s.id == id)
@@ -291,6 +325,22 @@ impl SpaceState {
     pub(crate) fn restore(&mut self, id: u64, mut zap: impl FnMut(usize, usize)) -> Result {
         let start = now_ns();
         let k = self.position(id)?;
+        // Allocate before the first irreversible step: a node for every pre-image whose page
+        // no longer exists (an upper bound: a page saved by several snapshots counts more than
+        // once). Past this point nothing can fail, so a restore never leaves epochs mixed.
+        let mut needed = 0usize;
+        for snap in &self.snapshots[k..] {
+            for (idx, image) in snap.saved.iter() {
+                if image.is_some() && self.pages.get(idx).is_none() {
+                    needed += 1;
+                }
+            }
+            mm::cond_resched();
+        }
+        let mut nodes = KVVec::with_capacity(needed, gfp_user_sized())?;
+        for _ in 0..needed {
+            nodes.push(RBTreeNodeReservation::<usize, Page>::new(GFP)?, GFP)?;
+        }
         // First drop the PTEs of every page about to be swapped, in runs of consecutive indices:
         // one rmap walk and one TLB flush per run instead of per page. No fault can map a page
         // again before the swap below: faults need the lock we hold.
@@ -309,6 +359,7 @@ impl SpaceState {
             if let Some((first, count)) = run {
                 zap(first, count);
             }
+            mm::cond_resched();
         }
         let mut j = self.snapshots.len();
         while j > k {
@@ -326,7 +377,9 @@ impl SpaceState {
                     Some(page) => match self.pages.get_mut(&idx) {
                         Some(slot) => drop(core::mem::replace(slot, page)),
                         None => {
-                            self.pages.try_create_and_insert(idx, page, GFP_KERNEL)?;
+                            // Counted above, so there is one; the `else` is unreachable.
+                            let Some(node) = nodes.pop() else { continue };
+                            self.pages.insert(node.into_node(idx, page));
                             self.stats.pages_present += 1;
                         }
                     },
@@ -336,6 +389,7 @@ impl SpaceState {
                         }
                     }
                 }
+                mm::cond_resched();
             }
         }
         self.snapshots.truncate(k + 1);
@@ -348,6 +402,12 @@ impl SpaceState {
     /// Drops snapshot `id`, merging its pre-images into the next older snapshot.
     pub(crate) fn drop_snapshot(&mut self, id: u64) -> Result {
         let j = self.position(id)?;
+        // The only allocation comes first: the dropped snapshot's pre-copies join the older
+        // one's list. After `remove` nothing can fail.
+        if j > 0 {
+            let n = self.snapshots[j].precopied.len();
+            self.snapshots[j - 1].precopied.reserve(n, gfp_user_sized())?;
+        }
         let mut gone = self.snapshots.remove(j).map_err(|_| EINVAL)?;
         self.stats.bytes_held -= gone.copies * PAGE_SIZE as u64;
         if j == 0 {
@@ -356,7 +416,7 @@ impl SpaceState {
         let older = &mut self.snapshots[j - 1];
         // Pre-copied pages of the dropped snapshot are still writable: the older one checks them.
         for &idx in gone.precopied.iter() {
-            older.precopied.push(idx, GFP_KERNEL)?;
+            older.precopied.push_within_capacity(idx).map_err(|_| ENOMEM)?;
         }
         older.precopied.as_mut_slice().sort_unstable();
         while let Some(cursor) = gone.saved.cursor_front_mut() {
@@ -373,6 +433,7 @@ impl SpaceState {
                 older.copies += 1;
                 self.stats.bytes_held += PAGE_SIZE as u64;
             }
+            mm::cond_resched();
         }
         Ok(())
     }
@@ -393,14 +454,15 @@ impl SpaceState {
 
     /// Page indices written (or created) since snapshot `id` (or, with `epoch_only`, in the
     /// epoch right after it), sorted and unique.
-    pub(crate) fn dirty_since(&self, id: u64, epoch_only: bool) -> Result<KVec<u64>> {
+    pub(crate) fn dirty_since(&self, id: u64, epoch_only: bool) -> Result<KVVec<u64>> {
         let k = self.position(id)?;
         let end = if epoch_only { k + 1 } else { self.snapshots.len() };
-        let mut out = KVec::new();
+        let mut out = KVVec::new();
         for snap in &self.snapshots[k..end] {
             for (idx, _) in snap.saved.iter() {
-                out.push(*idx as u64, GFP_KERNEL)?;
+                out.push(*idx as u64, gfp_user_sized())?;
             }
+            mm::cond_resched();
         }
         out.as_mut_slice().sort_unstable();
         let mut w = 0;

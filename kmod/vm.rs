@@ -34,6 +34,10 @@ pub(crate) fn mmap(space: &Space, vma: &VmaNew) -> Result {
         return Err(EINVAL);
     }
     let pages = (vma.end() - vma.start()) >> bindings::PAGE_SHIFT;
+    // No mremap growth past the range checked here (as fb_defio). The flag also keeps the core
+    // from merging a later mmap of the same file into this VMA without calling us: its flags
+    // differ until ->mmap has run.
+    vma.set_dontexpand();
     let raw = vma.as_ptr();
     // SAFETY: `raw` is the VMA being set up by this mmap call (VmaNew guarantees exclusive
     // access during setup). The space outlives the VMA: the VMA holds a reference on the file,
@@ -64,7 +68,12 @@ unsafe fn handle(vmf: *mut bindings::vm_fault, write: bool, expected: Option<*mu
         let vma = (*vmf).__bindgen_anon_1.vma;
         (&*((*vma).vm_private_data as *const Space), (*vmf).__bindgen_anon_1.pgoff as usize)
     };
-    let idx = pgoff - space.base;
+    // Defence in depth: the offset was checked in `mmap`, and VM_DONTEXPAND keeps it so, but a
+    // VMA the driver never saw must get SIGBUS, never an underflow.
+    let limit = 1usize << crate::abi::COW_SPACE_PAGES_SHIFT;
+    let Some(idx) = pgoff.checked_sub(space.base).filter(|&i| i < limit) else {
+        return bindings::vm_fault_reason_VM_FAULT_SIGBUS;
+    };
     let mut state = space.state.lock();
     match state.fault(idx, write, expected) {
         // SAFETY: live vm_fault (caller); the page is owned by the space, which keeps it until

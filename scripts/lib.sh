@@ -16,6 +16,8 @@ KERNEL_PKG=linux-source-7.3
 KERNEL_PKG_SUITE=trixie-backports
 BINDGEN_VERSION=0.73.2
 LIBCLANG_VERSION=18.1.1
+# The debug kernel's C compiler: Debian 12's newest clang/lld/llvm (KASAN with Rust needs clang).
+DEBUG_LLVM=19
 
 SCRIPT_START=$(date +%s)
 

@@ -80,6 +80,12 @@ impl Cow {
     }
 
     fn adopt_published() -> Option<Self> {
+        // A setuid or setcap program must not drive a descriptor named by whoever set its
+        // environment (the dynamic loader ignores LD_PRELOAD there for the same reason).
+        // SAFETY: getauxval only reads the auxiliary vector.
+        if unsafe { libc::getauxval(libc::AT_SECURE) } != 0 {
+            return None;
+        }
         let fd: i32 = std::env::var("COW_SPACE_FD").ok()?.parse().ok()?;
         let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
         if target.as_os_str() != COW_DEVICE_PATH {

@@ -34,13 +34,25 @@ impl Watch {
         read_records(&mut self.kmsg)
     }
 
-    /// The records at warning level or worse, plus any text that marks a kernel bug.
-    pub fn bad_lines(&mut self) -> Vec<String> {
-        self.records()
-            .into_iter()
-            .filter(is_bad)
-            .map(|r| format!("<{}> {}", r.level, r.text))
-            .collect()
+    /// The records at warning level or worse, plus any text that marks a kernel bug, except
+    /// those inside an `expected` block (from a record containing its first marker to one
+    /// containing its second, inclusive).
+    pub fn bad_lines(&mut self, expected: Option<(&str, &str)>) -> Vec<String> {
+        let mut inside = false;
+        let mut bad = Vec::new();
+        for r in self.records() {
+            if let Some((first, last)) = expected {
+                inside |= r.text.contains(first);
+                if inside {
+                    inside = !r.text.contains(last);
+                    continue;
+                }
+            }
+            if is_bad(&r) {
+                bad.push(format!("<{}> {}", r.level, r.text));
+            }
+        }
+        bad
     }
 }
 

@@ -112,7 +112,7 @@ fn run_isolated(t: &Test) -> Result<Duration, String> {
     let stderr = err
         .map(|h| h.join().unwrap_or_default())
         .unwrap_or_default();
-    let warnings = log.bad_lines();
+    let warnings = log.bad_lines(tests::expected_kmsg_block(t.name));
     if !status.success() {
         return Err(format!("{status}\n{stderr}{stdout}"));
     }

@@ -3,6 +3,7 @@
 mod backends;
 mod checkpoint;
 mod device;
+mod hardening;
 mod preload;
 mod remote;
 pub mod snapshots;
@@ -15,12 +16,19 @@ pub fn all() -> Vec<Test> {
     let mut v = Vec::new();
     v.extend(device::tests());
     v.extend(snapshots::tests());
+    v.extend(hardening::tests());
     v.extend(remote::tests());
     v.extend(preload::tests());
     v.extend(backends::tests());
     v.extend(speculate::tests());
     v.extend(checkpoint::tests());
     v
+}
+
+/// Kernel log lines a test expects: every record from one containing the first marker up to
+/// one containing the second (inclusive), for tests that provoke a report on purpose.
+pub fn expected_kmsg_block(test: &str) -> Option<(&'static str, &'static str)> {
+    hardening::expected_kmsg_block(test)
 }
 
 /// `cowctl run OPTS -- ARGV`, its output collected.
