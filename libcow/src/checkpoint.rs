@@ -4,8 +4,12 @@
 //! `cowctl run --every MS` starts it in libcow_preload. The thread goes through the C API's
 //! snapshot path, so speculation, heap quiescing and stopping the other threads are the same
 //! as for a program's own `cow_snapshot`. Its state lives in the book: a restore of the
-//! program's memory never rewinds the checkpointer. It is started before the first snapshot,
-//! so every snapshot already holds whatever the thread itself allocated.
+//! program's memory never rewinds the checkpointer. `start` returns only once the thread has
+//! run a whole checkpoint (a warm-up snapshot, then dropped), so everything the thread and its
+//! runtime allocate for themselves in the covered heap is there before the program's first
+//! snapshot: above all glibc's list of the thread's TLS destructors (`__cxa_thread_atexit_impl`
+//! allocates it with `calloc`), which a restore to an earlier snapshot would otherwise free
+//! under the thread's feet, and which glibc then calls through at the thread's exit.
 //!
 //! Effect on the program: every snapshot briefly holds the covered heap's locks (and, while a
 //! speculation policy hints pages, stops the other threads with a signal; interrupted system
@@ -70,6 +74,8 @@ struct State {
     last_errno: AtomicU64,
     /// Held while a checkpoint is in progress, so that `stop` waits for it.
     busy: Mutex<()>,
+    /// Set by the thread once its warm-up checkpoint is done.
+    ready: AtomicBool,
     /// Latencies in ns, `min(snapshots, MAX_SAMPLES)` of them.
     samples: &'static mut [AtomicU64],
 }
@@ -92,6 +98,7 @@ pub fn start(cfg: Config, snapshot: fn() -> i64, drop: fn(i64) -> i32) -> std::i
         failures: AtomicU64::new(0),
         last_errno: AtomicU64::new(0),
         busy: Mutex::new(()),
+        ready: AtomicBool::new(false),
         samples,
     });
     if STATE.set(state).is_err() {
@@ -99,8 +106,13 @@ pub fn start(cfg: Config, snapshot: fn() -> i64, drop: fn(i64) -> i32) -> std::i
     }
     std::thread::Builder::new()
         .name("cow-checkpoint".into())
-        .spawn(move || run(state, cfg, snapshot, drop))
-        .map(|_| ())
+        .spawn(move || run(state, cfg, snapshot, drop))?;
+    // Wait for the warm-up (see the module's doc); a thread that cannot take it still runs.
+    let deadline = monotonic_ns() + 5_000_000_000;
+    while !state.ready.load(Ordering::Acquire) && monotonic_ns() < deadline {
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    Ok(())
 }
 
 fn sleep_until(ns: u64) {
@@ -126,6 +138,12 @@ fn run(state: &'static State, cfg: Config, snapshot: fn() -> i64, drop: fn(i64) 
     let kept =
         unsafe { std::slice::from_raw_parts_mut(kept_mem.as_mut_ptr().cast::<i64>(), cfg.keep) };
     let (mut head, mut len) = (0usize, 0usize);
+    // Warm-up: one checkpoint through the same path, dropped at once, before `start` returns.
+    let id = snapshot();
+    if id > 0 {
+        drop(id);
+    }
+    state.ready.store(true, Ordering::Release);
     let period = cfg.every.as_nanos() as u64;
     let mut next = monotonic_ns() + period;
     loop {

@@ -5,12 +5,17 @@
  * bytes, a global buffer, the mapped regions) is compared byte for byte with a reference kept
  * in anonymous mmap memory, outside covered memory. Exit 0 = zero differences.
  */
+#define _GNU_SOURCE
 #include <cow.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
 
 #define SLOTS 256
 #define MAXREFS 16
@@ -139,8 +144,47 @@ static void scribble(unsigned char *b, size_t n)
 		b[i] = (unsigned char)rnd();
 }
 
+/* A crash says where: the faulting address, the instruction and a backtrace (a test that
+ * only reports "exit status 139" cannot be diagnosed). */
+static void on_crash(int sig, siginfo_t *si, void *ctx)
+{
+	ucontext_t *uc = ctx;
+	char line[256];
+	const greg_t *g = uc->uc_mcontext.gregs;
+	int n = snprintf(line, sizeof line,
+			 "churn: signal %d (code %d) at address %p in thread %ld (main %d): rip %llx rsp %llx rbp %llx\n",
+			 sig, si->si_code, si->si_addr, (long)gettid(), getpid(), (unsigned long long)g[REG_RIP],
+			 (unsigned long long)g[REG_RSP], (unsigned long long)g[REG_RBP]);
+	if (write(2, line, n) < 0)
+		_exit(98);
+	const unsigned long long *sp = (const unsigned long long *)g[REG_RSP];
+	for (int i = 0; i < 24; i++) {
+		n = snprintf(line, sizeof line, "  [rsp+%d] %llx\n", 8 * i, sp[i]);
+		if (write(2, line, n) < 0)
+			_exit(98);
+	}
+	int fd = open("/proc/self/maps", O_RDONLY);
+	ssize_t got;
+	char buf[4096];
+	while (fd >= 0 && (got = read(fd, buf, sizeof buf)) > 0)
+		if (write(2, buf, got) < 0)
+			break;
+	_exit(128 + sig);
+}
+
+static void report_crashes(void)
+{
+	static unsigned char altstack[64 * 1024];
+	stack_t ss = { .ss_sp = altstack, .ss_size = sizeof altstack };
+	sigaltstack(&ss, NULL);
+	struct sigaction sa = { .sa_sigaction = on_crash, .sa_flags = SA_SIGINFO | SA_ONSTACK };
+	sigaction(SIGSEGV, &sa, NULL);
+	sigaction(SIGBUS, &sa, NULL);
+}
+
 int main(int argc, char **argv)
 {
+	report_crashes();
 	int steps = argc > 1 ? atoi(argv[1]) : 5000;
 	int rc = cow_init(NULL);
 	if (rc < 0) {
