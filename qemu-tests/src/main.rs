@@ -4,7 +4,9 @@
 //! take the runner down), watches the kernel log while it runs (any message at warning level or
 //! worse fails the test), prints one line per test and closes with `N passed, N failed`.
 //!
-//! Usage: delorean-qemu-tests [--list] [FILTER...]   (inside the guest; see scripts/test)
+//! Usage: delorean-qemu-tests [--list] [--skip=PATTERN...] [FILTER...]
+//! (inside the guest; see scripts/test). A test runs if its name contains any FILTER (or no
+//! FILTER is given) and no `--skip` PATTERN.
 
 mod kmsg;
 mod module;
@@ -35,9 +37,15 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    let (skips, filters): (Vec<&str>, Vec<&str>) = args
+        .iter()
+        .map(String::as_str)
+        .partition(|a| a.starts_with("--skip="));
+    let skips: Vec<&str> = skips.iter().map(|s| &s["--skip=".len()..]).collect();
     let selected: Vec<&Test> = all
         .iter()
-        .filter(|t| args.is_empty() || args.iter().any(|f| t.name.contains(f.as_str())))
+        .filter(|t| filters.is_empty() || filters.iter().any(|f| t.name.contains(f)))
+        .filter(|t| !skips.iter().any(|s| t.name.contains(s)))
         .collect();
     let (mut passed, mut failed) = (0, 0);
     for t in selected {
@@ -84,8 +92,12 @@ fn run_isolated(t: &Test) -> Result<Duration, String> {
     let mut log = kmsg::Watch::start().map_err(|e| format!("cannot watch /dev/kmsg: {e}"))?;
     let start = Instant::now();
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    use std::os::unix::process::CommandExt;
+    // Its own process group, so that a timeout kills what the test started too (a grandchild
+    // holding the output pipes would otherwise keep the runner waiting for ever).
     let mut child = Command::new(exe)
         .args(["--run-one", t.name])
+        .process_group(0)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -97,7 +109,8 @@ fn run_isolated(t: &Test) -> Result<Duration, String> {
         match child.try_wait() {
             Ok(Some(s)) => break s,
             Ok(None) if start.elapsed() > TEST_TIMEOUT => {
-                let _ = child.kill();
+                // SAFETY: SIGKILL to the process group the child leads.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
                 let _ = child.wait();
                 return Err(format!("timed out after {}s", TEST_TIMEOUT.as_secs()));
             }
