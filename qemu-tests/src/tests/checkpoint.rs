@@ -120,7 +120,7 @@ fn own_restores_stay_exact() -> Result<()> {
 fn own_restores_stress() -> Result<()> {
     let churn = sibling("preload_churn")?;
     let churn = churn.to_str().unwrap_or_default();
-    for seed in 1..=12u32 {
+    for seed in 1..=8u32 {
         let policy = ["stable", "active", "none"][seed as usize % 3];
         let out = cowctl_run(
             &["--every=1", "--keep=2", &format!("--speculate={policy}")],

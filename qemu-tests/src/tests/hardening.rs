@@ -564,7 +564,7 @@ fn failing_allocations_leave_space_exact() -> Result<()> {
             at_s1[..32 * PAGE].fill(0xa1);
             let mut at_s2 = at_s1.clone();
             at_s2[16 * PAGE..48 * PAGE].fill(0xb2);
-            let mut out = vec![0u8; r.len];
+            let mut out = vec![1u8; r.len]; // touched: its pages are present
             fail.arm(n)?;
             let res = match op {
                 "snapshot" => cow.snapshot_quiesced().map(|_| ()),
@@ -574,9 +574,12 @@ fn failing_allocations_leave_space_exact() -> Result<()> {
                 _ => cow.dirty_since(s1).map(|_| ()),
             };
             let fired = fail.fired()?;
+            // ENOMEM from cow.ko; EFAULT when the failed allocation was the kernel's own, for
+            // a page of the caller's buffer (copy_to_user could not fault it in).
+            let errno = res.as_ref().err().map(|e| e.errno());
             ensure!(
-                res.is_ok() || res.as_ref().map_err(|e| e.errno()) == Err(libc::ENOMEM),
-                "{op} with allocation {n} failed: {res:?}, expected ENOMEM"
+                matches!(errno, None | Some(libc::ENOMEM) | Some(libc::EFAULT)),
+                "{op} with allocation {n} failed: {res:?}, expected ENOMEM or EFAULT"
             );
             let expect_now: &[u8] = if op == "restore" && res.is_ok() {
                 &at_s1
