@@ -564,21 +564,44 @@ fn failing_allocations_leave_space_exact() -> Result<()> {
             at_s1[..32 * PAGE].fill(0xa1);
             let mut at_s2 = at_s1.clone();
             at_s2[16 * PAGE..48 * PAGE].fill(0xb2);
-            let mut out = vec![1u8; r.len]; // touched: its pages are present
-            fail.arm(n)?;
-            let res = match op {
-                "snapshot" => cow.snapshot_quiesced().map(|_| ()),
-                "restore" => cow.restore(s1),
-                "drop" => cow.drop_snapshot(s2),
-                "read" => cow.read(s2, r.offset, &mut out),
-                _ => cow.dirty_since(s1).map(|_| ()),
+            // Between arming and reading fail-nth nothing may allocate or fault a page (a
+            // user-mode fault that consumed the armed failure would be a VM_FAULT_OOM of our
+            // own making): raw ioctls on argument blocks and buffers touched beforehand.
+            let mut out = vec![1u8; r.len];
+            let mut dirty_pages = vec![1u64; 1024];
+            let fd = cow.as_fd().as_raw_fd();
+            let (cmd, mut arg): (u32, [u64; 6]) = match op {
+                "snapshot" => (
+                    abi::COW_IOC_SNAPSHOT,
+                    [
+                        16 | (u64::from(abi::COW_SNAPSHOT_QUIESCED) << 32),
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                    ],
+                ),
+                "restore" => (abi::COW_IOC_RESTORE, [16, s1, 0, 0, 0, 0]),
+                "drop" => (abi::COW_IOC_DROP, [16, s2, 0, 0, 0, 0]),
+                "read" => (
+                    abi::COW_IOC_READ,
+                    [40, s2, r.offset, r.len as u64, out.as_mut_ptr() as u64, 0],
+                ),
+                _ => (
+                    abi::COW_IOC_DIRTY,
+                    [40, s1, 1024, 0, dirty_pages.as_mut_ptr() as u64, 0],
+                ),
             };
+            let arg_ptr = arg.as_mut_ptr() as usize;
+            fail.arm(n)?;
+            let e = ioctl_errno(fd, cmd, arg_ptr);
             let fired = fail.fired()?;
+            let res: std::result::Result<(), i32> = if e == 0 { Ok(()) } else { Err(e) };
             // ENOMEM from cow.ko; EFAULT when the failed allocation was the kernel's own, for
-            // a page of the caller's buffer (copy_to_user could not fault it in).
-            let errno = res.as_ref().err().map(|e| e.errno());
+            // the caller's memory (a page table behind its buffer).
             ensure!(
-                matches!(errno, None | Some(libc::ENOMEM) | Some(libc::EFAULT)),
+                matches!(res, Ok(()) | Err(libc::ENOMEM) | Err(libc::EFAULT)),
                 "{op} with allocation {n} failed: {res:?}, expected ENOMEM or EFAULT"
             );
             let expect_now: &[u8] = if op == "restore" && res.is_ok() {
