@@ -10,6 +10,8 @@ use crate::speculate::Totals;
 /// The report's JSON object.
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
+    /// The process that wrote it.
+    pub pid: i32,
     /// The backend that covered the program.
     pub backend: &'static str,
     /// The speculation policy (`none` without speculation).
@@ -49,6 +51,8 @@ pub fn write_at_exit() {
     }
     if let Some(path) = crate::sys::env_var("COW_REPORT") {
         let report = Report {
+            // SAFETY: getpid has no preconditions.
+            pid: unsafe { libc::getpid() },
             backend: backend.name(),
             policy: crate::sys::env_var("COW_SPECULATE").unwrap_or_else(|| "none".into()),
             checkpoints,

@@ -203,7 +203,8 @@ fn oracle_replays_a_recording() -> Result<()> {
 fn only_the_started_process_reports() -> Result<()> {
     // The shell exits at once (bash: dash leaves with _exit, which runs no destructors and so
     // writes no report); the perl it left behind keeps being checkpointed (it inherits the
-    // preload) for a second, but must not overwrite the shell's report when it exits.
+    // preload) for a second, but must not overwrite the shell's report when it exits. The shell
+    // prints both pids; the report names its writer.
     let report = std::env::temp_dir().join("checkpoint-parent.json");
     let _ = std::fs::remove_file(&report);
     let out = cowctl_run(
@@ -211,16 +212,21 @@ fn only_the_started_process_reports() -> Result<()> {
         &[
             "/bin/bash",
             "-c",
-            "perl -e 'select(undef, undef, undef, 1.0)' & exit 0",
+            "perl -e 'select(undef, undef, undef, 1.0)' & echo $$ $!; exit 0",
         ],
     )?;
-    ok(&out, "bash")?;
+    let pids = ok(&out, "bash")?;
+    let mut pids = pids.split_whitespace().map(|p| p.parse::<i64>());
+    let (Some(Ok(shell)), Some(Ok(perl))) = (pids.next(), pids.next()) else {
+        anyhow::bail!("bash printed no pids");
+    };
+    // Give the background perl time to exit (and, were it wrong, to write its report).
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report)?)?;
-    let n = r["checkpoints"]["snapshots"].as_u64().unwrap_or(u64::MAX);
+    let writer = r["pid"].as_i64().unwrap_or(-1);
     ensure!(
-        n < 50,
-        "the report is the background perl's ({n} checkpoints), not the shell's: {r}"
+        writer == shell,
+        "the report was written by pid {writer}, not by the shell ({shell}; perl was {perl}): {r}"
     );
     Ok(())
 }
