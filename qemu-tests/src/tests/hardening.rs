@@ -473,25 +473,31 @@ fn madvise_dontneed_keeps_contents() -> Result<()> {
     Ok(())
 }
 
+/// Mounts a pseudo file system (`debugfs`, `cgroup2`) of type and source `fstype` at `target`.
+fn mount_fs(fstype: &std::ffi::CStr, target: &std::ffi::CStr) -> Result<()> {
+    // SAFETY: mount with NUL-terminated strings that outlive the call and no data.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    ensure!(
+        rc == 0,
+        "mount {fstype:?} on {target:?}: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
 /// The debugfs knobs that let `fail-nth` fail sleeping allocations of any order.
 fn setup_fault_injection() -> Result<()> {
     let dbg = std::path::Path::new("/sys/kernel/debug");
     if !dbg.join("failslab").exists() {
-        // SAFETY: mounting debugfs with static, NUL-terminated strings.
-        let rc = unsafe {
-            libc::mount(
-                c"debugfs".as_ptr(),
-                c"/sys/kernel/debug".as_ptr(),
-                c"debugfs".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        ensure!(
-            rc == 0,
-            "mount debugfs: {}",
-            std::io::Error::last_os_error()
-        );
+        mount_fs(c"debugfs", c"/sys/kernel/debug")?;
     }
     for (file, value) in [
         ("failslab/ignore-gfp-wait", "N"),
@@ -658,21 +664,7 @@ fn failing_allocations_leave_space_exact() -> Result<()> {
 fn memcg_limits_a_space() -> Result<()> {
     let root = std::path::Path::new("/sys/fs/cgroup");
     if !root.join("cgroup.controllers").exists() {
-        // SAFETY: mounting cgroup2 with static, NUL-terminated strings.
-        let rc = unsafe {
-            libc::mount(
-                c"cgroup2".as_ptr(),
-                c"/sys/fs/cgroup".as_ptr(),
-                c"cgroup2".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        ensure!(
-            rc == 0,
-            "mount cgroup2: {}",
-            std::io::Error::last_os_error()
-        );
+        mount_fs(c"cgroup2", c"/sys/fs/cgroup")?;
     }
     std::fs::write(root.join("cgroup.subtree_control"), "+memory")
         .context("enable the memory controller (CONFIG_MEMCG)")?;
