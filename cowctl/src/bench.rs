@@ -59,7 +59,7 @@ const MEMCPY_ENV: &str = "COW_BENCH_MEMCPY_US";
 
 /// Most rounds per configuration (measurements live in fixed arrays on the stack: a restore
 /// rewinds the heap under the in-process backends).
-const MAX_ROUNDS: usize = 64;
+pub const MAX_ROUNDS: usize = 64;
 
 /// Measures one backend for one size and dirty count.
 fn bench_one(
@@ -70,10 +70,9 @@ fn bench_one(
     memcpy: f64,
 ) -> Result<Row> {
     let total = size_mib * 256;
-    if dirty > total {
-        bail!("{dirty} dirty pages do not fit in {size_mib} MiB");
+    if dirty == 0 || dirty > total || !(1..=MAX_ROUNDS).contains(&rounds) {
+        bail!("{dirty} dirty pages in {size_mib} MiB, {rounds} rounds: out of range");
     }
-    let rounds = rounds.clamp(1, MAX_ROUNDS);
     let base = b.map(size_mib << 20)?;
     for p in 0..total {
         // SAFETY: `p` indexes a page of the region just mapped.
@@ -163,6 +162,21 @@ pub fn run(
         println!("{}", serde_json::to_string(&rows)?);
         return Ok(());
     }
+    // Refuse what cannot be measured before any work (the parser checked the rest).
+    for &size in sizes {
+        if let Some(d) = dirty.iter().find(|&&d| d > size * 256) {
+            return Err(crate::exit::usage(format!(
+                "--dirty-pages {d} does not fit in --size {size} (at most {} pages)",
+                size * 256
+            )));
+        }
+    }
+    if backends.iter().any(|b| b == "kmod") {
+        drop(anyhow::Context::context(
+            cow::Cow::open(),
+            "cannot benchmark kmod",
+        )?);
+    }
     eprintln!("cowctl bench: measuring the page-copy baseline");
     let memcpy = memcpy_page_us();
     let mut rows: Vec<Row> = Vec::new();
@@ -174,7 +188,12 @@ pub fn run(
             .stderr(std::process::Stdio::inherit())
             .output()?;
         if !out.status.success() {
-            bail!("benchmarking {backend} failed ({})", out.status);
+            // The worker said why on stderr; keep its exit code (3: no module, …).
+            return Err(crate::exit::WithCode {
+                code: out.status.code().map_or(crate::exit::FAILURE, |c| c as u8),
+                message: format!("benchmarking {backend} failed ({})", out.status),
+            }
+            .into());
         }
         let text = String::from_utf8_lossy(&out.stdout);
         let line = text.lines().last().unwrap_or("[]");
@@ -185,14 +204,15 @@ pub fn run(
         return Ok(());
     }
     println!(
-        "{:<8} {:>8} {:>6} {:>12} {:>12} {:>15} {:>12}",
+        "{:<8} {:>8} {:>6} {:>12} {:>12} {:>15} {:>12} {:>10}",
         "backend",
         "size MiB",
         "dirty",
         "snapshot µs",
         "restore µs",
         "1st write µs/p",
-        "memcpy µs/p"
+        "memcpy µs/p",
+        "held MiB"
     );
     for r in &rows {
         println!(

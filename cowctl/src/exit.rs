@@ -2,6 +2,8 @@
 
 /// The operation failed.
 pub const FAILURE: u8 = 1;
+/// Bad usage (clap exits with the same code for what it checks itself).
+pub const USAGE: u8 = 2;
 /// cow.ko is not loaded or speaks another ABI.
 pub const NO_MODULE: u8 = 3;
 /// Permission denied.
@@ -9,9 +11,39 @@ pub const PERMISSION: u8 = 4;
 /// No such process or snapshot.
 pub const NOT_FOUND: u8 = 5;
 
-/// Maps an error chain to an exit code by the first libcow error or errno found in it.
+/// An error that carries its exit code (bad usage found after parsing, a worker's code).
+#[derive(Debug)]
+pub struct WithCode {
+    /// The exit code.
+    pub code: u8,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for WithCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for WithCode {}
+
+/// A usage error found after parsing (exit code 2).
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    WithCode {
+        code: USAGE,
+        message: message.into(),
+    }
+    .into()
+}
+
+/// Maps an error chain to an exit code by the first explicit code, libcow error or errno
+/// found in it.
 pub fn code_for(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<WithCode>() {
+            return e.code;
+        }
         if let Some(e) = cause.downcast_ref::<cow::Error>() {
             return match e {
                 cow::Error::ModuleNotLoaded | cow::Error::AbiMismatch { .. } => NO_MODULE,

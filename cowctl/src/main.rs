@@ -2,20 +2,44 @@
 
 mod bench;
 mod exit;
+mod program;
 mod remote;
 mod run;
 mod snapshots;
 mod speculate_bench;
 mod status;
 
-use clap::{Parser, Subcommand};
+use clap::builder::PossibleValuesParser;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
+
+/// Speculation policies, by name.
+fn policy_names() -> impl Iterator<Item = &'static str> {
+    cow::speculate::Policy::ALL.into_iter().map(|p| p.name())
+}
+
+/// `--size`, `--dirty-pages`: a count of at least one.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `--rounds`: 1 to `bench::MAX_ROUNDS`.
+fn rounds(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=bench::MAX_ROUNDS).contains(&n) => Ok(n),
+        Ok(_) => Err(format!("must be between 1 and {}", bench::MAX_ROUNDS)),
+        Err(e) => Err(e.to_string()),
+    }
+}
 
 /// Copy-on-write memory snapshots for Linux.
 #[derive(Parser)]
 #[command(
     name = "cowctl",
-    version,
     after_help = "\
 Examples:
   cowctl status                 what this machine offers: cow.ko, ABI, kernel features
@@ -28,6 +52,8 @@ Examples:
   cowctl bench --speculate=all  pre-copy policies vs none vs an oracle (mprotect; cow.ko and
                                 a checkpointed perl program when the module is loaded)
   cowctl run --every 10 -- PROG checkpoint PROG every 10 ms, keep the newest 8
+  cowctl completions bash > ~/.local/share/bash-completion/completions/cowctl
+  cowctl man | man -l -         this help as a manual page
 
 Exit codes:
   0  success
@@ -57,21 +83,21 @@ enum Command {
     )]
     Run {
         /// Backend to cover the program with.
-        #[arg(long, default_value = "kmod")]
+        #[arg(long, default_value = "kmod", value_parser = PossibleValuesParser::new(["kmod", "auto"]))]
         backend: String,
-        /// Size of the covered heap in MiB (virtual; pages are allocated at first touch).
-        #[arg(long)]
+        /// Size of the covered heap in MiB (virtual; pages are allocated at first touch), at
+        /// least 64.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(run::MIN_HEAP_MIB..))]
         heap_mib: Option<u64>,
-        /// Speculative pre-copy policy for the program's snapshots (none, active, stable,
-        /// adaptive).
-        #[arg(long)]
+        /// Speculative pre-copy policy for the program's snapshots.
+        #[arg(long, value_parser = PossibleValuesParser::new(policy_names()))]
         speculate: Option<String>,
         /// Snapshot the program every MS milliseconds (a libcow thread in the program); a
         /// summary of what the checkpoints cost is printed at exit.
-        #[arg(long, value_name = "MS")]
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
         every: Option<u64>,
         /// With --every: snapshots kept (older ones are dropped).
-        #[arg(long, value_name = "N", requires = "every")]
+        #[arg(long, value_name = "N", requires = "every", value_parser = at_least_one)]
         keep: Option<usize>,
         /// Write a JSON report (checkpoints, counters, speculation) to FILE when the program
         /// exits.
@@ -85,12 +111,14 @@ enum Command {
     #[command(after_help = "Example:\n  id=$(cowctl snapshot 1234)")]
     Snapshot {
         /// The process.
+        #[arg(value_parser = clap::value_parser!(i32).range(1..))]
         pid: i32,
     },
     /// Restore a live process's covered memory to a snapshot; newer snapshots are discarded.
     #[command(after_help = "Example:\n  cowctl restore 1234 3")]
     Restore {
         /// The process.
+        #[arg(value_parser = clap::value_parser!(i32).range(1..))]
         pid: i32,
         /// The snapshot id.
         id: u64,
@@ -101,6 +129,7 @@ enum Command {
     /// List a live process's snapshots.
     List {
         /// The process.
+        #[arg(value_parser = clap::value_parser!(i32).range(1..))]
         pid: i32,
         /// Print JSON.
         #[arg(long)]
@@ -109,6 +138,7 @@ enum Command {
     /// Show the byte ranges that differ between two snapshots of a live process.
     Diff {
         /// The process.
+        #[arg(value_parser = clap::value_parser!(i32).range(1..))]
         pid: i32,
         /// One snapshot.
         id1: u64,
@@ -121,6 +151,7 @@ enum Command {
     /// Drop a snapshot of a live process.
     Drop {
         /// The process.
+        #[arg(value_parser = clap::value_parser!(i32).range(1..))]
         pid: i32,
         /// The snapshot id.
         id: u64,
@@ -131,37 +162,54 @@ enum Command {
     )]
     Bench {
         /// Backends to measure, comma-separated (default: every one available here).
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',',
+              value_parser = PossibleValuesParser::new(["kmod", "uffd", "mprotect", "fork"]))]
         backends: Vec<String>,
         /// Covered memory sizes in MiB, comma-separated.
-        #[arg(long = "size", value_delimiter = ',', default_value = "16,256,1024")]
+        #[arg(long = "size", value_delimiter = ',', default_value = "16,256,1024",
+              value_parser = at_least_one)]
         sizes: Vec<usize>,
         /// Pages written per epoch, comma-separated.
         #[arg(
             long = "dirty-pages",
             value_delimiter = ',',
-            default_value = "1,64,4096"
+            default_value = "1,64,4096",
+            value_parser = at_least_one
         )]
         dirty: Vec<usize>,
-        /// Rounds per configuration (the median is reported).
-        #[arg(long, default_value_t = 15)]
+        /// Rounds per configuration, 1 to 64 (the median is reported).
+        #[arg(long, default_value_t = 15, value_parser = rounds)]
         rounds: usize,
         /// Print a JSON array of rows.
         #[arg(long)]
         json: bool,
-        /// Instead: benchmark speculative pre-copy with this policy (none, active, stable,
-        /// adaptive, oracle) or `all`, on stable, drifting and random workloads (kmod and
-        /// mprotect, or those of --backends) and a real program (perl, kmod).
-        #[arg(long)]
+        /// Instead: benchmark speculative pre-copy with this policy or `all`, on stable,
+        /// drifting and random workloads (kmod and mprotect, or those of --backends) and a real
+        /// program (perl, kmod).
+        #[arg(long, value_parser = PossibleValuesParser::new(policy_names().chain(["all"])))]
         speculate: Option<String>,
-        /// With --speculate: only these workloads, comma-separated (stable, drifting, random,
-        /// perl-kv).
-        #[arg(long, value_delimiter = ',')]
+        /// With --speculate: only these workloads, comma-separated.
+        #[arg(long, value_delimiter = ',', requires = "speculate",
+              value_parser = PossibleValuesParser::new(["stable", "drifting", "random", "perl-kv"]))]
         workloads: Vec<String>,
     },
+    /// Print a shell completion script for cowctl.
+    #[command(
+        after_help = "Examples:\n  cowctl completions bash > ~/.local/share/bash-completion/completions/cowctl\n  cowctl completions zsh > ~/.zfunc/_cowctl"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print cowctl's manual page (roff) on stdout.
+    #[command(
+        after_help = "Examples:\n  cowctl man | man -l -\n  cowctl man > /usr/local/share/man/man1/cowctl.1"
+    )]
+    Man,
     /// Show the snapshot counters of a live process.
     Stats {
         /// The process.
+        #[arg(value_parser = clap::value_parser!(i32).range(1..))]
         pid: i32,
         /// Print JSON.
         #[arg(long)]
@@ -183,8 +231,22 @@ fn speculate_bench_policies(which: &str) -> anyhow::Result<Vec<cow::speculate::P
     Ok(v)
 }
 
+/// cowctl's clap definition, with a version that names the ABI it speaks.
+fn cli_command() -> clap::Command {
+    let version = format!(
+        "{} (cow.ko ABI version {})",
+        env!("CARGO_PKG_VERSION"),
+        cow::abi::COW_ABI_VERSION
+    );
+    Cli::command().version(version)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Output into a closed pipe (`cowctl list PID | head -1`) ends cowctl quietly, as it ends
+    // `cat`, instead of a panic: Rust ignores SIGPIPE unless told otherwise.
+    // SAFETY: restoring a signal's default disposition at start-up, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let cli = Cli::from_arg_matches(&cli_command().get_matches()).unwrap_or_else(|e| e.exit());
     if let Command::Run {
         backend,
         heap_mib,
@@ -223,6 +285,13 @@ fn main() -> ExitCode {
             json,
         } => snapshots::diff(pid, id1, id2, json),
         Command::Drop { pid, id } => snapshots::drop(pid, id),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut cli_command(), "cowctl", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => clap_mangen::Man::new(cli_command())
+            .render(&mut std::io::stdout())
+            .map_err(Into::into),
         Command::Stats { pid, json } => snapshots::stats(pid, json),
         Command::Bench {
             speculate: Some(which),

@@ -11,8 +11,50 @@ fn os_err(errno: i32, msg: String) -> anyhow::Error {
     anyhow::Error::new(std::io::Error::from_raw_os_error(errno)).context(msg)
 }
 
+/// The one-letter state of `pid` (`R`, `S`, `T`, `Z`, …) from `/proc/PID/stat`.
+fn state_of(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: the state follows the last ')'.
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+/// The thread-group id (process id) of task `pid`.
+fn tgid_of(pid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Refuses what is not a live process, with a message saying what it is.
+fn check_is_live_process(pid: i32) -> Result<()> {
+    if state_of(pid) == Some('Z') {
+        return Err(os_err(
+            libc::ESRCH,
+            format!(
+                "process {pid} is a zombie: it has exited (its parent has not reaped it yet) \
+                 and its memory is gone"
+            ),
+        ));
+    }
+    match tgid_of(pid) {
+        Some(tgid) if tgid != pid => Err(os_err(
+            libc::ESRCH,
+            format!("{pid} is a thread of process {tgid}, not a process: use {tgid}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Opens the space of process `pid`.
 pub fn attach(pid: i32) -> Result<cow::Cow> {
+    check_is_live_process(pid)?;
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if pidfd < 0 {
@@ -68,33 +110,40 @@ fn find_cow_fd(pid: i32) -> Result<i32> {
             }
         }
     }
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let why = match exe.as_deref().and_then(crate::program::uncoverable) {
+        Some(u) => format!(": {} {u}", exe.unwrap_or_default().display()),
+        None => ": it does not use libcow's kmod backend (start it with `cowctl run`)".into(),
+    };
     Err(os_err(
         libc::ENOENT,
-        format!("process {pid} has no /dev/cow open: it does not use libcow's kmod backend"),
+        format!("process {pid} has no /dev/cow open{why}"),
     ))
 }
 
-/// Stops `pid` (SIGSTOP) until dropped (SIGCONT), waiting until it is really stopped.
+/// Keeps `pid` stopped until dropped. A process that was running is stopped with SIGSTOP and
+/// continued with SIGCONT; one the user had stopped already stays stopped.
 pub struct Stopped {
     pid: i32,
+    /// We stopped it, so we continue it.
+    resume: bool,
 }
 
 impl Stopped {
-    /// Sends SIGSTOP and waits (up to 2 s) for the process to reach the stopped state.
+    /// Sends SIGSTOP and waits (up to 2 s) for the process to reach the stopped state, unless
+    /// it is stopped already (job control or a tracer).
     pub fn new(pid: i32) -> Result<Self> {
+        if matches!(state_of(pid), Some('T') | Some('t')) {
+            return Ok(Stopped { pid, resume: false });
+        }
         // SAFETY: kill has no memory-safety preconditions.
         if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
             let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
             return Err(os_err(errno, format!("cannot stop process {pid}")));
         }
-        let guard = Stopped { pid };
+        let guard = Stopped { pid, resume: true };
         for _ in 0..2000 {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let state = stat
-                .rsplit(')')
-                .next()
-                .and_then(|s| s.split_whitespace().next());
-            if matches!(state, Some("T") | Some("t")) {
+            if matches!(state_of(pid), Some('T') | Some('t')) {
                 return Ok(guard);
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -105,7 +154,9 @@ impl Stopped {
 
 impl Drop for Stopped {
     fn drop(&mut self) {
-        // SAFETY: as above.
-        unsafe { libc::kill(self.pid, libc::SIGCONT) };
+        if self.resume {
+            // SAFETY: as above.
+            unsafe { libc::kill(self.pid, libc::SIGCONT) };
+        }
     }
 }

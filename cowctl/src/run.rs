@@ -3,6 +3,75 @@
 use anyhow::{bail, Context, Result};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// The smallest covered heap the preload accepts (`--heap-mib`).
+pub const MIN_HEAP_MIB: u64 = 64;
+
+/// Signals `cowctl run` passes on to the program, as `timeout` and other wrappers do.
+const FORWARDED: [libc::c_int; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// The running program's pid, for the signal handler (0: none yet).
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let code = unsafe { (*info).si_code };
+    // A terminal's ^C / ^\ (SI_KERNEL) went to the whole foreground process group, the program
+    // included: passing it on would deliver it twice.
+    if code == libc::SI_KERNEL {
+        return;
+    }
+    let pid = CHILD.load(Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe and has no memory-safety preconditions.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// Blocks (`block`) or unblocks the forwarded signals in this thread.
+fn mask_forwarded(how: libc::c_int) {
+    // SAFETY: building a signal set on the stack and applying it to this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in FORWARDED {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
+/// Starts `cmd` with the forwarded signals passed on to it from the first instant: they are
+/// held (blocked) while it starts and delivered once its pid is known. Rust resets the child's
+/// signal mask before `exec`, so the program starts with nothing blocked.
+fn spawn_forwarding(cmd: &mut std::process::Command) -> std::io::Result<std::process::Child> {
+    // SAFETY: installing an async-signal-safe handler for signals whose default would kill us.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) = forward;
+        act.sa_sigaction = handler as usize;
+        act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+        libc::sigemptyset(&mut act.sa_mask);
+        for sig in FORWARDED {
+            libc::sigaction(sig, &act, std::ptr::null_mut());
+        }
+    }
+    mask_forwarded(libc::SIG_BLOCK);
+    let child = cmd.spawn();
+    if let Ok(c) = &child {
+        CHILD.store(c.id() as i32, Ordering::Relaxed);
+    }
+    mask_forwarded(libc::SIG_UNBLOCK);
+    child
+}
 
 /// Where libcow_preload.so is: `COW_PRELOAD`, else next to cowctl (cargo's target directory).
 pub fn preload_path() -> Result<PathBuf> {
@@ -46,6 +115,9 @@ pub fn command(opts: &Options, argv: &[String]) -> Result<std::process::Command>
     let mut cmd = std::process::Command::new(&argv[0]);
     cmd.args(&argv[1..]).env("LD_PRELOAD", ld_preload);
     if let Some(mib) = opts.heap_mib {
+        if mib < MIN_HEAP_MIB {
+            bail!("--heap-mib {mib}: the covered heap is at least {MIN_HEAP_MIB} MiB");
+        }
         cmd.env("COW_HEAP_MIB", mib.to_string());
     }
     if let Some(policy) = &opts.speculate {
@@ -55,13 +127,10 @@ pub fn command(opts: &Options, argv: &[String]) -> Result<std::process::Command>
         cmd.env("COW_SPECULATE", policy);
     }
     if let Some(ms) = opts.every_ms {
-        if ms == 0 {
-            bail!("--every must be at least 1 ms");
-        }
         cmd.env("COW_CHECKPOINT_MS", ms.to_string());
     }
     if let Some(keep) = opts.keep {
-        cmd.env("COW_CHECKPOINT_KEEP", keep.max(1).to_string());
+        cmd.env("COW_CHECKPOINT_KEEP", keep.to_string());
     }
     if let Some(path) = &opts.report {
         cmd.env("COW_REPORT", path);
@@ -79,9 +148,28 @@ pub fn read_report(path: &Path) -> Result<serde_json::Value> {
 }
 
 /// Runs `cowctl run`; returns the program's exit code (128 + signal if it was killed).
+/// SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to cowctl go to the program.
 pub fn run(backend: &str, opts: &Options, argv: &[String]) -> Result<u8> {
     if backend != "kmod" && backend != "auto" {
         bail!("backend {backend:?} is not available yet (available: kmod)");
+    }
+    let exe = crate::program::resolve(argv[0].as_ref())
+        .with_context(|| format!("{}: command not found", argv[0]))?;
+    if let Some(why) = crate::program::uncoverable(&exe) {
+        if opts.every_ms.is_some() {
+            return Err(crate::exit::WithCode {
+                code: crate::exit::FAILURE,
+                message: format!(
+                    "{} {why}; none of its memory could be checkpointed, so --every is refused",
+                    exe.display()
+                ),
+            }
+            .into());
+        }
+        eprintln!(
+            "cowctl run: warning: {} {why}; none of its memory is covered",
+            exe.display()
+        );
     }
     // Fail early and clearly rather than letting the program run uncovered.
     drop(cow::Cow::open()?);
@@ -93,8 +181,8 @@ pub fn run(backend: &str, opts: &Options, argv: &[String]) -> Result<u8> {
     if let Some(p) = &own_report {
         opts.report = Some(p.clone());
     }
-    let status = command(&opts, argv)?
-        .status()
+    let status = spawn_forwarding(&mut command(&opts, argv)?)
+        .and_then(|mut child| child.wait())
         .with_context(|| format!("cannot run {}", argv[0]))?;
     if opts.every_ms.is_some() {
         if let Some(path) = &opts.report {

@@ -1,12 +1,14 @@
 //! `cowctl snapshot|restore|list|diff|drop|stats PID`: the snapshot operations on a live process.
 
 use crate::remote::{attach, Stopped};
-use anyhow::{ensure, Result};
+use anyhow::{Context, Result};
 use serde::Serialize;
 
 /// `cowctl snapshot PID`: prints the new id alone.
 pub fn snapshot(pid: i32) -> Result<()> {
-    let id = attach(pid)?.snapshot()?;
+    let id = attach(pid)?
+        .snapshot()
+        .with_context(|| format!("cannot snapshot process {pid}"))?;
     println!("{id}");
     Ok(())
 }
@@ -19,14 +21,18 @@ pub fn restore(pid: i32, id: u64, running: bool) -> Result<()> {
     } else {
         Some(Stopped::new(pid)?)
     };
-    space.restore(id)?;
+    space
+        .restore(id)
+        .with_context(|| format!("cannot restore process {pid} to snapshot {id}"))?;
     eprintln!("process {pid} restored to snapshot {id}");
     Ok(())
 }
 
 /// `cowctl drop PID ID`.
 pub fn drop(pid: i32, id: u64) -> Result<()> {
-    attach(pid)?.drop_snapshot(id)?;
+    attach(pid)?
+        .drop_snapshot(id)
+        .with_context(|| format!("cannot drop snapshot {id} of process {pid}"))?;
     Ok(())
 }
 
@@ -89,10 +95,16 @@ struct Range {
 pub fn diff(pid: i32, id1: u64, id2: u64, json: bool) -> Result<()> {
     let space = attach(pid)?;
     let (old, new) = (id1.min(id2), id1.max(id2));
-    ensure!(
-        space.list()?.iter().any(|s| s.id == new),
-        "no snapshot {new} in process {pid}"
-    );
+    let held = space.list()?;
+    for id in [old, new] {
+        if !held.iter().any(|s| s.id == id) {
+            return Err(
+                anyhow::Error::new(cow::Error::NoSnapshot { id }).context(format!(
+                    "cannot diff process {pid}'s snapshots {id1} and {id2}"
+                )),
+            );
+        }
+    }
     // Only pages written since the older snapshot can differ.
     let page = space.page_size() as u64;
     let mut ranges: Vec<Range> = Vec::new();

@@ -24,9 +24,11 @@ int cow_version(void);
 const char *cow_strerror(int err);
 
 /* Initialise libcow with a backend: NULL or "auto" (kmod if cow.ko is loaded, else uffd if
- * the kernel has userfaultfd WP_ASYNC and PAGEMAP_SCAN, else mprotect), "kmod", "uffd" or
- * "mprotect". Idempotent for the same choice. 0 or a negative errno (-ENODEV: kmod asked for
- * but cow.ko is not loaded; -EBUSY: another backend is already in use).
+ * the kernel has userfaultfd WP_ASYNC and PAGEMAP_SCAN, else mprotect), "kmod", "uffd",
+ * "mprotect" or "fork". Idempotent for the same choice. 0 or a negative errno (-ENODEV: kmod
+ * asked for but cow.ko is not loaded; -EBUSY: another backend is already in use; -EINVAL: an
+ * unknown name; -ENOMEM: the address space is too small even for a reduced bookkeeping
+ * reservation, see COW_BOOK_GIB).
  *
  * kmod covers memory from cow_map (and, under `cowctl run`, the heap and globals). uffd and
  * mprotect cover every private writable mapping of the process except stacks and libcow's own
@@ -39,27 +41,32 @@ const char *cow_backend(void);
 /* Why cow_init picked that backend (empty before cow_init). */
 const char *cow_backend_reason(void);
 
-/* Map len bytes of new covered memory, zero-filled; NULL with errno set on failure. */
+/* Map len (> 0) bytes of new covered memory, zero-filled; NULL with errno set on failure
+ * (EINVAL for len 0). */
 void *cow_map(size_t len);
 
 /* len zeroed bytes that no backend covers (for reference data); never freed. */
 void *cow_alloc_uncovered(size_t len);
 
-/* Snapshot all covered memory: the new id (>= 1) or a negative errno. */
+/* Snapshot all covered memory: the new id (>= 1) or a negative errno (-ENOMEM: out of memory,
+ * or the retention window is full and its policy is to fail). */
 int64_t cow_snapshot(void);
 
 /* Restore all covered memory to snapshot id (newer snapshots are discarded; id stays).
  * 0, or -ENOENT for an unknown id. */
 int cow_restore(int64_t id);
 
-/* Drop snapshot id. 0 or a negative errno. */
+/* Drop snapshot id. 0, or -ENOENT for an unknown id. */
 int cow_drop(int64_t id);
 
-/* Copy len bytes at addr as they were at snapshot id into buf. 0 or a negative errno. */
+/* Copy len bytes at addr as they were at snapshot id into buf. 0 or a negative errno:
+ * -ENOENT for an unknown id, -EFAULT when buf is NULL (len > 0) or [addr, addr + len) was not
+ * covered memory at that snapshot (every backend answers the same). */
 int cow_read(int64_t id, const void *addr, void *buf, size_t len);
 
 /* Store up to cap addresses of pages written since snapshot id (sorted) into pages; return
- * how many there are in all (may exceed cap) or a negative errno. */
+ * how many there are in all (may exceed cap) or a negative errno (-ENOENT: unknown id;
+ * -EFAULT: pages is NULL with cap > 0). pages may be NULL with cap 0, to count only. */
 int64_t cow_dirty(int64_t id, void **pages, size_t cap);
 
 #ifdef __cplusplus

@@ -26,44 +26,79 @@ pub struct Book {
     free: Mutex<[usize; CLASSES]>,
 }
 
-static BOOK: OnceLock<&'static Book> = OnceLock::new();
+/// The reservation, or the size (GiB) that could not be reserved.
+static BOOK: OnceLock<Result<&'static Book, usize>> = OnceLock::new();
+
+/// Smallest reservation tried when the default does not fit (an address-space limit).
+const MIN_MIB: usize = 256;
 
 /// The process's book, reserved on first use.
+///
+/// # Panics
+///
+/// When the reservation is impossible; [`try_book`] (called by every backend's set-up, so by
+/// `cow_init`) reports that as an error first.
 pub fn book() -> &'static Book {
-    BOOK.get_or_init(|| {
-        let gib = std::env::var("COW_BOOK_GIB")
+    match try_book() {
+        Ok(b) => b,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The process's book, reserved on first use: `COW_BOOK_GIB` GiB if set, else 64 GiB or, under
+/// an address-space limit (`RLIMIT_AS`), the largest power-of-two share of it that fits, down
+/// to 256 MiB.
+pub fn try_book() -> crate::Result<&'static Book> {
+    let reserved = BOOK.get_or_init(|| {
+        let asked: Option<usize> = std::env::var("COW_BOOK_GIB")
             .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DEFAULT_GIB);
-        let size = gib << 30;
-        // SAFETY: a fresh anonymous reservation that aliases nothing.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert!(
-            base != libc::MAP_FAILED,
-            "libcow: cannot reserve {gib} GiB for its bookkeeping"
-        );
-        let base = base as usize;
-        let header = base as *mut Book;
-        // SAFETY: the header goes at the start of the reservation, which nothing else uses.
-        unsafe {
-            header.write(Book {
-                base,
-                end: base + size,
-                bump: AtomicUsize::new(base + 4096),
-                free: Mutex::new([0; CLASSES]),
-            });
-            &*header
+            .and_then(|v| v.parse().ok());
+        let mut size = asked.unwrap_or(DEFAULT_GIB) << 30;
+        loop {
+            if let Some(b) = reserve(size) {
+                return Ok(b);
+            }
+            if asked.is_some() || size / 2 < MIN_MIB << 20 {
+                return Err(asked.unwrap_or(DEFAULT_GIB));
+            }
+            size /= 2;
         }
+    });
+    reserved.map_err(|_| crate::Error::Os {
+        op: "libcow cannot reserve address space for its bookkeeping (an address-space limit? \
+             COW_BOOK_GIB sets the size)",
+        errno: libc::ENOMEM,
     })
+}
+
+/// Reserves `size` bytes and puts the book's header at their start.
+fn reserve(size: usize) -> Option<&'static Book> {
+    // SAFETY: a fresh anonymous reservation that aliases nothing.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return None;
+    }
+    let base = base as usize;
+    let header = base as *mut Book;
+    // SAFETY: the header goes at the start of the reservation, which nothing else uses.
+    unsafe {
+        header.write(Book {
+            base,
+            end: base + size,
+            bump: AtomicUsize::new(base + 4096),
+            free: Mutex::new([0; CLASSES]),
+        });
+        Some(&*header)
+    }
 }
 
 fn class_of(size: usize) -> usize {

@@ -6,7 +6,7 @@ use cow_abi::{
     CowDirty, CowHint, CowId, CowLimits, CowList, CowRead, CowSnapshotInfo, CowStats, CowVersion,
     COW_ABI_VERSION, COW_DIRTY_EPOCH, COW_IOC_DIRTY, COW_IOC_DROP, COW_IOC_HINT, COW_IOC_LIMITS,
     COW_IOC_LIST, COW_IOC_READ, COW_IOC_RESTORE, COW_IOC_SNAPSHOT, COW_IOC_STATS, COW_IOC_VERSION,
-    COW_LIMITS_SET, COW_SNAPSHOT_QUIESCED,
+    COW_LIMITS_SET, COW_POLICY_FAIL, COW_SNAPSHOT_QUIESCED,
 };
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -212,8 +212,29 @@ impl Cow {
             COW_IOC_SNAPSHOT,
             &mut a,
             "COW_IOC_SNAPSHOT",
-        )?;
+        )
+        .map_err(|e| self.explain_snapshot_failure(e))?;
         Ok(a.id)
+    }
+
+    /// Turns the `ENOMEM` of a full window under the `fail` policy into [`Error::WindowFull`].
+    fn explain_snapshot_failure(&self, e: Error) -> Error {
+        if e.errno() != libc::ENOMEM {
+            return e;
+        }
+        let (Ok(limits), Ok(stats)) = (self.limits(), self.stats()) else {
+            return e;
+        };
+        let full = stats.snapshots >= limits.max_snapshots || stats.bytes_held >= limits.max_bytes;
+        if limits.policy == COW_POLICY_FAIL && full {
+            return Error::WindowFull {
+                held: stats.snapshots,
+                max_snapshots: limits.max_snapshots,
+                bytes_held: stats.bytes_held,
+                max_bytes: limits.max_bytes,
+            };
+        }
+        e
     }
 
     /// Takes a snapshot, promising that nothing writes the space during the call (the caller
@@ -229,7 +250,8 @@ impl Cow {
             COW_IOC_SNAPSHOT,
             &mut a,
             "COW_IOC_SNAPSHOT",
-        )?;
+        )
+        .map_err(|e| self.explain_snapshot_failure(e))?;
         Ok(a.id)
     }
 
@@ -259,7 +281,8 @@ impl Cow {
                 pages: v.as_mut_ptr() as u64,
                 ..sized()
             };
-            ioctl_ptr(self.fd.as_fd(), COW_IOC_DIRTY, &mut a, "COW_IOC_DIRTY")?;
+            ioctl_ptr(self.fd.as_fd(), COW_IOC_DIRTY, &mut a, "COW_IOC_DIRTY")
+                .map_err(|e| no_snapshot(e, id))?;
             Ok(a.count as usize)
         })
     }
@@ -268,14 +291,16 @@ impl Cow {
     /// ones stay. Pages created after `id` read as zero again.
     pub fn restore(&self, id: u64) -> Result<()> {
         let mut a = CowId { id, ..sized() };
-        ioctl_ptr(self.fd.as_fd(), COW_IOC_RESTORE, &mut a, "COW_IOC_RESTORE")?;
+        ioctl_ptr(self.fd.as_fd(), COW_IOC_RESTORE, &mut a, "COW_IOC_RESTORE")
+            .map_err(|e| no_snapshot(e, id))?;
         Ok(())
     }
 
     /// Drops snapshot `id` (its pre-images merge into the next older snapshot).
     pub fn drop_snapshot(&self, id: u64) -> Result<()> {
         let mut a = CowId { id, ..sized() };
-        ioctl_ptr(self.fd.as_fd(), COW_IOC_DROP, &mut a, "COW_IOC_DROP")?;
+        ioctl_ptr(self.fd.as_fd(), COW_IOC_DROP, &mut a, "COW_IOC_DROP")
+            .map_err(|e| no_snapshot(e, id))?;
         Ok(())
     }
 
@@ -310,7 +335,8 @@ impl Cow {
                 buf: chunk.as_mut_ptr() as u64,
                 ..sized()
             };
-            ioctl_ptr(self.fd.as_fd(), COW_IOC_READ, &mut a, "COW_IOC_READ")?;
+            ioctl_ptr(self.fd.as_fd(), COW_IOC_READ, &mut a, "COW_IOC_READ")
+                .map_err(|e| no_snapshot(e, id))?;
         }
         Ok(())
     }
@@ -339,6 +365,17 @@ impl Cow {
         };
         ioctl_ptr(self.fd.as_fd(), COW_IOC_LIMITS, &mut a, "COW_IOC_LIMITS")?;
         Ok(())
+    }
+}
+
+/// The module answers `ENOENT` for an id it does not hold: say so.
+fn no_snapshot(e: Error, id: u64) -> Error {
+    match e {
+        Error::Os {
+            errno: libc::ENOENT,
+            ..
+        } => Error::NoSnapshot { id },
+        other => other,
     }
 }
 

@@ -119,6 +119,11 @@ pub extern "C" fn cow_strerror(err: c_int) -> *const c_char {
         libc::ENODEV => c"cow.ko is not loaded (no /dev/cow): run scripts/guest or insmod cow.ko",
         libc::EPROTO => c"cow.ko and libcow speak different ABI versions: rebuild and reload",
         libc::EBADFD => c"libcow is not initialised: call cow_init first",
+        libc::ENOMEM => {
+            c"out of memory, or the snapshot window is full under the fail policy, \
+            or libcow could not reserve its bookkeeping (an address-space limit: set COW_BOOK_GIB \
+            lower)"
+        }
         // SAFETY: strerror returns a pointer to a static (or thread-local) NUL-terminated string.
         _ => return unsafe { libc::strerror(errno) },
     };
@@ -184,6 +189,10 @@ pub extern "C" fn cow_backend_reason() -> *const c_char {
 /// failure, with errno set.
 #[no_mangle]
 pub extern "C" fn cow_map(len: usize) -> *mut c_void {
+    if len == 0 {
+        set_errno(libc::EINVAL);
+        return std::ptr::null_mut();
+    }
     match backend().and_then(|b| b.map(len).map_err(|e| -e.errno())) {
         Ok(p) => p.cast(),
         Err(neg_errno) => {
@@ -249,19 +258,26 @@ pub unsafe extern "C" fn cow_read(
     if len == 0 {
         return 0;
     }
+    if buf.is_null() {
+        return -libc::EFAULT;
+    }
     // SAFETY: the caller guarantees `buf` is writable for `len` bytes.
     let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) };
     with_backend(|b| b.read(positive_id(id)?, addr as usize, out))
 }
 
 /// Stores up to `cap` addresses of pages written since snapshot `id` into `pages` (sorted) and
-/// returns how many there are in all (which may exceed `cap`), or a negative errno.
+/// returns how many there are in all (which may exceed `cap`), or a negative errno. `pages` may
+/// be NULL when `cap` is 0 (a count only).
 ///
 /// # Safety
 ///
 /// `pages` is writable for `cap` pointers.
 #[no_mangle]
 pub unsafe extern "C" fn cow_dirty(id: i64, pages: *mut *mut c_void, cap: usize) -> i64 {
+    if pages.is_null() && cap > 0 {
+        return -(libc::EFAULT as i64);
+    }
     let b = match backend() {
         Ok(b) => b,
         Err(e) => return e as i64,

@@ -173,8 +173,10 @@ fn privatize(
 }
 
 /// Points the child's space descriptor at /dev/null: the child must not drive the parent's
-/// space (ioctls on it now fail with ENOTTY).
+/// space (ioctls on it now fail with ENOTTY). A fork of the child is then an ordinary fork:
+/// its memory is private already (a bash subshell of a subshell).
 fn detach(cow: &cow::Cow) {
+    crate::mark_detached();
     // SAFETY: replacing our own descriptor number with /dev/null.
     unsafe {
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);

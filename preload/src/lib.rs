@@ -138,9 +138,20 @@ fn open_space() -> Result<cow::Cow, &'static str> {
     cow::Cow::from_fd(fd).map_err(|_| "/dev/cow speaks another ABI version than this libcow")
 }
 
-/// The covered space, once initialised.
+/// Set in a forked child once its covered memory became private: it has no space any more.
+static DETACHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The covered space, once initialised (none in a forked child).
 pub(crate) fn space() -> Option<&'static cow::Cow> {
+    if DETACHED.load(Ordering::Relaxed) {
+        return None;
+    }
     SPACE.get()
+}
+
+/// Marks this process (a forked child) as no longer covered.
+pub(crate) fn mark_detached() {
+    DETACHED.store(true, Ordering::Relaxed);
 }
 
 /// Publishes the space's descriptor for libcow's C API and for tools.

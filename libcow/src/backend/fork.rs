@@ -511,10 +511,17 @@ impl Backend for Fork {
         };
         // SAFETY: reading `buf.len()` bytes of the snapshot's process into `buf`.
         let n = unsafe { libc::process_vm_readv(st.snap(k).child, &local, 1, &remote, 1, 0) };
-        if n < 0 || n as usize != buf.len() {
+        if n < 0 {
             return Err(Error::last_os(
                 "process_vm_readv from the snapshot's process",
             ));
+        }
+        if n as usize != buf.len() {
+            // A short read: the range runs past the snapshot's memory (errno is not set).
+            return Err(Error::Os {
+                op: "address outside covered memory",
+                errno: libc::EFAULT,
+            });
         }
         Ok(())
     }

@@ -101,17 +101,6 @@ impl Kmod {
             ..self
         }
     }
-
-    fn offset_of(&self, addr: usize) -> Result<u64> {
-        cow_mappings()?
-            .iter()
-            .find(|m| (m.start..m.end).contains(&addr))
-            .map(|m| (m.offset & SPACE_OFFSET_MASK) + (addr - m.start) as u64)
-            .ok_or(Error::Os {
-                op: "address outside the space's regions",
-                errno: libc::EFAULT,
-            })
-    }
 }
 
 impl Backend for Kmod {
@@ -222,7 +211,28 @@ impl Backend for Kmod {
     }
 
     fn read(&self, id: u64, addr: usize, buf: &mut [u8]) -> Result<()> {
-        self.cow.read(id, self.offset_of(addr)?, buf)
+        // Piece by piece: adjacent mappings need not be adjacent in the space, and a range
+        // that leaves the space's mappings is EFAULT rather than another region's bytes.
+        let mappings = cow_mappings()?;
+        let mut done = 0;
+        while done < buf.len() {
+            let a = addr.checked_add(done).ok_or(Error::Os {
+                op: "address outside the space's regions",
+                errno: libc::EFAULT,
+            })?;
+            let m = mappings
+                .iter()
+                .find(|m| (m.start..m.end).contains(&a))
+                .ok_or(Error::Os {
+                    op: "address outside the space's regions",
+                    errno: libc::EFAULT,
+                })?;
+            let n = (m.end - a).min(buf.len() - done);
+            let offset = (m.offset & SPACE_OFFSET_MASK) + (a - m.start) as u64;
+            self.cow.read(id, offset, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
     }
 
     fn dirty_since(&self, id: u64) -> Result<Vec<usize>> {

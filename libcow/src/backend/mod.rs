@@ -161,6 +161,8 @@ pub fn open(name: &str) -> Result<(Box<dyn Backend>, Choice)> {
             reason: "asked for by name".into(),
         }
     };
+    // Every backend keeps its state in the book: fail here, with an errno, if it cannot exist.
+    crate::book::try_book()?;
     let backend: Box<dyn Backend> = match choice.name {
         "kmod" => Box::new(kmod::Kmod::open()?),
         "uffd" => Box::new(shadow::Shadow::new(uffd::Uffd::open()?)),

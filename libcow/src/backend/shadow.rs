@@ -923,6 +923,17 @@ impl<T: Tracker> Backend for Shadow<T> {
             let off = a - page;
             let n = (PAGE - off).min(buf.len() - done);
             let image = st.image_page(k, page);
+            if image == 0
+                && !st
+                    .armed
+                    .as_slice()
+                    .iter()
+                    .any(|r| (r.start..r.end).contains(&page))
+            {
+                // Neither saved nor covered: the address held no covered memory (the kmod and
+                // fork backends answer the same).
+                return Err(err("address outside covered memory", libc::EFAULT));
+            }
             if image == 0 {
                 buf[done..done + n].fill(0);
             } else {
