@@ -35,16 +35,6 @@ module! {
     authors: ["Delorean developers"],
     description: "Copy-on-write memory snapshots (/dev/cow)",
     license: "GPL",
-    params: {
-        max_snapshots: u32 {
-            default: 64,
-            description: "Most snapshots a space holds by default; COW_IOC_LIMITS may lower it, raising it needs CAP_SYS_RESOURCE",
-        },
-        max_held_mib: u64 {
-            default: 1024,
-            description: "Most MiB of pre-images a space holds by default; COW_IOC_LIMITS may lower it, raising it needs CAP_SYS_RESOURCE",
-        },
-    },
 }
 
 #[pin_data]
@@ -113,10 +103,8 @@ impl PinnedDrop for Space {
 
 /// The module parameters as limits: (most snapshots, most bytes of pre-images).
 fn module_caps() -> (u32, u64) {
-    (
-        module_parameters::max_snapshots.value().max(1),
-        module_parameters::max_held_mib.value().saturating_mul(1 << 20),
-    )
+    let (max_snapshots, max_held_mib) = mm::params();
+    (max_snapshots.max(1), max_held_mib.saturating_mul(1 << 20))
 }
 
 /// Largest `COW_IOC_READ` length per call.

@@ -19,6 +19,15 @@ extern "C" {
     fn cow_page_maybe_pinned(page: *mut core::ffi::c_void) -> bool;
     fn cow_capable_sys_resource() -> bool;
     fn cow_cond_resched();
+    fn cow_param_max_snapshots() -> core::ffi::c_uint;
+    fn cow_param_max_held_mib() -> core::ffi::c_ulong;
+}
+
+/// The `max_snapshots` and `max_held_mib` module parameters (sysfs-visible, defined in
+/// `cow_helpers.c`), as they are now.
+pub(crate) fn params() -> (u32, u64) {
+    // SAFETY: both helpers only READ_ONCE a module-lifetime static.
+    unsafe { (cow_param_max_snapshots(), cow_param_max_held_mib() as u64) }
 }
 
 /// Copies the contents of page `src` into page `dst`.

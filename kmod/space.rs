@@ -163,13 +163,15 @@ impl SpaceState {
         Ok(FaultPage::Map(page_ptr))
     }
 
-    /// Copies the current page at `idx` into the newest snapshot, within the byte budget.
+    /// Copies the current page at `idx` into the newest snapshot. The byte budget evicts
+    /// older snapshots only: the newest one (the one a program is about to roll back to) is
+    /// never lost silently; its pre-images are bounded by the space's size (one per page).
     fn save_pre_image(&mut self, idx: usize, page: *mut kernel::bindings::page) -> Result {
-        while self.held_bytes() + PAGE_SIZE as u64 > self.limits.max_bytes && !self.snapshots.is_empty() {
+        while self.held_bytes() + PAGE_SIZE as u64 > self.limits.max_bytes && self.snapshots.len() > 1 {
             self.evict_oldest();
         }
         let Some(newest) = self.snapshots.last_mut() else {
-            return Ok(()); // the budget took every snapshot: nothing left to preserve for
+            return Ok(()); // no snapshot: nothing to preserve for
         };
         let copy = Page::alloc_page(GFP)?;
         mm::copy_page(copy.as_ptr(), page);

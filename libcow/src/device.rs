@@ -325,8 +325,19 @@ impl Cow {
     }
 
     /// Reads `buf.len()` bytes at space offset `offset` as they were at snapshot `id`.
+    /// An empty `buf` checks that snapshot `id` exists.
     pub fn read(&self, id: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
         const CHUNK: usize = 64 << 20;
+        if buf.is_empty() {
+            let mut a = CowRead {
+                id,
+                offset,
+                ..sized()
+            };
+            return ioctl_ptr(self.fd.as_fd(), COW_IOC_READ, &mut a, "COW_IOC_READ")
+                .map(drop)
+                .map_err(|e| no_snapshot(e, id));
+        }
         for (i, chunk) in buf.chunks_mut(CHUNK).enumerate() {
             let mut a = CowRead {
                 id,

@@ -211,6 +211,9 @@ impl Backend for Kmod {
     }
 
     fn read(&self, id: u64, addr: usize, buf: &mut [u8]) -> Result<()> {
+        // An unknown id is ENOENT whatever the address (as on the other backends): a
+        // zero-length read checks the id alone.
+        self.cow.read(id, 0, &mut [])?;
         // Piece by piece: adjacent mappings need not be adjacent in the space, and a range
         // that leaves the space's mappings is EFAULT rather than another region's bytes.
         let mappings = cow_mappings()?;

@@ -55,6 +55,10 @@ pub fn tests() -> Vec<Test> {
             run: c_program_uses_cow_h,
         },
         Test {
+            name: "device::parameters_in_sysfs",
+            run: parameters_in_sysfs,
+        },
+        Test {
             name: "device::boot_log_clean",
             run: boot_log_clean,
         },
@@ -298,6 +302,40 @@ fn rmmod_and_reload() -> Result<()> {
     );
     module::load()?;
     ensure!(cow::Cow::open()?.abi_version() == abi::COW_ABI_VERSION);
+    Ok(())
+}
+
+/// The module parameters are visible (and root-writable) under /sys/module/cow/parameters, and
+/// a changed value is what the next space starts with.
+fn parameters_in_sysfs() -> Result<()> {
+    module::ensure_loaded()?;
+    let dir = std::path::Path::new("/sys/module/cow/parameters");
+    let read = |name: &str| -> Result<u64> {
+        let text = std::fs::read_to_string(dir.join(name))
+            .with_context(|| format!("{}/{name}", dir.display()))?;
+        Ok(text.trim().parse()?)
+    };
+    for name in ["max_snapshots", "max_held_mib"] {
+        let mode = std::fs::metadata(dir.join(name))?.mode() & 0o777;
+        ensure!(mode == 0o644, "{name}: mode {mode:o}");
+    }
+    let (snaps, mib) = (read("max_snapshots")?, read("max_held_mib")?);
+    let lim = cow::Cow::open()?.limits()?;
+    ensure!(
+        lim.max_snapshots as u64 == snaps && lim.max_bytes == mib << 20,
+        "a new space's limits {lim:?} differ from the parameters ({snaps}, {mib} MiB)"
+    );
+    std::fs::write(dir.join("max_snapshots"), "7")?;
+    std::fs::write(dir.join("max_held_mib"), "3")?;
+    let changed = cow::Cow::open()?.limits();
+    std::fs::write(dir.join("max_snapshots"), snaps.to_string())?;
+    std::fs::write(dir.join("max_held_mib"), mib.to_string())?;
+    let changed = changed?;
+    ensure!(
+        changed.max_snapshots == 7 && changed.max_bytes == 3 << 20,
+        "after writing the parameters a new space has {changed:?}"
+    );
+    ensure!(read("max_snapshots")? == snaps, "not restored");
     Ok(())
 }
 

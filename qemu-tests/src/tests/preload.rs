@@ -27,7 +27,30 @@ pub fn tests() -> Vec<Test> {
             name: "preload::exit_code_is_the_programs",
             run: exit_code_is_the_programs,
         },
+        Test {
+            name: "preload::subshells_fork_without_false_warnings",
+            run: subshells_fork_without_false_warnings,
+        },
     ]
+}
+
+/// bash forks subshells of subshells: the first fork privatises the child's memory, so a fork
+/// in that child shares nothing and must not warn that it does (it did, once per fork).
+fn subshells_fork_without_false_warnings() -> Result<()> {
+    let out = cowctl_run(&[
+        "/bin/bash",
+        "-c",
+        "x=1; ( ( y=$((x + 1)); echo $y ) ); ( (echo b) ); echo $x",
+    ])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "bash failed: {stderr}");
+    ensure!(
+        String::from_utf8_lossy(&out.stdout) == "2\nb\n1\n",
+        "output {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ensure!(!stderr.contains("libcow_preload"), "warnings: {stderr}");
+    Ok(())
 }
 
 fn cowctl_run(argv: &[&str]) -> Result<std::process::Output> {

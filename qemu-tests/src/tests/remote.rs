@@ -25,6 +25,18 @@ pub fn tests() -> Vec<Test> {
             name: "remote::bad_pids_and_ids",
             run: bad_pids_and_ids,
         },
+        Test {
+            name: "remote::closed_pipes_are_quiet",
+            run: closed_pipes_are_quiet,
+        },
+        Test {
+            name: "remote::restore_leaves_a_stopped_process_stopped",
+            run: restore_leaves_a_stopped_process_stopped,
+        },
+        Test {
+            name: "remote::run_forwards_signals",
+            run: run_forwards_signals,
+        },
     ]
 }
 
@@ -223,11 +235,149 @@ fn bad_pids_and_ids() -> Result<()> {
         "unknown id: {:?}",
         out.status.code()
     );
+    let text = String::from_utf8_lossy(&out.stderr);
+    ensure!(text.contains("no snapshot 77"), "message: {text}");
+    ensure!(!text.contains("COW_IOC"), "message names the ioctl: {text}");
+    let pid = t.pid.to_string();
+    ok_stdout(&["snapshot", &pid])?;
+    let out = cowctl(&["diff", &pid, "1", "99"])?;
+    ensure!(
+        out.status.code() == Some(5),
+        "diff with a missing id: {:?}",
+        out.status.code()
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    ensure!(text.contains("no snapshot 99"), "message: {text}");
     let out = cowctl(&["restore", &t.pid.to_string(), "banana"])?;
     ensure!(
         out.status.code() == Some(2),
         "usage error: {:?}",
         out.status.code()
     );
+    Ok(())
+}
+
+/// Output into a closed pipe (`cowctl list PID | head -0`) ends cowctl as it ends `cat`:
+/// SIGPIPE, nothing on stderr. Every subcommand that prints, text and JSON.
+fn closed_pipes_are_quiet() -> Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    let mut t = Target::start()?;
+    let pid = t.pid.to_string();
+    ok_stdout(&["snapshot", &pid])?;
+    ensure!(t.ask("fill 5")? == "ok");
+    ok_stdout(&["snapshot", &pid])?;
+    for args in [
+        &["list", &pid][..],
+        &["list", &pid, "--json"],
+        &["stats", &pid],
+        &["stats", &pid, "--json"],
+        &["diff", &pid, "1", "2"],
+        &["diff", &pid, "1", "2", "--json"],
+        &["snapshot", &pid],
+        &["status"],
+    ] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two descriptors into the array.
+        ensure!(unsafe { libc::pipe(fds.as_mut_ptr()) } == 0);
+        // SAFETY: both were just created and belong to nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        drop(read);
+        let out = Command::new(sibling("cowctl")?)
+            .args(args)
+            .stdout(Stdio::from(write))
+            .output()?;
+        ensure!(
+            out.status.signal() == Some(libc::SIGPIPE) && out.stderr.is_empty(),
+            "cowctl {args:?} into a closed pipe: {:?}, stderr {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The one-letter state of `pid`.
+fn state_of(pid: i32) -> Result<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat.rsplit(')')
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.chars().next())
+        .context("no state")
+}
+
+/// A process the user stopped (`kill -STOP`) is still stopped after `cowctl restore`, with its
+/// memory restored; one that ran is running again.
+fn restore_leaves_a_stopped_process_stopped() -> Result<()> {
+    let mut t = Target::start()?;
+    let pid = t.pid.to_string();
+    ensure!(t.ask("fill 1")? == "ok");
+    let sum1 = t.ask("sum")?;
+    ok_stdout(&["snapshot", &pid])?;
+    ensure!(t.ask("fill 2")? == "ok");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(t.pid, libc::SIGSTOP) };
+    for _ in 0..2000 {
+        if state_of(t.pid)? == 'T' {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    ok_stdout(&["restore", &pid, "1"])?;
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let state = state_of(t.pid)?;
+    // SAFETY: as above.
+    unsafe { libc::kill(t.pid, libc::SIGCONT) };
+    ensure!(
+        state == 'T',
+        "state after restore: {state}, expected T (stopped)"
+    );
+    ensure!(t.ask("sum")? == sum1, "memory not restored");
+    // A running process is stopped around the restore and resumed after it.
+    ensure!(t.ask("fill 3")? == "ok");
+    ok_stdout(&["restore", &pid, "1"])?;
+    ensure!(t.ask("sum")? == sum1, "second restore");
+    Ok(())
+}
+
+/// SIGTERM, SIGHUP and SIGINT sent to `cowctl run` (by kill, not a terminal) reach the program,
+/// and cowctl exits with the program's status.
+fn run_forwards_signals() -> Result<()> {
+    use std::os::unix::process::ExitStatusExt;
+    for (sig, code) in [(libc::SIGTERM, 42), (libc::SIGHUP, 43), (libc::SIGINT, 44)] {
+        let name = match sig {
+            libc::SIGTERM => "TERM",
+            libc::SIGHUP => "HUP",
+            _ => "INT",
+        };
+        let script = format!("trap 'exit {code}' {name}; echo ready; while :; do sleep 0.05; done");
+        let mut child = Command::new(sibling("cowctl")?)
+            .args(["run", "--", "/bin/sh", "-c", &script])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        ensure!(line.trim() == "ready", "{line:?}");
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("SIG{name}: cowctl run still running after 20 s (not forwarded?)");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        ensure!(
+            status.code() == Some(code),
+            "SIG{name}: cowctl exited {:?} (signal {:?}), expected the program's {code}",
+            status.code(),
+            status.signal()
+        );
+    }
     Ok(())
 }

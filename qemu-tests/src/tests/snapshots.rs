@@ -42,8 +42,8 @@ pub fn tests() -> Vec<Test> {
             run: retention_window,
         },
         Test {
-            name: "snap::memory_cap_merges_oldest",
-            run: memory_cap_merges_oldest,
+            name: "snap::memory_cap_merges_oldest_keeps_newest",
+            run: memory_cap_merges_oldest_keeps_newest,
         },
         Test {
             name: "snap::garbage_ioctls",
@@ -462,11 +462,20 @@ fn retention_window() -> Result<()> {
     cow.restore(4)?;
     ensure!(bytes(&r)[0] == 3, "restore to 4 gave {}", bytes(&r)[0]);
     cow.set_limits(1, 1 << 30, abi::COW_POLICY_FAIL)?;
-    let e = cow.snapshot().map_err(errno_of);
+    let e = cow.snapshot();
     ensure!(
-        e == Err(libc::ENOMEM),
+        matches!(
+            e,
+            Err(cow::Error::WindowFull {
+                held: 1,
+                max_snapshots: 1,
+                ..
+            })
+        ),
         "full window with FAIL policy: {e:?}"
     );
+    let text = e.unwrap_err().to_string();
+    ensure!(text.contains("window is full"), "{text}");
     let l = cow.limits()?;
     ensure!(
         l.max_snapshots == 1 && l.policy == abi::COW_POLICY_FAIL,
@@ -475,7 +484,7 @@ fn retention_window() -> Result<()> {
     Ok(())
 }
 
-fn memory_cap_merges_oldest() -> Result<()> {
+fn memory_cap_merges_oldest_keeps_newest() -> Result<()> {
     let cow = Cow::open()?;
     let r = cow.map_region(64 * 4096)?;
     let m = bytes(&r);
@@ -496,6 +505,22 @@ fn memory_cap_merges_oldest() -> Result<()> {
         m[..10 * 4096].iter().all(|&b| b == 2) && m[10 * 4096..].iter().all(|&b| b == 1),
         "content"
     );
+    // The cap never takes the newest snapshot: 64 pre-images (4x the cap) are all kept for it.
+    m.fill(4);
+    let s = cow.stats()?;
+    let ids: Vec<u64> = cow.list()?.iter().map(|s| s.id).collect();
+    ensure!(ids == [2], "the newest snapshot was evicted: held {ids:?}");
+    ensure!(s.bytes_held == 64 * 4096, "held {}", s.bytes_held);
+    cow.restore(2)?;
+    ensure!(
+        m[..10 * 4096].iter().all(|&b| b == 2) && m[10 * 4096..].iter().all(|&b| b == 1),
+        "content after a write of 4x the cap"
+    );
+    // The next snapshot merges the over-budget one away and starts afresh.
+    m.fill(5);
+    cow.snapshot()?;
+    let ids: Vec<u64> = cow.list()?.iter().map(|s| s.id).collect();
+    ensure!(ids == [3], "held {ids:?}");
     Ok(())
 }
 
