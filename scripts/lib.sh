@@ -24,19 +24,46 @@ SCRIPT_START=$(date +%s)
 log() { printf '[%s +%4ss] %s\n' "$(basename "$0")" "$(($(date +%s) - SCRIPT_START))" "$*" >&2; }
 die() { printf '%s: error: %s\n' "$(basename "$0")" "$*" >&2; exit 1; }
 
-# run_with_progress PHASE LOGFILE CMD...: runs CMD with output to LOGFILE and prints the phase and
-# elapsed time every 20 s, so a long build is visibly alive. On failure prints the log's tail.
+# run_with_progress PHASE LOGFILE CMD...: runs CMD with output to LOGFILE and shows that it is
+# alive: on a terminal one status line updated every second, elsewhere (CI) a line every 20 s.
+# With PROGRESS_STEP_RE set (an ERE matching one step's log line, e.g. kbuild's "  CC foo.o")
+# the status counts steps, and with PROGRESS_TOTAL (the count of the last such run) shows
+# "done/total (pct%)" and an estimate of the time left. On failure prints the log's tail.
 run_with_progress() {
   local phase=$1 logfile=$2; shift 2
   local start; start=$(date +%s)
+  local tty=0; [ -t 2 ] && tty=1
   log "$phase (log: $logfile)"
   "$@" >"$logfile" 2>&1 &
   local pid=$!
   while kill -0 "$pid" 2>/dev/null; do
     sleep 1
     local now; now=$(date +%s)
-    if (((now - start) % 20 == 0)); then log "$phase: $((now - start))s elapsed"; fi
+    local elapsed=$((now - start))
+    ((tty || elapsed % 20 == 0)) || continue
+    local status="${elapsed}s elapsed"
+    if [ -n "${PROGRESS_STEP_RE:-}" ]; then
+      local steps; steps=$(grep -cE "$PROGRESS_STEP_RE" "$logfile" 2>/dev/null || true)
+      local total=${PROGRESS_TOTAL:-0}
+      if ((total > 0 && steps > 0)); then
+        local pct=$((steps * 100 / total)); ((pct > 99)) && pct=99
+        local left=$((elapsed * (total - steps) / steps)); ((left < 0)) && left=0
+        status="$steps/$total steps ($pct%), ${elapsed}s elapsed, ~${left}s left"
+        if ((tty)); then
+          local bar; bar=$(printf '%*s' $((pct / 5)) '' | tr ' ' '#')$(printf '%*s' $((20 - pct / 5)) '' | tr ' ' '.')
+          status="[$bar] $status"
+        fi
+      else
+        status="$steps steps, ${elapsed}s elapsed"
+      fi
+    fi
+    if ((tty)); then
+      printf '\r\033[K[%s +%4ss] %s: %s' "$(basename "$0")" "$((now - SCRIPT_START))" "$phase" "$status" >&2
+    else
+      log "$phase: $status"
+    fi
   done
+  ((tty)) && printf '\r\033[K' >&2
   if ! wait "$pid"; then
     tail -n 40 "$logfile" >&2
     die "$phase failed after $(($(date +%s) - start))s; full log: $logfile"
