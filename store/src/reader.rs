@@ -1,0 +1,479 @@
+//! Opening a recording: verify every record, index every page, answer reads of the past.
+
+use crate::frame::{self, Fields, Found, Kind};
+use crate::{Codec, Error, Meta, Reason, Result, ThreadState, LOG_FILE, PAGE};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// One checkpoint in the index.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    number: u64,
+    time_ns: u64,
+    reason: Reason,
+    signal: u32,
+    /// Offset of its record in the log.
+    offset: u64,
+}
+
+/// A thread at a checkpoint.
+pub type Thread = ThreadState;
+
+/// What `cowctl recording info` reports.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Info {
+    /// The program recorded.
+    pub exe: String,
+    /// Its arguments.
+    pub argv: Vec<String>,
+    /// How memory was captured.
+    pub backend: String,
+    /// The page codec.
+    pub codec: Codec,
+    /// Checkpoints readable.
+    pub checkpoints: u64,
+    /// Time from the first to the last checkpoint, seconds.
+    pub span_s: f64,
+    /// Why the last checkpoint was taken (`crash` after a fatal signal).
+    pub last_reason: Option<Reason>,
+    /// With a `crash` last checkpoint: the signal.
+    pub last_signal: Option<u32>,
+    /// Page images across all checkpoints (one per changed page per checkpoint).
+    pub page_images: u64,
+    /// Distinct non-zero page contents stored.
+    pub unique_pages: u64,
+    /// Distinct page addresses ever recorded.
+    pub addresses: u64,
+    /// Bytes of the log on disk.
+    pub bytes_on_disk: u64,
+    /// Page images per stored page (zero pages cost nothing).
+    pub dedup_ratio: f64,
+    /// Bytes of the stored pages before compression per byte after.
+    pub compress_ratio: f64,
+    /// Bytes after the last complete checkpoint that were ignored (a torn tail), if any.
+    pub torn_tail_bytes: u64,
+}
+
+/// A recording opened for reading.
+pub struct Recording {
+    file: File,
+    meta: Meta,
+    checkpoints: Vec<Entry>,
+    /// Page address → (checkpoint index, blob), in checkpoint order.
+    pages: HashMap<u64, Vec<(u32, u64)>>,
+    /// (checkpoint index, maps text) where the memory map changed.
+    maps: Vec<(u32, String)>,
+    page_images: u64,
+    unique_pages: u64,
+    blob_bytes: u64,
+    valid_len: u64,
+    log_len: u64,
+    /// Recently decompressed pages.
+    cache: Mutex<HashMap<u64, std::sync::Arc<Vec<u8>>>>,
+}
+
+/// Most pages kept decompressed.
+const CACHE_PAGES: usize = 4096;
+
+fn corrupt(offset: u64, after: u64, what: impl Into<String>) -> Error {
+    Error::Corrupt {
+        offset,
+        after_checkpoint: after,
+        what: what.into(),
+    }
+}
+
+/// Whether a valid record starts anywhere in `data` (which follows a bad one).
+fn valid_record_in(data: &[u8]) -> bool {
+    let magic = frame::MAGIC.to_le_bytes();
+    let mut i = 0;
+    while i + frame::HEADER <= data.len() {
+        if data[i..i + 4] == magic {
+            if let Ok(Found::Record(..)) = frame::read(&mut &data[i..]) {
+                return true;
+            }
+        }
+        i += 1;
+    }
+    false
+}
+
+impl Recording {
+    /// Opens the recording in `dir`, verifying every record's checksum. A torn tail (a
+    /// recorder killed mid-write) is ignored and reported by [`Recording::info`]; a bad record
+    /// followed by good ones is [`Error::Corrupt`].
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join(LOG_FILE);
+        let file = File::open(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                Error::NotARecording(format!("{} does not exist", path.display()))
+            }
+            _ => Error::Io(e),
+        })?;
+        let log_len = file.metadata()?.len();
+        let mut input = BufReader::with_capacity(1 << 20, file.try_clone()?);
+        let mut r = Recording {
+            file,
+            meta: Meta::default(),
+            checkpoints: Vec::new(),
+            pages: HashMap::new(),
+            maps: Vec::new(),
+            page_images: 0,
+            unique_pages: 0,
+            blob_bytes: 0,
+            valid_len: 0,
+            log_len,
+            cache: Mutex::new(HashMap::new()),
+        };
+        let mut offset = 0u64;
+        // Blobs count once a checkpoint that follows them is complete.
+        let (mut blobs, mut blob_bytes) = (0u64, 0u64);
+        loop {
+            let found = frame::read(&mut input)?;
+            let last = r.checkpoints.last().map_or(0, |e| e.number);
+            match found {
+                Found::End => break,
+                Found::Bad(why) => {
+                    if offset == 0 {
+                        return Err(Error::NotARecording(format!("{}: {why}", path.display())));
+                    }
+                    let mut rest = Vec::new();
+                    input.get_mut().seek(SeekFrom::Start(offset + 1))?;
+                    input.get_mut().read_to_end(&mut rest)?;
+                    if valid_record_in(&rest) {
+                        return Err(corrupt(offset, last, why));
+                    }
+                    break; // a torn tail: what follows the last checkpoint is ignored
+                }
+                Found::Record(kind, payload) => {
+                    let size = (frame::HEADER + payload.len()) as u64;
+                    match kind {
+                        Kind::Meta if offset == 0 => {
+                            r.meta = serde_json::from_slice(&payload)
+                                .map_err(|e| corrupt(0, 0, format!("meta record: {e}")))?;
+                            if r.meta.version != crate::FORMAT_VERSION {
+                                return Err(Error::NotARecording(format!(
+                                    "format version {} (this cowctl reads {})",
+                                    r.meta.version,
+                                    crate::FORMAT_VERSION
+                                )));
+                            }
+                            r.valid_len = size;
+                        }
+                        Kind::Meta => return Err(corrupt(offset, last, "a second meta record")),
+                        _ if offset == 0 => {
+                            return Err(Error::NotARecording("no meta record".into()))
+                        }
+                        Kind::Blob => {
+                            blobs += 1;
+                            blob_bytes += size;
+                        }
+                        Kind::Checkpoint => {
+                            r.index_checkpoint(offset, &payload)?;
+                            r.valid_len = offset + size;
+                            r.unique_pages = blobs;
+                            r.blob_bytes = blob_bytes;
+                        }
+                    }
+                    offset += size;
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    /// Opens the recording in `dir` for appending after a crash: truncates a torn tail and
+    /// returns how many checkpoints survived.
+    pub fn repair(dir: &Path) -> Result<u64> {
+        let r = Recording::open(dir)?;
+        if r.valid_len < r.log_len {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join(LOG_FILE))?;
+            f.set_len(r.valid_len)?;
+        }
+        Ok(r.checkpoints.len() as u64)
+    }
+
+    fn index_checkpoint(&mut self, offset: u64, payload: &[u8]) -> Result<()> {
+        let last = self.checkpoints.last().map_or(0, |e| e.number);
+        let bad = |what: &str| corrupt(offset, last, format!("checkpoint record: {what}"));
+        let mut f = Fields::new(payload);
+        let number = f.u64().ok_or_else(|| bad("short"))?;
+        let time_ns = f.u64().ok_or_else(|| bad("short"))?;
+        let reason = f
+            .u32()
+            .and_then(Reason::from_code)
+            .ok_or_else(|| bad("reason"))?;
+        let signal = f.u32().ok_or_else(|| bad("short"))?;
+        let threads = f.u32().ok_or_else(|| bad("short"))?;
+        for _ in 0..threads {
+            let _tid = f.u32().ok_or_else(|| bad("thread"))?;
+            let fp = f.u32().ok_or_else(|| bad("thread"))? as usize;
+            f.bytes(27 * 8 + fp).ok_or_else(|| bad("thread"))?;
+        }
+        let idx = self.checkpoints.len() as u32;
+        let n = f.u32().ok_or_else(|| bad("pages"))?;
+        for _ in 0..n {
+            let addr = f.u64().ok_or_else(|| bad("pages"))?;
+            let blob = f.u64().ok_or_else(|| bad("pages"))?;
+            if blob >= offset || addr % PAGE as u64 != 0 {
+                return Err(bad("a page refers to no earlier blob"));
+            }
+            self.pages.entry(addr).or_default().push((idx, blob));
+            self.page_images += 1;
+        }
+        let maps_len = f.u32().ok_or_else(|| bad("maps"))? as usize;
+        let maps = f.bytes(maps_len).ok_or_else(|| bad("maps"))?;
+        if maps_len > 0 {
+            self.maps
+                .push((idx, String::from_utf8_lossy(maps).into_owned()));
+        }
+        if number != last + 1 {
+            return Err(bad(&format!("number {number} after {last}")));
+        }
+        self.checkpoints.push(Entry {
+            number,
+            time_ns,
+            reason,
+            signal,
+            offset,
+        });
+        Ok(())
+    }
+
+    /// What the recording is of.
+    pub fn meta(&self) -> &Meta {
+        &self.meta
+    }
+
+    /// Numbers of the first and last checkpoints (None: no checkpoint).
+    pub fn range(&self) -> Option<(u64, u64)> {
+        Some((
+            self.checkpoints.first()?.number,
+            self.checkpoints.last()?.number,
+        ))
+    }
+
+    /// How many checkpoints can be read.
+    pub fn len(&self) -> usize {
+        self.checkpoints.len()
+    }
+
+    /// Whether no checkpoint can be read.
+    pub fn is_empty(&self) -> bool {
+        self.checkpoints.is_empty()
+    }
+
+    fn index_of(&self, number: u64) -> Result<usize> {
+        let first = self
+            .checkpoints
+            .first()
+            .ok_or(Error::NoCheckpoint(number))?
+            .number;
+        let i = number
+            .checked_sub(first)
+            .ok_or(Error::NoCheckpoint(number))? as usize;
+        match self.checkpoints.get(i) {
+            Some(e) if e.number == number => Ok(i),
+            _ => Err(Error::NoCheckpoint(number)),
+        }
+    }
+
+    /// Time (CLOCK_MONOTONIC ns), reason and signal of checkpoint `number`.
+    pub fn checkpoint(&self, number: u64) -> Result<(u64, Reason, u32)> {
+        let e = self.checkpoints[self.index_of(number)?];
+        Ok((e.time_ns, e.reason, e.signal))
+    }
+
+    /// Every thread's registers at checkpoint `number`.
+    pub fn threads(&self, number: u64) -> Result<Vec<Thread>> {
+        let e = self.checkpoints[self.index_of(number)?];
+        let payload = self.record_at(e.offset, e.number)?;
+        let mut f = Fields::new(&payload);
+        f.bytes(24); // number, time, reason, signal
+        let n = f.u32().unwrap_or(0);
+        let mut threads = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let (Some(tid), Some(fp)) = (f.u32(), f.u32()) else {
+                break;
+            };
+            let mut regs = [0u64; 27];
+            for r in regs.iter_mut() {
+                *r = f.u64().unwrap_or(0);
+            }
+            let fpregs = f.bytes(fp as usize).unwrap_or(&[]).to_vec();
+            threads.push(ThreadState { tid, regs, fpregs });
+        }
+        Ok(threads)
+    }
+
+    /// The memory map (`/proc/PID/maps` text) in effect at checkpoint `number`.
+    pub fn maps(&self, number: u64) -> Result<&str> {
+        let idx = self.index_of(number)? as u32;
+        let i = self.maps.partition_point(|(at, _)| *at <= idx);
+        Ok(if i == 0 { "" } else { &self.maps[i - 1].1 })
+    }
+
+    /// Reads and re-verifies the record at `offset`; returns its payload.
+    fn record_at(&self, offset: u64, near: u64) -> Result<Vec<u8>> {
+        let mut header = [0u8; frame::HEADER];
+        self.file.read_exact_at(&mut header, offset)?;
+        let len = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
+        let mut rec = header.to_vec();
+        rec.resize(frame::HEADER + len.min(frame::MAX_PAYLOAD as usize), 0);
+        self.file
+            .read_exact_at(&mut rec[frame::HEADER..], offset + frame::HEADER as u64)?;
+        match frame::read(&mut rec.as_slice())? {
+            Found::Record(_, payload) => Ok(payload),
+            Found::Bad(why) => Err(corrupt(offset, near, why)),
+            Found::End => Err(corrupt(offset, near, "empty")),
+        }
+    }
+
+    /// The contents of blob `blob` (0: the zero page).
+    fn blob(&self, blob: u64, near: u64) -> Result<std::sync::Arc<Vec<u8>>> {
+        if let Some(p) = self.cache.lock().unwrap().get(&blob) {
+            return Ok(p.clone());
+        }
+        let page = if blob == 0 {
+            vec![0u8; PAGE]
+        } else {
+            let payload = self.record_at(blob, near)?;
+            let mut f = Fields::new(&payload);
+            let bad = |w: &str| corrupt(blob, near, format!("page blob: {w}"));
+            let hash =
+                u128::from_le_bytes(f.bytes(16).ok_or_else(|| bad("short"))?.try_into().unwrap());
+            let codec = f
+                .bytes(1)
+                .and_then(|c| Codec::from_code(c[0]))
+                .ok_or_else(|| bad("codec"))?;
+            let raw = f.u32().ok_or_else(|| bad("short"))? as usize;
+            let page = codec
+                .decompress(f.rest(), raw)
+                .map_err(|e| bad(&e.to_string()))?;
+            if xxhash_rust::xxh3::xxh3_128(&page) != hash {
+                return Err(bad("contents do not match their hash"));
+            }
+            page
+        };
+        let page = std::sync::Arc::new(page);
+        let mut cache = self.cache.lock().unwrap();
+        if cache.len() >= CACHE_PAGES {
+            cache.clear();
+        }
+        cache.insert(blob, page.clone());
+        Ok(page)
+    }
+
+    /// The page at `page_addr` as of checkpoint `number`; None if no checkpoint up to it
+    /// recorded that page.
+    pub fn page(&self, number: u64, page_addr: u64) -> Result<Option<std::sync::Arc<Vec<u8>>>> {
+        let idx = self.index_of(number)? as u32;
+        let Some(entries) = self.pages.get(&page_addr) else {
+            return Ok(None);
+        };
+        let i = entries.partition_point(|(at, _)| *at <= idx);
+        if i == 0 {
+            return Ok(None);
+        }
+        self.blob(entries[i - 1].1, number).map(Some)
+    }
+
+    /// Reads `buf.len()` bytes at `addr` as of checkpoint `number`; returns how many leading
+    /// bytes were recorded (reading stops at the first page no checkpoint recorded).
+    pub fn read(&self, number: u64, addr: u64, buf: &mut [u8]) -> Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            let a = addr + done as u64;
+            let page = a & !(PAGE as u64 - 1);
+            let off = (a - page) as usize;
+            let n = (PAGE - off).min(buf.len() - done);
+            match self.page(number, page)? {
+                Some(p) => buf[done..done + n].copy_from_slice(&p[off..off + n]),
+                None => break,
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+
+    /// Checkpoints at which any of the `len` bytes at `addr` differ from the checkpoint before
+    /// (a page appearing after the first checkpoint counts), oldest first. Only checkpoints
+    /// whose delta wrote one of those pages are compared.
+    pub fn when(&self, addr: u64, len: u64) -> Result<Vec<u64>> {
+        let mut hits: Vec<u32> = Vec::new();
+        let end = addr.saturating_add(len);
+        let mut page = addr & !(PAGE as u64 - 1);
+        while page < end {
+            let lo = addr.max(page) - page;
+            let hi = end.min(page + PAGE as u64) - page;
+            if let Some(entries) = self.pages.get(&page) {
+                let mut prev: Option<(u64, std::sync::Arc<Vec<u8>>)> = None;
+                for &(idx, blob) in entries {
+                    let number = self.checkpoints[idx as usize].number;
+                    match &prev {
+                        Some((b, _)) if *b == blob => continue,
+                        _ => {}
+                    }
+                    let now = self.blob(blob, number)?;
+                    let changed = match &prev {
+                        None => idx > 0,
+                        Some((_, before)) => {
+                            before[lo as usize..hi as usize] != now[lo as usize..hi as usize]
+                        }
+                    };
+                    if changed {
+                        hits.push(idx);
+                    }
+                    prev = Some((blob, now));
+                }
+            }
+            page += PAGE as u64;
+        }
+        hits.sort_unstable();
+        hits.dedup();
+        Ok(hits
+            .into_iter()
+            .map(|i| self.checkpoints[i as usize].number)
+            .collect())
+    }
+
+    /// The summary `cowctl recording info` prints.
+    pub fn info(&self) -> Info {
+        let span = match (self.checkpoints.first(), self.checkpoints.last()) {
+            (Some(a), Some(b)) => (b.time_ns - a.time_ns) as f64 / 1e9,
+            _ => 0.0,
+        };
+        let last = self.checkpoints.last();
+        Info {
+            exe: self.meta.exe.clone(),
+            argv: self.meta.argv.clone(),
+            backend: self.meta.backend.clone(),
+            codec: self.meta.codec,
+            checkpoints: self.checkpoints.len() as u64,
+            span_s: span,
+            last_reason: last.map(|e| e.reason),
+            last_signal: last.filter(|e| e.reason == Reason::Crash).map(|e| e.signal),
+            page_images: self.page_images,
+            unique_pages: self.unique_pages,
+            addresses: self.pages.len() as u64,
+            bytes_on_disk: self.log_len,
+            dedup_ratio: if self.unique_pages == 0 {
+                0.0
+            } else {
+                self.page_images as f64 / self.unique_pages as f64
+            },
+            compress_ratio: if self.blob_bytes == 0 {
+                0.0
+            } else {
+                (self.unique_pages * PAGE as u64) as f64 / self.blob_bytes as f64
+            },
+            torn_tail_bytes: self.log_len - self.valid_len,
+        }
+    }
+}
