@@ -1,13 +1,18 @@
 //! cowctl — Delorean's command line. A thin binary over libcow: parsing, output and exit codes.
 
 mod bench;
+mod debug;
 mod exit;
+mod gdbserver;
 mod program;
+mod record;
+mod recording;
 mod remote;
 mod run;
 mod snapshots;
 mod speculate_bench;
 mod status;
+mod tracer;
 
 use clap::builder::PossibleValuesParser;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -193,6 +198,56 @@ enum Command {
               value_parser = PossibleValuesParser::new(["stable", "drifting", "random", "perl-kv"]))]
         workloads: Vec<String>,
     },
+    /// Record a program with frequent checkpoints (memory, every thread's registers and stack)
+    /// into a deduplicated, compressed recording for time-travel debugging.
+    #[command(
+        after_help = "Examples:\n  cowctl record --every 5 --out run1 -- ./server --port 8080\n  cowctl record --every 0.5 --backend scan -- ./a.out\n  cowctl recording info run1"
+    )]
+    Record {
+        /// Checkpoint every MS milliseconds (fractions allowed, at least 0.05).
+        #[arg(long, value_name = "MS", default_value = "10", value_parser = every_ms)]
+        every: f64,
+        /// The recording directory (must not exist yet).
+        #[arg(long, value_name = "DIR", default_value = "recording")]
+        out: std::path::PathBuf,
+        /// How memory is captured: kmod (heap and globals in cow.ko, the rest scanned), scan
+        /// (all writable memory read and hashed at each checkpoint: no module needed), auto.
+        #[arg(long, default_value = "auto", value_parser = PossibleValuesParser::new(["kmod", "scan", "auto"]))]
+        backend: String,
+        /// Page compression.
+        #[arg(long, default_value = "zstd", value_parser = PossibleValuesParser::new(["zstd", "lz4", "none"]))]
+        codec: String,
+        /// The program and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        argv: Vec<String>,
+    },
+    /// Inspect a recording.
+    #[command(subcommand)]
+    Recording(RecordingCommand),
+    /// Serve a recording to gdb (GDB remote protocol): every thread's registers and memory as
+    /// of a checkpoint; `monitor goto N` moves in time. Over stdin/stdout unless --listen.
+    #[command(
+        after_help = "Examples:\n  gdb -ex 'target remote | cowctl gdbserver run1' ./prog\n  cowctl gdbserver run1 --listen 127.0.0.1:2345"
+    )]
+    Gdbserver {
+        /// The recording directory.
+        dir: std::path::PathBuf,
+        /// Listen on HOST:PORT for one gdb instead of speaking on stdin/stdout.
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+    },
+    /// Open Debian's gdb on a recording, with the `delorean` commands loaded (goto, next, prev,
+    /// present, list, search, when, for). GDB ARGS pass through (`-batch -ex …` scripts it).
+    #[command(
+        after_help = "Examples:\n  cowctl debug run1\n  cowctl debug run1 -batch -ex 'delorean search list.head->magic != 0x5eed' -ex bt"
+    )]
+    Debug {
+        /// The recording directory.
+        dir: std::path::PathBuf,
+        /// Arguments for gdb.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        gdb_args: Vec<String>,
+    },
     /// Print a shell completion script for cowctl.
     #[command(
         after_help = "Examples:\n  cowctl completions bash > ~/.local/share/bash-completion/completions/cowctl\n  cowctl completions zsh > ~/.zfunc/_cowctl"
@@ -215,6 +270,72 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `cowctl recording …`.
+#[derive(Subcommand)]
+enum RecordingCommand {
+    /// Checkpoints, time span, pages, dedup and compression ratios, a torn tail if any.
+    #[command(after_help = "Example:\n  cowctl recording info run1 --json")]
+    Info {
+        /// The recording directory.
+        dir: std::path::PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Memory as of a checkpoint (hexdump, or raw bytes with --raw).
+    #[command(after_help = "Example:\n  cowctl recording read run1 --at 42 0x5555555580a0 64")]
+    Read {
+        /// The recording directory.
+        dir: std::path::PathBuf,
+        /// The checkpoint.
+        #[arg(long, value_name = "N")]
+        at: u64,
+        /// Address (0x… hex or decimal).
+        #[arg(value_parser = parse_u64)]
+        addr: u64,
+        /// Bytes.
+        #[arg(value_parser = parse_u64)]
+        len: u64,
+        /// Write the bytes themselves to stdout.
+        #[arg(long)]
+        raw: bool,
+    },
+    /// The checkpoints at which any of LEN bytes at ADDR changed, from the page index.
+    #[command(after_help = "Example:\n  cowctl recording when run1 0x5555555580a0 8")]
+    When {
+        /// The recording directory.
+        dir: std::path::PathBuf,
+        /// Address (0x… hex or decimal).
+        #[arg(value_parser = parse_u64)]
+        addr: u64,
+        /// Bytes.
+        #[arg(value_parser = parse_u64)]
+        len: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// An address or length: `0x…` hex or decimal.
+fn parse_u64(s: &str) -> Result<u64, String> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).map_err(|e| e.to_string()),
+        None => s
+            .parse()
+            .map_err(|e: std::num::ParseIntError| e.to_string()),
+    }
+}
+
+/// `--every` of `cowctl record`: milliseconds, at least 0.05.
+fn every_ms(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(ms) if ms >= 0.05 && ms.is_finite() => Ok(ms),
+        Ok(_) => Err("must be at least 0.05 ms".into()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// `--speculate=all` or one policy (none and oracle are always measured for comparison).
@@ -285,6 +406,45 @@ fn main() -> ExitCode {
             json,
         } => snapshots::diff(pid, id1, id2, json),
         Command::Drop { pid, id } => snapshots::drop(pid, id),
+        Command::Record {
+            every,
+            out,
+            backend,
+            codec,
+            argv,
+        } => {
+            return match recording::record(every, out, &backend, &codec, &argv) {
+                Ok(code) => ExitCode::from(code),
+                Err(err) => {
+                    eprintln!("cowctl: {err:#}");
+                    ExitCode::from(exit::code_for(&err))
+                }
+            }
+        }
+        Command::Recording(RecordingCommand::Info { dir, json }) => recording::info(&dir, json),
+        Command::Gdbserver { dir, listen } => gdbserver::serve(&dir, listen.as_deref()),
+        Command::Debug { dir, gdb_args } => {
+            return match debug::run(&dir, &gdb_args) {
+                Ok(code) => ExitCode::from(code),
+                Err(err) => {
+                    eprintln!("cowctl: {err:#}");
+                    ExitCode::from(exit::code_for(&err))
+                }
+            }
+        }
+        Command::Recording(RecordingCommand::Read {
+            dir,
+            at,
+            addr,
+            len,
+            raw,
+        }) => recording::read(&dir, at, addr, len, raw),
+        Command::Recording(RecordingCommand::When {
+            dir,
+            addr,
+            len,
+            json,
+        }) => recording::when(&dir, addr, len, json),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut cli_command(), "cowctl", &mut std::io::stdout());
             Ok(())

@@ -49,7 +49,12 @@ fn thread(tid: u32, seed: u64) -> ThreadState {
 
 /// Writes `n` checkpoints of random writes over 32 pages; returns the model: memory after
 /// each checkpoint (page → contents).
-fn write_random(dir: &PathBuf, codec: Codec, n: usize, seed: u64) -> Vec<HashMap<u64, Vec<u8>>> {
+fn write_random(
+    dir: &std::path::Path,
+    codec: Codec,
+    n: usize,
+    seed: u64,
+) -> Vec<HashMap<u64, Vec<u8>>> {
     let mut rng = Rng(seed);
     let mut w = Writer::create(dir, &meta(codec)).unwrap();
     let mut mem: HashMap<u64, Vec<u8>> = HashMap::new();

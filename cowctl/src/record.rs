@@ -1,0 +1,478 @@
+//! `cowctl record -- PROG ARGS…`: run a program with frequent checkpoints into a recording.
+//!
+//! The program runs traced (see `tracer.rs`). At each checkpoint every thread is stopped for a
+//! consistent cut; while stopped the recorder takes their registers, the used part of every
+//! stack and the writable private memory outside cow.ko (hashed: only changed pages go to the
+//! store), and, with cow.ko, a kernel snapshot of the covered memory. The threads then resume,
+//! and a store thread reads the covered pages written since the previous checkpoint *as of the
+//! snapshot* (`COW_IOC_READ`), stores them and drops the previous snapshot — so the program
+//! never waits for compression. The recorder holds its own descriptor of the program's space,
+//! so what the kernel keeps for a pending checkpoint survives the program's crash.
+
+use crate::tracer::{Event, Tracee};
+use anyhow::{Context, Result};
+use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use store::{Codec, Meta, NewCheckpoint, Reason, Writer, PAGE};
+
+/// How to record.
+pub struct Options {
+    /// Checkpoint interval.
+    pub every: std::time::Duration,
+    /// The recording directory.
+    pub out: PathBuf,
+    /// Page codec.
+    pub codec: Codec,
+    /// Cover the heap and globals with cow.ko (the preload) or scan all writable memory.
+    pub kmod: bool,
+}
+
+/// What a recording run ended with.
+pub struct Outcome {
+    /// The program's exit code (128 + signal if killed).
+    pub code: i32,
+    /// What the writer stored.
+    pub stats: store::WriterStats,
+}
+
+/// One line of `/proc/PID/maps`.
+#[derive(Clone, Debug)]
+pub(crate) struct Mapping {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) perms: String,
+    pub(crate) offset: u64,
+    pub(crate) path: String,
+}
+
+pub(crate) fn parse_maps(text: &str) -> Vec<Mapping> {
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let (range, perms, offset) = (it.next()?, it.next()?, it.next()?);
+            let _dev = it.next()?;
+            let _inode = it.next()?;
+            let path = it.collect::<Vec<_>>().join(" ");
+            let (s, e) = range.split_once('-')?;
+            Some(Mapping {
+                start: u64::from_str_radix(s, 16).ok()?,
+                end: u64::from_str_radix(e, 16).ok()?,
+                perms: perms.into(),
+                offset: u64::from_str_radix(offset, 16).ok()?,
+                path,
+            })
+        })
+        .collect()
+}
+
+/// Space offsets inside a file offset of `/dev/cow` (the rest is the space's base).
+const SPACE_OFFSET_MASK: u64 = (1 << 44) - 1;
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Reads `len` bytes at `addr` of process `pid`; returns how many could be read.
+fn read_remote(pid: i32, addr: u64, buf: &mut [u8]) -> usize {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: reading into our own buffer from a process we trace.
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    n.max(0) as usize
+}
+
+/// Work for the store thread: one checkpoint.
+struct Job {
+    time_ns: u64,
+    reason: Reason,
+    signal: u32,
+    threads: Vec<store::ThreadState>,
+    /// Pages captured while the threads were stopped.
+    pages: Vec<(u64, Vec<u8>)>,
+    maps: Option<String>,
+    /// The program's auxiliary vector (read once it runs: after exec).
+    auxv: Vec<u8>,
+    /// With cow.ko: the space, the snapshot of this checkpoint, and the /dev/cow mappings then.
+    space: Option<Arc<cow::Cow>>,
+    snapshot: Option<u64>,
+    cow_maps: Vec<Mapping>,
+}
+
+/// The recorder's state between checkpoints.
+struct Recorder {
+    pid: i32,
+    kmod: bool,
+    space: Option<Arc<cow::Cow>>,
+    /// Hash of each uncovered page at the last checkpoint.
+    hashes: HashMap<u64, u64>,
+    /// Read-only private mappings captured already.
+    seen_readonly: HashSet<(u64, u64, String)>,
+    last_maps: String,
+    jobs: mpsc::SyncSender<Job>,
+}
+
+impl Recorder {
+    /// Captures a checkpoint with every thread stopped, and hands it to the store thread.
+    fn checkpoint(&mut self, tracee: &Tracee, reason: Reason, signal: u32) -> Result<()> {
+        let time_ns = monotonic_ns();
+        let threads = tracee.registers();
+        let maps_text = std::fs::read_to_string(format!("/proc/{}/maps", self.pid))?;
+        let maps = parse_maps(&maps_text);
+        if self.kmod && self.space.is_none() {
+            self.space = crate::remote::attach(self.pid).ok().map(Arc::new);
+        }
+        let snapshot = match &self.space {
+            Some(space) => Some(space.snapshot().context("cow.ko snapshot")?),
+            None => None,
+        };
+        let stack_tops: Vec<u64> = threads
+            .iter()
+            .map(|t| t.regs[store::reg::RSP].saturating_sub(128) & !(PAGE as u64 - 1))
+            .collect();
+        let mut pages = Vec::new();
+        let mut buf = vec![0u8; 1 << 20];
+        for m in &maps {
+            // Private data: writable mappings at every checkpoint; read-only, non-code ones
+            // (RELRO, where the loader wrote relocations and DT_DEBUG before protecting them)
+            // once, when they appear.
+            let private = m.perms.starts_with('r') && m.perms.ends_with('p');
+            let writable = m.perms.as_bytes().get(1) == Some(&b'w');
+            let code = m.perms.as_bytes().get(2) == Some(&b'x');
+            if !private || code || m.path == "[vvar]" || m.path == "[vsyscall]" {
+                continue;
+            }
+            if !writable && !self.seen_readonly.insert((m.start, m.end, m.path.clone())) {
+                continue;
+            }
+            // A stack: only its used part (above the stack pointer and its red zone).
+            let start = stack_tops
+                .iter()
+                .filter(|&&top| top >= m.start && top < m.end)
+                .min()
+                .copied()
+                .unwrap_or(m.start);
+            let mut at = start;
+            while at < m.end {
+                let n = ((m.end - at) as usize).min(buf.len());
+                let got = read_remote(self.pid, at, &mut buf[..n]);
+                for (i, page) in buf[..got].chunks(PAGE).enumerate() {
+                    let addr = at + (i * PAGE) as u64;
+                    let h = xxhash_rust::xxh3::xxh3_64(page);
+                    if self.hashes.insert(addr, h) != Some(h) {
+                        pages.push((addr, page.to_vec()));
+                    }
+                }
+                if got < n {
+                    break; // an unreadable hole (PROT_NONE guard inside a mapping)
+                }
+                at += n as u64;
+            }
+        }
+        let maps_changed = maps_text != self.last_maps;
+        if maps_changed {
+            self.last_maps = maps_text.clone();
+        }
+        let cow_maps = maps
+            .into_iter()
+            .filter(|m| m.path == cow::COW_DEVICE_PATH)
+            .collect();
+        self.jobs
+            .send(Job {
+                time_ns,
+                reason,
+                signal,
+                threads,
+                pages,
+                maps: maps_changed.then_some(maps_text),
+                auxv: std::fs::read(format!("/proc/{}/auxv", self.pid)).unwrap_or_default(),
+                space: self.space.clone(),
+                snapshot,
+                cow_maps,
+            })
+            .context("the store thread stopped")?;
+        Ok(())
+    }
+}
+
+/// Pages of `m` present in `pid`'s page table (`/proc/PID/pagemap`), as addresses.
+fn present_pages(pid: i32, m: &Mapping) -> Vec<u64> {
+    use std::os::unix::fs::FileExt;
+    let Ok(f) = std::fs::File::open(format!("/proc/{pid}/pagemap")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let pages = (m.end - m.start) / PAGE as u64;
+    let mut buf = vec![0u8; 8 * 65536];
+    let mut done = 0u64;
+    while done < pages {
+        let n = (pages - done).min(65536);
+        let off = (m.start / PAGE as u64 + done) * 8;
+        if f.read_exact_at(&mut buf[..n as usize * 8], off).is_err() {
+            break;
+        }
+        for i in 0..n as usize {
+            let e = u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().unwrap());
+            if e & (1 << 63) != 0 {
+                out.push(m.start + (done + i as u64) * PAGE as u64);
+            }
+        }
+        done += n;
+    }
+    out
+}
+
+/// The store thread: covered pages of each snapshot, then the checkpoint record.
+fn store_loop(
+    pid: i32,
+    out: PathBuf,
+    meta: Meta,
+    jobs: mpsc::Receiver<Job>,
+) -> Result<Option<Writer>> {
+    let mut writer: Option<Writer> = None;
+    let mut prev: Option<u64> = None;
+    let mut seen: HashSet<u64> = HashSet::new();
+    let mut page = vec![0u8; PAGE];
+    for job in jobs {
+        let mut pages = job.pages;
+        if let (Some(snap), Some(space)) = (job.snapshot, &job.space) {
+            // Covered pages that may have changed: written since the previous snapshot, and
+            // every present page of a mapping not seen before.
+            let mut addrs: Vec<u64> = Vec::new();
+            let dirty = prev.map(|p| space.dirty_since(p));
+            match dirty {
+                Some(Ok(idx)) => {
+                    for i in idx {
+                        let off = i * PAGE as u64;
+                        for m in &job.cow_maps {
+                            let base = m.offset & SPACE_OFFSET_MASK;
+                            if off >= base && off < base + (m.end - m.start) {
+                                addrs.push(m.start + off - base);
+                            }
+                        }
+                    }
+                }
+                // No previous snapshot (or the program's own restore discarded it): all.
+                _ => seen.clear(),
+            }
+            for m in &job.cow_maps {
+                if seen.insert(m.start) {
+                    addrs.extend(present_pages(pid, m));
+                }
+            }
+            addrs.sort_unstable();
+            addrs.dedup();
+            for addr in addrs {
+                let Some(m) = job
+                    .cow_maps
+                    .iter()
+                    .find(|m| addr >= m.start && addr < m.end)
+                else {
+                    continue;
+                };
+                let off = (m.offset & SPACE_OFFSET_MASK) + addr - m.start;
+                if space.read(snap, off, &mut page).is_ok() {
+                    pages.push((addr, page.clone()));
+                }
+            }
+            if let Some(p) = prev {
+                let _ = space.drop_snapshot(p);
+            }
+            prev = Some(snap);
+        }
+        let refs: Vec<(u64, &[u8])> = pages.iter().map(|(a, p)| (*a, p.as_slice())).collect();
+        if writer.is_none() {
+            // Created at the first checkpoint, when the program's auxv is its own.
+            let meta = Meta {
+                auxv: job.auxv.clone(),
+                ..meta.clone()
+            };
+            writer = Some(Writer::create(&out, &meta)?);
+        }
+        let w = writer.as_mut().expect("created above");
+        w.checkpoint(&NewCheckpoint {
+            time_ns: job.time_ns,
+            reason: job.reason,
+            signal: job.signal,
+            threads: &job.threads,
+            pages: &refs,
+            maps: job.maps.as_deref(),
+        })?;
+    }
+    Ok(writer)
+}
+
+fn cstring(s: impl AsRef<std::ffi::OsStr>) -> Result<CString> {
+    Ok(CString::new(s.as_ref().as_encoded_bytes())?)
+}
+
+/// Records `argv` (environment: ours plus `env`) into `opts.out`.
+pub fn record(opts: &Options, argv: &[String], env: &[(String, String)]) -> Result<Outcome> {
+    let exe = crate::program::resolve(argv[0].as_ref())
+        .with_context(|| format!("{}: command not found", argv[0]))?;
+    let exe = std::fs::canonicalize(&exe).unwrap_or(exe);
+    let mut vars: HashMap<std::ffi::OsString, std::ffi::OsString> = std::env::vars_os().collect();
+    for (k, v) in env {
+        vars.insert(k.into(), v.into());
+    }
+    let envp: Vec<CString> = vars
+        .iter()
+        .map(|(k, v)| {
+            let mut s = k.clone();
+            s.push("=");
+            s.push(v);
+            cstring(s)
+        })
+        .collect::<Result<_>>()?;
+    let args: Vec<CString> = argv.iter().map(cstring).collect::<Result<_>>()?;
+    let mut writer_meta = Meta {
+        exe: exe.display().to_string(),
+        argv: argv.to_vec(),
+        backend: if opts.kmod { "kmod" } else { "scan" }.into(),
+        codec: opts.codec,
+        ..Meta::default()
+    };
+    if opts.out.join(store::LOG_FILE).exists() {
+        anyhow::bail!("{} holds a recording already", opts.out.display());
+    }
+    let mut tracee = Tracee::spawn(&cstring(&exe)?, &args, &envp)?;
+    writer_meta.pid = tracee.pid;
+    // Checkpoints queue for the store thread; a full queue makes the recorder (not the
+    // program) wait, and stays below cow.ko's window of 64 snapshots.
+    let (tx, rx) = mpsc::sync_channel::<Job>(16);
+    let pid = tracee.pid;
+    let out = opts.out.clone();
+    let store = std::thread::spawn(move || store_loop(pid, out, writer_meta, rx));
+    let mut rec = Recorder {
+        pid,
+        kmod: opts.kmod,
+        space: None,
+        hashes: HashMap::new(),
+        seen_readonly: HashSet::new(),
+        last_maps: String::new(),
+        jobs: tx,
+    };
+
+    let code = run_loop(&mut tracee, &mut rec, opts.every);
+    drop(rec);
+    let writer = store
+        .join()
+        .map_err(|_| anyhow::anyhow!("the store thread panicked"))?
+        .with_context(|| format!("cannot write the recording {}", opts.out.display()))?;
+    Ok(Outcome {
+        code: code?,
+        stats: writer.map(|w| w.stats()).unwrap_or_default(),
+    })
+}
+
+/// Waits for the program's events and the checkpoint timer until the program is gone.
+fn run_loop(tracee: &mut Tracee, rec: &mut Recorder, every: std::time::Duration) -> Result<i32> {
+    // SIGCHLD (a tracee stopped or exited) is read from a descriptor, next to the timer.
+    // SAFETY: building a signal set and a signalfd we own; the signal is blocked in this thread
+    // (the traced program unblocks it before exec).
+    let sfd = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+    };
+    anyhow::ensure!(sfd >= 0, "signalfd: {}", std::io::Error::last_os_error());
+    // SAFETY: creating a timer descriptor we own.
+    let tfd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC) };
+    anyhow::ensure!(
+        tfd >= 0,
+        "timerfd_create: {}",
+        std::io::Error::last_os_error()
+    );
+    let interval = libc::timespec {
+        tv_sec: every.as_secs() as i64,
+        tv_nsec: every.subsec_nanos() as i64,
+    };
+    let spec = libc::itimerspec {
+        it_interval: interval,
+        it_value: interval,
+    };
+    // SAFETY: arming our timer.
+    unsafe { libc::timerfd_settime(tfd, 0, &spec, std::ptr::null_mut()) };
+    let mut first = true;
+    let result = loop {
+        // Events first (non-blocking), then wait for the timer or the next child event.
+        match tracee.wait(false)? {
+            Some(Event::Exited(code)) => break Ok(code),
+            Some(Event::Crash { sig, .. }) => {
+                if let Some(Event::Exited(code)) = tracee.stop_all()? {
+                    break Ok(code);
+                }
+                rec.checkpoint(tracee, Reason::Crash, sig as u32)?;
+                tracee.resume_all();
+                continue;
+            }
+            Some(Event::Exiting) => {
+                if let Some(Event::Exited(code)) = tracee.stop_all()? {
+                    break Ok(code);
+                }
+                rec.checkpoint(tracee, Reason::Exit, 0)?;
+                tracee.resume_all();
+                continue;
+            }
+            None => {}
+        }
+        let mut pfd = [
+            libc::pollfd {
+                fd: tfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: polling our own descriptors. A SIGCHLD that arrived before the signalfd
+        // existed is caught by the periodic wake-up (at most 100 ms late).
+        unsafe { libc::poll(pfd.as_mut_ptr(), 2, 100) };
+        if pfd[1].revents != 0 {
+            let mut info = [0u8; 128];
+            // SAFETY: draining signalfd records into a buffer of their size.
+            while unsafe { libc::read(sfd, info.as_mut_ptr().cast(), 128) } > 0 {}
+        }
+        if pfd[0].revents != 0 {
+            let mut ticks = 0u64;
+            // SAFETY: reading the 8-byte expiration count.
+            unsafe { libc::read(tfd, (&mut ticks as *mut u64).cast(), 8) };
+            if let Some(Event::Exited(code)) = tracee.stop_all()? {
+                break Ok(code);
+            }
+            let reason = if first {
+                Reason::Start
+            } else {
+                Reason::Interval
+            };
+            rec.checkpoint(tracee, reason, 0)?;
+            first = false;
+            tracee.resume_all();
+        }
+    };
+    // SAFETY: closing our descriptors.
+    unsafe {
+        libc::close(tfd);
+        libc::close(sfd);
+    }
+    result
+}

@@ -1,0 +1,145 @@
+//! `cowctl record` and `cowctl recording info|read|when`: the command-line side of recordings.
+
+use anyhow::{Context, Result};
+use std::io::Write;
+use std::path::Path;
+
+/// `cowctl record`: returns the program's exit code.
+pub fn record(
+    every_ms: f64,
+    out: std::path::PathBuf,
+    backend: &str,
+    codec: &str,
+    argv: &[String],
+) -> Result<u8> {
+    let kmod = match backend {
+        "kmod" => {
+            drop(cow::Cow::open()?);
+            true
+        }
+        "auto" => cow::Cow::open().is_ok(),
+        _ => false,
+    };
+    let mut env = Vec::new();
+    if kmod {
+        let preload = crate::run::preload_path()?;
+        let mut v = preload.into_os_string();
+        if let Some(old) = std::env::var_os("LD_PRELOAD") {
+            v.push(":");
+            v.push(old);
+        }
+        env.push(("LD_PRELOAD".to_string(), v.to_string_lossy().into_owned()));
+    }
+    let opts = crate::record::Options {
+        every: std::time::Duration::from_secs_f64(every_ms / 1000.0),
+        out: out.clone(),
+        codec: codec.parse().map_err(anyhow::Error::msg)?,
+        kmod,
+    };
+    let outcome = crate::record::record(&opts, argv, &env)?;
+    let s = outcome.stats;
+    eprintln!(
+        "cowctl record: {} checkpoints in {} ({}), {} page images, {} unique, {:.1} MiB on disk",
+        s.checkpoints,
+        out.display(),
+        if kmod { "kmod" } else { "scan" },
+        s.pages,
+        s.unique_pages,
+        s.log_bytes as f64 / 1048576.0
+    );
+    Ok(outcome.code.clamp(0, 255) as u8)
+}
+
+fn open(dir: &Path) -> Result<store::Recording> {
+    store::Recording::open(dir)
+        .with_context(|| format!("cannot open the recording {}", dir.display()))
+}
+
+/// `cowctl recording info DIR`.
+pub fn info(dir: &Path, json: bool) -> Result<()> {
+    let info = open(dir)?.info();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    println!("program          {} ({})", info.exe, info.argv.join(" "));
+    println!("backend, codec   {}, {}", info.backend, info.codec.name());
+    println!(
+        "checkpoints      {} over {:.3} s",
+        info.checkpoints, info.span_s
+    );
+    if let Some(r) = info.last_reason {
+        match info.last_signal {
+            Some(sig) => println!("last             {r:?} (signal {sig})"),
+            None => println!("last             {r:?}"),
+        }
+    }
+    println!(
+        "pages            {} images of {} addresses, {} stored",
+        info.page_images, info.addresses, info.unique_pages
+    );
+    println!(
+        "on disk          {:.1} MiB (dedup {:.1}x, compression {:.1}x)",
+        info.bytes_on_disk as f64 / 1048576.0,
+        info.dedup_ratio,
+        info.compress_ratio
+    );
+    if info.torn_tail_bytes > 0 {
+        println!(
+            "torn tail        {} bytes after the last complete checkpoint (the recorder was killed); ignored",
+            info.torn_tail_bytes
+        );
+    }
+    Ok(())
+}
+
+/// `cowctl recording read DIR --at N ADDR LEN`.
+pub fn read(dir: &Path, at: u64, addr: u64, len: u64, raw: bool) -> Result<()> {
+    let r = open(dir)?;
+    let mut buf = vec![0u8; len as usize];
+    let got = r.read(at, addr, &mut buf)?;
+    if got < buf.len() {
+        anyhow::bail!(
+            "{:#x} is not recorded memory at checkpoint {at} ({got} of {len} bytes are)",
+            addr + got as u64
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    if raw {
+        out.write_all(&buf)?;
+        return Ok(());
+    }
+    for (i, line) in buf.chunks(16).enumerate() {
+        let hex: Vec<String> = line.iter().map(|b| format!("{b:02x}")).collect();
+        let text: String = line
+            .iter()
+            .map(|&b| {
+                if b.is_ascii_graphic() || b == b' ' {
+                    b as char
+                } else {
+                    '.'
+                }
+            })
+            .collect();
+        writeln!(
+            out,
+            "{:016x}  {:<47}  {text}",
+            addr + 16 * i as u64,
+            hex.join(" ")
+        )?;
+    }
+    Ok(())
+}
+
+/// `cowctl recording when DIR ADDR LEN`.
+pub fn when(dir: &Path, addr: u64, len: u64, json: bool) -> Result<()> {
+    let hits = open(dir)?.when(addr, len)?;
+    if json {
+        println!("{}", serde_json::to_string(&hits)?);
+    } else {
+        for n in hits {
+            println!("{n}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! A ptrace tracer for `cowctl record`: starts a program seized (`PTRACE_SEIZE`, all its
+//! threads followed), stops every thread for a consistent cut, reads their registers, and
+//! passes every signal on unchanged.
+
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::ffi::CString;
+
+/// A thread's state as the tracer knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Running,
+    /// Stopped by us or by an event; `sig` is delivered when it resumes.
+    Stopped {
+        sig: i32,
+        group: bool,
+    },
+}
+
+/// What a wait status meant for the caller.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The process is gone: its exit code or 128 + the signal that killed it.
+    Exited(i32),
+    /// A fatal synchronous signal is about to be delivered to `tid` (it waits stopped).
+    Crash { tid: i32, sig: i32 },
+    /// The process's main thread is exiting (it waits stopped, memory intact).
+    Exiting,
+}
+
+/// A traced process.
+pub struct Tracee {
+    /// The process id.
+    pub pid: i32,
+    threads: BTreeMap<i32, State>,
+    stopping: bool,
+}
+
+fn ptrace(req: libc::c_uint, tid: i32, addr: usize, data: usize) -> std::io::Result<libc::c_long> {
+    // SAFETY: the requests used here take integers or pointers to buffers we own.
+    let r = unsafe { libc::ptrace(req, tid, addr, data) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+const OPTIONS: usize =
+    (libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_EXITKILL) as usize;
+
+/// Signals after which the program cannot go on: the recorder checkpoints the faulting state.
+fn is_fatal(sig: i32) -> bool {
+    matches!(
+        sig,
+        libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE | libc::SIGABRT | libc::SIGSYS
+    )
+}
+
+impl Tracee {
+    /// Starts `path` with `argv` and `envp`, traced from its first instruction.
+    pub fn spawn(path: &CString, argv: &[CString], envp: &[CString]) -> Result<Self> {
+        let mut args: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        args.push(std::ptr::null());
+        let mut env: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
+        env.push(std::ptr::null());
+        // SAFETY: fork in a process whose other threads hold no lock the child needs: the child
+        // only raises a signal and execs (both async-signal-safe) with memory prepared above.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            bail!("fork: {}", std::io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: async-signal-safe calls only; on exec failure exit at once.
+            unsafe {
+                let mut none: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut none);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+                libc::raise(libc::SIGSTOP);
+                libc::execve(path.as_ptr(), args.as_ptr(), env.as_ptr());
+                libc::_exit(127);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) } != pid
+            || !libc::WIFSTOPPED(status)
+        {
+            bail!("the child did not stop before exec");
+        }
+        ptrace(libc::PTRACE_SEIZE, pid, 0, OPTIONS).context("PTRACE_SEIZE")?;
+        // SAFETY: continuing our own stopped child.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        let mut threads = BTreeMap::new();
+        threads.insert(pid, State::Running);
+        Ok(Tracee {
+            pid,
+            threads,
+            stopping: false,
+        })
+    }
+
+    fn cont(&mut self, tid: i32, sig: i32) {
+        if ptrace(libc::PTRACE_CONT, tid, 0, sig as usize).is_ok() {
+            self.threads.insert(tid, State::Running);
+        }
+    }
+
+    /// Waits for the next status of any thread (`block`: until there is one).
+    pub fn wait(&mut self, block: bool) -> Result<Option<Event>> {
+        loop {
+            let mut status = 0;
+            let flags = libc::__WALL | if block { 0 } else { libc::WNOHANG };
+            // SAFETY: waiting for our tracees.
+            let tid = unsafe { libc::waitpid(-1, &mut status, flags) };
+            if tid == 0 {
+                return Ok(None);
+            }
+            if tid < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                if e.raw_os_error() == Some(libc::ECHILD) {
+                    return Ok(Some(Event::Exited(0)));
+                }
+                return Err(e.into());
+            }
+            if let Some(ev) = self.handle(tid, status)? {
+                return Ok(Some(ev));
+            }
+            if !block {
+                continue;
+            }
+            return Ok(None);
+        }
+    }
+
+    fn handle(&mut self, tid: i32, status: i32) -> Result<Option<Event>> {
+        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            self.threads.remove(&tid);
+            if tid == self.pid {
+                let code = if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    128 + libc::WTERMSIG(status)
+                };
+                return Ok(Some(Event::Exited(code)));
+            }
+            return Ok(None);
+        }
+        if !libc::WIFSTOPPED(status) {
+            return Ok(None);
+        }
+        let sig = libc::WSTOPSIG(status);
+        let event = (status >> 16) & 0xff;
+        match event {
+            libc::PTRACE_EVENT_STOP => {
+                let group = matches!(
+                    sig,
+                    libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+                );
+                if self.stopping {
+                    self.threads.insert(tid, State::Stopped { sig: 0, group });
+                } else if group {
+                    // A job-control stop: the thread sleeps until SIGCONT (PTRACE_LISTEN).
+                    let _ = ptrace(libc::PTRACE_LISTEN, tid, 0, 0);
+                    self.threads.insert(tid, State::Running);
+                } else {
+                    self.cont(tid, 0); // a new thread's first stop
+                }
+            }
+            libc::PTRACE_EVENT_CLONE => {
+                let mut new = 0usize;
+                let _ = ptrace(
+                    libc::PTRACE_GETEVENTMSG,
+                    tid,
+                    0,
+                    &mut new as *mut usize as usize,
+                );
+                // Its own first stop follows; until then it counts as running.
+                self.threads.entry(new as i32).or_insert(State::Running);
+                if self.stopping {
+                    self.threads.insert(
+                        tid,
+                        State::Stopped {
+                            sig: 0,
+                            group: false,
+                        },
+                    );
+                } else {
+                    self.cont(tid, 0);
+                }
+            }
+            libc::PTRACE_EVENT_EXIT => {
+                self.threads.insert(
+                    tid,
+                    State::Stopped {
+                        sig: 0,
+                        group: false,
+                    },
+                );
+                if tid == self.pid {
+                    return Ok(Some(Event::Exiting));
+                }
+                if !self.stopping {
+                    self.cont(tid, 0);
+                }
+            }
+            0 => {
+                // Signal-delivery stop: deliver it when the thread resumes.
+                self.threads
+                    .insert(tid, State::Stopped { sig, group: false });
+                if is_fatal(sig) {
+                    return Ok(Some(Event::Crash { tid, sig }));
+                }
+                if !self.stopping {
+                    self.cont(tid, sig);
+                }
+            }
+            _ => {
+                if self.stopping {
+                    self.threads.insert(
+                        tid,
+                        State::Stopped {
+                            sig: 0,
+                            group: false,
+                        },
+                    );
+                } else {
+                    self.cont(tid, 0);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Stops every thread (a consistent cut). Returns an event that happened meanwhile (the
+    /// process exited: nothing to capture).
+    pub fn stop_all(&mut self) -> Result<Option<Event>> {
+        self.stopping = true;
+        for (&tid, &st) in self.threads.clone().iter() {
+            if st == State::Running && ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0).is_err() {
+                self.threads.remove(&tid);
+            }
+        }
+        while self.threads.values().any(|s| *s == State::Running) {
+            // A crash meanwhile is captured by this very checkpoint (the thread waits at
+            // its signal); its signal is delivered at resume_all.
+            if let Some(Event::Exited(code)) = self.wait(true)? {
+                return Ok(Some(Event::Exited(code)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Resumes every thread stopped by [`Tracee::stop_all`] or an event, delivering the signals
+    /// they were stopped with.
+    pub fn resume_all(&mut self) {
+        self.stopping = false;
+        for (tid, st) in self.threads.clone() {
+            if let State::Stopped { sig, group } = st {
+                if group {
+                    let _ = ptrace(libc::PTRACE_LISTEN, tid, 0, 0);
+                    self.threads.insert(tid, State::Running);
+                } else {
+                    self.cont(tid, sig);
+                }
+            }
+        }
+    }
+
+    /// Registers of every (stopped) thread.
+    pub fn registers(&self) -> Vec<store::ThreadState> {
+        let mut out = Vec::new();
+        for &tid in self.threads.keys() {
+            // SAFETY: plain-old-data structs the kernel fills.
+            let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+            let mut fp: libc::user_fpregs_struct = unsafe { std::mem::zeroed() };
+            if ptrace(libc::PTRACE_GETREGS, tid, 0, &mut regs as *mut _ as usize).is_err() {
+                continue;
+            }
+            let _ = ptrace(libc::PTRACE_GETFPREGS, tid, 0, &mut fp as *mut _ as usize);
+            // SAFETY: user_regs_struct is 27 u64 fields; user_fpregs_struct is 512 bytes.
+            let regs: [u64; 27] = unsafe { std::mem::transmute(regs) };
+            let fpregs = unsafe {
+                std::slice::from_raw_parts(
+                    &fp as *const _ as *const u8,
+                    std::mem::size_of::<libc::user_fpregs_struct>(),
+                )
+            }
+            .to_vec();
+            out.push(store::ThreadState {
+                tid: tid as u32,
+                regs,
+                fpregs,
+            });
+        }
+        out
+    }
+}
