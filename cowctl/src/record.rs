@@ -367,7 +367,7 @@ pub fn record(opts: &Options, argv: &[String], env: &[(String, String)]) -> Resu
         jobs: tx,
     };
 
-    let code = run_loop(&mut tracee, &mut rec, opts.every);
+    let code = run_loop(&mut tracee, &mut rec, opts.every, &exe);
     drop(rec);
     let writer = store
         .join()
@@ -380,7 +380,12 @@ pub fn record(opts: &Options, argv: &[String], env: &[(String, String)]) -> Resu
 }
 
 /// Waits for the program's events and the checkpoint timer until the program is gone.
-fn run_loop(tracee: &mut Tracee, rec: &mut Recorder, every: std::time::Duration) -> Result<i32> {
+fn run_loop(
+    tracee: &mut Tracee,
+    rec: &mut Recorder,
+    every: std::time::Duration,
+    exe: &std::path::Path,
+) -> Result<i32> {
     // SIGCHLD (a tracee stopped or exited) is read from a descriptor, next to the timer.
     // SAFETY: building a signal set and a signalfd we own; the signal is blocked in this thread
     // (the traced program unblocks it before exec).
@@ -410,28 +415,15 @@ fn run_loop(tracee: &mut Tracee, rec: &mut Recorder, every: std::time::Duration)
     // SAFETY: arming our timer.
     unsafe { libc::timerfd_settime(tfd, 0, &spec, std::ptr::null_mut()) };
     let mut first = true;
+    let mut crashed = false;
     let result = loop {
         // Events first (non-blocking), then wait for the timer or the next child event.
-        match tracee.wait(false)? {
+        let ev = tracee.wait(false)?;
+        let mut due = match ev {
             Some(Event::Exited(code)) => break Ok(code),
-            Some(Event::Crash { sig, .. }) => {
-                if let Some(Event::Exited(code)) = tracee.stop_all()? {
-                    break Ok(code);
-                }
-                rec.checkpoint(tracee, Reason::Crash, sig as u32)?;
-                tracee.resume_all();
-                continue;
-            }
-            Some(Event::Exiting) => {
-                if let Some(Event::Exited(code)) = tracee.stop_all()? {
-                    break Ok(code);
-                }
-                rec.checkpoint(tracee, Reason::Exit, 0)?;
-                tracee.resume_all();
-                continue;
-            }
-            None => {}
-        }
+            Some(Event::Crash { .. }) | Some(Event::Exiting) => true,
+            None => false,
+        };
         let mut pfd = [
             libc::pollfd {
                 fd: tfd,
@@ -456,18 +448,39 @@ fn run_loop(tracee: &mut Tracee, rec: &mut Recorder, every: std::time::Duration)
             let mut ticks = 0u64;
             // SAFETY: reading the 8-byte expiration count.
             unsafe { libc::read(tfd, (&mut ticks as *mut u64).cast(), 8) };
-            if let Some(Event::Exited(code)) = tracee.stop_all()? {
-                break Ok(code);
-            }
-            let reason = if first {
-                Reason::Start
-            } else {
-                Reason::Interval
-            };
-            rec.checkpoint(tracee, reason, 0)?;
-            first = false;
-            tracee.resume_all();
+            due = true;
         }
+        if !due {
+            continue;
+        }
+        if first
+            && std::fs::read_link(format!("/proc/{}/exe", tracee.pid)).ok()
+                != Some(exe.to_path_buf())
+        {
+            continue; // not exec'd yet: still a copy of cowctl
+        }
+        if let Some(Event::Exited(code)) = tracee.stop_all()? {
+            break Ok(code);
+        }
+        // What happened up to this cut names the checkpoint (a crash or exit seen while
+        // stopping the threads included).
+        let (reason, sig) = match (tracee.take_crash(), tracee.take_exiting()) {
+            (Some(sig), _) => {
+                crashed = true;
+                (Reason::Crash, sig as u32)
+            }
+            // Dying of a crash: the crash checkpoint is the last word.
+            (None, true) if crashed => {
+                tracee.resume_all();
+                continue;
+            }
+            (None, true) => (Reason::Exit, 0),
+            (None, false) if first => (Reason::Start, 0),
+            (None, false) => (Reason::Interval, 0),
+        };
+        rec.checkpoint(tracee, reason, sig)?;
+        first = false;
+        tracee.resume_all();
     };
     // SAFETY: closing our descriptors.
     unsafe {

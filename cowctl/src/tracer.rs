@@ -34,6 +34,10 @@ pub struct Tracee {
     pub pid: i32,
     threads: BTreeMap<i32, State>,
     stopping: bool,
+    /// A fatal signal waiting for delivery (seen in any wait), until taken.
+    crash: Option<i32>,
+    /// The main thread reported its exit (seen in any wait), until taken.
+    exiting: bool,
 }
 
 fn ptrace(req: libc::c_uint, tid: i32, addr: usize, data: usize) -> std::io::Result<libc::c_long> {
@@ -64,8 +68,14 @@ impl Tracee {
         args.push(std::ptr::null());
         let mut env: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
         env.push(std::ptr::null());
+        // The child waits on a pipe until it is seized, so it execs traced.
+        let mut gate = [0i32; 2];
+        // SAFETY: pipe2 writes two descriptors into the array.
+        if unsafe { libc::pipe2(gate.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            bail!("pipe: {}", std::io::Error::last_os_error());
+        }
         // SAFETY: fork in a process whose other threads hold no lock the child needs: the child
-        // only raises a signal and execs (both async-signal-safe) with memory prepared above.
+        // only reads a pipe and execs (both async-signal-safe) with memory prepared above.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             bail!("fork: {}", std::io::Error::last_os_error());
@@ -76,27 +86,27 @@ impl Tracee {
                 let mut none: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut none);
                 libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-                libc::raise(libc::SIGSTOP);
+                libc::close(gate[1]);
+                let mut b = 0u8;
+                while libc::read(gate[0], (&mut b as *mut u8).cast(), 1) < 0 {}
                 libc::execve(path.as_ptr(), args.as_ptr(), env.as_ptr());
                 libc::_exit(127);
             }
         }
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        if unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) } != pid
-            || !libc::WIFSTOPPED(status)
-        {
-            bail!("the child did not stop before exec");
-        }
-        ptrace(libc::PTRACE_SEIZE, pid, 0, OPTIONS).context("PTRACE_SEIZE")?;
-        // SAFETY: continuing our own stopped child.
-        unsafe { libc::kill(pid, libc::SIGCONT) };
+        // SAFETY: closing our copy of the read end.
+        unsafe { libc::close(gate[0]) };
+        let seized = ptrace(libc::PTRACE_SEIZE, pid, 0, OPTIONS).context("PTRACE_SEIZE");
+        // SAFETY: closing the write end releases the child (EOF), seized or not.
+        unsafe { libc::close(gate[1]) };
+        seized?;
         let mut threads = BTreeMap::new();
         threads.insert(pid, State::Running);
         Ok(Tracee {
             pid,
             threads,
             stopping: false,
+            crash: None,
+            exiting: false,
         })
     }
 
@@ -201,6 +211,7 @@ impl Tracee {
                     },
                 );
                 if tid == self.pid {
+                    self.exiting = true;
                     return Ok(Some(Event::Exiting));
                 }
                 if !self.stopping {
@@ -212,6 +223,7 @@ impl Tracee {
                 self.threads
                     .insert(tid, State::Stopped { sig, group: false });
                 if is_fatal(sig) {
+                    self.crash = Some(sig);
                     return Ok(Some(Event::Crash { tid, sig }));
                 }
                 if !self.stopping {
@@ -252,6 +264,16 @@ impl Tracee {
             }
         }
         Ok(None)
+    }
+
+    /// The fatal signal seen since the last call, if any (its thread waits stopped).
+    pub fn take_crash(&mut self) -> Option<i32> {
+        self.crash.take()
+    }
+
+    /// Whether the main thread reported its exit since the last call.
+    pub fn take_exiting(&mut self) -> bool {
+        std::mem::take(&mut self.exiting)
     }
 
     /// Resumes every thread stopped by [`Tracee::stop_all`] or an event, delivering the signals

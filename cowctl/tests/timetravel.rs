@@ -1,0 +1,269 @@
+//! Time-travel debugging on the host (no cow.ko: the `scan` backend), with Debian's real gdb:
+//! a program with a planted bug is recorded, and `cowctl debug -batch` must find the first
+//! checkpoint where its invariant is broken, show the stack and locals there, list exactly the
+//! checkpoints where the broken field changed, show every thread, and debug a crash post mortem.
+//! The same checks run in the guest on cow.ko (qemu-tests `timetravel::`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn cowctl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cowctl"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("delorean-tt-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Compiles the planted-bug program with debug information.
+fn buggy_list(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qemu-tests/c/buggy_list.c");
+    let exe = dir.join("buggy_list");
+    let out = Command::new("cc")
+        .args(["-g", "-O0", "-pthread", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .expect("cc runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+fn record(dir: &Path, exe: &Path, args: &[&str]) -> (Output, PathBuf) {
+    let rec = dir.join("rec");
+    let out = cowctl()
+        .args(["record", "--every", "3", "--backend", "scan", "--out"])
+        .arg(&rec)
+        .arg("--")
+        .arg(exe)
+        .args(args)
+        .output()
+        .unwrap();
+    (out, rec)
+}
+
+/// Runs gdb in batch mode on the recording; returns its stdout + stderr.
+fn debug(rec: &Path, commands: &[&str]) -> String {
+    let mut cmd = cowctl();
+    cmd.arg("debug").arg(rec).arg("-batch");
+    for c in commands {
+        cmd.args(["-ex", c]);
+    }
+    let out = cmd.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "gdb failed: {text}");
+    text
+}
+
+/// The value printed by `printf "KEY=%ld\n", …`.
+fn value(text: &str, key: &str) -> i64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The checkpoint a `delorean` command moved to ("checkpoint N at …").
+fn checkpoint_of(text: &str, nth: usize) -> u64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("checkpoint "))
+        .nth(nth)
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no checkpoint line {nth} in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+fn bug_at(stderr: &[u8]) -> i64 {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .find_map(|l| l.strip_prefix("bug at "))
+        .expect("the program says where the bug is")
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn search_finds_the_first_broken_checkpoint_and_when_lists_its_changes() {
+    let dir = scratch("search");
+    let exe = buggy_list(&dir);
+    let (out, rec) = record(&dir, &exe, &["11", "150"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bug = bug_at(&out.stderr);
+    let text = debug(
+        &rec,
+        &[
+            "delorean search list.head->magic != 0x5eed",
+            "printf \"IT=%ld\\n\", iteration",
+            "printf \"MAGIC=%ld\\n\", list.head->magic",
+            "bt",
+            "delorean prev",
+            "printf \"PREV_IT=%ld\\n\", iteration",
+            "printf \"PREV_MAGIC=%ld\\n\", list.head->magic",
+            "delorean when list.head->magic",
+            "delorean search list.head->magic != 0x5eed --linear",
+        ],
+    );
+    let found = checkpoint_of(&text, 0);
+    assert_eq!(value(&text, "MAGIC"), 0xbad, "{text}");
+    assert_eq!(value(&text, "PREV_MAGIC"), 0x5eed, "{text}");
+    // The bug happened between the two checkpoints: iteration `bug` was running at one of them.
+    assert!(value(&text, "IT") >= bug, "{text}");
+    assert!(value(&text, "PREV_IT") <= bug, "{text}");
+    assert!(
+        text.contains(" main ") || text.contains("in main"),
+        "{text}"
+    );
+    // `when` lists exactly the checkpoint where the magic changed; linear search agrees.
+    assert!(
+        text.lines().any(|l| l.trim() == found.to_string()),
+        "when did not list {found}:\n{text}"
+    );
+    assert_eq!(checkpoint_of(&text, 2), found, "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn frames_and_locals_of_the_past() {
+    let dir = scratch("frames");
+    let exe = buggy_list(&dir);
+    let (out, rec) = record(&dir, &exe, &["3", "120"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A checkpoint taken inside insert() (most are: it sleeps there), in the middle.
+    let text = debug(
+        &rec,
+        &[
+            "delorean search iteration >= 60",
+            "bt",
+            "frame function step",
+            "info locals",
+            "printf \"I=%ld VALUE=%ld\\n\", i, value",
+        ],
+    );
+    assert!(text.contains("step (i="), "{text}");
+    assert!(text.contains("main (argc="), "{text}");
+    let line = text.lines().find(|l| l.starts_with("I=")).expect(&text);
+    let i: i64 = line[2..line.find(' ').unwrap()].parse().unwrap();
+    assert!(line.ends_with(&format!("VALUE={}", i * 7 + 1)), "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn every_thread_has_its_stack_at_a_past_checkpoint() {
+    let dir = scratch("threads");
+    let exe = buggy_list(&dir);
+    let (out, rec) = record(&dir, &exe, &["5", "120", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = debug(
+        &rec,
+        &[
+            "delorean search iteration >= 50",
+            "info threads",
+            "thread apply all bt",
+        ],
+    );
+    let threads = text.lines().filter(|l| l.contains("Thread 1.")).count();
+    assert!(threads >= 3, "{text}");
+    assert_eq!(text.matches("in worker (").count(), 2, "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_crash_is_debugged_post_mortem() {
+    let dir = scratch("crash");
+    let exe = buggy_list(&dir);
+    let (out, rec) = record(&dir, &exe, &["2", "40", "1", "crash"]);
+    assert_eq!(
+        out.status.code(),
+        Some(128 + 11),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info = cowctl()
+        .args(["recording", "info", "--json"])
+        .arg(&rec)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["last_reason"], "crash", "{info}");
+    assert_eq!(info["last_signal"], 11, "{info}");
+    let text = debug(
+        &rec,
+        &["delorean present", "bt", "printf \"LEN=%ld\\n\", l->length"],
+    );
+    assert!(text.contains("crash_now (l="), "{text}");
+    assert_eq!(value(&text, "LEN"), 40, "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_killed_program_leaves_a_readable_recording() {
+    let dir = scratch("kill");
+    let exe = buggy_list(&dir);
+    let rec = dir.join("rec");
+    let mut child = cowctl()
+        .args(["record", "--every", "3", "--backend", "scan", "--out"])
+        .arg(&rec)
+        .arg("--")
+        .arg(&exe)
+        .args(["1", "5000"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    // The recorder's child is the program.
+    let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id())).unwrap();
+    let pid: i32 = kids
+        .split_whitespace()
+        .next()
+        .expect("the program runs")
+        .parse()
+        .unwrap();
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 9));
+    let info = cowctl()
+        .args(["recording", "info", "--json"])
+        .arg(&rec)
+        .output()
+        .unwrap();
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert!(info["checkpoints"].as_u64().unwrap() > 10, "{info}");
+    let text = debug(
+        &rec,
+        &["delorean present", "printf \"LEN=%ld\\n\", list.length"],
+    );
+    assert!(value(&text, "LEN") > 10, "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
