@@ -119,7 +119,7 @@ struct Recorder {
     kmod: bool,
     space: Option<Arc<cow::Cow>>,
     /// Hash of each uncovered page at the last checkpoint.
-    hashes: HashMap<u64, u64>,
+    hashes: std::collections::BTreeMap<u64, u64>,
     /// Read-only private mappings captured already.
     seen_readonly: HashSet<(u64, u64, String)>,
     last_maps: String,
@@ -166,21 +166,36 @@ impl Recorder {
                 .min()
                 .copied()
                 .unwrap_or(m.start);
-            let mut at = start;
-            while at < m.end {
-                let n = ((m.end - at) as usize).min(buf.len());
-                let got = read_remote(self.pid, at, &mut buf[..n]);
-                for (i, page) in buf[..got].chunks(PAGE).enumerate() {
-                    let addr = at + (i * PAGE) as u64;
-                    let h = xxhash_rust::xxh3::xxh3_64(page);
-                    if self.hashes.insert(addr, h) != Some(h) {
-                        pages.push((addr, page.to_vec()));
+            // Only pages present (or swapped out): a 64 GiB reservation costs nothing, and a
+            // page the program dropped (MADV_DONTNEED) reads as zero again.
+            let ranges = present_ranges(self.pid, start, m.end);
+            let gone: Vec<u64> = self
+                .hashes
+                .range(start..m.end)
+                .map(|(&a, _)| a)
+                .filter(|&a| !ranges.iter().any(|&(s, e)| a >= s && a < e))
+                .collect();
+            for a in gone {
+                self.hashes.remove(&a);
+                pages.push((a, vec![0u8; PAGE]));
+            }
+            for (lo, hi) in ranges {
+                let mut at = lo;
+                while at < hi {
+                    let n = ((hi - at) as usize).min(buf.len());
+                    let got = read_remote(self.pid, at, &mut buf[..n]);
+                    for (i, page) in buf[..got].chunks(PAGE).enumerate() {
+                        let addr = at + (i * PAGE) as u64;
+                        let h = xxhash_rust::xxh3::xxh3_64(page);
+                        if self.hashes.insert(addr, h) != Some(h) {
+                            pages.push((addr, page.to_vec()));
+                        }
                     }
+                    if got < n {
+                        break; // an unreadable hole (PROT_NONE inside a mapping)
+                    }
+                    at += n as u64;
                 }
-                if got < n {
-                    break; // an unreadable hole (PROT_NONE guard inside a mapping)
-                }
-                at += n as u64;
             }
         }
         let maps_changed = maps_text != self.last_maps;
@@ -209,31 +224,54 @@ impl Recorder {
     }
 }
 
-/// Pages of `m` present in `pid`'s page table (`/proc/PID/pagemap`), as addresses.
-fn present_pages(pid: i32, m: &Mapping) -> Vec<u64> {
-    use std::os::unix::fs::FileExt;
+/// Ranges of `[start, end)` of process `pid` whose pages are present or swapped out
+/// (`PAGEMAP_SCAN` on `/proc/PID/pagemap`); the whole range where the kernel lacks it.
+fn present_ranges(pid: i32, start: u64, end: u64) -> Vec<(u64, u64)> {
+    use cow::probe::{PageRegion, PmScanArg, PAGEMAP_SCAN, PAGE_IS_PRESENT};
+    use std::os::fd::AsRawFd;
+    const PAGE_IS_SWAPPED: u64 = 1 << 4;
     let Ok(f) = std::fs::File::open(format!("/proc/{pid}/pagemap")) else {
-        return Vec::new();
+        return vec![(start, end)];
     };
-    let mut out = Vec::new();
-    let pages = (m.end - m.start) / PAGE as u64;
-    let mut buf = vec![0u8; 8 * 65536];
-    let mut done = 0u64;
-    while done < pages {
-        let n = (pages - done).min(65536);
-        let off = (m.start / PAGE as u64 + done) * 8;
-        if f.read_exact_at(&mut buf[..n as usize * 8], off).is_err() {
-            break;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut regions = [PageRegion::default(); 512];
+    let mut at = start;
+    while at < end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            start: at,
+            end,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: regions.len() as u64,
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            ..Default::default()
+        };
+        // SAFETY: a valid pm_scan_arg whose vec points at `regions`, which outlives the call.
+        let n = unsafe { libc::ioctl(f.as_raw_fd(), PAGEMAP_SCAN as libc::c_ulong, &mut arg) };
+        if n < 0 {
+            return vec![(start, end)]; // no PAGEMAP_SCAN: read everything
         }
-        for i in 0..n as usize {
-            let e = u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().unwrap());
-            if e & (1 << 63) != 0 {
-                out.push(m.start + (done + i as u64) * PAGE as u64);
+        for r in &regions[..n as usize] {
+            match out.last_mut() {
+                Some(last) if last.1 == r.start => last.1 = r.end,
+                _ => out.push((r.start, r.end)),
             }
         }
-        done += n;
+        if arg.walk_end <= at {
+            break;
+        }
+        at = arg.walk_end;
     }
     out
+}
+
+/// Pages of `m` present in `pid`'s page table, as addresses.
+fn present_pages(pid: i32, m: &Mapping) -> Vec<u64> {
+    present_ranges(pid, m.start, m.end)
+        .into_iter()
+        .flat_map(|(s, e)| (s..e).step_by(PAGE))
+        .collect()
 }
 
 /// The store thread: covered pages of each snapshot, then the checkpoint record.
@@ -361,7 +399,7 @@ pub fn record(opts: &Options, argv: &[String], env: &[(String, String)]) -> Resu
         pid,
         kmod: opts.kmod,
         space: None,
-        hashes: HashMap::new(),
+        hashes: Default::default(),
         seen_readonly: HashSet::new(),
         last_maps: String::new(),
         jobs: tx,

@@ -1,5 +1,5 @@
 # Delorean's gdb commands: time travel over a recording served by `cowctl gdbserver`.
-# Loaded by `cowctl debug`. Every command talks to the server with `monitor …` and then makes
+# Loaded by `cowctl debug`. Every command talks to the server with `monitor ...` and then makes
 # gdb forget what it cached about the previous instant.
 import gdb
 
@@ -20,6 +20,22 @@ def _current():
     return int(_monitor("current"))
 
 
+def _select_program_frame():
+    """Selects the innermost frame in the program itself (not in libc or the preload's
+    allocator), so that expressions are evaluated in the program's language and scope."""
+    exe = gdb.current_progspace().filename
+    try:
+        f = gdb.newest_frame()
+        while f is not None:
+            sal = f.find_sal()
+            if sal.symtab is not None and sal.symtab.objfile.filename == exe:
+                f.select()
+                return
+            f = f.older()
+    except gdb.error:
+        pass
+
+
 def _refresh():
     gdb.execute("maintenance flush register-cache", to_string=True)
     gdb.execute("maintenance flush dcache", to_string=True)
@@ -28,6 +44,7 @@ def _refresh():
         gdb.execute("thread 1", to_string=True)
     except gdb.error:
         pass
+    _select_program_frame()
 
 
 def _goto(n, quiet=False):
@@ -70,7 +87,7 @@ delorean search EXPR [--linear] [A-B]
                                 the first checkpoint where EXPR is true (binary search:
                                 EXPR must stay true once it became true; --linear checks each)
 delorean when EXPR|ADDR [LEN]   checkpoints at which those bytes changed (from the page index)
-delorean for A-B [if EXPR] [do CMD[; CMD…]]
+delorean for A-B [if EXPR] [do CMD[; CMD...]]
                                 run CMDs at each checkpoint (where EXPR holds)"""
 
     def __init__(self):
@@ -180,7 +197,7 @@ class DWhen(gdb.Command):
 
 
 class DFor(gdb.Command):
-    """delorean for A-B [if EXPR] [do CMD[; CMD…]]: run commands at each checkpoint."""
+    """delorean for A-B [if EXPR] [do CMD[; CMD...]]: run commands at each checkpoint."""
 
     def __init__(self):
         super().__init__("delorean for", gdb.COMMAND_USER)

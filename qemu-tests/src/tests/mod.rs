@@ -8,6 +8,7 @@ mod preload;
 mod remote;
 pub mod snapshots;
 mod speculate;
+mod timetravel;
 
 use crate::Test;
 
@@ -22,6 +23,7 @@ pub fn all() -> Vec<Test> {
     v.extend(backends::tests());
     v.extend(speculate::tests());
     v.extend(checkpoint::tests());
+    v.extend(timetravel::tests());
     v
 }
 
