@@ -6,6 +6,7 @@ mod exit;
 mod gdbserver;
 mod program;
 mod record;
+mod record_bench;
 mod recording;
 mod remote;
 mod run;
@@ -54,6 +55,7 @@ Examples:
   cowctl restore 1234 $id       put it back (the process is stopped around the restore)
   cowctl diff 1234 1 2 --json   byte ranges that changed between snapshots 1 and 2
   cowctl bench --json           every backend side by side, memcpy as the baseline
+  cowctl bench --record --json  recording cost and goto/search/when latency per codec
   cowctl bench --speculate=all  pre-copy policies vs none vs an oracle (mprotect; cow.ko and
                                 a checkpointed perl program when the module is loaded)
   cowctl run --every 10 -- PROG checkpoint PROG every 10 ms, keep the newest 8
@@ -193,6 +195,13 @@ enum Command {
         /// program (perl, kmod).
         #[arg(long, value_parser = PossibleValuesParser::new(policy_names().chain(["all"])))]
         speculate: Option<String>,
+        /// Instead: what recording costs (checkpoints/s, slowdown, bytes per checkpoint, dedup
+        /// and compression per codec) and what reading the past costs (goto, search, when).
+        #[arg(long, conflicts_with = "speculate")]
+        record: bool,
+        /// With --record: the checkpoint interval in ms.
+        #[arg(long, value_name = "MS", default_value = "1", value_parser = every_ms, requires = "record")]
+        record_every: f64,
         /// With --speculate: only these workloads, comma-separated.
         #[arg(long, value_delimiter = ',', requires = "speculate",
               value_parser = PossibleValuesParser::new(["stable", "drifting", "random", "perl-kv"]))]
@@ -453,6 +462,12 @@ fn main() -> ExitCode {
             .render(&mut std::io::stdout())
             .map_err(Into::into),
         Command::Stats { pid, json } => snapshots::stats(pid, json),
+        Command::Bench {
+            record: true,
+            record_every,
+            json,
+            ..
+        } => record_bench::run(record_every, json),
         Command::Bench {
             speculate: Some(which),
             backends,

@@ -280,3 +280,35 @@ fn run_of_a_missing_program_says_so() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("command not found"), "{}", stderr(&o));
 }
+
+#[test]
+fn bench_record_reports_every_field_per_codec() {
+    let o = run(&["bench", "--record", "--record-every", "2", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    let codecs: Vec<&str> = rows.iter().filter_map(|r| r["codec"].as_str()).collect();
+    for c in ["zstd", "lz4", "none"] {
+        assert!(codecs.contains(&c), "{codecs:?}");
+    }
+    for r in rows {
+        for field in [
+            "backend",
+            "workload",
+            "codec",
+            "checkpoints",
+            "ckpt_per_s",
+            "slowdown",
+            "bytes_per_ckpt",
+            "dedup_ratio",
+            "compress_ratio",
+            "goto_ms",
+            "search_ms",
+            "when_ms",
+        ] {
+            assert!(!r[field].is_null(), "{field} missing in {r}");
+        }
+        assert!(r["checkpoints"].as_u64().unwrap() > 100, "{r}");
+        assert!(r["slowdown"].as_f64().unwrap() > 0.0, "{r}");
+    }
+}
