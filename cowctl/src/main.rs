@@ -226,6 +226,10 @@ enum Command {
         /// Page compression.
         #[arg(long, default_value = "zstd", value_parser = PossibleValuesParser::new(["zstd", "lz4", "none"]))]
         codec: String,
+        /// Bound the recording (e.g. 512M, 2G): past it the oldest half of the checkpoints is
+        /// merged into one, and the summary says how many.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        max_size: Option<u64>,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         argv: Vec<String>,
@@ -338,6 +342,24 @@ fn parse_u64(s: &str) -> Result<u64, String> {
     }
 }
 
+/// A size: bytes, or with a K, M or G suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, shift) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|e: std::num::ParseIntError| e.to_string())?;
+    match n.checked_mul(1 << shift) {
+        Some(v) if v >= 1 << 16 => Ok(v),
+        Some(_) => Err("must be at least 64K".into()),
+        None => Err("too large".into()),
+    }
+}
+
 /// `--every` of `cowctl record`: milliseconds, at least 0.05.
 fn every_ms(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
@@ -420,9 +442,10 @@ fn main() -> ExitCode {
             out,
             backend,
             codec,
+            max_size,
             argv,
         } => {
-            return match recording::record(every, out, &backend, &codec, &argv) {
+            return match recording::record(every, out, &backend, &codec, max_size, &argv) {
                 Ok(code) => ExitCode::from(code),
                 Err(err) => {
                     eprintln!("cowctl: {err:#}");

@@ -28,6 +28,8 @@ pub struct Options {
     pub codec: Codec,
     /// Cover the heap and globals with cow.ko (the preload) or scan all writable memory.
     pub kmod: bool,
+    /// Bound on the recording's size (oldest checkpoints merged past it).
+    pub max_size: Option<u64>,
 }
 
 /// What a recording run ended with.
@@ -279,6 +281,7 @@ fn store_loop(
     pid: i32,
     out: PathBuf,
     meta: Meta,
+    max_size: Option<u64>,
     jobs: mpsc::Receiver<Job>,
 ) -> Result<Option<Writer>> {
     let mut writer: Option<Writer> = None;
@@ -339,7 +342,11 @@ fn store_loop(
                 auxv: job.auxv.clone(),
                 ..meta.clone()
             };
-            writer = Some(Writer::create(&out, &meta)?);
+            let mut w = Writer::create(&out, &meta)?;
+            if let Some(max) = max_size {
+                w.set_max_size(max);
+            }
+            writer = Some(w);
         }
         let w = writer.as_mut().expect("created above");
         w.checkpoint(&NewCheckpoint {
@@ -394,7 +401,8 @@ pub fn record(opts: &Options, argv: &[String], env: &[(String, String)]) -> Resu
     let (tx, rx) = mpsc::sync_channel::<Job>(16);
     let pid = tracee.pid;
     let out = opts.out.clone();
-    let store = std::thread::spawn(move || store_loop(pid, out, writer_meta, rx));
+    let max_size = opts.max_size;
+    let store = std::thread::spawn(move || store_loop(pid, out, writer_meta, max_size, rx));
     let mut rec = Recorder {
         pid,
         kmod: opts.kmod,

@@ -120,6 +120,7 @@ pub fn run(every_ms: f64, json: bool) -> Result<()> {
                 out: out.clone(),
                 codec,
                 kmod: backend == "kmod",
+                max_size: None,
             };
             let mut env = env.clone();
             if backend == "kmod" {

@@ -10,6 +10,7 @@ pub fn record(
     out: std::path::PathBuf,
     backend: &str,
     codec: &str,
+    max_size: Option<u64>,
     argv: &[String],
 ) -> Result<u8> {
     let kmod = match backend {
@@ -35,6 +36,7 @@ pub fn record(
         out: out.clone(),
         codec: codec.parse().map_err(anyhow::Error::msg)?,
         kmod,
+        max_size,
     };
     let outcome = crate::record::record(&opts, argv, &env)?;
     let s = outcome.stats;
@@ -47,6 +49,14 @@ pub fn record(
         s.unique_pages,
         s.log_bytes as f64 / 1048576.0
     );
+    if s.merged > 0 {
+        eprintln!(
+            "cowctl record: --max-size reached: the oldest {} checkpoints were merged away \
+             (the recording starts at checkpoint {})",
+            s.merged,
+            s.merged + 1
+        );
+    }
     Ok(outcome.code.clamp(0, 255) as u8)
 }
 
@@ -65,9 +75,16 @@ pub fn info(dir: &Path, json: bool) -> Result<()> {
     println!("program          {} ({})", info.exe, info.argv.join(" "));
     println!("backend, codec   {}, {}", info.backend, info.codec.name());
     println!(
-        "checkpoints      {} over {:.3} s",
-        info.checkpoints, info.span_s
+        "checkpoints      {} ({}-{}) over {:.3} s",
+        info.checkpoints, info.first, info.last, info.span_s
     );
+    if info.first > 1 {
+        println!(
+            "                 1-{} were merged into {} to stay under --max-size",
+            info.first - 1,
+            info.first
+        );
+    }
     if let Some(r) = info.last_reason {
         match info.last_signal {
             Some(sig) => println!("last             {r:?} (signal {sig})"),

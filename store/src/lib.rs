@@ -19,6 +19,7 @@
 //! only the checkpoints that wrote their page.
 
 mod codec;
+mod compact;
 mod frame;
 mod reader;
 mod writer;

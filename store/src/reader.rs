@@ -36,6 +36,10 @@ pub struct Info {
     pub codec: Codec,
     /// Checkpoints readable.
     pub checkpoints: u64,
+    /// Number of the first readable checkpoint (above 1 once `--max-size` merged older ones).
+    pub first: u64,
+    /// Number of the last.
+    pub last: u64,
     /// Time from the first to the last checkpoint, seconds.
     pub span_s: f64,
     /// Why the last checkpoint was taken (`crash` after a fatal signal).
@@ -233,7 +237,8 @@ impl Recording {
             self.maps
                 .push((idx, String::from_utf8_lossy(maps).into_owned()));
         }
-        if number != last + 1 {
+        // Numbers follow each other; the first may be above 1 after a compaction.
+        if !self.checkpoints.is_empty() && number != last + 1 {
             return Err(bad(&format!("number {number} after {last}")));
         }
         self.checkpoints.push(Entry {
@@ -317,6 +322,58 @@ impl Recording {
         let idx = self.index_of(number)? as u32;
         let i = self.maps.partition_point(|(at, _)| *at <= idx);
         Ok(if i == 0 { "" } else { &self.maps[i - 1].1 })
+    }
+
+    /// The pages checkpoint `number`'s own record names: (address, blob).
+    pub(crate) fn delta(&self, number: u64) -> Result<Vec<(u64, u64)>> {
+        let e = self.checkpoints[self.index_of(number)?];
+        let payload = self.record_at(e.offset, e.number)?;
+        let mut f = Fields::new(&payload);
+        f.bytes(24);
+        let threads = f.u32().unwrap_or(0);
+        for _ in 0..threads {
+            let _tid = f.u32();
+            let fp = f.u32().unwrap_or(0) as usize;
+            f.bytes(27 * 8 + fp);
+        }
+        let n = f.u32().unwrap_or(0);
+        let mut out = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            if let (Some(a), Some(b)) = (f.u64(), f.u64()) {
+                out.push((a, b));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every page recorded up to checkpoint `number`, with its newest blob then.
+    pub(crate) fn state_at(&self, number: u64) -> Result<Vec<(u64, u64)>> {
+        let idx = self.index_of(number)? as u32;
+        let mut out: Vec<(u64, u64)> = self
+            .pages
+            .iter()
+            .filter_map(|(&addr, entries)| {
+                let i = entries.partition_point(|(at, _)| *at <= idx);
+                (i > 0).then(|| (addr, entries[i - 1].1))
+            })
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The memory map if checkpoint `number`'s record carries one (it changed there).
+    pub(crate) fn maps_changed_at(&self, number: u64) -> Result<Option<&str>> {
+        let idx = self.index_of(number)? as u32;
+        Ok(self
+            .maps
+            .binary_search_by_key(&idx, |(at, _)| *at)
+            .ok()
+            .map(|i| self.maps[i].1.as_str()))
+    }
+
+    /// The raw payload of the blob record at `offset` (for copying it verbatim).
+    pub(crate) fn blob_payload(&self, offset: u64) -> Result<Vec<u8>> {
+        self.record_at(offset, 0)
     }
 
     /// Reads and re-verifies the record at `offset`; returns its payload.
@@ -456,6 +513,8 @@ impl Recording {
             backend: self.meta.backend.clone(),
             codec: self.meta.codec,
             checkpoints: self.checkpoints.len() as u64,
+            first: self.checkpoints.first().map_or(0, |e| e.number),
+            last: last.map_or(0, |e| e.number),
             span_s: span,
             last_reason: last.map(|e| e.reason),
             last_signal: last.filter(|e| e.reason == Reason::Crash).map(|e| e.signal),

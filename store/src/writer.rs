@@ -22,6 +22,8 @@ pub struct WriterStats {
     pub raw_bytes: u64,
     /// Bytes of the log on disk.
     pub log_bytes: u64,
+    /// Checkpoints merged away to stay under the size bound.
+    pub merged: u64,
 }
 
 /// One checkpoint to append.
@@ -48,6 +50,10 @@ pub struct Writer {
     blobs: HashMap<u128, u64>,
     offset: u64,
     stats: WriterStats,
+    dir: std::path::PathBuf,
+    max_size: Option<u64>,
+    /// Do not compact again before the log reaches this size.
+    next_compaction: u64,
 }
 
 impl Writer {
@@ -65,6 +71,9 @@ impl Writer {
             blobs: HashMap::new(),
             offset: 0,
             stats: WriterStats::default(),
+            dir: dir.to_path_buf(),
+            max_size: None,
+            next_compaction: 0,
         };
         let meta = Meta {
             version: crate::FORMAT_VERSION,
@@ -118,31 +127,80 @@ impl Writer {
             debug_assert_eq!(data.len(), PAGE);
             pages.push((addr, self.blob(data)?));
         }
-        let maps = c.maps.unwrap_or("").as_bytes();
-        let mut p = Vec::with_capacity(64 + c.threads.len() * 744 + pages.len() * 16 + maps.len());
-        p.extend_from_slice(&number.to_le_bytes());
-        p.extend_from_slice(&c.time_ns.to_le_bytes());
-        p.extend_from_slice(&c.reason.code().to_le_bytes());
-        p.extend_from_slice(&c.signal.to_le_bytes());
-        p.extend_from_slice(&(c.threads.len() as u32).to_le_bytes());
-        for t in c.threads {
-            p.extend_from_slice(&t.tid.to_le_bytes());
-            p.extend_from_slice(&(t.fpregs.len() as u32).to_le_bytes());
-            for r in t.regs {
-                p.extend_from_slice(&r.to_le_bytes());
-            }
-            p.extend_from_slice(&t.fpregs);
-        }
-        p.extend_from_slice(&(pages.len() as u32).to_le_bytes());
-        for (addr, blob) in pages {
-            p.extend_from_slice(&addr.to_le_bytes());
-            p.extend_from_slice(&blob.to_le_bytes());
-        }
-        p.extend_from_slice(&(maps.len() as u32).to_le_bytes());
-        p.extend_from_slice(maps);
+        let p = encode_checkpoint(
+            number,
+            c.time_ns,
+            c.reason,
+            c.signal,
+            c.threads,
+            &pages,
+            c.maps.unwrap_or(""),
+        );
         self.offset += frame::write(&mut self.out, Kind::Checkpoint, &p)?;
         self.out.flush()?;
         self.stats.checkpoints = number;
+        if let Some(max) = self.max_size {
+            if self.offset > max && self.offset >= self.next_compaction {
+                self.compact(max)?;
+            }
+        }
         Ok(number)
     }
+
+    /// Bounds the log to about `bytes`: past it, the oldest half of the checkpoints is merged
+    /// into one (the state at the first kept checkpoint), and [`WriterStats::merged`] says how
+    /// many were merged away.
+    pub fn set_max_size(&mut self, bytes: u64) {
+        self.max_size = Some(bytes);
+    }
+
+    fn compact(&mut self, max: u64) -> Result<()> {
+        self.out.flush()?;
+        let (blobs, len, merged) = crate::compact::compact_oldest_half(&self.dir)?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join(LOG_FILE))?;
+        self.out = BufWriter::with_capacity(1 << 20, file);
+        self.blobs = blobs;
+        self.offset = len;
+        self.stats.merged += merged;
+        // A state larger than the bound cannot shrink further: wait until the log doubles.
+        self.next_compaction = if len < max { 0 } else { len * 2 };
+        Ok(())
+    }
+}
+
+/// Encodes a checkpoint record's payload (its pages already stored as blobs).
+pub(crate) fn encode_checkpoint(
+    number: u64,
+    time_ns: u64,
+    reason: Reason,
+    signal: u32,
+    threads: &[ThreadState],
+    pages: &[(u64, u64)],
+    maps: &str,
+) -> Vec<u8> {
+    let maps = maps.as_bytes();
+    let mut p = Vec::with_capacity(64 + threads.len() * 744 + pages.len() * 16 + maps.len());
+    p.extend_from_slice(&number.to_le_bytes());
+    p.extend_from_slice(&time_ns.to_le_bytes());
+    p.extend_from_slice(&reason.code().to_le_bytes());
+    p.extend_from_slice(&signal.to_le_bytes());
+    p.extend_from_slice(&(threads.len() as u32).to_le_bytes());
+    for t in threads {
+        p.extend_from_slice(&t.tid.to_le_bytes());
+        p.extend_from_slice(&(t.fpregs.len() as u32).to_le_bytes());
+        for r in t.regs {
+            p.extend_from_slice(&r.to_le_bytes());
+        }
+        p.extend_from_slice(&t.fpregs);
+    }
+    p.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+    for (addr, blob) in pages {
+        p.extend_from_slice(&addr.to_le_bytes());
+        p.extend_from_slice(&blob.to_le_bytes());
+    }
+    p.extend_from_slice(&(maps.len() as u32).to_le_bytes());
+    p.extend_from_slice(maps);
+    p
 }

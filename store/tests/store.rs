@@ -55,8 +55,21 @@ fn write_random(
     n: usize,
     seed: u64,
 ) -> Vec<HashMap<u64, Vec<u8>>> {
+    write_bounded(dir, codec, n, seed, None)
+}
+
+fn write_bounded(
+    dir: &std::path::Path,
+    codec: Codec,
+    n: usize,
+    seed: u64,
+    max_size: Option<u64>,
+) -> Vec<HashMap<u64, Vec<u8>>> {
     let mut rng = Rng(seed);
     let mut w = Writer::create(dir, &meta(codec)).unwrap();
+    if let Some(max) = max_size {
+        w.set_max_size(max);
+    }
     let mut mem: HashMap<u64, Vec<u8>> = HashMap::new();
     let mut history = Vec::new();
     for c in 0..n {
@@ -226,5 +239,31 @@ fn unknown_checkpoints_and_directories_are_errors() {
         Writer::create(&dir, &meta(Codec::None)).is_err(),
         "overwrote a recording"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn max_size_merges_the_oldest_checkpoints_and_keeps_the_rest_exact() {
+    let dir = scratch("bounded");
+    let max = 512 * 1024; // the whole state (32 raw pages) is 128 KiB
+    let history = write_bounded(&dir, Codec::None, 400, 21, Some(max));
+    let r = Recording::open(&dir).unwrap();
+    let info = r.info();
+    assert!(info.first > 1, "nothing merged: {info:?}");
+    assert_eq!(info.last, 400);
+    assert!(info.bytes_on_disk <= max + 64 * 1024, "{info:?}");
+    // Every kept checkpoint still reads exactly as the model, including the merged base.
+    for n in info.first..=400 {
+        for (addr, want) in &history[n as usize - 1] {
+            let got = r.page(n, *addr).unwrap().expect("recorded");
+            assert!(got.as_slice() == want.as_slice(), "page {addr:#x} at {n}");
+        }
+        assert_eq!(r.threads(n).unwrap()[0], thread(100, n - 1));
+        assert_eq!(r.maps(n).unwrap(), format!("map {}", (n - 1) / 10));
+    }
+    assert!(matches!(
+        r.page(info.first - 1, 0x10000),
+        Err(Error::NoCheckpoint(_))
+    ));
     let _ = std::fs::remove_dir_all(&dir);
 }

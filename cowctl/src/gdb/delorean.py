@@ -83,7 +83,7 @@ class Delorean(gdb.Command):
 delorean list [A-B]             checkpoints (number, time, why)
 delorean goto N                 everything gdb shows is now as of checkpoint N
 delorean next | prev | present  checkpoint N+1, N-1, the last one
-delorean search EXPR [--linear] [A-B]
+delorean search EXPR [--linear] [--in A-B]
                                 the first checkpoint where EXPR is true (binary search:
                                 EXPR must stay true once it became true; --linear checks each)
 delorean when EXPR|ADDR [LEN]   checkpoints at which those bytes changed (from the page index)
@@ -132,7 +132,7 @@ class DStep(gdb.Command):
 
 
 class DSearch(gdb.Command):
-    """delorean search EXPR [--linear] [A-B]: the first checkpoint where EXPR is true."""
+    """delorean search EXPR [--linear] [--in A-B]: the first checkpoint where EXPR is true."""
 
     def __init__(self):
         super().__init__("delorean search", gdb.COMMAND_USER)
@@ -142,11 +142,15 @@ class DSearch(gdb.Command):
         linear = "--linear" in words
         words = [w for w in words if w != "--linear"]
         rng = None
-        if words and all(c.isdigit() or c == "-" for c in words[-1]) and any(c.isdigit() for c in words[-1]):
-            rng = words.pop()
+        if "--in" in words:
+            at = words.index("--in")
+            if at + 1 >= len(words):
+                raise gdb.GdbError("usage: delorean search EXPR [--linear] [--in A-B]")
+            rng = words[at + 1]
+            del words[at:at + 2]
         expr = " ".join(words)
         if not expr:
-            raise gdb.GdbError("usage: delorean search EXPR [--linear] [A-B]")
+            raise gdb.GdbError("usage: delorean search EXPR [--linear] [--in A-B]")
         lo, hi = _parse_range(rng)
         found = None
         if linear:
