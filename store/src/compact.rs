@@ -18,7 +18,7 @@ pub(crate) fn compact_oldest_half(dir: &Path) -> Result<(HashMap<u128, u64>, u64
         let len = std::fs::metadata(dir.join(LOG_FILE))?.len();
         return Ok((HashMap::new(), len, 0));
     };
-    let keep_from = (first + (last - first + 1) / 2).min(last);
+    let keep_from = (first + (last - first + 1).div_ceil(2)).min(last);
     let tmp = dir.join(format!("{LOG_FILE}.compacting"));
     let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
     let meta = serde_json::to_vec(r.meta()).map_err(std::io::Error::other)?;
