@@ -37,6 +37,9 @@ pub fn run(dir: &Path, gdb_args: &[String]) -> Result<u8> {
             "-iex",
             "set debuginfod enabled off",
         ])
+        // Opening a large recording verifies every record before the server answers; gdb's
+        // default of 2 s is too short for that on a slow machine.
+        .args(["-iex", "set remotetimeout 600"])
         .args(["-ex", &format!("source {}", ext.display())])
         .args(["-ex", &format!("file {exe}")])
         .args(["-ex", &remote])
