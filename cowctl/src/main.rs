@@ -59,6 +59,8 @@ Examples:
   cowctl bench --speculate=all  pre-copy policies vs none vs an oracle (mprotect; cow.ko and
                                 a checkpointed perl program when the module is loaded)
   cowctl run --every 10 -- PROG checkpoint PROG every 10 ms, keep the newest 8
+  cowctl record --out run1 -- PROG   record PROG with a checkpoint every 10 ms
+  cowctl debug run1             gdb on the past: delorean search EXPR, delorean when VAR, bt
   cowctl completions bash > ~/.local/share/bash-completion/completions/cowctl
   cowctl man | man -l -         this help as a manual page
 
