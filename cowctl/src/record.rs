@@ -73,16 +73,6 @@ pub(crate) fn parse_maps(text: &str) -> Vec<Mapping> {
 /// Space offsets inside a file offset of `/dev/cow` (the rest is the space's base).
 const SPACE_OFFSET_MASK: u64 = (1 << 44) - 1;
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Reads `len` bytes at `addr` of process `pid`; returns how many could be read.
 fn read_remote(pid: i32, addr: u64, buf: &mut [u8]) -> usize {
     let local = libc::iovec {
@@ -107,7 +97,7 @@ struct Job {
     /// Pages captured while the threads were stopped.
     pages: Vec<(u64, Vec<u8>)>,
     maps: Option<String>,
-    /// The program's auxiliary vector (read once it runs: after exec).
+    /// The program's auxiliary vector, in the first job only (read once it runs: after exec).
     auxv: Vec<u8>,
     /// With cow.ko: the space, the snapshot of this checkpoint, and the /dev/cow mappings then.
     space: Option<Arc<cow::Cow>>,
@@ -122,6 +112,8 @@ struct Recorder {
     space: Option<Arc<cow::Cow>>,
     /// Hash of each uncovered page at the last checkpoint.
     hashes: std::collections::BTreeMap<u64, u64>,
+    /// Whether the program's auxv went out with a checkpoint already.
+    auxv_sent: bool,
     /// Read-only private mappings captured already.
     seen_readonly: HashSet<(u64, u64, String)>,
     last_maps: String,
@@ -131,7 +123,7 @@ struct Recorder {
 impl Recorder {
     /// Captures a checkpoint with every thread stopped, and hands it to the store thread.
     fn checkpoint(&mut self, tracee: &Tracee, reason: Reason, signal: u32) -> Result<()> {
-        let time_ns = monotonic_ns();
+        let time_ns = cow::monotonic_ns();
         let threads = tracee.registers();
         let maps_text = std::fs::read_to_string(format!("/proc/{}/maps", self.pid))?;
         let maps = parse_maps(&maps_text);
@@ -216,7 +208,13 @@ impl Recorder {
                 threads,
                 pages,
                 maps: maps_changed.then_some(maps_text),
-                auxv: std::fs::read(format!("/proc/{}/auxv", self.pid)).unwrap_or_default(),
+                // Needed once, by the first checkpoint (the writer's meta record).
+                auxv: if self.auxv_sent {
+                    Vec::new()
+                } else {
+                    self.auxv_sent = true;
+                    std::fs::read(format!("/proc/{}/auxv", self.pid)).unwrap_or_default()
+                },
                 space: self.space.clone(),
                 snapshot,
                 cow_maps,
@@ -409,6 +407,7 @@ pub fn record(opts: &Options, argv: &[String], env: &[(String, String)]) -> Resu
         space: None,
         hashes: Default::default(),
         seen_readonly: HashSet::new(),
+        auxv_sent: false,
         last_maps: String::new(),
         jobs: tx,
     };

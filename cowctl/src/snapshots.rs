@@ -44,19 +44,9 @@ struct ListEntry {
     age_ms: f64,
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// `cowctl list PID [--json]`.
 pub fn list(pid: i32, json: bool) -> Result<()> {
-    let now = monotonic_ns();
+    let now = cow::monotonic_ns();
     let entries: Vec<ListEntry> = attach(pid)?
         .list()?
         .into_iter()

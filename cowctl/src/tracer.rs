@@ -110,6 +110,22 @@ impl Tracee {
         })
     }
 
+    /// An event stop of `tid` with no signal to deliver: kept stopped while
+    /// [`Tracee::stop_all`] gathers the threads, continued otherwise.
+    fn hold_or_continue(&mut self, tid: i32) {
+        if self.stopping {
+            self.threads.insert(
+                tid,
+                State::Stopped {
+                    sig: 0,
+                    group: false,
+                },
+            );
+        } else {
+            self.cont(tid, 0);
+        }
+    }
+
     fn cont(&mut self, tid: i32, sig: i32) {
         if ptrace(libc::PTRACE_CONT, tid, 0, sig as usize).is_ok() {
             self.threads.insert(tid, State::Running);
@@ -190,17 +206,7 @@ impl Tracee {
                 );
                 // Its own first stop follows; until then it counts as running.
                 self.threads.entry(new as i32).or_insert(State::Running);
-                if self.stopping {
-                    self.threads.insert(
-                        tid,
-                        State::Stopped {
-                            sig: 0,
-                            group: false,
-                        },
-                    );
-                } else {
-                    self.cont(tid, 0);
-                }
+                self.hold_or_continue(tid);
             }
             libc::PTRACE_EVENT_EXIT => {
                 self.threads.insert(
@@ -231,17 +237,7 @@ impl Tracee {
                 }
             }
             _ => {
-                if self.stopping {
-                    self.threads.insert(
-                        tid,
-                        State::Stopped {
-                            sig: 0,
-                            group: false,
-                        },
-                    );
-                } else {
-                    self.cont(tid, 0);
-                }
+                self.hold_or_continue(tid);
             }
         }
         Ok(None)
@@ -296,15 +292,19 @@ impl Tracee {
     pub fn registers(&self) -> Vec<store::ThreadState> {
         let mut out = Vec::new();
         for &tid in self.threads.keys() {
-            // SAFETY: plain-old-data structs the kernel fills.
+            // SAFETY: user_regs_struct is plain old data: all-zero bytes are a valid value.
             let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+            // SAFETY: as above, for user_fpregs_struct.
             let mut fp: libc::user_fpregs_struct = unsafe { std::mem::zeroed() };
             if ptrace(libc::PTRACE_GETREGS, tid, 0, &mut regs as *mut _ as usize).is_err() {
                 continue;
             }
             let _ = ptrace(libc::PTRACE_GETFPREGS, tid, 0, &mut fp as *mut _ as usize);
-            // SAFETY: user_regs_struct is 27 u64 fields; user_fpregs_struct is 512 bytes.
+            // SAFETY: on x86-64 user_regs_struct is exactly 27 u64 fields (216 bytes, no
+            // padding), so it has the size and layout of [u64; 27].
             let regs: [u64; 27] = unsafe { std::mem::transmute(regs) };
+            // SAFETY: `fp` is a live, initialised local; the slice covers exactly its bytes and
+            // is copied out before `fp` goes out of scope.
             let fpregs = unsafe {
                 std::slice::from_raw_parts(
                     &fp as *const _ as *const u8,

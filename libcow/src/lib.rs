@@ -18,6 +18,8 @@ pub mod probe;
 pub mod report;
 pub mod speculate;
 mod sys;
+/// CLOCK_MONOTONIC in nanoseconds (the clock cow.ko's snapshot times use).
+pub use sys::monotonic_ns;
 pub mod world;
 
 pub use cow_abi as abi;

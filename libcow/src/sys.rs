@@ -51,7 +51,7 @@ pub(crate) fn env_var(name: &str) -> Option<String> {
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds (no allocation; usable in libcow's critical sections).
-pub(crate) fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
