@@ -147,11 +147,17 @@ impl PastTarget {
         let t0 = self.rec.checkpoint(first).map_or(0, |c| c.0);
         match self.rec.checkpoint(n) {
             Ok((t, reason, sig)) => {
-                let extra = if sig != 0 {
+                let mut extra = if sig != 0 {
                     format!(" signal {sig}")
                 } else {
                     String::new()
                 };
+                // The thread a crash or breakpoint is about is recorded first.
+                if matches!(reason, store::Reason::Crash | store::Reason::Breakpoint) {
+                    if let Some(t) = self.rec.threads(n).ok().and_then(|t| t.first().cloned()) {
+                        extra.push_str(&format!(" thread {}", t.tid));
+                    }
+                }
                 format!(
                     "checkpoint {n} at +{:.6} s ({reason:?}{extra})",
                     (t - t0) as f64 / 1e9

@@ -13,6 +13,7 @@ mod run;
 mod snapshots;
 mod speculate_bench;
 mod status;
+mod symbols;
 mod tracer;
 
 use clap::builder::PossibleValuesParser;
@@ -204,6 +205,13 @@ enum Command {
         /// With --record: the checkpoint interval in ms.
         #[arg(long, value_name = "MS", default_value = "1", value_parser = every_ms, requires = "record")]
         record_every: f64,
+        /// With --record: rounds of the workload (each writes 4 pages and sleeps 200 µs).
+        #[arg(long, value_name = "N", default_value_t = 4000, requires = "record")]
+        record_rounds: u64,
+        /// With --record: only these codecs, comma-separated.
+        #[arg(long, value_delimiter = ',', requires = "record",
+              value_parser = PossibleValuesParser::new(["zstd", "lz4", "none"]))]
+        record_codecs: Vec<String>,
         /// With --speculate: only these workloads, comma-separated.
         #[arg(long, value_delimiter = ',', requires = "speculate",
               value_parser = PossibleValuesParser::new(["stable", "drifting", "random", "perl-kv"]))]
@@ -212,12 +220,17 @@ enum Command {
     /// Record a program with frequent checkpoints (memory, every thread's registers and stack)
     /// into a deduplicated, compressed recording for time-travel debugging.
     #[command(
-        after_help = "Examples:\n  cowctl record --every 5 --out run1 -- ./server --port 8080\n  cowctl record --every 0.5 --backend scan -- ./a.out\n  cowctl recording info run1"
+        after_help = "Examples:\n  cowctl record --every 5 --out run1 -- ./server --port 8080\n  cowctl record --every 0.5 --backend scan -- ./a.out\n  cowctl record --at handle_request --at parse -- ./server\n  cowctl recording info run1"
     )]
     Record {
-        /// Checkpoint every MS milliseconds (fractions allowed, at least 0.05).
-        #[arg(long, value_name = "MS", default_value = "10", value_parser = every_ms)]
-        every: f64,
+        /// Checkpoint every MS milliseconds (fractions allowed, at least 0.05; default 10
+        /// unless --at is given).
+        #[arg(long, value_name = "MS", value_parser = every_ms)]
+        every: Option<f64>,
+        /// Also checkpoint each time the program enters this function (repeatable, up to 4;
+        /// functions the program itself defines; hardware breakpoints, the code is untouched).
+        #[arg(long, value_name = "SYMBOL")]
+        at: Vec<String>,
         /// The recording directory (must not exist yet).
         #[arg(long, value_name = "DIR", default_value = "recording")]
         out: std::path::PathBuf,
@@ -441,13 +454,14 @@ fn main() -> ExitCode {
         Command::Drop { pid, id } => snapshots::drop(pid, id),
         Command::Record {
             every,
+            at,
             out,
             backend,
             codec,
             max_size,
             argv,
         } => {
-            return match recording::record(every, out, &backend, &codec, max_size, &argv) {
+            return match recording::record(every, &at, out, &backend, &codec, max_size, &argv) {
                 Ok(code) => ExitCode::from(code),
                 Err(err) => {
                     eprintln!("cowctl: {err:#}");
@@ -490,9 +504,16 @@ fn main() -> ExitCode {
         Command::Bench {
             record: true,
             record_every,
+            record_rounds,
+            record_codecs,
             json,
             ..
-        } => record_bench::run(record_every, json),
+        } => record_bench::run(&record_bench::Config {
+            every_ms: record_every,
+            rounds: record_rounds,
+            codecs: record_codecs,
+            json,
+        }),
         Command::Bench {
             speculate: Some(which),
             backends,

@@ -20,8 +20,10 @@ use store::{Codec, Meta, NewCheckpoint, Reason, Writer, PAGE};
 
 /// How to record.
 pub struct Options {
-    /// Checkpoint interval.
-    pub every: std::time::Duration,
+    /// Checkpoint interval (none: only at `at`).
+    pub every: Option<std::time::Duration>,
+    /// Also checkpoint each time the program enters one of these functions (at most 4).
+    pub at: Vec<String>,
     /// The recording directory.
     pub out: PathBuf,
     /// Page codec.
@@ -122,9 +124,17 @@ struct Recorder {
 
 impl Recorder {
     /// Captures a checkpoint with every thread stopped, and hands it to the store thread.
-    fn checkpoint(&mut self, tracee: &Tracee, reason: Reason, signal: u32) -> Result<()> {
+    /// `event_thread` (the thread that crashed or hit a breakpoint) goes first in the
+    /// checkpoint, so a debugger shows it.
+    fn checkpoint(
+        &mut self,
+        tracee: &Tracee,
+        reason: Reason,
+        signal: u32,
+        event_thread: Option<i32>,
+    ) -> Result<()> {
         let time_ns = cow::monotonic_ns();
-        let threads = tracee.registers();
+        let threads = tracee.registers(event_thread);
         let maps_text = std::fs::read_to_string(format!("/proc/{}/maps", self.pid))?;
         let maps = parse_maps(&maps_text);
         if self.kmod && self.space.is_none() {
@@ -392,11 +402,26 @@ pub fn record(opts: &Options, argv: &[String], env: &[(String, String)]) -> Resu
     if opts.out.join(store::LOG_FILE).exists() {
         anyhow::bail!("{} holds a recording already", opts.out.display());
     }
+    anyhow::ensure!(
+        opts.at.len() <= crate::tracer::MAX_BREAKPOINTS,
+        "--at: at most {} functions (one per debug register)",
+        crate::tracer::MAX_BREAKPOINTS
+    );
+    let functions = crate::symbols::functions(&exe, &opts.at)?;
     let mut tracee = Tracee::spawn(&cstring(&exe)?, &args, &envp)?;
     writer_meta.pid = tracee.pid;
     // Checkpoints queue for the store thread; a full queue makes the recorder (not the
     // program) wait, and stays below cow.ko's window of 64 snapshots.
     let (tx, rx) = mpsc::sync_channel::<Job>(16);
+    // SIGCHLD stays blocked in every thread of ours (the store thread inherits the mask), so
+    // it waits for run_loop's signalfd instead of being discarded by another thread.
+    // SAFETY: building a signal set and blocking it in this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
     let pid = tracee.pid;
     let out = opts.out.clone();
     let max_size = opts.max_size;
@@ -412,7 +437,7 @@ pub fn record(opts: &Options, argv: &[String], env: &[(String, String)]) -> Resu
         jobs: tx,
     };
 
-    let code = run_loop(&mut tracee, &mut rec, opts.every, &exe);
+    let code = run_loop(&mut tracee, &mut rec, opts.every, &exe, &functions);
     drop(rec);
     let writer = store
         .join()
@@ -428,8 +453,9 @@ pub fn record(opts: &Options, argv: &[String], env: &[(String, String)]) -> Resu
 fn run_loop(
     tracee: &mut Tracee,
     rec: &mut Recorder,
-    every: std::time::Duration,
+    every: Option<std::time::Duration>,
     exe: &std::path::Path,
+    functions: &[crate::symbols::Function],
 ) -> Result<i32> {
     // SIGCHLD (a tracee stopped or exited) is read from a descriptor, next to the timer.
     // SAFETY: building a signal set and a signalfd we own; the signal is blocked in this thread
@@ -449,6 +475,7 @@ fn run_loop(
         "timerfd_create: {}",
         std::io::Error::last_os_error()
     );
+    let every = every.unwrap_or_default(); // zero: a disarmed timer
     let interval = libc::timespec {
         tv_sec: every.as_secs() as i64,
         tv_nsec: every.subsec_nanos() as i64,
@@ -461,14 +488,56 @@ fn run_loop(
     unsafe { libc::timerfd_settime(tfd, 0, &spec, std::ptr::null_mut()) };
     let mut first = true;
     let mut crashed = false;
+    // Once the program is exec'd (before it, the child is a copy of cowctl): its breakpoints
+    // are armed, and checkpoints count.
+    let mut execed = false;
+    let on_exec = |tracee: &mut Tracee, execed: &mut bool| {
+        let ours =
+            std::fs::read_link(format!("/proc/{}/exe", tracee.pid)).ok() == Some(exe.to_path_buf());
+        if !ours {
+            if *execed && !functions.is_empty() {
+                eprintln!(
+                    "cowctl record: the program exec'd another program: --at is off from now on"
+                );
+            }
+            return;
+        }
+        *execed = true;
+        if functions.is_empty() {
+            return;
+        }
+        match crate::symbols::load_bias(tracee.pid, exe) {
+            Ok(bias) => {
+                let addrs: Vec<u64> = functions.iter().map(|f| f.link_addr + bias).collect();
+                tracee.set_breakpoints(&addrs);
+                let named: Vec<String> = functions
+                    .iter()
+                    .zip(&addrs)
+                    .map(|(f, a)| format!("{} ({a:#x})", f.name))
+                    .collect();
+                eprintln!(
+                    "cowctl record: a checkpoint at each entry of {}",
+                    named.join(", ")
+                );
+            }
+            Err(e) => eprintln!("cowctl record: --at is off: {e:#}"),
+        }
+    };
     let result = loop {
         // Events first (non-blocking), then wait for the timer or the next child event.
         let ev = tracee.wait(false)?;
         let mut due = match ev {
             Some(Event::Exited(code)) => break Ok(code),
-            Some(Event::Crash { .. }) | Some(Event::Exiting) => true,
-            None => false,
+            Some(Event::Crash { .. }) | Some(Event::Exiting) | Some(Event::Breakpoint { .. }) => {
+                true
+            }
+            Some(Event::Exec) | None => false,
         };
+        if tracee.take_exec() {
+            on_exec(tracee, &mut execed);
+            tracee.resume_all();
+            continue;
+        }
         let mut pfd = [
             libc::pollfd {
                 fd: tfd,
@@ -483,7 +552,7 @@ fn run_loop(
         ];
         // SAFETY: polling our own descriptors. A SIGCHLD that arrived before the signalfd
         // existed is caught by the periodic wake-up (at most 100 ms late).
-        unsafe { libc::poll(pfd.as_mut_ptr(), 2, 100) };
+        unsafe { libc::poll(pfd.as_mut_ptr(), 2, if due { 0 } else { 100 }) };
         if pfd[1].revents != 0 {
             let mut info = [0u8; 128];
             // SAFETY: draining signalfd records into a buffer of their size.
@@ -495,35 +564,39 @@ fn run_loop(
             unsafe { libc::read(tfd, (&mut ticks as *mut u64).cast(), 8) };
             due = true;
         }
-        if !due {
+        if !due || !execed {
             continue;
-        }
-        if first
-            && std::fs::read_link(format!("/proc/{}/exe", tracee.pid)).ok()
-                != Some(exe.to_path_buf())
-        {
-            continue; // not exec'd yet: still a copy of cowctl
         }
         if let Some(Event::Exited(code)) = tracee.stop_all()? {
             break Ok(code);
         }
+        if tracee.take_exec() {
+            on_exec(tracee, &mut execed); // exec'd while the threads were being stopped
+        }
         // What happened up to this cut names the checkpoint (a crash or exit seen while
         // stopping the threads included).
-        let (reason, sig) = match (tracee.take_crash(), tracee.take_exiting()) {
-            (Some(sig), _) => {
+        let mut hits = tracee.take_hits();
+        let (reason, sig, event_thread) = match (tracee.take_crash(), tracee.take_exiting()) {
+            (Some((tid, sig)), _) => {
                 crashed = true;
-                (Reason::Crash, sig as u32)
+                (Reason::Crash, sig as u32, Some(tid))
             }
             // Dying of a crash: the crash checkpoint is the last word.
             (None, true) if crashed => {
                 tracee.resume_all();
                 continue;
             }
-            (None, true) => (Reason::Exit, 0),
-            (None, false) if first => (Reason::Start, 0),
-            (None, false) => (Reason::Interval, 0),
+            (None, true) => (Reason::Exit, 0, None),
+            (None, false) if !hits.is_empty() => (Reason::Breakpoint, 0, hits.pop()),
+            (None, false) if first => (Reason::Start, 0, None),
+            (None, false) => (Reason::Interval, 0, None),
         };
-        rec.checkpoint(tracee, reason, sig)?;
+        // One checkpoint per function entry: threads that entered at the same instant get one
+        // each (the same cut, each naming its thread), before the checkpoint of this cut.
+        for tid in hits {
+            rec.checkpoint(tracee, Reason::Breakpoint, 0, Some(tid))?;
+        }
+        rec.checkpoint(tracee, reason, sig, event_thread)?;
         first = false;
         tracee.resume_all();
     };

@@ -15,8 +15,8 @@ use std::time::Instant;
 
 /// Set in the worker: where it writes the counter's address.
 const WORKER_ENV: &str = "COW_RECORD_BENCH_ADDR_FILE";
-/// Rounds of the workload.
-const ROUNDS: u64 = 4000;
+/// Set in the worker: how many rounds it runs.
+const ROUNDS_ENV: &str = "COW_RECORD_BENCH_ROUNDS";
 /// Pages written per round (the counter's page included).
 const DIRTY: usize = 4;
 
@@ -46,14 +46,26 @@ pub struct Row {
     when_ms: f64,
 }
 
-/// The worker: ROUNDS rounds of DIRTY page writes and a 200 µs sleep.
-fn worker(addr_file: &str) -> Result<()> {
+/// What `cowctl bench --record` measures.
+pub struct Config {
+    /// Checkpoint interval, ms.
+    pub every_ms: f64,
+    /// Rounds of the workload.
+    pub rounds: u64,
+    /// Codecs to measure (empty: all).
+    pub codecs: Vec<String>,
+    /// Print JSON rows.
+    pub json: bool,
+}
+
+/// The worker: `rounds` rounds of DIRTY page writes and a 200 µs sleep.
+fn worker(addr_file: &str, rounds: u64) -> Result<()> {
     let mut pages = vec![0u8; 64 * 4096];
     std::fs::write(
         addr_file,
         format!("{}", &COUNTER as *const AtomicU64 as u64),
     )?;
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         for i in 0..DIRTY - 1 {
             let p = (round as usize * 7 + i * 13) % 64;
             pages[p * 4096 + (round as usize % 512) * 8] = round as u8;
@@ -84,15 +96,23 @@ fn counter_at(rec: &store::Recording, n: u64, addr: u64) -> u64 {
 }
 
 /// Runs `cowctl bench --record`.
-pub fn run(every_ms: f64, json: bool) -> Result<()> {
+pub fn run(cfg: &Config) -> Result<()> {
     if let Ok(path) = std::env::var(WORKER_ENV) {
-        return worker(&path);
+        let rounds = std::env::var(ROUNDS_ENV)
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(cfg.rounds);
+        return worker(&path, rounds);
     }
+    let (every_ms, json) = (cfg.every_ms, cfg.json);
     let me = std::env::current_exe()?.display().to_string();
     let dir = std::env::temp_dir().join(format!("cowctl-record-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let addr_file = dir.join("addr");
-    let env = vec![(WORKER_ENV.to_string(), addr_file.display().to_string())];
+    let env = vec![
+        (WORKER_ENV.to_string(), addr_file.display().to_string()),
+        (ROUNDS_ENV.to_string(), cfg.rounds.to_string()),
+    ];
     let mut backends = vec![];
     if cow::Cow::open().is_ok() {
         backends.push("kmod");
@@ -104,19 +124,24 @@ pub fn run(every_ms: f64, json: bool) -> Result<()> {
     let status = std::process::Command::new(&me)
         .args(std::env::args_os().skip(1))
         .env(WORKER_ENV, &addr_file)
+        .env(ROUNDS_ENV, cfg.rounds.to_string())
         .status()?;
     anyhow::ensure!(status.success(), "the workload failed: {status}");
     let plain_s = t.elapsed().as_secs_f64();
     let mut rows = Vec::new();
     for backend in backends {
         for codec in store::Codec::ALL {
+            if !cfg.codecs.is_empty() && !cfg.codecs.iter().any(|c| c == codec.name()) {
+                continue;
+            }
             eprintln!(
                 "cowctl bench --record: {backend}, {}, every {every_ms} ms",
                 codec.name()
             );
             let out = dir.join(format!("{backend}-{}", codec.name()));
             let opts = crate::record::Options {
-                every: std::time::Duration::from_secs_f64(every_ms / 1000.0),
+                every: Some(std::time::Duration::from_secs_f64(every_ms / 1000.0)),
+                at: Vec::new(),
                 out: out.clone(),
                 codec,
                 kmod: backend == "kmod",

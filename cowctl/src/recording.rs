@@ -6,7 +6,8 @@ use std::path::Path;
 
 /// `cowctl record`: returns the program's exit code.
 pub fn record(
-    every_ms: f64,
+    every_ms: Option<f64>,
+    at: &[String],
     out: std::path::PathBuf,
     backend: &str,
     codec: &str,
@@ -32,7 +33,13 @@ pub fn record(
         env.push(("LD_PRELOAD".to_string(), v.to_string_lossy().into_owned()));
     }
     let opts = crate::record::Options {
-        every: std::time::Duration::from_secs_f64(every_ms / 1000.0),
+        // Neither --every nor --at: every 10 ms.
+        every: match (every_ms, at.is_empty()) {
+            (Some(ms), _) => Some(std::time::Duration::from_secs_f64(ms / 1000.0)),
+            (None, true) => Some(std::time::Duration::from_millis(10)),
+            (None, false) => None,
+        },
+        at: at.to_vec(),
         out: out.clone(),
         codec: codec.parse().map_err(anyhow::Error::msg)?,
         kmod,

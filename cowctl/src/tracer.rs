@@ -1,6 +1,8 @@
 //! A ptrace tracer for `cowctl record`: starts a program seized (`PTRACE_SEIZE`, all its
-//! threads followed), stops every thread for a consistent cut, reads their registers, and
-//! passes every signal on unchanged.
+//! threads followed), stops every thread for a consistent cut, reads their registers, passes
+//! every signal on unchanged, and reports when a thread enters one of up to 4 functions
+//! (hardware execution breakpoints in every thread's debug registers: no byte of the program's
+//! code changes, so no thread can run into a half-written breakpoint).
 
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -26,6 +28,10 @@ pub enum Event {
     Crash { tid: i32, sig: i32 },
     /// The process's main thread is exiting (it waits stopped, memory intact).
     Exiting,
+    /// The process exec'd a program (its one thread waits stopped, breakpoints disarmed).
+    Exec,
+    /// `tid` is at the first instruction of breakpoint `index` (it waits stopped).
+    Breakpoint { tid: i32, index: usize },
 }
 
 /// A traced process.
@@ -35,9 +41,25 @@ pub struct Tracee {
     threads: BTreeMap<i32, State>,
     stopping: bool,
     /// A fatal signal waiting for delivery (seen in any wait), until taken.
-    crash: Option<i32>,
+    crash: Option<(i32, i32)>,
     /// The main thread reported its exit (seen in any wait), until taken.
     exiting: bool,
+    /// Threads that hit a breakpoint (seen in any wait), in order, until taken.
+    hits: Vec<i32>,
+    /// The process exec'd (seen in any wait), until taken.
+    execed: bool,
+    /// Execution breakpoints (at most 4 addresses), armed in every thread.
+    breakpoints: Vec<u64>,
+    /// Threads whose debug registers hold `breakpoints`.
+    armed: std::collections::HashSet<i32>,
+}
+
+/// Debug registers available for execution breakpoints (DR0-DR3).
+pub const MAX_BREAKPOINTS: usize = 4;
+
+/// Where debug register `n` sits in `struct user` (for PTRACE_PEEKUSER/POKEUSER).
+fn debugreg(n: usize) -> usize {
+    std::mem::offset_of!(libc::user, u_debugreg) + n * 8
 }
 
 fn ptrace(req: libc::c_uint, tid: i32, addr: usize, data: usize) -> std::io::Result<libc::c_long> {
@@ -50,8 +72,10 @@ fn ptrace(req: libc::c_uint, tid: i32, addr: usize, data: usize) -> std::io::Res
     }
 }
 
-const OPTIONS: usize =
-    (libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_EXITKILL) as usize;
+const OPTIONS: usize = (libc::PTRACE_O_TRACECLONE
+    | libc::PTRACE_O_TRACEEXIT
+    | libc::PTRACE_O_TRACEEXEC
+    | libc::PTRACE_O_EXITKILL) as usize;
 
 /// Signals after which the program cannot go on: the recorder checkpoints the faulting state.
 fn is_fatal(sig: i32) -> bool {
@@ -107,7 +131,59 @@ impl Tracee {
             stopping: false,
             crash: None,
             exiting: false,
+            hits: Vec::new(),
+            execed: false,
+            breakpoints: Vec::new(),
+            armed: Default::default(),
         })
+    }
+
+    /// Arms execution breakpoints at `addrs` (at most [`MAX_BREAKPOINTS`]) in every thread:
+    /// at once in stopped ones, at their next stop in running ones (new threads are armed at
+    /// their first stop: debug registers are not inherited).
+    pub fn set_breakpoints(&mut self, addrs: &[u64]) {
+        self.breakpoints = addrs.iter().copied().take(MAX_BREAKPOINTS).collect();
+        self.armed.clear();
+        let stopped: Vec<i32> = self
+            .threads
+            .iter()
+            .filter(|(_, s)| **s != State::Running)
+            .map(|(t, _)| *t)
+            .collect();
+        for tid in stopped {
+            self.arm(tid);
+        }
+    }
+
+    /// Writes the breakpoints into `tid`'s debug registers (it must be in a ptrace stop).
+    fn arm(&mut self, tid: i32) {
+        if !self.armed.insert(tid) {
+            return;
+        }
+        // DR7: local-enable bit 2n per breakpoint; type and length 0 (execute, 1 byte).
+        let mut dr7 = 0usize;
+        for n in 0..MAX_BREAKPOINTS {
+            let addr = self.breakpoints.get(n).copied().unwrap_or(0);
+            let _ = ptrace(libc::PTRACE_POKEUSER, tid, debugreg(n), addr as usize);
+            if n < self.breakpoints.len() {
+                dr7 |= 1 << (2 * n);
+            }
+        }
+        let _ = ptrace(libc::PTRACE_POKEUSER, tid, debugreg(7), dr7);
+    }
+
+    /// The breakpoint `tid` stopped at with SIGTRAP, if any (DR6 names it; cleared here).
+    fn breakpoint_hit(&self, tid: i32) -> Option<usize> {
+        if self.breakpoints.is_empty() {
+            return None;
+        }
+        let dr6 = ptrace(libc::PTRACE_PEEKUSER, tid, debugreg(6), 0).ok()? as u64;
+        let index = (dr6 & 0xf).trailing_zeros() as usize;
+        if index >= MAX_BREAKPOINTS {
+            return None;
+        }
+        let _ = ptrace(libc::PTRACE_POKEUSER, tid, debugreg(6), 0);
+        Some(index)
     }
 
     /// An event stop of `tid` with no signal to deliver: kept stopped while
@@ -165,6 +241,7 @@ impl Tracee {
     fn handle(&mut self, tid: i32, status: i32) -> Result<Option<Event>> {
         if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
             self.threads.remove(&tid);
+            self.armed.remove(&tid);
             if tid == self.pid {
                 let code = if libc::WIFEXITED(status) {
                     libc::WEXITSTATUS(status)
@@ -180,6 +257,14 @@ impl Tracee {
         }
         let sig = libc::WSTOPSIG(status);
         let event = (status >> 16) & 0xff;
+        if !self.breakpoints.is_empty() && event != libc::PTRACE_EVENT_EXEC {
+            self.arm(tid); // a new thread's first stop, or any stop after set_breakpoints
+        }
+        let hit = if event == 0 && sig == libc::SIGTRAP {
+            self.breakpoint_hit(tid)
+        } else {
+            None
+        };
         match event {
             libc::PTRACE_EVENT_STOP => {
                 let group = matches!(
@@ -224,12 +309,42 @@ impl Tracee {
                     self.cont(tid, 0);
                 }
             }
+            libc::PTRACE_EVENT_EXEC => {
+                // The old program's threads and debug registers are gone.
+                self.threads.retain(|&t, _| t == tid);
+                self.threads.insert(
+                    tid,
+                    State::Stopped {
+                        sig: 0,
+                        group: false,
+                    },
+                );
+                self.breakpoints.clear();
+                self.armed.clear();
+                self.execed = true;
+                return Ok(Some(Event::Exec));
+            }
+            0 if hit.is_some() => {
+                // Our breakpoint, not the program's SIGTRAP: never delivered.
+                self.threads.insert(
+                    tid,
+                    State::Stopped {
+                        sig: 0,
+                        group: false,
+                    },
+                );
+                self.hits.push(tid);
+                return Ok(Some(Event::Breakpoint {
+                    tid,
+                    index: hit.unwrap_or(0),
+                }));
+            }
             0 => {
                 // Signal-delivery stop: deliver it when the thread resumes.
                 self.threads
                     .insert(tid, State::Stopped { sig, group: false });
                 if is_fatal(sig) {
-                    self.crash = Some(sig);
+                    self.crash = Some((tid, sig));
                     return Ok(Some(Event::Crash { tid, sig }));
                 }
                 if !self.stopping {
@@ -263,8 +378,19 @@ impl Tracee {
     }
 
     /// The fatal signal seen since the last call, if any (its thread waits stopped).
-    pub fn take_crash(&mut self) -> Option<i32> {
+    pub fn take_crash(&mut self) -> Option<(i32, i32)> {
         self.crash.take()
+    }
+
+    /// Whether the process exec'd since the last call (its thread waits stopped until
+    /// [`Tracee::resume_all`]).
+    pub fn take_exec(&mut self) -> bool {
+        std::mem::take(&mut self.execed)
+    }
+
+    /// The threads that hit a breakpoint since the last call, in order (they wait stopped).
+    pub fn take_hits(&mut self) -> Vec<i32> {
+        std::mem::take(&mut self.hits)
     }
 
     /// Whether the main thread reported its exit since the last call.
@@ -288,10 +414,14 @@ impl Tracee {
         }
     }
 
-    /// Registers of every (stopped) thread.
-    pub fn registers(&self) -> Vec<store::ThreadState> {
+    /// Registers of every (stopped) thread, `first` (if given) first.
+    pub fn registers(&self, first: Option<i32>) -> Vec<store::ThreadState> {
         let mut out = Vec::new();
-        for &tid in self.threads.keys() {
+        let tids = first
+            .into_iter()
+            .filter(|t| self.threads.contains_key(t))
+            .chain(self.threads.keys().copied().filter(|&t| Some(t) != first));
+        for tid in tids {
             // SAFETY: user_regs_struct is plain old data: all-zero bytes are a valid value.
             let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
             // SAFETY: as above, for user_fpregs_struct.

@@ -272,3 +272,101 @@ fn a_killed_program_leaves_a_readable_recording() {
     assert!(value(&text, "LEN") > 10, "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn at_checkpoints_every_entry_of_a_function_in_every_thread() {
+    let dir = scratch("at");
+    let exe = buggy_list(&dir);
+    let rec = dir.join("rec");
+    // Two workers and main call insert() 25 times each; only main calls step().
+    let out = cowctl()
+        .args([
+            "record",
+            "--at",
+            "step",
+            "--at",
+            "insert",
+            "--backend",
+            "scan",
+        ])
+        .arg("--out")
+        .arg(&rec)
+        .arg("--")
+        .arg(&exe)
+        .args(["4", "25", "3"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("a checkpoint at each entry of step"),
+        "{stderr}"
+    );
+    // At every checkpoint: which function the thread it is about was entering (1: insert,
+    // 2: step, 0: neither) and step's argument.
+    let text = debug(
+        &rec,
+        &["delorean for 1-1000 do printf \"AT=%d RDI=%ld\\n\", ($pc == (long)&insert) + 2 * ($pc == (long)&step), $rdi"],
+    );
+    let reasons: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("checkpoint "))
+        .map(|l| l.rsplit('(').next().unwrap())
+        .collect();
+    let at: Vec<(i64, i64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("AT="))
+        .map(|l| {
+            let (a, r) = l.split_once(" RDI=").unwrap();
+            (a.parse().unwrap(), r.trim().parse().unwrap())
+        })
+        .collect();
+    assert_eq!(reasons.len(), at.len(), "{text}");
+    let breakpoints = reasons
+        .iter()
+        .filter(|r| r.starts_with("Breakpoint"))
+        .count();
+    assert_eq!(breakpoints, 25 + 75, "{text}");
+    // Every breakpoint checkpoint shows its thread at the function's first instruction.
+    for (reason, (a, _)) in reasons.iter().zip(&at) {
+        if reason.starts_with("Breakpoint") {
+            assert!(*a == 1 || *a == 2, "{reason} {a}\n{text}");
+        }
+    }
+    assert_eq!(at.iter().filter(|(a, _)| *a == 1).count(), 75, "{text}");
+    // step(i) was entered with i = 0, 1, 2, … in order.
+    let steps: Vec<i64> = at
+        .iter()
+        .filter(|(a, _)| *a == 2)
+        .map(|(_, r)| *r)
+        .collect();
+    assert_eq!(steps, (0..25).collect::<Vec<_>>(), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn at_names_an_unknown_function_before_running_anything() {
+    let dir = scratch("at-unknown");
+    let exe = buggy_list(&dir);
+    let out = cowctl()
+        .args([
+            "record",
+            "--at",
+            "no_such_function",
+            "--backend",
+            "scan",
+            "--out",
+        ])
+        .arg(dir.join("rec"))
+        .arg("--")
+        .arg(&exe)
+        .args(["1", "5"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("no function no_such_function"), "{stderr}");
+    assert!(!stderr.contains("iter 0"), "the program ran: {stderr}");
+    assert!(!dir.join("rec").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -378,13 +378,22 @@ impl Recording {
 
     /// Reads and re-verifies the record at `offset`; returns its payload.
     fn record_at(&self, offset: u64, near: u64) -> Result<Vec<u8>> {
-        let mut header = [0u8; frame::HEADER];
-        self.file.read_exact_at(&mut header, offset)?;
-        let len = u32::from_le_bytes(header[8..12].try_into().unwrap()) as usize;
-        let mut rec = header.to_vec();
-        rec.resize(frame::HEADER + len.min(frame::MAX_PAYLOAD as usize), 0);
-        self.file
-            .read_exact_at(&mut rec[frame::HEADER..], offset + frame::HEADER as u64)?;
+        // One read covers the header and a page-sized payload (most records); a longer
+        // record reads the rest.
+        let mut rec = vec![0u8; frame::HEADER + PAGE + 64];
+        let got = self.file.read_at(&mut rec, offset)?;
+        if got < frame::HEADER {
+            return Err(corrupt(offset, near, "truncated"));
+        }
+        let len = u32::from_le_bytes(rec[8..12].try_into().unwrap()) as usize;
+        let want = frame::HEADER + len.min(frame::MAX_PAYLOAD as usize);
+        if want > got {
+            rec.resize(want, 0);
+            self.file
+                .read_exact_at(&mut rec[got..], offset + got as u64)?;
+        } else {
+            rec.truncate(want);
+        }
         match frame::read(&mut rec.as_slice())? {
             Found::Record(_, payload) => Ok(payload),
             Found::Bad(why) => Err(corrupt(offset, near, why)),
@@ -397,7 +406,18 @@ impl Recording {
         if let Some(p) = self.cache.lock().unwrap().get(&blob) {
             return Ok(p.clone());
         }
-        let page = if blob == 0 {
+        let page = std::sync::Arc::new(self.decode(blob, near)?);
+        let mut cache = self.cache.lock().unwrap();
+        if cache.len() >= CACHE_PAGES {
+            cache.clear();
+        }
+        cache.insert(blob, page.clone());
+        Ok(page)
+    }
+
+    /// Reads, verifies and decompresses blob `blob` (0: the zero page), bypassing the cache.
+    fn decode(&self, blob: u64, near: u64) -> Result<Vec<u8>> {
+        Ok(if blob == 0 {
             vec![0u8; PAGE]
         } else {
             let payload = self.record_at(blob, near)?;
@@ -417,14 +437,7 @@ impl Recording {
                 return Err(bad("contents do not match their hash"));
             }
             page
-        };
-        let page = std::sync::Arc::new(page);
-        let mut cache = self.cache.lock().unwrap();
-        if cache.len() >= CACHE_PAGES {
-            cache.clear();
-        }
-        cache.insert(blob, page.clone());
-        Ok(page)
+        })
     }
 
     /// The page at `page_addr` as of checkpoint `number`; None if no checkpoint up to it
@@ -467,27 +480,28 @@ impl Recording {
         let end = addr.saturating_add(len);
         let mut page = addr & !(PAGE as u64 - 1);
         while page < end {
-            let lo = addr.max(page) - page;
-            let hi = end.min(page + PAGE as u64) - page;
+            let lo = (addr.max(page) - page) as usize;
+            let hi = (end.min(page + PAGE as u64) - page) as usize;
             if let Some(entries) = self.pages.get(&page) {
-                let mut prev: Option<(u64, std::sync::Arc<Vec<u8>>)> = None;
-                for &(idx, blob) in entries {
-                    let number = self.checkpoints[idx as usize].number;
-                    match &prev {
-                        Some((b, _)) if *b == blob => continue,
-                        _ => {}
-                    }
-                    let now = self.blob(blob, number)?;
-                    let changed = match &prev {
-                        None => idx > 0,
-                        Some((_, before)) => {
-                            before[lo as usize..hi as usize] != now[lo as usize..hi as usize]
-                        }
-                    };
-                    if changed {
-                        hits.push(idx);
-                    }
-                    prev = Some((blob, now));
+                // Long histories are compared in parallel slices: each slice starts from the
+                // entry before it.
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let slice = entries.len().div_ceil(threads).max(4096);
+                let found: Vec<Result<Vec<u32>>> = std::thread::scope(|scope| {
+                    let workers: Vec<_> = (0..entries.len())
+                        .step_by(slice)
+                        .map(|from| {
+                            let to = (from + slice).min(entries.len());
+                            scope.spawn(move || self.changes(entries, from, to, lo..hi))
+                        })
+                        .collect();
+                    workers
+                        .into_iter()
+                        .map(|w| w.join().expect("a when worker panicked"))
+                        .collect()
+                });
+                for f in found {
+                    hits.extend(f?);
                 }
             }
             page += PAGE as u64;
@@ -498,6 +512,44 @@ impl Recording {
             .into_iter()
             .map(|i| self.checkpoints[i as usize].number)
             .collect())
+    }
+
+    /// Checkpoint indexes among `entries[from..to]` (one page's history) at which the bytes
+    /// `range` of the page differ from the entry before (the first entry of the recording
+    /// counts as a change unless it is checkpoint 0's initial image).
+    fn changes(
+        &self,
+        entries: &[(u32, u64)],
+        from: usize,
+        to: usize,
+        range: std::ops::Range<usize>,
+    ) -> Result<Vec<u32>> {
+        let mut hits = Vec::new();
+        let mut prev: Option<(u64, Vec<u8>)> = match from.checked_sub(1) {
+            Some(i) => {
+                let (idx, blob) = entries[i];
+                Some((
+                    blob,
+                    self.decode(blob, self.checkpoints[idx as usize].number)?,
+                ))
+            }
+            None => None,
+        };
+        for &(idx, blob) in &entries[from..to] {
+            if matches!(&prev, Some((b, _)) if *b == blob) {
+                continue; // the same blob: the same bytes
+            }
+            let now = self.decode(blob, self.checkpoints[idx as usize].number)?;
+            let changed = match &prev {
+                None => idx > 0,
+                Some((_, before)) => before[range.clone()] != now[range.clone()],
+            };
+            if changed {
+                hits.push(idx);
+            }
+            prev = Some((blob, now));
+        }
+        Ok(hits)
     }
 
     /// The summary `cowctl recording info` prints.

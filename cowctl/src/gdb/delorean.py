@@ -36,20 +36,39 @@ def _select_program_frame():
         pass
 
 
-def _refresh():
-    gdb.execute("maintenance flush register-cache", to_string=True)
-    gdb.execute("maintenance flush dcache", to_string=True)
-    gdb.execute("info threads", to_string=True)  # the thread list of this instant
-    try:
-        gdb.execute("thread 1", to_string=True)
-    except gdb.error:
-        pass
+def _refresh(line=""):
+    """Re-reads the target after a goto; selects the thread the checkpoint is about (a crash
+    or a breakpoint names it: "... thread TID)"), else the first one."""
+    # The selected thread may not exist at this checkpoint: gdb then fails to re-read its
+    # registers, until the thread list of this instant is fetched.
+    for cmd in ("maintenance flush register-cache", "maintenance flush dcache", "info threads"):
+        try:
+            gdb.execute(cmd, to_string=True)
+        except gdb.error:
+            pass
+    event_tid = None
+    if " thread " in line:
+        try:
+            event_tid = int(line.rsplit(" thread ", 1)[1].rstrip(")"))
+        except ValueError:
+            event_tid = None
+    selected = False
+    if event_tid is not None:
+        for t in gdb.selected_inferior().threads():
+            if t.ptid[1] == event_tid:
+                t.switch()
+                selected = True
+    if not selected:
+        try:
+            gdb.execute("thread 1", to_string=True)
+        except gdb.error:
+            pass
     _select_program_frame()
 
 
 def _goto(n, quiet=False):
     line = _monitor("goto %d" % n)
-    _refresh()
+    _refresh(line)
     if not quiet:
         print(line)
         try:
@@ -64,7 +83,8 @@ def _parse_range(text):
         return first, last
     if "-" in text:
         a, b = text.split("-", 1)
-        return int(a) if a else first, int(b) if b else last
+        # A range is clamped to the recording ("1-1000000" means "all of them").
+        return max(int(a) if a else first, first), min(int(b) if b else last, last)
     n = int(text)
     return n, n
 
