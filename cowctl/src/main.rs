@@ -220,7 +220,7 @@ enum Command {
     /// Record a program with frequent checkpoints (memory, every thread's registers and stack)
     /// into a deduplicated, compressed recording for time-travel debugging.
     #[command(
-        after_help = "Examples:\n  cowctl record --every 5 --out run1 -- ./server --port 8080\n  cowctl record --every 0.5 --backend scan -- ./a.out\n  cowctl record --at handle_request --at parse -- ./server\n  cowctl recording info run1"
+        after_help = "Examples:\n  cowctl record --every 5 --out run1 -- ./server --port 8080\n  cowctl record --every 0.5 --backend scan -- ./a.out\n  cowctl record --at handle_request --at parse -- ./server\n  cowctl record --pid 4242 --every 1 --out live1   (Ctrl-C: stop, the process goes on)\n  cowctl recording info run1"
     )]
     Record {
         /// Checkpoint every MS milliseconds (fractions allowed, at least 0.05; default 10
@@ -245,8 +245,17 @@ enum Command {
         /// merged into one, and the summary says how many.
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         max_size: Option<u64>,
+        /// Instead of starting a program, record this running process (until it exits or
+        /// cowctl gets SIGINT/SIGTERM/SIGHUP; then it is let go, unchanged). Its cow.ko space is
+        /// used if it runs under `cowctl run`.
+        #[arg(long, conflicts_with = "argv")]
+        pid: Option<i32>,
         /// The program and its arguments.
-        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        #[arg(
+            required_unless_present = "pid",
+            trailing_var_arg = true,
+            allow_hyphen_values = true
+        )]
         argv: Vec<String>,
     },
     /// Inspect a recording.
@@ -455,13 +464,15 @@ fn main() -> ExitCode {
         Command::Record {
             every,
             at,
+            pid,
             out,
             backend,
             codec,
             max_size,
             argv,
         } => {
-            return match recording::record(every, &at, out, &backend, &codec, max_size, &argv) {
+            return match recording::record(every, &at, out, &backend, &codec, max_size, pid, &argv)
+            {
                 Ok(code) => ExitCode::from(code),
                 Err(err) => {
                     eprintln!("cowctl: {err:#}");

@@ -294,6 +294,7 @@ fn store_loop(
 ) -> Result<Option<Writer>> {
     let mut writer: Option<Writer> = None;
     let mut prev: Option<u64> = None;
+    let mut last_space: Option<Arc<cow::Cow>> = None;
     let mut seen: HashSet<u64> = HashSet::new();
     let mut page = vec![0u8; PAGE];
     for job in jobs {
@@ -342,6 +343,7 @@ fn store_loop(
                 let _ = space.drop_snapshot(p);
             }
             prev = Some(snap);
+            last_space = Some(space.clone());
         }
         let refs: Vec<(u64, &[u8])> = pages.iter().map(|(a, p)| (*a, p.as_slice())).collect();
         if writer.is_none() {
@@ -365,6 +367,10 @@ fn store_loop(
             pages: &refs,
             maps: job.maps.as_deref(),
         })?;
+    }
+    // The last snapshot is ours too: a process we let go must not keep it.
+    if let (Some(p), Some(space)) = (prev, last_space) {
+        let _ = space.drop_snapshot(p);
     }
     Ok(writer)
 }
@@ -408,24 +414,80 @@ pub fn record(opts: &Options, argv: &[String], env: &[(String, String)]) -> Resu
         crate::tracer::MAX_BREAKPOINTS
     );
     let functions = crate::symbols::functions(&exe, &opts.at)?;
-    let mut tracee = Tracee::spawn(&cstring(&exe)?, &args, &envp)?;
+    block_signals(&[libc::SIGCHLD]);
+    let tracee = Tracee::spawn(&cstring(&exe)?, &args, &envp)?;
     writer_meta.pid = tracee.pid;
-    // Checkpoints queue for the store thread; a full queue makes the recorder (not the
-    // program) wait, and stays below cow.ko's window of 64 snapshots.
-    let (tx, rx) = mpsc::sync_channel::<Job>(16);
-    // SIGCHLD stays blocked in every thread of ours (the store thread inherits the mask), so
-    // it waits for run_loop's signalfd instead of being discarded by another thread.
+    record_tracee(opts, tracee, writer_meta, &exe, &functions, false)
+}
+
+/// `cowctl record --pid PID`: records a running process until it exits or we are told to
+/// stop (SIGINT, SIGTERM, SIGHUP), then lets it go, unchanged.
+pub fn record_pid(opts: &Options, pid: i32) -> Result<Outcome> {
+    crate::remote::check_is_live_process(pid)?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|e| {
+        anyhow::Error::new(e).context(format!(
+            "cannot see process {pid}'s program (no such process, or not ours to trace)"
+        ))
+    })?;
+    let argv: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    if opts.out.join(store::LOG_FILE).exists() {
+        anyhow::bail!("{} holds a recording already", opts.out.display());
+    }
+    anyhow::ensure!(
+        opts.at.len() <= crate::tracer::MAX_BREAKPOINTS,
+        "--at: at most {} functions (one per debug register)",
+        crate::tracer::MAX_BREAKPOINTS
+    );
+    let functions = crate::symbols::functions(&exe, &opts.at)?;
+    let meta = Meta {
+        exe: exe.display().to_string(),
+        argv,
+        pid,
+        backend: if opts.kmod { "kmod" } else { "scan" }.into(),
+        codec: opts.codec,
+        ..Meta::default()
+    };
+    // Told to stop, we detach instead of dying with the program traced.
+    block_signals(&[libc::SIGCHLD, libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
+    let tracee = Tracee::attach(pid)?;
+    record_tracee(opts, tracee, meta, &exe, &functions, true)
+}
+
+/// Blocks `signals` in this thread and the threads it starts from now on (they are read
+/// from a signalfd by `run_loop`; another thread of ours must not take them).
+fn block_signals(signals: &[i32]) {
     // SAFETY: building a signal set and blocking it in this thread.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGCHLD);
+        for &sig in signals {
+            libc::sigaddset(&mut set, sig);
+        }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
+}
+
+/// Records `tracee` (spawned, or `attached` to) with a store thread beside.
+fn record_tracee(
+    opts: &Options,
+    mut tracee: Tracee,
+    meta: Meta,
+    exe: &std::path::Path,
+    functions: &[crate::symbols::Function],
+    attached: bool,
+) -> Result<Outcome> {
+    // Checkpoints queue for the store thread; a full queue makes the recorder (not the
+    // program) wait, and stays below cow.ko's window of 64 snapshots.
+    let (tx, rx) = mpsc::sync_channel::<Job>(16);
     let pid = tracee.pid;
     let out = opts.out.clone();
     let max_size = opts.max_size;
-    let store = std::thread::spawn(move || store_loop(pid, out, writer_meta, max_size, rx));
+    let store = std::thread::spawn(move || store_loop(pid, out, meta, max_size, rx));
     let mut rec = Recorder {
         pid,
         kmod: opts.kmod,
@@ -436,8 +498,10 @@ pub fn record(opts: &Options, argv: &[String], env: &[(String, String)]) -> Resu
         last_maps: String::new(),
         jobs: tx,
     };
-
-    let code = run_loop(&mut tracee, &mut rec, opts.every, &exe, &functions);
+    let code = run_loop(&mut tracee, &mut rec, opts.every, exe, functions, attached);
+    if attached {
+        tracee.detach()?; // the program goes on (or is gone already)
+    }
     drop(rec);
     let writer = store
         .join()
@@ -449,22 +513,30 @@ pub fn record(opts: &Options, argv: &[String], env: &[(String, String)]) -> Resu
     })
 }
 
-/// Waits for the program's events and the checkpoint timer until the program is gone.
+/// Waits for the program's events and the checkpoint timer until the program is gone (or,
+/// `attached`, until we are told to stop: then 0).
 fn run_loop(
     tracee: &mut Tracee,
     rec: &mut Recorder,
     every: Option<std::time::Duration>,
     exe: &std::path::Path,
     functions: &[crate::symbols::Function],
+    attached: bool,
 ) -> Result<i32> {
-    // SIGCHLD (a tracee stopped or exited) is read from a descriptor, next to the timer.
-    // SAFETY: building a signal set and a signalfd we own; the signal is blocked in this thread
-    // (the traced program unblocks it before exec).
+    // SIGCHLD (a tracee stopped or exited) and, attached, the signals that end the recording
+    // are read from a descriptor, next to the timer; they are blocked in all our threads.
+    let mut signals = vec![libc::SIGCHLD];
+    if attached {
+        signals.extend([libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
+    }
+    block_signals(&signals);
+    // SAFETY: building a signal set and a signalfd we own.
     let sfd = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGCHLD);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        for &sig in &signals {
+            libc::sigaddset(&mut set, sig);
+        }
         libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
     };
     anyhow::ensure!(sfd >= 0, "signalfd: {}", std::io::Error::last_os_error());
@@ -489,8 +561,10 @@ fn run_loop(
     let mut first = true;
     let mut crashed = false;
     // Once the program is exec'd (before it, the child is a copy of cowctl): its breakpoints
-    // are armed, and checkpoints count.
-    let mut execed = false;
+    // are armed, and checkpoints count. A process attached to runs its program already: it
+    // is stopped at once for its breakpoints and a first checkpoint.
+    let mut execed = attached;
+    let mut arm_pending = attached;
     let on_exec = |tracee: &mut Tracee, execed: &mut bool| {
         let ours =
             std::fs::read_link(format!("/proc/{}/exe", tracee.pid)).ok() == Some(exe.to_path_buf());
@@ -532,7 +606,7 @@ fn run_loop(
                 true
             }
             Some(Event::Exec) | None => false,
-        };
+        } || arm_pending;
         if tracee.take_exec() {
             on_exec(tracee, &mut execed);
             tracee.resume_all();
@@ -555,8 +629,17 @@ fn run_loop(
         unsafe { libc::poll(pfd.as_mut_ptr(), 2, if due { 0 } else { 100 }) };
         if pfd[1].revents != 0 {
             let mut info = [0u8; 128];
+            let mut stop = false;
             // SAFETY: draining signalfd records into a buffer of their size.
-            while unsafe { libc::read(sfd, info.as_mut_ptr().cast(), 128) } > 0 {}
+            while unsafe { libc::read(sfd, info.as_mut_ptr().cast(), 128) } > 0 {
+                // ssi_signo, the record's first field.
+                let signo = u32::from_ne_bytes(info[..4].try_into().expect("4 bytes")) as i32;
+                stop |= signo != libc::SIGCHLD;
+            }
+            if stop {
+                eprintln!("cowctl record: stopping; process {} goes on", tracee.pid);
+                break Ok(0);
+            }
         }
         if pfd[0].revents != 0 {
             let mut ticks = 0u64;
@@ -570,8 +653,9 @@ fn run_loop(
         if let Some(Event::Exited(code)) = tracee.stop_all()? {
             break Ok(code);
         }
-        if tracee.take_exec() {
-            on_exec(tracee, &mut execed); // exec'd while the threads were being stopped
+        // Exec'd while the threads were being stopped, or just attached to.
+        if tracee.take_exec() | std::mem::take(&mut arm_pending) {
+            on_exec(tracee, &mut execed);
         }
         // What happened up to this cut names the checkpoint (a crash or exit seen while
         // stopping the threads included).

@@ -4,7 +4,9 @@ use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::Path;
 
-/// `cowctl record`: returns the program's exit code.
+/// `cowctl record` (of `argv`, or of the running process `pid`): returns the program's exit
+/// code (0 when a process attached to is let go).
+#[allow(clippy::too_many_arguments)]
 pub fn record(
     every_ms: Option<f64>,
     at: &[String],
@@ -12,18 +14,29 @@ pub fn record(
     backend: &str,
     codec: &str,
     max_size: Option<u64>,
+    pid: Option<i32>,
     argv: &[String],
 ) -> Result<u8> {
-    let kmod = match backend {
-        "kmod" => {
+    let kmod = match (backend, pid) {
+        // A running process: its own space, if it runs under `cowctl run`.
+        ("kmod", Some(pid)) => {
+            drop(crate::remote::attach(pid).with_context(|| {
+                format!(
+                    "--backend kmod: process {pid} has no cow.ko space (is it under cowctl run?)"
+                )
+            })?);
+            true
+        }
+        ("auto", Some(pid)) => crate::remote::attach(pid).is_ok(),
+        ("kmod", None) => {
             drop(cow::Cow::open()?);
             true
         }
-        "auto" => cow::Cow::open().is_ok(),
+        ("auto", None) => cow::Cow::open().is_ok(),
         _ => false,
     };
     let mut env = Vec::new();
-    if kmod {
+    if kmod && pid.is_none() {
         let preload = crate::run::preload_path()?;
         let mut v = preload.into_os_string();
         if let Some(old) = std::env::var_os("LD_PRELOAD") {
@@ -45,7 +58,10 @@ pub fn record(
         kmod,
         max_size,
     };
-    let outcome = crate::record::record(&opts, argv, &env)?;
+    let outcome = match pid {
+        Some(pid) => crate::record::record_pid(&opts, pid)?,
+        None => crate::record::record(&opts, argv, &env)?,
+    };
     let s = outcome.stats;
     eprintln!(
         "cowctl record: {} checkpoints in {} ({}), {} page images, {} unique, {:.1} MiB on disk",

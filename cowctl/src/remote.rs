@@ -33,7 +33,7 @@ fn tgid_of(pid: i32) -> Option<i32> {
 }
 
 /// Refuses what is not a live process, with a message saying what it is.
-fn check_is_live_process(pid: i32) -> Result<()> {
+pub(crate) fn check_is_live_process(pid: i32) -> Result<()> {
     if state_of(pid) == Some('Z') {
         return Err(os_err(
             libc::ESRCH,

@@ -72,10 +72,11 @@ fn ptrace(req: libc::c_uint, tid: i32, addr: usize, data: usize) -> std::io::Res
     }
 }
 
-const OPTIONS: usize = (libc::PTRACE_O_TRACECLONE
-    | libc::PTRACE_O_TRACEEXIT
-    | libc::PTRACE_O_TRACEEXEC
-    | libc::PTRACE_O_EXITKILL) as usize;
+/// Options of a program we attach to: it outlives us.
+const ATTACH_OPTIONS: usize =
+    (libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC) as usize;
+/// Options of a program we start: it dies with us.
+const OPTIONS: usize = ATTACH_OPTIONS | libc::PTRACE_O_EXITKILL as usize;
 
 /// Signals after which the program cannot go on: the recorder checkpoints the faulting state.
 fn is_fatal(sig: i32) -> bool {
@@ -138,9 +139,88 @@ impl Tracee {
         })
     }
 
+    /// Seizes every thread of the running process `pid` (they keep running). It is not
+    /// killed if we die; [`Tracee::detach`] lets it go.
+    pub fn attach(pid: i32) -> Result<Self> {
+        let mut threads = BTreeMap::new();
+        // Threads created meanwhile are followed by the seized ones (TRACECLONE) or show up
+        // in the next listing: seize until a listing brings nothing new.
+        loop {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .with_context(|| format!("no process {pid}"))?;
+            let mut new = 0;
+            for t in tasks.flatten() {
+                let Some(tid) = t.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                    continue;
+                };
+                if threads.contains_key(&tid) {
+                    continue;
+                }
+                match ptrace(libc::PTRACE_SEIZE, tid, 0, ATTACH_OPTIONS) {
+                    Ok(_) => {
+                        threads.insert(tid, State::Running);
+                        new += 1;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {} // it just exited
+                    Err(e) => {
+                        let why = if e.raw_os_error() == Some(libc::EPERM) {
+                            " (another user's process, a tracer attached already, or \
+                             kernel.yama.ptrace_scope forbids it)"
+                        } else {
+                            ""
+                        };
+                        return Err(anyhow::Error::new(e)
+                            .context(format!("cannot trace process {pid}{why}")));
+                    }
+                }
+            }
+            if new == 0 {
+                break;
+            }
+        }
+        if threads.is_empty() {
+            bail!("no process {pid}");
+        }
+        Ok(Tracee {
+            pid,
+            threads,
+            stopping: false,
+            crash: None,
+            exiting: false,
+            hits: Vec::new(),
+            execed: false,
+            breakpoints: Vec::new(),
+            armed: Default::default(),
+        })
+    }
+
+    /// Lets an attached process go: every thread stopped, its breakpoints cleared (debug
+    /// registers outlive a detach) and detached with the signal it was stopped with.
+    pub fn detach(&mut self) -> Result<()> {
+        if let Some(Event::Exited(_)) = self.stop_all()? {
+            return Ok(());
+        }
+        for (tid, st) in std::mem::take(&mut self.threads) {
+            if self.armed.contains(&tid) {
+                let _ = ptrace(libc::PTRACE_POKEUSER, tid, debugreg(7), 0);
+                for n in 0..MAX_BREAKPOINTS {
+                    let _ = ptrace(libc::PTRACE_POKEUSER, tid, debugreg(n), 0);
+                }
+            }
+            let sig = match st {
+                State::Stopped { sig, .. } => sig,
+                State::Running => 0,
+            };
+            let _ = ptrace(libc::PTRACE_DETACH, tid, 0, sig as usize);
+        }
+        self.armed.clear();
+        Ok(())
+    }
+
     /// Arms execution breakpoints at `addrs` (at most [`MAX_BREAKPOINTS`]) in every thread:
     /// at once in stopped ones, at their next stop in running ones (new threads are armed at
-    /// their first stop: debug registers are not inherited).
+    /// their first stop: debug registers are not inherited). Call it with every thread
+    /// stopped, or a running one misses its breakpoints until something stops it.
     pub fn set_breakpoints(&mut self, addrs: &[u64]) {
         self.breakpoints = addrs.iter().copied().take(MAX_BREAKPOINTS).collect();
         self.armed.clear();

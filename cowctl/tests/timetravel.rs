@@ -370,3 +370,81 @@ fn at_names_an_unknown_function_before_running_anything() {
     assert!(!dir.join("rec").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn recording_a_live_pid_leaves_the_program_unchanged() {
+    let dir = scratch("pid");
+    let exe = buggy_list(&dir);
+    let args = ["5", "800"];
+    let plain = Command::new(&exe).args(args).output().unwrap();
+    assert!(plain.status.success());
+    let program = Command::new(&exe)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let rec = dir.join("rec");
+    // Interval checkpoints and breakpoints (which must be gone from the debug registers when
+    // the recorder lets go: a leftover one would kill the program with SIGTRAP).
+    let recorder = cowctl()
+        .args([
+            "record",
+            "--every",
+            "2",
+            "--at",
+            "step",
+            "--backend",
+            "scan",
+            "--out",
+        ])
+        .arg(&rec)
+        .arg("--pid")
+        .arg(program.id().to_string())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
+    let recorded = recorder.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&recorded.stderr);
+    assert!(recorded.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("goes on"),
+        "the program ended before SIGINT: {stderr}"
+    );
+    let live = program.wait_with_output().unwrap();
+    assert!(live.status.success(), "{live:?}");
+    assert_eq!(live.stdout, plain.stdout);
+    assert_eq!(live.stderr, plain.stderr);
+    // The recording holds the stretch recorded: the program mid-run, its stack included.
+    let text = debug(
+        &rec,
+        &["delorean present", "bt", "printf \"IT=%ld\\n\", iteration"],
+    );
+    assert!(text.contains("main (argc="), "{text}");
+    let it = value(&text, "IT");
+    assert!(it > 0 && it < 799, "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn recording_a_missing_pid_is_a_clear_error() {
+    let out = cowctl()
+        .args([
+            "record",
+            "--backend",
+            "scan",
+            "--out",
+            "/nonexistent/rec",
+            "--pid",
+            "999999999",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("999999999"), "{stderr}");
+}

@@ -10,10 +10,16 @@ use std::process::Command;
 
 /// This file's tests.
 pub fn tests() -> Vec<Test> {
-    vec![Test {
-        name: "timetravel::kmod_search_finds_the_bug",
-        run: kmod_search_finds_the_bug,
-    }]
+    vec![
+        Test {
+            name: "timetravel::kmod_search_finds_the_bug",
+            run: kmod_search_finds_the_bug,
+        },
+        Test {
+            name: "timetravel::kmod_record_pid_under_run",
+            run: kmod_record_pid_under_run,
+        },
+    ]
 }
 
 fn value(text: &str, key: &str) -> Result<i64> {
@@ -99,4 +105,131 @@ fn kmod_search_finds_the_bug() -> Result<()> {
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// `cowctl record --pid` on a program under `cowctl run`: its heap is read from the program's
+/// own cow.ko space; when the recorder is told to stop, the program goes on and prints exactly
+/// what it prints unrecorded, and none of the recorder's snapshots stay behind.
+fn kmod_record_pid_under_run() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("delorean-tt-pid-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let rec = dir.join("rec");
+    let args = ["9", "700"];
+    let plain = Command::new(sibling("buggy_list")?).args(args).output()?;
+    ensure!(plain.status.success(), "{plain:?}");
+    let run = Command::new(sibling("cowctl")?)
+        .args(["run", "--"])
+        .arg(sibling("buggy_list")?)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // The program is cowctl run's child, once its space exists.
+    let mut pid = 0;
+    for _ in 0..200 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        if let Some(p) = child_of(run.id() as i32) {
+            pid = p;
+            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+            if maps.contains("/dev/cow") {
+                break;
+            }
+        }
+    }
+    ensure!(pid > 0, "cowctl run started no program");
+    let recorder = Command::new(sibling("cowctl")?)
+        .args([
+            "record",
+            "--every",
+            "5",
+            "--at",
+            "step",
+            "--backend",
+            "kmod",
+            "--out",
+        ])
+        .arg(&rec)
+        .args(["--pid", &pid.to_string()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
+    let recorded = recorder.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&recorded.stderr);
+    ensure!(recorded.status.success(), "record --pid: {stderr}");
+    ensure!(
+        stderr.contains("goes on"),
+        "the program ended first: {stderr}"
+    );
+    // The space's snapshots now: the recorder took them all, and dropped them all.
+    let list = Command::new(sibling("cowctl")?)
+        .args(["list", "--json", &pid.to_string()])
+        .output()?;
+    ensure!(list.status.success(), "cowctl list: {list:?}");
+    let listed: serde_json::Value = serde_json::from_slice(&list.stdout)?;
+    ensure!(
+        listed.as_array().is_some_and(|a| a.is_empty()),
+        "snapshots left behind: {listed}"
+    );
+    let live = run.wait_with_output()?;
+    ensure!(live.status.success(), "{live:?}");
+    ensure!(live.stdout == plain.stdout, "stdout differs: {live:?}");
+    ensure!(live.stderr == plain.stderr, "stderr differs: {live:?}");
+    let info = Command::new(sibling("cowctl")?)
+        .args(["recording", "info", "--json"])
+        .arg(&rec)
+        .output()?;
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout)?;
+    ensure!(info["backend"] == "kmod", "{info}");
+    ensure!(info["checkpoints"].as_u64().unwrap_or(0) > 5, "{info}");
+    // At a breakpoint checkpoint (main entering step): the list (heap, in cow.ko) holds
+    // exactly the iterations before it.
+    let mut gdb = Command::new(sibling("cowctl")?);
+    gdb.arg("debug").arg(&rec).arg("-batch");
+    for c in [
+        "delorean search $pc == (long)&step --linear",
+        "printf \"ARG=%ld LEN=%ld\\n\", $rdi, list.length",
+        "bt",
+    ] {
+        gdb.args(["-ex", c]);
+    }
+    let out = gdb.output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(out.status.success(), "gdb: {text}");
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ARG="))
+        .with_context(|| format!("no ARG= in:\n{text}"))?;
+    let (arg, len) = line.split_once(" LEN=").context("LEN")?;
+    ensure!(
+        arg.trim() == len.trim(),
+        "step({arg}) with {len} nodes:\n{text}"
+    );
+    ensure!(text.contains("in main"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A child of `parent`, found in `/proc/*/stat` (the guest kernel has no
+/// `/proc/PID/task/TID/children`).
+fn child_of(parent: i32) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces): state, ppid, …
+        let ppid: i32 = stat
+            .rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        (ppid == parent).then_some(pid)
+    })
 }
