@@ -1,26 +1,28 @@
-//! `cowctl debug DIR [GDB ARGS…]`: Debian's gdb on a recording, the `delorean` commands loaded.
+//! `cowctl debug (DIR | --pid PID) [GDB ARGS…]`: Debian's gdb on a recording or on a live
+//! process's snapshots, the `delorean` commands loaded.
 
 use anyhow::{Context, Result};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
 
 /// The gdb extension (`delorean …` commands), shipped inside cowctl.
 const EXTENSION: &str = include_str!("gdb/delorean.py");
 
 /// Runs gdb; returns its exit code.
-pub fn run(dir: &Path, gdb_args: &[String]) -> Result<u8> {
-    let rec = store::Recording::open(dir)
-        .map_err(|e| anyhow::anyhow!("cannot open the recording {}: {e}", dir.display()))?;
-    let exe = rec.meta().exe.clone();
-    drop(rec);
+pub fn run(source: &crate::timeline::Source, gdb_args: &[String]) -> Result<u8> {
+    // Opened here once so that a bad directory or pid is our error, not gdb's.
+    let exe = source.open()?.exe();
     let ext = std::env::temp_dir().join(format!("delorean-gdb-{}.py", std::process::id()));
     std::fs::write(&ext, EXTENSION)?;
     let me = std::env::current_exe()?;
-    let dir = std::fs::canonicalize(dir)?;
+    let args: Vec<String> = source
+        .gdbserver_args()?
+        .iter()
+        .map(|a| shell_quote(a))
+        .collect();
     let remote = format!(
         "target remote | {} gdbserver {}",
         shell_quote(&me.to_string_lossy()),
-        shell_quote(&dir.to_string_lossy())
+        args.join(" ")
     );
     let status = std::process::Command::new("gdb")
         .args([

@@ -5,6 +5,7 @@
 //! them). Writes are refused: the past is read-only.
 
 use crate::record::{parse_maps, Mapping};
+use crate::timeline::Timeline;
 use gdbstub::common::{Signal, Tid};
 use gdbstub::conn::{Connection, ConnectionExt};
 use gdbstub::stub::{run_blocking, DisconnectReason, GdbStub, MultiThreadStopReason};
@@ -17,11 +18,12 @@ use std::collections::HashMap;
 use std::io::{BufRead, Read, Write};
 use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
-use store::{reg, Recording, ThreadState, PAGE};
+use store::{reg, ThreadState, PAGE};
 
-/// The recording as a gdb target, positioned at one checkpoint.
+/// A timeline (a recording, or a live process's snapshots) as a gdb target, positioned at
+/// one checkpoint.
 pub struct PastTarget {
-    rec: Recording,
+    rec: Box<dyn Timeline>,
     current: u64,
     threads: Vec<ThreadState>,
     maps: Vec<Mapping>,
@@ -30,7 +32,7 @@ pub struct PastTarget {
 
 impl PastTarget {
     /// Opens `rec` at its last checkpoint.
-    pub fn new(rec: Recording) -> anyhow::Result<Self> {
+    pub fn new(rec: Box<dyn Timeline>) -> anyhow::Result<Self> {
         let (_, last) = rec
             .range()
             .ok_or_else(|| anyhow::anyhow!("the recording has no checkpoint"))?;
@@ -45,9 +47,11 @@ impl PastTarget {
         Ok(t)
     }
 
-    fn goto(&mut self, number: u64) -> store::Result<()> {
+    fn goto(&mut self, number: u64) -> anyhow::Result<()> {
+        // Checked first: a missing checkpoint leaves the position unchanged.
+        self.rec.describe(number)?;
         self.threads = self.rec.threads(number)?;
-        self.maps = parse_maps(self.rec.maps(number)?);
+        self.maps = parse_maps(&self.rec.maps(number)?);
         self.current = number;
         Ok(())
     }
@@ -127,7 +131,8 @@ impl PastTarget {
                 let (first, last) = self.rec.range().unwrap_or((1, 0));
                 let from = arg(words.next()).unwrap_or(first).max(first);
                 let to = arg(words.next()).unwrap_or(last).min(last);
-                (from..=to).map(|n| self.describe(n)).collect()
+                // Numbers without a checkpoint (a live process's dropped snapshots) are skipped.
+                (from..=to).filter_map(|n| self.rec.describe(n).ok()).collect()
             }
             "when" => match (arg(words.next()), arg(words.next())) {
                 (Some(addr), Some(len)) => match self.rec.when(addr, len) {
@@ -143,28 +148,9 @@ impl PastTarget {
     }
 
     fn describe(&self, n: u64) -> String {
-        let first = self.rec.range().map_or(0, |r| r.0);
-        let t0 = self.rec.checkpoint(first).map_or(0, |c| c.0);
-        match self.rec.checkpoint(n) {
-            Ok((t, reason, sig)) => {
-                let mut extra = if sig != 0 {
-                    format!(" signal {sig}")
-                } else {
-                    String::new()
-                };
-                // The thread a crash or breakpoint is about is recorded first.
-                if matches!(reason, store::Reason::Crash | store::Reason::Breakpoint) {
-                    if let Some(t) = self.rec.threads(n).ok().and_then(|t| t.first().cloned()) {
-                        extra.push_str(&format!(" thread {}", t.tid));
-                    }
-                }
-                format!(
-                    "checkpoint {n} at +{:.6} s ({reason:?}{extra})",
-                    (t - t0) as f64 / 1e9
-                )
-            }
-            Err(e) => format!("error: {e}"),
-        }
+        self.rec
+            .describe(n)
+            .unwrap_or_else(|e| format!("error: {e:#}"))
     }
 }
 
@@ -302,7 +288,7 @@ fn xfer(data: &[u8], offset: u64, length: usize, buf: &mut [u8]) -> usize {
 
 impl gdbstub::target::ext::auxv::Auxv for PastTarget {
     fn get_auxv(&self, offset: u64, length: usize, buf: &mut [u8]) -> TargetResult<usize, Self> {
-        Ok(xfer(&self.rec.meta().auxv, offset, length, buf))
+        Ok(xfer(&self.rec.auxv(), offset, length, buf))
     }
 }
 
@@ -314,7 +300,7 @@ impl gdbstub::target::ext::exec_file::ExecFile for PastTarget {
         length: usize,
         buf: &mut [u8],
     ) -> TargetResult<usize, Self> {
-        Ok(xfer(self.rec.meta().exe.as_bytes(), offset, length, buf))
+        Ok(xfer(self.rec.exe().as_bytes(), offset, length, buf))
     }
 }
 
@@ -375,10 +361,8 @@ impl run_blocking::BlockingEventLoop for PastLoop {
 }
 
 /// Serves `dir` to one gdb: over stdin/stdout, or on `listen` (host:port).
-pub fn serve(dir: &std::path::Path, listen: Option<&str>) -> anyhow::Result<()> {
-    let rec = Recording::open(dir)
-        .map_err(|e| anyhow::anyhow!("cannot open the recording {}: {e}", dir.display()))?;
-    let mut target = PastTarget::new(rec)?;
+pub fn serve(source: &crate::timeline::Source, listen: Option<&str>) -> anyhow::Result<()> {
+    let mut target = PastTarget::new(source.open()?)?;
     let conn: Box<dyn ConnectionExt<Error = std::io::Error>> = match listen {
         Some(addr) => {
             let l = std::net::TcpListener::bind(addr)?;

@@ -4,6 +4,7 @@ mod bench;
 mod debug;
 mod exit;
 mod gdbserver;
+mod live;
 mod program;
 mod record;
 mod record_bench;
@@ -14,6 +15,7 @@ mod snapshots;
 mod speculate_bench;
 mod status;
 mod symbols;
+mod timeline;
 mod tracer;
 
 use clap::builder::PossibleValuesParser;
@@ -264,11 +266,16 @@ enum Command {
     /// Serve a recording to gdb (GDB remote protocol): every thread's registers and memory as
     /// of a checkpoint; `monitor goto N` moves in time. Over stdin/stdout unless --listen.
     #[command(
-        after_help = "Examples:\n  gdb -ex 'target remote | cowctl gdbserver run1' ./prog\n  cowctl gdbserver run1 --listen 127.0.0.1:2345"
+        after_help = "Examples:\n  gdb -ex 'target remote | cowctl gdbserver run1' ./prog\n  cowctl gdbserver run1 --listen 127.0.0.1:2345\n  cowctl gdbserver --pid 4242 --listen 127.0.0.1:2345"
     )]
     Gdbserver {
         /// The recording directory.
-        dir: std::path::PathBuf,
+        #[arg(required_unless_present = "pid")]
+        dir: Option<std::path::PathBuf>,
+        /// Instead: the live process PID (under `cowctl run`): its cow.ko snapshots, read while
+        /// it runs (covered memory as of each snapshot; the rest as it is now).
+        #[arg(long, conflicts_with = "dir")]
+        pid: Option<i32>,
         /// Listen on HOST:PORT for one gdb instead of speaking on stdin/stdout.
         #[arg(long, value_name = "HOST:PORT")]
         listen: Option<String>,
@@ -276,11 +283,16 @@ enum Command {
     /// Open Debian's gdb on a recording, with the `delorean` commands loaded (goto, next, prev,
     /// present, list, search, when, for). GDB ARGS pass through (`-batch -ex …` scripts it).
     #[command(
-        after_help = "Examples:\n  cowctl debug run1\n  cowctl debug run1 -batch -ex 'delorean search list.head->magic != 0x5eed' -ex bt"
+        after_help = "Examples:\n  cowctl debug run1\n  cowctl debug run1 -batch -ex 'delorean search list.head->magic != 0x5eed' -ex bt\n  cowctl debug --pid 4242 -batch -ex 'delorean goto 3' -ex 'print table.count'"
     )]
     Debug {
-        /// The recording directory.
-        dir: std::path::PathBuf,
+        /// The recording directory (with --pid: the first argument for gdb).
+        #[arg(required_unless_present = "pid", allow_hyphen_values = true)]
+        dir: Option<std::path::PathBuf>,
+        /// Instead: the live process PID (under `cowctl run`), its cow.ko snapshots as
+        /// checkpoints; it keeps running, untouched.
+        #[arg(long)]
+        pid: Option<i32>,
         /// Arguments for gdb.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         gdb_args: Vec<String>,
@@ -481,15 +493,28 @@ fn main() -> ExitCode {
             }
         }
         Command::Recording(RecordingCommand::Info { dir, json }) => recording::info(&dir, json),
-        Command::Gdbserver { dir, listen } => gdbserver::serve(&dir, listen.as_deref()),
-        Command::Debug { dir, gdb_args } => {
-            return match debug::run(&dir, &gdb_args) {
+        Command::Gdbserver { dir, pid, listen } => {
+            gdbserver::serve(&timeline::Source::new(dir, pid), listen.as_deref())
+        }
+        Command::Debug { dir, pid, gdb_args } => {
+            let (source, gdb_args) = match pid {
+                // `dir` is gdb's first argument then.
+                Some(pid) => (
+                    timeline::Source::Pid(pid),
+                    dir.map(|d| d.display().to_string())
+                        .into_iter()
+                        .chain(gdb_args)
+                        .collect(),
+                ),
+                None => (timeline::Source::new(dir, None), gdb_args),
+            };
+            return match debug::run(&source, &gdb_args) {
                 Ok(code) => ExitCode::from(code),
                 Err(err) => {
                     eprintln!("cowctl: {err:#}");
                     ExitCode::from(exit::code_for(&err))
                 }
-            }
+            };
         }
         Command::Recording(RecordingCommand::Read {
             dir,

@@ -73,10 +73,10 @@ pub(crate) fn parse_maps(text: &str) -> Vec<Mapping> {
 }
 
 /// Space offsets inside a file offset of `/dev/cow` (the rest is the space's base).
-const SPACE_OFFSET_MASK: u64 = (1 << 44) - 1;
+pub(crate) const SPACE_OFFSET_MASK: u64 = (1 << 44) - 1;
 
 /// Reads `len` bytes at `addr` of process `pid`; returns how many could be read.
-fn read_remote(pid: i32, addr: u64, buf: &mut [u8]) -> usize {
+pub(crate) fn read_remote(pid: i32, addr: u64, buf: &mut [u8]) -> usize {
     let local = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),

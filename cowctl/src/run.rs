@@ -50,8 +50,8 @@ fn mask_forwarded(how: libc::c_int) {
 }
 
 /// Starts `cmd` with the forwarded signals passed on to it from the first instant: they are
-/// held (blocked) while it starts and delivered once its pid is known. Rust resets the child's
-/// signal mask before `exec`, so the program starts with nothing blocked.
+/// held (blocked) while it starts and delivered once its pid is known; the child unblocks
+/// them before `exec`.
 fn spawn_forwarding(cmd: &mut std::process::Command) -> std::io::Result<std::process::Child> {
     // SAFETY: installing an async-signal-safe handler for signals whose default would kill us.
     unsafe {
@@ -65,6 +65,16 @@ fn spawn_forwarding(cmd: &mut std::process::Command) -> std::io::Result<std::pro
         }
     }
     mask_forwarded(libc::SIG_BLOCK);
+    // std does not reset the signal mask of the child: without this the program would start
+    // with SIGTERM, SIGINT, … blocked, and nothing could stop it.
+    // SAFETY: the hook runs in the child between fork and exec and only calls
+    // pthread_sigmask (async-signal-safe) on a set built on its stack.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            mask_forwarded(libc::SIG_UNBLOCK);
+            Ok(())
+        })
+    };
     let child = cmd.spawn();
     if let Ok(c) = &child {
         CHILD.store(c.id() as i32, Ordering::Relaxed);

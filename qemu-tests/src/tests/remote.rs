@@ -342,7 +342,7 @@ fn restore_leaves_a_stopped_process_stopped() -> Result<()> {
 }
 
 /// SIGTERM, SIGHUP and SIGINT sent to `cowctl run` (by kill, not a terminal) reach the program,
-/// and cowctl exits with the program's status.
+/// and cowctl exits with the program's status; the program starts with none of them blocked.
 fn run_forwards_signals() -> Result<()> {
     use std::os::unix::process::ExitStatusExt;
     for (sig, code) in [(libc::SIGTERM, 42), (libc::SIGHUP, 43), (libc::SIGINT, 44)] {
@@ -379,5 +379,28 @@ fn run_forwards_signals() -> Result<()> {
             status.signal()
         );
     }
+    // A program that leaves its signal mask alone (a shell's trap unblocks the signal): it
+    // must not inherit cowctl's blocked mask, or SIGTERM would stay pending for ever.
+    let mut child = Command::new(sibling("cowctl")?)
+        .args(["run", "--", "/bin/sleep", "60"])
+        .spawn()?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("sleep under cowctl run ignored SIGTERM (started with it blocked?)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    ensure!(
+        status.code() == Some(128 + libc::SIGTERM),
+        "sleep: cowctl exited {status:?}"
+    );
     Ok(())
 }

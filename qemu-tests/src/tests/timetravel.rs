@@ -19,6 +19,10 @@ pub fn tests() -> Vec<Test> {
             name: "timetravel::kmod_record_pid_under_run",
             run: kmod_record_pid_under_run,
         },
+        Test {
+            name: "timetravel::kmod_debug_live_pid",
+            run: kmod_debug_live_pid,
+        },
     ]
 }
 
@@ -108,31 +112,30 @@ fn kmod_search_finds_the_bug() -> Result<()> {
 }
 
 /// `cowctl record --pid` on a program under `cowctl run`: its heap is read from the program's
-/// own cow.ko space; when the recorder is told to stop, the program goes on and prints exactly
-/// what it prints unrecorded, and none of the recorder's snapshots stay behind.
+/// own cow.ko space; when the recorder is told to stop, the program goes on undisturbed (its
+/// log stays the unbroken sequence it prints unobserved) and none of the recorder's snapshots
+/// stay behind.
 fn kmod_record_pid_under_run() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("delorean-tt-pid-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let rec = dir.join("rec");
-    let args = ["9", "700"];
-    let plain = Command::new(sibling("buggy_list")?).args(args).output()?;
-    ensure!(plain.status.success(), "{plain:?}");
+    // Runs far longer than the test; stopped with SIGTERM at the end.
     let run = Command::new(sibling("cowctl")?)
         .args(["run", "--"])
         .arg(sibling("buggy_list")?)
-        .args(args)
+        .args(["9", "100000"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     // The program is cowctl run's child, once its space exists.
     let mut pid = 0;
-    for _ in 0..200 {
+    for _ in 0..500 {
         std::thread::sleep(std::time::Duration::from_millis(10));
         if let Some(p) = child_of(run.id() as i32) {
-            pid = p;
-            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+            let maps = std::fs::read_to_string(format!("/proc/{p}/maps")).unwrap_or_default();
             if maps.contains("/dev/cow") {
+                pid = p;
                 break;
             }
         }
@@ -158,25 +161,42 @@ fn kmod_record_pid_under_run() -> Result<()> {
     unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
     let recorded = recorder.wait_with_output()?;
     let stderr = String::from_utf8_lossy(&recorded.stderr);
+    // The space's snapshots now: the recorder took them all, and dropped them all.
+    let list = Command::new(sibling("cowctl")?)
+        .args(["list", "--json", &pid.to_string()])
+        .output()?;
+    std::thread::sleep(std::time::Duration::from_millis(300)); // the program goes on
+                                                               // SAFETY: as above; cowctl run passes SIGTERM on.
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    let live = run.wait_with_output()?;
+    let log = String::from_utf8_lossy(&live.stderr);
+    let tail: Vec<&str> = log.lines().rev().take(3).collect();
     ensure!(recorded.status.success(), "record --pid: {stderr}");
     ensure!(
         stderr.contains("goes on"),
         "the program ended first: {stderr}"
     );
-    // The space's snapshots now: the recorder took them all, and dropped them all.
-    let list = Command::new(sibling("cowctl")?)
-        .args(["list", "--json", &pid.to_string()])
-        .output()?;
-    ensure!(list.status.success(), "cowctl list: {list:?}");
+    ensure!(
+        list.status.success(),
+        "cowctl list: {list:?}; the program: {:?}, log ends {tail:?}",
+        live.status
+    );
     let listed: serde_json::Value = serde_json::from_slice(&list.stdout)?;
     ensure!(
         listed.as_array().is_some_and(|a| a.is_empty()),
         "snapshots left behind: {listed}"
     );
-    let live = run.wait_with_output()?;
-    ensure!(live.status.success(), "{live:?}");
-    ensure!(live.stdout == plain.stdout, "stdout differs: {live:?}");
-    ensure!(live.stderr == plain.stderr, "stderr differs: {live:?}");
+    // Undisturbed, and still running after the recorder left: killed by our SIGTERM only.
+    ensure!(
+        live.status.code() == Some(128 + libc::SIGTERM),
+        "{:?}",
+        live.status
+    );
+    let iters: Vec<&str> = log.lines().filter(|l| l.starts_with("iter ")).collect();
+    ensure!(!iters.is_empty(), "{log}");
+    for (i, l) in iters.iter().enumerate() {
+        ensure!(*l == format!("iter {i}"), "line {i} is {l:?}");
+    }
     let info = Command::new(sibling("cowctl")?)
         .args(["recording", "info", "--json"])
         .arg(&rec)
@@ -232,4 +252,101 @@ fn child_of(parent: i32) -> Option<i32> {
             .ok()?;
         (ppid == parent).then_some(pid)
     })
+}
+
+/// The list's state in gdb's output: `IT=… LEN=… TAIL=…` after the label.
+fn list_state(text: &str, label: &str) -> Result<(i64, i64, i64)> {
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{label} ")))
+        .with_context(|| format!("no {label} line in:\n{text}"))?;
+    let v: Vec<i64> = line
+        .split_whitespace()
+        .filter_map(|w| w.split_once('=')?.1.parse().ok())
+        .collect();
+    ensure!(v.len() == 3, "{label} {line}:\n{text}");
+    Ok((v[0], v[1], v[2]))
+}
+
+/// `cowctl debug --pid` on a program under `cowctl run`, with two snapshots taken 0.8 s
+/// apart: gdb reads the heap and globals as of each while the program runs on; each shows one
+/// consistent instant (the list's length, its tail node in the heap and the iteration agree),
+/// the second later than the first; `when` names the second as where the length changed; the
+/// program is not disturbed (its log stays the unbroken sequence it prints unobserved).
+fn kmod_debug_live_pid() -> Result<()> {
+    // Long enough to outlive gdb's start in a slow guest; stopped with SIGTERM at the end.
+    let run = Command::new(sibling("cowctl")?)
+        .args(["run", "--"])
+        .arg(sibling("buggy_list")?)
+        .args(["9", "100000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut snaps = Vec::new();
+    let mut pid = 0;
+    for _ in 0..2 {
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        pid = child_of(run.id() as i32).context("cowctl run started no program")?;
+        let out = Command::new(sibling("cowctl")?)
+            .args(["snapshot", &pid.to_string()])
+            .output()?;
+        ensure!(out.status.success(), "cowctl snapshot: {out:?}");
+        snaps.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    let mut gdb = Command::new(sibling("cowctl")?);
+    gdb.args(["debug", "--pid", &pid.to_string(), "-batch"]);
+    let show = "printf \"IT=%ld LEN=%ld TAIL=%ld\\n\", iteration, list.length, list.tail->value";
+    for c in [
+        "delorean list".to_string(),
+        format!("delorean goto {}", snaps[0]),
+        "echo PAST \\n".to_string(),
+        show.to_string(),
+        format!("delorean goto {}", snaps[1]),
+        "echo LATER \\n".to_string(),
+        show.to_string(),
+        "delorean when list.length".to_string(),
+    ] {
+        gdb.args(["-ex", &c]);
+    }
+    let out = gdb.output()?;
+    // SAFETY: kill has no memory-safety preconditions; cowctl run passes SIGTERM on.
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    let live = run.wait_with_output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(out.status.success(), "gdb: {text}");
+    let text = text
+        .replace("PAST \nIT", "PAST IT")
+        .replace("LATER \nIT", "LATER IT");
+    let mut instants = Vec::new();
+    for label in ["PAST", "LATER"] {
+        let (it, len, tail) = list_state(&text, label)?;
+        // One instant: iteration i is set before its node is appended (length i or i + 1),
+        // and the tail node holds 7 * index + 1 whether or not the length counts it yet.
+        ensure!(
+            len > 0 && (len - it == 0 || len - it == 1),
+            "{label}: {text}"
+        );
+        ensure!(
+            tail == 7 * (len - 1) + 1 || tail == 7 * len + 1,
+            "{label}: {text}"
+        );
+        instants.push((it, len));
+    }
+    ensure!(
+        instants[1].0 > instants[0].0 && instants[1].1 > instants[0].1,
+        "{text}"
+    );
+    ensure!(text.lines().any(|l| l.trim() == snaps[1]), "when: {text}");
+    // Undisturbed: "iter 0", "iter 1", … with none missing or repeated.
+    let log = String::from_utf8_lossy(&live.stderr);
+    let iters: Vec<&str> = log.lines().filter(|l| l.starts_with("iter ")).collect();
+    ensure!(iters.len() as i64 > instants[1].0, "{log}");
+    for (i, l) in iters.iter().enumerate() {
+        ensure!(*l == format!("iter {i}"), "line {i} is {l:?}");
+    }
+    Ok(())
 }
