@@ -1,7 +1,7 @@
 //! The log's framing: every record is a 16-byte header (magic, kind, length, CRC-32 of kind,
 //! length and payload) followed by its payload.
 
-use std::io::{Read, Write};
+use std::io::Write;
 
 /// "DLRC" little-endian: the first bytes of every record.
 pub(crate) const MAGIC: u32 = u32::from_le_bytes(*b"DLRC");
@@ -50,55 +50,45 @@ pub(crate) fn write(out: &mut impl Write, kind: Kind, payload: &[u8]) -> std::io
     Ok((HEADER + payload.len()) as u64)
 }
 
-/// What reading a record found.
-pub(crate) enum Found {
-    /// A valid record.
-    Record(Kind, Vec<u8>),
-    /// The input ended cleanly before a new record.
+/// What parsing a record in memory found (the payload borrowed).
+pub(crate) enum Parsed<'a> {
+    /// A valid record and its size (header included).
+    Record(Kind, &'a [u8], usize),
+    /// `data` is empty: the log ended cleanly before a new record.
     End,
     /// An incomplete or invalid record (torn tail or corruption), with why.
     Bad(String),
 }
 
-/// Reads the next record.
-pub(crate) fn read(input: &mut impl Read) -> std::io::Result<Found> {
-    let mut header = [0u8; HEADER];
-    let mut got = 0;
-    while got < HEADER {
-        let n = input.read(&mut header[got..])?;
-        if n == 0 {
-            return Ok(if got == 0 {
-                Found::End
-            } else {
-                Found::Bad(format!("a {got}-byte partial header"))
-            });
-        }
-        got += n;
+/// Parses the record at the start of `data`, checksum verified, without copying.
+pub(crate) fn parse(data: &[u8]) -> Parsed<'_> {
+    if data.is_empty() {
+        return Parsed::End;
     }
-    if u32::from_le_bytes(header[..4].try_into().unwrap()) != MAGIC {
-        return Ok(Found::Bad("no record magic".into()));
+    if data.len() < HEADER {
+        return Parsed::Bad(format!("a {}-byte partial header", data.len()));
     }
-    let Some(kind) = Kind::from_u8(header[4]) else {
-        return Ok(Found::Bad(format!("unknown record kind {}", header[4])));
+    if u32::from_le_bytes(data[..4].try_into().unwrap()) != MAGIC {
+        return Parsed::Bad("no record magic".into());
+    }
+    let Some(kind) = Kind::from_u8(data[4]) else {
+        return Parsed::Bad(format!("unknown record kind {}", data[4]));
     };
-    let len = u32::from_le_bytes(header[8..12].try_into().unwrap());
+    let len = u32::from_le_bytes(data[8..12].try_into().unwrap());
     if len > MAX_PAYLOAD {
-        return Ok(Found::Bad(format!("record length {len}")));
+        return Parsed::Bad(format!("record length {len}"));
     }
-    let mut payload = vec![0u8; len as usize];
-    let mut got = 0;
-    while got < payload.len() {
-        let n = input.read(&mut payload[got..])?;
-        if n == 0 {
-            return Ok(Found::Bad(format!("a record cut at {got} of {len} bytes")));
-        }
-        got += n;
+    let Some(payload) = data.get(HEADER..HEADER + len as usize) else {
+        return Parsed::Bad(format!(
+            "a record cut at {} of {len} bytes",
+            data.len() - HEADER
+        ));
+    };
+    let want = u32::from_le_bytes(data[12..16].try_into().unwrap());
+    if crc(data[4], len, payload) != want {
+        return Parsed::Bad("checksum mismatch".into());
     }
-    let want = u32::from_le_bytes(header[12..16].try_into().unwrap());
-    if crc(header[4], len, &payload) != want {
-        return Ok(Found::Bad("checksum mismatch".into()));
-    }
-    Ok(Found::Record(kind, payload))
+    Parsed::Record(kind, payload, HEADER + len as usize)
 }
 
 /// Little-endian field reader over a payload.

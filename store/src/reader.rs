@@ -1,11 +1,9 @@
 //! Opening a recording: verify every record, index every page, answer reads of the past.
 
-use crate::frame::{self, Fields, Found, Kind};
+use crate::frame::{self, Fields, Kind, Parsed};
 use crate::{Codec, Error, Meta, Reason, Result, ThreadState, LOG_FILE, PAGE};
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -64,7 +62,8 @@ pub struct Info {
 
 /// A recording opened for reading.
 pub struct Recording {
-    file: File,
+    /// The log, mapped read-only: records are parsed and verified in place.
+    log: memmap2::Mmap,
     meta: Meta,
     checkpoints: Vec<Entry>,
     /// Page address → (checkpoint index, blob), in checkpoint order.
@@ -97,7 +96,7 @@ fn valid_record_in(data: &[u8]) -> bool {
     let mut i = 0;
     while i + frame::HEADER <= data.len() {
         if data[i..i + 4] == magic {
-            if let Ok(Found::Record(..)) = frame::read(&mut &data[i..]) {
+            if let Parsed::Record(..) = frame::parse(&data[i..]) {
                 return true;
             }
         }
@@ -119,9 +118,15 @@ impl Recording {
             _ => Error::Io(e),
         })?;
         let log_len = file.metadata()?.len();
-        let mut input = BufReader::with_capacity(1 << 20, file.try_clone()?);
+        if log_len == 0 {
+            return Err(Error::NotARecording(format!("{} is empty", path.display())));
+        }
+        // SAFETY: a recording is append-only: bytes once written never change, and only the
+        // prefix that existed now is mapped. (Truncating it from another process while it is
+        // open — `repair` of the same directory — would fault; cowctl never does that.)
+        let log = unsafe { memmap2::Mmap::map(&file)? };
         let mut r = Recording {
-            file,
+            log,
             meta: Meta::default(),
             checkpoints: Vec::new(),
             pages: HashMap::new(),
@@ -137,27 +142,24 @@ impl Recording {
         // Blobs count once a checkpoint that follows them is complete.
         let (mut blobs, mut blob_bytes) = (0u64, 0u64);
         loop {
-            let found = frame::read(&mut input)?;
             let last = r.checkpoints.last().map_or(0, |e| e.number);
+            let found = frame::parse(&r.log[offset as usize..]);
             match found {
-                Found::End => break,
-                Found::Bad(why) => {
+                Parsed::End => break,
+                Parsed::Bad(why) => {
                     if offset == 0 {
                         return Err(Error::NotARecording(format!("{}: {why}", path.display())));
                     }
-                    let mut rest = Vec::new();
-                    input.get_mut().seek(SeekFrom::Start(offset + 1))?;
-                    input.get_mut().read_to_end(&mut rest)?;
-                    if valid_record_in(&rest) {
+                    if valid_record_in(&r.log[offset as usize + 1..]) {
                         return Err(corrupt(offset, last, why));
                     }
                     break; // a torn tail: what follows the last checkpoint is ignored
                 }
-                Found::Record(kind, payload) => {
-                    let size = (frame::HEADER + payload.len()) as u64;
+                Parsed::Record(kind, payload, size) => {
+                    let size = size as u64;
                     match kind {
                         Kind::Meta if offset == 0 => {
-                            r.meta = serde_json::from_slice(&payload)
+                            r.meta = serde_json::from_slice(payload)
                                 .map_err(|e| corrupt(0, 0, format!("meta record: {e}")))?;
                             if r.meta.version != crate::FORMAT_VERSION {
                                 return Err(Error::NotARecording(format!(
@@ -177,6 +179,7 @@ impl Recording {
                             blob_bytes += size;
                         }
                         Kind::Checkpoint => {
+                            let payload = payload.to_vec(); // index_checkpoint borrows r
                             r.index_checkpoint(offset, &payload)?;
                             r.valid_len = offset + size;
                             r.unique_pages = blobs;
@@ -373,31 +376,19 @@ impl Recording {
 
     /// The raw payload of the blob record at `offset` (for copying it verbatim).
     pub(crate) fn blob_payload(&self, offset: u64) -> Result<Vec<u8>> {
-        self.record_at(offset, 0)
+        Ok(self.record_at(offset, 0)?.to_vec())
     }
 
-    /// Reads and re-verifies the record at `offset`; returns its payload.
-    fn record_at(&self, offset: u64, near: u64) -> Result<Vec<u8>> {
-        // One read covers the header and a page-sized payload (most records); a longer
-        // record reads the rest.
-        let mut rec = vec![0u8; frame::HEADER + PAGE + 64];
-        let got = self.file.read_at(&mut rec, offset)?;
-        if got < frame::HEADER {
-            return Err(corrupt(offset, near, "truncated"));
-        }
-        let len = u32::from_le_bytes(rec[8..12].try_into().unwrap()) as usize;
-        let want = frame::HEADER + len.min(frame::MAX_PAYLOAD as usize);
-        if want > got {
-            rec.resize(want, 0);
-            self.file
-                .read_exact_at(&mut rec[got..], offset + got as u64)?;
-        } else {
-            rec.truncate(want);
-        }
-        match frame::read(&mut rec.as_slice())? {
-            Found::Record(_, payload) => Ok(payload),
-            Found::Bad(why) => Err(corrupt(offset, near, why)),
-            Found::End => Err(corrupt(offset, near, "empty")),
+    /// Re-verifies the record at `offset`; returns its payload.
+    fn record_at(&self, offset: u64, near: u64) -> Result<&[u8]> {
+        let data = self
+            .log
+            .get(offset as usize..self.valid_len as usize)
+            .ok_or_else(|| corrupt(offset, near, "offset past the recording's end"))?;
+        match frame::parse(data) {
+            Parsed::Record(_, payload, _) => Ok(payload),
+            Parsed::Bad(why) => Err(corrupt(offset, near, why)),
+            Parsed::End => Err(corrupt(offset, near, "empty")),
         }
     }
 
