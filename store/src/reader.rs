@@ -302,7 +302,7 @@ impl Recording {
     pub fn threads(&self, number: u64) -> Result<Vec<Thread>> {
         let e = self.checkpoints[self.index_of(number)?];
         let payload = self.record_at(e.offset, e.number)?;
-        let mut f = Fields::new(&payload);
+        let mut f = Fields::new(payload);
         f.bytes(24); // number, time, reason, signal
         let n = f.u32().unwrap_or(0);
         let mut threads = Vec::with_capacity(n as usize);
@@ -331,7 +331,7 @@ impl Recording {
     pub(crate) fn delta(&self, number: u64) -> Result<Vec<(u64, u64)>> {
         let e = self.checkpoints[self.index_of(number)?];
         let payload = self.record_at(e.offset, e.number)?;
-        let mut f = Fields::new(&payload);
+        let mut f = Fields::new(payload);
         f.bytes(24);
         let threads = f.u32().unwrap_or(0);
         for _ in 0..threads {
@@ -412,7 +412,7 @@ impl Recording {
             vec![0u8; PAGE]
         } else {
             let payload = self.record_at(blob, near)?;
-            let mut f = Fields::new(&payload);
+            let mut f = Fields::new(payload);
             let bad = |w: &str| corrupt(blob, near, format!("page blob: {w}"));
             let hash =
                 u128::from_le_bytes(f.bytes(16).ok_or_else(|| bad("short"))?.try_into().unwrap());
