@@ -6,7 +6,7 @@
 //! the same worker without recording as the baseline; then the recording is opened and the
 //! reads a debugger does are timed: `goto` (the counter's page at a random checkpoint), a
 //! bisection `search` for the first checkpoint where the counter passed half its final value,
-//! and `when` over the counter.
+//! and `when` over the counter. Then the same for a real program, perl-kv (`perl_rows`).
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -129,7 +129,7 @@ pub fn run(cfg: &Config) -> Result<()> {
     anyhow::ensure!(status.success(), "the workload failed: {status}");
     let plain_s = t.elapsed().as_secs_f64();
     let mut rows = Vec::new();
-    for backend in backends {
+    for &backend in &backends {
         for codec in store::Codec::ALL {
             if !cfg.codecs.is_empty() && !cfg.codecs.iter().any(|c| c == codec.name()) {
                 continue;
@@ -218,14 +218,16 @@ pub fn run(cfg: &Config) -> Result<()> {
             let _ = std::fs::remove_dir_all(&out);
         }
     }
+    perl_rows(cfg, &dir, &backends, &mut rows)?;
     let _ = std::fs::remove_dir_all(&dir);
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
     println!(
-        "{:<6} {:<5} {:>7} {:>8} {:>8} {:>9} {:>6} {:>8} {:>8} {:>8} {:>9} {:>8}",
+        "{:<6} {:<8} {:<5} {:>7} {:>8} {:>8} {:>9} {:>6} {:>8} {:>8} {:>8} {:>9} {:>8}",
         "backend",
+        "workload",
         "codec",
         "ckpts",
         "ckpt/s",
@@ -240,10 +242,119 @@ pub fn run(cfg: &Config) -> Result<()> {
     );
     for r in &rows {
         println!(
-            "{:<6} {:<5} {:>7} {:>8.0} {:>8.2} {:>9.0} {:>6.1} {:>8.1} {:>8.1} {:>8.3} {:>9.2} {:>8.2}",
-            r.backend, r.codec, r.checkpoints, r.ckpt_per_s, r.slowdown, r.bytes_per_ckpt,
+            "{:<6} {:<8} {:<5} {:>7} {:>8.0} {:>8.2} {:>9.0} {:>6.1} {:>8.1} {:>8.1} {:>8.3} {:>9.2} {:>8.2}",
+            r.backend, r.workload, r.codec, r.checkpoints, r.ckpt_per_s, r.slowdown, r.bytes_per_ckpt,
             r.dedup_ratio, r.compress_ratio, r.open_ms, r.goto_ms, r.search_ms, r.when_ms
         );
+    }
+    Ok(())
+}
+
+/// The real program of `cowctl bench --speculate` (perl running a key-value cache), recorded
+/// per backend and codec. Reads are timed on its busiest page: `goto` at random checkpoints, a
+/// bisection's worth of reads for `search`, `when` over the whole page.
+fn perl_rows(
+    cfg: &Config,
+    dir: &std::path::Path,
+    backends: &[&str],
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    // Its checksum line would land in our output: the script's stdout goes nowhere.
+    let script = format!(
+        "open STDOUT, '>', '/dev/null';\n{}",
+        crate::speculate_bench::KV_SCRIPT
+    );
+    let argv = vec!["perl".to_string(), "-e".to_string(), script];
+    let t = Instant::now();
+    match std::process::Command::new("perl").args(&argv[1..]).status() {
+        Ok(s) if s.success() => {}
+        _ => {
+            eprintln!("cowctl bench --record: no perl here; the perl-kv workload is skipped");
+            return Ok(());
+        }
+    }
+    let plain_s = t.elapsed().as_secs_f64();
+    for &backend in backends {
+        for codec in store::Codec::ALL {
+            if !cfg.codecs.is_empty() && !cfg.codecs.iter().any(|c| c == codec.name()) {
+                continue;
+            }
+            eprintln!(
+                "cowctl bench --record: {backend}, perl-kv, {}, every {} ms",
+                codec.name(),
+                cfg.every_ms
+            );
+            let out = dir.join(format!("perl-{backend}-{}", codec.name()));
+            let opts = crate::record::Options {
+                every: Some(std::time::Duration::from_secs_f64(cfg.every_ms / 1000.0)),
+                at: Vec::new(),
+                out: out.clone(),
+                codec,
+                kmod: backend == "kmod",
+                max_size: None,
+            };
+            let mut env = Vec::new();
+            if backend == "kmod" {
+                let preload = crate::run::preload_path()?;
+                env.push(("LD_PRELOAD".into(), preload.display().to_string()));
+            }
+            let t = Instant::now();
+            let outcome = crate::record::record(&opts, &argv, &env)?;
+            let rec_s = t.elapsed().as_secs_f64();
+            anyhow::ensure!(outcome.code == 0, "recorded perl exited {}", outcome.code);
+            let t = Instant::now();
+            let rec = store::Recording::open(&out)?;
+            let open_ms = ms(t);
+            let info = rec.info();
+            let (first, last) = rec.range().context("no checkpoint")?;
+            let page = rec.busiest_page().context("no page recorded")?;
+            let mut rng = 0x2545_f491_4f6c_dd1du64;
+            let mut buf = vec![0u8; store::PAGE];
+            let mut gotos = Vec::new();
+            for _ in 0..200 {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let n = first + rng % (last - first + 1);
+                let t = Instant::now();
+                std::hint::black_box(rec.read(n, page, &mut buf)?);
+                gotos.push(ms(t));
+            }
+            // A bisection: log2(checkpoints) reads of the page, each compared with the last.
+            let mut end = vec![0u8; store::PAGE];
+            rec.read(last, page, &mut end)?;
+            let t = Instant::now();
+            let (mut a, mut b) = (first, last);
+            while a < b {
+                let mid = (a + b) / 2;
+                rec.read(mid, page, &mut buf)?;
+                if buf == end {
+                    b = mid;
+                } else {
+                    a = mid + 1;
+                }
+            }
+            let search_ms = ms(t);
+            let t = Instant::now();
+            std::hint::black_box(rec.when(page, store::PAGE as u64)?.len());
+            let when_ms = ms(t);
+            rows.push(Row {
+                backend: backend.into(),
+                workload: "perl-kv".into(),
+                codec: codec.name().into(),
+                checkpoints: info.checkpoints,
+                ckpt_per_s: info.checkpoints as f64 / rec_s,
+                slowdown: rec_s / plain_s,
+                bytes_per_ckpt: info.bytes_on_disk as f64 / info.checkpoints.max(1) as f64,
+                dedup_ratio: info.dedup_ratio,
+                compress_ratio: info.compress_ratio,
+                open_ms,
+                goto_ms: median(gotos),
+                search_ms,
+                when_ms,
+            });
+            let _ = std::fs::remove_dir_all(&out);
+        }
     }
     Ok(())
 }

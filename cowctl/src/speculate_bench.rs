@@ -244,7 +244,7 @@ fn worker(spec: &str) -> Result<()> {
 }
 
 /// The real program's script, and how often it is checkpointed.
-const KV_SCRIPT: &str = include_str!("workloads/kv.pl");
+pub(crate) const KV_SCRIPT: &str = include_str!("workloads/kv.pl");
 const KV_EVERY_MS: u64 = 10;
 
 /// Runs the perl workload once under `cowctl run --every` with `policy` (`record`: also write

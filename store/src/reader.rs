@@ -543,6 +543,14 @@ impl Recording {
         Ok(hits)
     }
 
+    /// The page address recorded at the most checkpoints (the one `when` works hardest on).
+    pub fn busiest_page(&self) -> Option<u64> {
+        self.pages
+            .iter()
+            .max_by_key(|(addr, e)| (e.len(), std::cmp::Reverse(**addr)))
+            .map(|(addr, _)| *addr)
+    }
+
     /// The summary `cowctl recording info` prints.
     pub fn info(&self) -> Info {
         let span = match (self.checkpoints.first(), self.checkpoints.last()) {
