@@ -56,6 +56,24 @@ pub fn stdout_of_success(out: &std::process::Output, what: &str) -> anyhow::Resu
     Ok(stdout)
 }
 
+/// A child of `parent`, found in `/proc/*/stat` (the guest kernel has no
+/// `/proc/PID/task/TID/children`).
+pub fn child_of(parent: i32) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name (which may hold spaces): state, ppid, …
+        let ppid: i32 = stat
+            .rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        (ppid == parent).then_some(pid)
+    })
+}
+
 /// Path of a sibling binary of the test runner (cowctl, test programs).
 pub fn sibling(name: &str) -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;

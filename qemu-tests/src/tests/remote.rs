@@ -1,6 +1,6 @@
 //! cowctl against a live process: snapshot, mutate, restore by pid from another process.
 
-use super::sibling;
+use super::{child_of, sibling};
 use crate::Test;
 use anyhow::{bail, ensure, Context, Result};
 use std::io::{BufRead, BufReader, Write};
@@ -384,7 +384,16 @@ fn run_forwards_signals() -> Result<()> {
     let mut child = Command::new(sibling("cowctl")?)
         .args(["run", "--", "/bin/sleep", "60"])
         .spawn()?;
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // cowctl forwards signals once it has spawned the program (before that, SIGTERM is its
+    // own death, as for any process that has not set up yet): wait for sleep to exist.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child_of(child.id() as i32).is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("cowctl run started no program in 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

@@ -3,7 +3,7 @@
 //! finds the planted bug. The host runs the same checks on the `scan` backend
 //! (`cowctl/tests/timetravel.rs`).
 
-use super::sibling;
+use super::{child_of, sibling};
 use crate::Test;
 use anyhow::{ensure, Context, Result};
 use std::process::Command;
@@ -234,24 +234,6 @@ fn kmod_record_pid_under_run() -> Result<()> {
     ensure!(text.contains("in main"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
-}
-
-/// A child of `parent`, found in `/proc/*/stat` (the guest kernel has no
-/// `/proc/PID/task/TID/children`).
-fn child_of(parent: i32) -> Option<i32> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the command name (which may hold spaces): state, ppid, …
-        let ppid: i32 = stat
-            .rsplit(')')
-            .next()?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()?;
-        (ppid == parent).then_some(pid)
-    })
 }
 
 /// The list's state in gdb's output: `IT=… LEN=… TAIL=…` after the label.
