@@ -405,15 +405,7 @@ pub fn record(opts: &Options, argv: &[String], env: &[(String, String)]) -> Resu
         codec: opts.codec,
         ..Meta::default()
     };
-    if opts.out.join(store::LOG_FILE).exists() {
-        anyhow::bail!("{} holds a recording already", opts.out.display());
-    }
-    anyhow::ensure!(
-        opts.at.len() <= crate::tracer::MAX_BREAKPOINTS,
-        "--at: at most {} functions (one per debug register)",
-        crate::tracer::MAX_BREAKPOINTS
-    );
-    let functions = crate::symbols::functions(&exe, &opts.at)?;
+    let functions = preflight(opts, &exe)?;
     block_signals(&[libc::SIGCHLD]);
     let tracee = Tracee::spawn(&cstring(&exe)?, &args, &envp)?;
     writer_meta.pid = tracee.pid;
@@ -435,15 +427,7 @@ pub fn record_pid(opts: &Options, pid: i32) -> Result<Outcome> {
         .filter(|a| !a.is_empty())
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
-    if opts.out.join(store::LOG_FILE).exists() {
-        anyhow::bail!("{} holds a recording already", opts.out.display());
-    }
-    anyhow::ensure!(
-        opts.at.len() <= crate::tracer::MAX_BREAKPOINTS,
-        "--at: at most {} functions (one per debug register)",
-        crate::tracer::MAX_BREAKPOINTS
-    );
-    let functions = crate::symbols::functions(&exe, &opts.at)?;
+    let functions = preflight(opts, &exe)?;
     let meta = Meta {
         exe: exe.display().to_string(),
         argv,
@@ -456,6 +440,20 @@ pub fn record_pid(opts: &Options, pid: i32) -> Result<Outcome> {
     block_signals(&[libc::SIGCHLD, libc::SIGINT, libc::SIGTERM, libc::SIGHUP]);
     let tracee = Tracee::attach(pid)?;
     record_tracee(opts, tracee, meta, &exe, &functions, true)
+}
+
+/// What both ways of recording check before touching the program: the output is free, and
+/// the `--at` functions exist in `exe` (returned with their addresses).
+fn preflight(opts: &Options, exe: &std::path::Path) -> Result<Vec<crate::symbols::Function>> {
+    if opts.out.join(store::LOG_FILE).exists() {
+        anyhow::bail!("{} holds a recording already", opts.out.display());
+    }
+    anyhow::ensure!(
+        opts.at.len() <= crate::tracer::MAX_BREAKPOINTS,
+        "--at: at most {} functions (one per debug register)",
+        crate::tracer::MAX_BREAKPOINTS
+    );
+    crate::symbols::functions(exe, &opts.at)
 }
 
 /// Blocks `signals` in this thread and the threads it starts from now on (they are read

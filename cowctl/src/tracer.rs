@@ -87,6 +87,21 @@ fn is_fatal(sig: i32) -> bool {
 }
 
 impl Tracee {
+    /// A tracee whose `threads` were just seized, nothing seen of them yet.
+    fn with_threads(pid: i32, threads: BTreeMap<i32, State>) -> Self {
+        Tracee {
+            pid,
+            threads,
+            stopping: false,
+            crash: None,
+            exiting: false,
+            hits: Vec::new(),
+            execed: false,
+            breakpoints: Vec::new(),
+            armed: Default::default(),
+        }
+    }
+
     /// Starts `path` with `argv` and `envp`, traced from its first instruction.
     pub fn spawn(path: &CString, argv: &[CString], envp: &[CString]) -> Result<Self> {
         let mut args: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
@@ -124,19 +139,10 @@ impl Tracee {
         // SAFETY: closing the write end releases the child (EOF), seized or not.
         unsafe { libc::close(gate[1]) };
         seized?;
-        let mut threads = BTreeMap::new();
-        threads.insert(pid, State::Running);
-        Ok(Tracee {
+        Ok(Tracee::with_threads(
             pid,
-            threads,
-            stopping: false,
-            crash: None,
-            exiting: false,
-            hits: Vec::new(),
-            execed: false,
-            breakpoints: Vec::new(),
-            armed: Default::default(),
-        })
+            BTreeMap::from([(pid, State::Running)]),
+        ))
     }
 
     /// Seizes every thread of the running process `pid` (they keep running). It is not
@@ -181,17 +187,7 @@ impl Tracee {
         if threads.is_empty() {
             bail!("no process {pid}");
         }
-        Ok(Tracee {
-            pid,
-            threads,
-            stopping: false,
-            crash: None,
-            exiting: false,
-            hits: Vec::new(),
-            execed: false,
-            breakpoints: Vec::new(),
-            armed: Default::default(),
-        })
+        Ok(Tracee::with_threads(pid, threads))
     }
 
     /// Lets an attached process go: every thread stopped, its breakpoints cleared (debug
