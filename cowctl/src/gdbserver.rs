@@ -14,11 +14,9 @@ use gdbstub::target::ext::base::BaseOps;
 use gdbstub::target::ext::monitor_cmd::{outputln, ConsoleOutput};
 use gdbstub::target::{Target, TargetError, TargetResult};
 use gdbstub_arch::x86::reg::X86_64CoreRegs;
-use std::collections::HashMap;
 use std::io::{BufRead, Read, Write};
 use std::num::NonZeroUsize;
-use std::os::unix::fs::FileExt;
-use store::{reg, ThreadState, PAGE};
+use store::{reg, ThreadState};
 
 /// A timeline (a recording, or a live process's snapshots) as a gdb target, positioned at
 /// one checkpoint.
@@ -27,7 +25,7 @@ pub struct PastTarget {
     current: u64,
     threads: Vec<ThreadState>,
     maps: Vec<Mapping>,
-    files: HashMap<String, Option<std::fs::File>>,
+    files: store::Files,
 }
 
 impl PastTarget {
@@ -41,7 +39,7 @@ impl PastTarget {
             current: 0,
             threads: Vec::new(),
             maps: Vec::new(),
-            files: HashMap::new(),
+            files: Default::default(),
         };
         t.goto(last)?;
         Ok(t)
@@ -62,45 +60,9 @@ impl PastTarget {
 
     /// Reads memory as of the current checkpoint; returns how many leading bytes exist.
     fn read_memory(&mut self, addr: u64, data: &mut [u8]) -> usize {
-        let mut done = 0;
-        while done < data.len() {
-            let a = addr + done as u64;
-            let page = a & !(PAGE as u64 - 1);
-            let off = (a - page) as usize;
-            let n = (PAGE - off).min(data.len() - done);
-            match self.rec.page(self.current, page) {
-                Ok(Some(p)) => data[done..done + n].copy_from_slice(&p[off..off + n]),
-                Ok(None) => {
-                    if !self.read_from_file(a, &mut data[done..done + n]) {
-                        break;
-                    }
-                }
-                Err(_) => break, // a corrupt page is never served
-            }
-            done += n;
-        }
-        done
-    }
-
-    /// Memory that was never recorded: the mapped file's bytes (code, read-only data).
-    fn read_from_file(&mut self, addr: u64, out: &mut [u8]) -> bool {
-        let Some(m) = self.maps.iter().find(|m| addr >= m.start && addr < m.end) else {
-            return false;
-        };
-        if !m.path.starts_with('/') || m.path == cow::COW_DEVICE_PATH {
-            out.fill(0); // anonymous memory never written before the checkpoint
-            return true;
-        }
-        let path = m.path.clone();
-        let pos = m.offset + (addr - m.start);
-        let file = self
-            .files
-            .entry(path.clone())
-            .or_insert_with(|| std::fs::File::open(&path).ok());
-        let Some(f) = file else { return false };
-        let got = f.read_at(out, pos).unwrap_or(0);
-        out[got..].fill(0); // past the end of the file: zero, as the kernel maps it
-        true
+        let (rec, n) = (&self.rec, self.current);
+        store::read_through(addr, data, &self.maps, &mut self.files, |p| rec.page(n, p))
+            .unwrap_or(0) // a corrupt page is never served
     }
 
     /// Handles one monitor command; returns its output lines.

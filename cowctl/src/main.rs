@@ -4,6 +4,7 @@ mod bench;
 mod debug;
 mod exit;
 mod gdbserver;
+mod inject;
 mod live;
 mod program;
 mod record;
@@ -17,6 +18,7 @@ mod status;
 mod symbols;
 mod timeline;
 mod tracer;
+mod uffd_capture;
 
 use clap::builder::PossibleValuesParser;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -222,7 +224,7 @@ enum Command {
     /// Record a program with frequent checkpoints (memory, every thread's registers and stack)
     /// into a deduplicated, compressed recording for time-travel debugging.
     #[command(
-        after_help = "Examples:\n  cowctl record --every 5 --out run1 -- ./server --port 8080\n  cowctl record --every 0.5 --backend scan -- ./a.out\n  cowctl record --at handle_request --at parse -- ./server\n  cowctl record --pid 4242 --every 1 --out live1   (Ctrl-C: stop, the process goes on)\n  cowctl recording info run1"
+        after_help = "Examples:\n  cowctl record --every 5 --out run1 -- ./server --port 8080\n  cowctl record --every 0.5 --backend uffd -- ./a.out\n  cowctl record --at handle_request --at parse -- ./server\n  cowctl record --pid 4242 --every 1 --out live1   (Ctrl-C: stop, the process goes on)\n  cowctl recording info run1"
     )]
     Record {
         /// Checkpoint every MS milliseconds (fractions allowed, at least 0.05; default 10
@@ -236,9 +238,11 @@ enum Command {
         /// The recording directory (must not exist yet).
         #[arg(long, value_name = "DIR", default_value = "recording")]
         out: std::path::PathBuf,
-        /// How memory is captured: kmod (heap and globals in cow.ko, the rest scanned), scan
-        /// (all writable memory read and hashed at each checkpoint: no module needed), auto.
-        #[arg(long, default_value = "auto", value_parser = PossibleValuesParser::new(["kmod", "scan", "auto"]))]
+        /// How changed memory is found: kmod (heap and globals in cow.ko, the rest scanned),
+        /// uffd (userfaultfd write-protection: only written pages are read; Linux >= 6.7, no
+        /// module), scan (all writable memory read and hashed at each checkpoint: any
+        /// kernel), auto (kmod, else uffd, else scan).
+        #[arg(long, default_value = "auto", value_parser = PossibleValuesParser::new(["kmod", "uffd", "scan", "auto"]))]
         backend: String,
         /// Page compression.
         #[arg(long, default_value = "zstd", value_parser = PossibleValuesParser::new(["zstd", "lz4", "none"]))]

@@ -28,10 +28,54 @@ pub struct Options {
     pub out: PathBuf,
     /// Page codec.
     pub codec: Codec,
-    /// Cover the heap and globals with cow.ko (the preload) or scan all writable memory.
-    pub kmod: bool,
+    /// How changed pages are found.
+    pub capture: Capture,
     /// Bound on the recording's size (oldest checkpoints merged past it).
     pub max_size: Option<u64>,
+}
+
+/// How the recorder learns which pages changed since the previous checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capture {
+    /// cow.ko snapshots of the heap and globals (the preload puts them there); the rest of the
+    /// writable memory read and hashed.
+    Kmod,
+    /// userfaultfd write-protection and `PAGEMAP_SCAN` (Linux ≥ 6.7): only written pages read.
+    Uffd,
+    /// All writable memory read and hashed at each checkpoint (any kernel).
+    Scan,
+}
+
+impl Capture {
+    /// The name recordings and `--backend` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Capture::Kmod => "kmod",
+            Capture::Uffd => "uffd",
+            Capture::Scan => "scan",
+        }
+    }
+
+    /// The capture named `name` (see [`Capture::name`]).
+    pub fn from_name(name: &str) -> Option<Capture> {
+        [Capture::Kmod, Capture::Uffd, Capture::Scan]
+            .into_iter()
+            .find(|c| c.name() == name)
+    }
+
+    /// The ways this machine offers, best first.
+    pub fn available() -> Vec<Capture> {
+        let mut out = Vec::new();
+        if cow::Cow::open().is_ok() {
+            out.push(Capture::Kmod);
+        }
+        let k = cow::probe::kernel_features();
+        if k.uffd_wp_async.available && k.pagemap_scan.available {
+            out.push(Capture::Uffd);
+        }
+        out.push(Capture::Scan);
+        out
+    }
 }
 
 /// What a recording run ended with.
@@ -42,35 +86,7 @@ pub struct Outcome {
     pub stats: store::WriterStats,
 }
 
-/// One line of `/proc/PID/maps`.
-#[derive(Clone, Debug)]
-pub(crate) struct Mapping {
-    pub(crate) start: u64,
-    pub(crate) end: u64,
-    pub(crate) perms: String,
-    pub(crate) offset: u64,
-    pub(crate) path: String,
-}
-
-pub(crate) fn parse_maps(text: &str) -> Vec<Mapping> {
-    text.lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            let (range, perms, offset) = (it.next()?, it.next()?, it.next()?);
-            let _dev = it.next()?;
-            let _inode = it.next()?;
-            let path = it.collect::<Vec<_>>().join(" ");
-            let (s, e) = range.split_once('-')?;
-            Some(Mapping {
-                start: u64::from_str_radix(s, 16).ok()?,
-                end: u64::from_str_radix(e, 16).ok()?,
-                perms: perms.into(),
-                offset: u64::from_str_radix(offset, 16).ok()?,
-                path,
-            })
-        })
-        .collect()
-}
+pub(crate) use store::{parse_maps, Mapping};
 
 /// Space offsets inside a file offset of `/dev/cow` (the rest is the space's base).
 pub(crate) const SPACE_OFFSET_MASK: u64 = (1 << 44) - 1;
@@ -110,14 +126,15 @@ struct Job {
 /// The recorder's state between checkpoints.
 struct Recorder {
     pid: i32,
-    kmod: bool,
+    capture: Capture,
     space: Option<Arc<cow::Cow>>,
+    /// With `Capture::Uffd`: the write tracking of the program's current address space
+    /// (made at the first checkpoint after each exec).
+    uffd: Option<crate::uffd_capture::UffdCapture>,
     /// Hash of each uncovered page at the last checkpoint.
     hashes: std::collections::BTreeMap<u64, u64>,
     /// Whether the program's auxv went out with a checkpoint already.
     auxv_sent: bool,
-    /// Read-only private mappings captured already.
-    seen_readonly: HashSet<(u64, u64, String)>,
     last_maps: String,
     jobs: mpsc::SyncSender<Job>,
 }
@@ -137,8 +154,13 @@ impl Recorder {
         let threads = tracee.registers(event_thread);
         let maps_text = std::fs::read_to_string(format!("/proc/{}/maps", self.pid))?;
         let maps = parse_maps(&maps_text);
-        if self.kmod && self.space.is_none() {
+        if self.capture == Capture::Kmod && self.space.is_none() {
             self.space = crate::remote::attach(self.pid).ok().map(Arc::new);
+        }
+        if self.capture == Capture::Uffd && self.uffd.is_none() {
+            let tracker = crate::uffd_capture::UffdCapture::new(tracee)
+                .context("cannot track the program's writes with userfaultfd")?;
+            self.uffd = Some(tracker);
         }
         let snapshot = match &self.space {
             Some(space) => Some(space.snapshot().context("cow.ko snapshot")?),
@@ -149,58 +171,38 @@ impl Recorder {
             .map(|t| t.regs[store::reg::RSP].saturating_sub(128) & !(PAGE as u64 - 1))
             .collect();
         let mut pages = Vec::new();
-        let mut buf = vec![0u8; 1 << 20];
         for m in &maps {
-            // Private data: writable mappings at every checkpoint; read-only, non-code ones
-            // (RELRO, where the loader wrote relocations and DT_DEBUG before protecting them)
-            // once, when they appear.
+            // Private data: writable mappings, and the pages of read-only ones written before
+            // they were protected (RELRO, where the loader wrote relocations and DT_DEBUG).
             let private = m.perms.starts_with('r') && m.perms.ends_with('p');
             let writable = m.perms.as_bytes().get(1) == Some(&b'w');
             let code = m.perms.as_bytes().get(2) == Some(&b'x');
             if !private || code || m.path == "[vvar]" || m.path == "[vsyscall]" {
                 continue;
             }
-            if !writable && !self.seen_readonly.insert((m.start, m.end, m.path.clone())) {
+            if !writable {
+                // Only its anonymous pages differ from the file (gdb reads the rest from it);
+                // few, so hashed at every checkpoint.
+                self.scan_hashed(m.start, m.end, true, &mut pages);
                 continue;
             }
             // A stack: only its used part (above the stack pointer and its red zone).
-            let start = stack_tops
+            let stack_top = stack_tops
                 .iter()
                 .filter(|&&top| top >= m.start && top < m.end)
                 .min()
-                .copied()
-                .unwrap_or(m.start);
-            // Only pages present (or swapped out): a 64 GiB reservation costs nothing, and a
-            // page the program dropped (MADV_DONTNEED) reads as zero again.
-            let ranges = present_ranges(self.pid, start, m.end);
-            let gone: Vec<u64> = self
-                .hashes
-                .range(start..m.end)
-                .map(|(&a, _)| a)
-                .filter(|&a| !ranges.iter().any(|&(s, e)| a >= s && a < e))
-                .collect();
-            for a in gone {
-                self.hashes.remove(&a);
-                pages.push((a, vec![0u8; PAGE]));
-            }
-            for (lo, hi) in ranges {
-                let mut at = lo;
-                while at < hi {
-                    let n = ((hi - at) as usize).min(buf.len());
-                    let got = read_remote(self.pid, at, &mut buf[..n]);
-                    for (i, page) in buf[..got].chunks(PAGE).enumerate() {
-                        let addr = at + (i * PAGE) as u64;
-                        let h = xxhash_rust::xxh3::xxh3_64(page);
-                        if self.hashes.insert(addr, h) != Some(h) {
-                            pages.push((addr, page.to_vec()));
-                        }
+                .copied();
+            if let (Some(uffd), None) = (&mut self.uffd, stack_top) {
+                if let Some(runs) = uffd.changed(m)? {
+                    for (lo, hi) in runs {
+                        read_pages(self.pid, lo, hi, |addr, page| {
+                            pages.push((addr, page.to_vec()))
+                        });
                     }
-                    if got < n {
-                        break; // an unreadable hole (PROT_NONE inside a mapping)
-                    }
-                    at += n as u64;
+                    continue;
                 }
             }
+            self.scan_hashed(stack_top.unwrap_or(m.start), m.end, false, &mut pages);
         }
         let maps_changed = maps_text != self.last_maps;
         if maps_changed {
@@ -234,12 +236,78 @@ impl Recorder {
     }
 }
 
+impl Recorder {
+    /// Captures the pages of `[start, end)` (`anon_only`: its anonymous ones) whose contents
+    /// changed since the last checkpoint, by reading every present page and comparing hashes.
+    /// A page hashed before that is no longer there is read again (zero, or the file's).
+    fn scan_hashed(
+        &mut self,
+        start: u64,
+        end: u64,
+        anon_only: bool,
+        pages: &mut Vec<(u64, Vec<u8>)>,
+    ) {
+        // Only pages present (or swapped out): a 64 GiB reservation costs nothing.
+        let ranges = page_ranges(self.pid, start, end, anon_only);
+        let gone: Vec<u64> = self
+            .hashes
+            .range(start..end)
+            .map(|(&a, _)| a)
+            .filter(|&a| !ranges.iter().any(|&(s, e)| a >= s && a < e))
+            .collect();
+        for a in gone {
+            self.hashes.remove(&a);
+            let mut page = vec![0u8; PAGE];
+            read_remote(self.pid, a, &mut page);
+            pages.push((a, page));
+        }
+        for (lo, hi) in ranges {
+            read_pages(self.pid, lo, hi, |addr, page| {
+                let h = xxhash_rust::xxh3::xxh3_64(page);
+                if self.hashes.insert(addr, h) != Some(h) {
+                    pages.push((addr, page.to_vec()));
+                }
+            });
+        }
+    }
+
+    /// The program exec'd: a new address space, tracked anew.
+    fn on_exec(&mut self) {
+        self.uffd = None;
+    }
+}
+
+/// Reads the pages of `[lo, hi)` of process `pid`, in large chunks, and hands each to `page`;
+/// stops at an unreadable hole (`PROT_NONE` inside a mapping).
+fn read_pages(pid: i32, lo: u64, hi: u64, mut page: impl FnMut(u64, &[u8])) {
+    let mut buf = vec![0u8; ((hi - lo) as usize).min(1 << 20)];
+    let mut at = lo;
+    while at < hi {
+        let n = ((hi - at) as usize).min(buf.len());
+        let got = read_remote(pid, at, &mut buf[..n]);
+        for (i, p) in buf[..got].chunks(PAGE).enumerate() {
+            page(at + (i * PAGE) as u64, p);
+        }
+        if got < n {
+            break;
+        }
+        at += n as u64;
+    }
+}
+
 /// Ranges of `[start, end)` of process `pid` whose pages are present or swapped out
 /// (`PAGEMAP_SCAN` on `/proc/PID/pagemap`); the whole range where the kernel lacks it.
-fn present_ranges(pid: i32, start: u64, end: u64) -> Vec<(u64, u64)> {
+pub(crate) fn present_ranges(pid: i32, start: u64, end: u64) -> Vec<(u64, u64)> {
+    page_ranges(pid, start, end, false)
+}
+
+/// [`present_ranges`], or with `anon_only` only pages that are not the file's own.
+fn page_ranges(pid: i32, start: u64, end: u64, anon_only: bool) -> Vec<(u64, u64)> {
     use cow::probe::{PageRegion, PmScanArg, PAGEMAP_SCAN, PAGE_IS_PRESENT};
     use std::os::fd::AsRawFd;
+    const PAGE_IS_FILE: u64 = 1 << 2;
     const PAGE_IS_SWAPPED: u64 = 1 << 4;
+    let not_file = if anon_only { PAGE_IS_FILE } else { 0 };
     let Ok(f) = std::fs::File::open(format!("/proc/{pid}/pagemap")) else {
         return vec![(start, end)];
     };
@@ -253,6 +321,8 @@ fn present_ranges(pid: i32, start: u64, end: u64) -> Vec<(u64, u64)> {
             end,
             vec: regions.as_mut_ptr() as u64,
             vec_len: regions.len() as u64,
+            category_inverted: not_file,
+            category_mask: not_file,
             category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
             return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
             ..Default::default()
@@ -401,7 +471,7 @@ pub fn record(opts: &Options, argv: &[String], env: &[(String, String)]) -> Resu
     let mut writer_meta = Meta {
         exe: exe.display().to_string(),
         argv: argv.to_vec(),
-        backend: if opts.kmod { "kmod" } else { "scan" }.into(),
+        backend: opts.capture.name().into(),
         codec: opts.codec,
         ..Meta::default()
     };
@@ -432,7 +502,7 @@ pub fn record_pid(opts: &Options, pid: i32) -> Result<Outcome> {
         exe: exe.display().to_string(),
         argv,
         pid,
-        backend: if opts.kmod { "kmod" } else { "scan" }.into(),
+        backend: opts.capture.name().into(),
         codec: opts.codec,
         ..Meta::default()
     };
@@ -488,10 +558,10 @@ fn record_tracee(
     let store = std::thread::spawn(move || store_loop(pid, out, meta, max_size, rx));
     let mut rec = Recorder {
         pid,
-        kmod: opts.kmod,
+        capture: opts.capture,
         space: None,
+        uffd: None,
         hashes: Default::default(),
-        seen_readonly: HashSet::new(),
         auxv_sent: false,
         last_maps: String::new(),
         jobs: tx,
@@ -606,6 +676,7 @@ fn run_loop(
             Some(Event::Exec) | None => false,
         } || arm_pending;
         if tracee.take_exec() {
+            rec.on_exec();
             on_exec(tracee, &mut execed);
             tracee.resume_all();
             continue;
@@ -653,6 +724,7 @@ fn run_loop(
         }
         // Exec'd while the threads were being stopped, or just attached to.
         if tracee.take_exec() | std::mem::take(&mut arm_pending) {
+            rec.on_exec();
             on_exec(tracee, &mut execed);
         }
         // What happened up to this cut names the checkpoint (a crash or exit seen while

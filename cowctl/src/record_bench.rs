@@ -113,11 +113,10 @@ pub fn run(cfg: &Config) -> Result<()> {
         (WORKER_ENV.to_string(), addr_file.display().to_string()),
         (ROUNDS_ENV.to_string(), cfg.rounds.to_string()),
     ];
-    let mut backends = vec![];
-    if cow::Cow::open().is_ok() {
-        backends.push("kmod");
-    }
-    backends.push("scan");
+    let backends: Vec<&str> = crate::record::Capture::available()
+        .into_iter()
+        .map(|c| c.name())
+        .collect();
     // The baseline: the worker without recording.
     eprintln!("cowctl bench --record: the workload without recording");
     let t = Instant::now();
@@ -144,7 +143,7 @@ pub fn run(cfg: &Config) -> Result<()> {
                 at: Vec::new(),
                 out: out.clone(),
                 codec,
-                kmod: backend == "kmod",
+                capture: crate::record::Capture::from_name(backend).expect("a capture's name"),
                 max_size: None,
             };
             let mut env = env.clone();
@@ -290,7 +289,7 @@ fn perl_rows(
                 at: Vec::new(),
                 out: out.clone(),
                 codec,
-                kmod: backend == "kmod",
+                capture: crate::record::Capture::from_name(backend).expect("a capture's name"),
                 max_size: None,
             };
             let mut env = Vec::new();

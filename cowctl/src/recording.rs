@@ -17,7 +17,16 @@ pub fn record(
     pid: Option<i32>,
     argv: &[String],
 ) -> Result<u8> {
-    let kmod = match (backend, pid) {
+    use crate::record::Capture;
+    let uffd_probe = || {
+        let k = cow::probe::kernel_features();
+        if k.uffd_wp_async.available {
+            k.pagemap_scan
+        } else {
+            k.uffd_wp_async
+        }
+    };
+    let capture = match (backend, pid) {
         // A running process: its own space, if it runs under `cowctl run`.
         ("kmod", Some(pid)) => {
             drop(crate::remote::attach(pid).with_context(|| {
@@ -25,16 +34,27 @@ pub fn record(
                     "--backend kmod: process {pid} has no cow.ko space (is it under cowctl run?)"
                 )
             })?);
-            true
+            Capture::Kmod
         }
-        ("auto", Some(pid)) => crate::remote::attach(pid).is_ok(),
+        ("auto", Some(pid)) if crate::remote::attach(pid).is_ok() => Capture::Kmod,
         ("kmod", None) => {
             drop(cow::Cow::open()?);
-            true
+            Capture::Kmod
         }
-        ("auto", None) => cow::Cow::open().is_ok(),
-        _ => false,
+        ("auto", None) if cow::Cow::open().is_ok() => Capture::Kmod,
+        ("uffd", _) => {
+            let probe = uffd_probe();
+            anyhow::ensure!(
+                probe.available,
+                "--backend uffd: {} (use --backend scan)",
+                probe.detail
+            );
+            Capture::Uffd
+        }
+        ("auto", _) if uffd_probe().available => Capture::Uffd,
+        _ => Capture::Scan,
     };
+    let kmod = capture == Capture::Kmod;
     let mut env = Vec::new();
     if kmod && pid.is_none() {
         let preload = crate::run::preload_path()?;
@@ -55,7 +75,7 @@ pub fn record(
         at: at.to_vec(),
         out: out.clone(),
         codec: codec.parse().map_err(anyhow::Error::msg)?,
-        kmod,
+        capture,
         max_size,
     };
     let outcome = match pid {
@@ -67,7 +87,7 @@ pub fn record(
         "cowctl record: {} checkpoints in {} ({}), {} page images, {} unique, {:.1} MiB on disk",
         s.checkpoints,
         out.display(),
-        if kmod { "kmod" } else { "scan" },
+        capture.name(),
         s.pages,
         s.unique_pages,
         s.log_bytes as f64 / 1048576.0
@@ -137,10 +157,12 @@ pub fn info(dir: &Path, json: bool) -> Result<()> {
 pub fn read(dir: &Path, at: u64, addr: u64, len: u64, raw: bool) -> Result<()> {
     let r = open(dir)?;
     let mut buf = vec![0u8; len as usize];
-    let got = r.read(at, addr, &mut buf)?;
+    // Pages no checkpoint wrote read as their mapping holds them (file bytes, or zero).
+    let maps = store::parse_maps(r.maps(at)?);
+    let got = r.read_as_mapped(at, addr, &mut buf, &maps, &mut store::Files::default())?;
     if got < buf.len() {
         anyhow::bail!(
-            "{:#x} is not recorded memory at checkpoint {at} ({got} of {len} bytes are)",
+            "{:#x} is not mapped at checkpoint {at} ({got} of {len} bytes are)",
             addr + got as u64
         );
     }

@@ -52,6 +52,8 @@ pub struct Tracee {
     breakpoints: Vec<u64>,
     /// Threads whose debug registers hold `breakpoints`.
     armed: std::collections::HashSet<i32>,
+    /// Threads stopped at their exit (they cannot run anything any more).
+    exiting_threads: std::collections::HashSet<i32>,
 }
 
 /// Debug registers available for execution breakpoints (DR0-DR3).
@@ -99,6 +101,7 @@ impl Tracee {
             execed: false,
             breakpoints: Vec::new(),
             armed: Default::default(),
+            exiting_threads: Default::default(),
         }
     }
 
@@ -318,6 +321,7 @@ impl Tracee {
         if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
             self.threads.remove(&tid);
             self.armed.remove(&tid);
+            self.exiting_threads.remove(&tid);
             if tid == self.pid {
                 let code = if libc::WIFEXITED(status) {
                     libc::WEXITSTATUS(status)
@@ -370,6 +374,7 @@ impl Tracee {
                 self.hold_or_continue(tid);
             }
             libc::PTRACE_EVENT_EXIT => {
+                self.exiting_threads.insert(tid);
                 self.threads.insert(
                     tid,
                     State::Stopped {
@@ -388,6 +393,7 @@ impl Tracee {
             libc::PTRACE_EVENT_EXEC => {
                 // The old program's threads and debug registers are gone.
                 self.threads.retain(|&t, _| t == tid);
+                self.exiting_threads.clear();
                 self.threads.insert(
                     tid,
                     State::Stopped {
@@ -488,6 +494,22 @@ impl Tracee {
                 }
             }
         }
+    }
+
+    /// A stopped thread that can be made to run a system call (see `inject.rs`): not in a
+    /// job-control stop, not exiting; one without a signal to deliver if there is one.
+    pub fn injectable_thread(&self) -> Option<i32> {
+        let usable = |(&tid, st): (&i32, &State)| match *st {
+            State::Stopped { sig, group: false } if !self.exiting_threads.contains(&tid) => {
+                Some((sig != 0, tid != self.pid, tid))
+            }
+            _ => None,
+        };
+        self.threads
+            .iter()
+            .filter_map(usable)
+            .min()
+            .map(|(_, _, tid)| tid)
     }
 
     /// Registers of every (stopped) thread, `first` (if given) first.

@@ -1,4 +1,5 @@
-//! Time-travel debugging on the host (no cow.ko: the `scan` backend), with Debian's real gdb:
+//! Time-travel debugging on the host (no cow.ko: the `uffd` backend, and `scan` for the live and
+//! corrupted-recording checks), with Debian's real gdb:
 //! a program with a planted bug is recorded, and `cowctl debug -batch` must find the first
 //! checkpoint where its invariant is broken, show the stack and locals there, list exactly the
 //! checkpoints where the broken field changed, show every thread, and debug a crash post mortem.
@@ -39,7 +40,7 @@ fn buggy_list(dir: &Path) -> PathBuf {
 fn record(dir: &Path, exe: &Path, args: &[&str]) -> (Output, PathBuf) {
     let rec = dir.join("rec");
     let out = cowctl()
-        .args(["record", "--every", "3", "--backend", "scan", "--out"])
+        .args(["record", "--every", "3", "--backend", "uffd", "--out"])
         .arg(&rec)
         .arg("--")
         .arg(exe)
@@ -287,7 +288,7 @@ fn at_checkpoints_every_entry_of_a_function_in_every_thread() {
             "--at",
             "insert",
             "--backend",
-            "scan",
+            "uffd",
         ])
         .arg("--out")
         .arg(&rec)

@@ -8,6 +8,7 @@
 //! (inside the guest; see scripts/test). A test runs if its name contains any FILTER (or no
 //! FILTER is given) and no `--skip` PATTERN.
 
+mod churn_check;
 mod kmsg;
 mod module;
 mod tests;

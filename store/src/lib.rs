@@ -21,10 +21,12 @@
 mod codec;
 mod compact;
 mod frame;
+mod mapped;
 mod reader;
 mod writer;
 
 pub use codec::Codec;
+pub use mapped::{parse_maps, read_through, read_unwritten, Files, Mapping};
 pub use reader::{Info, Recording, Thread};
 pub use writer::{NewCheckpoint, Writer, WriterStats};
 

@@ -463,6 +463,19 @@ impl Recording {
         Ok(done)
     }
 
+    /// Reads `buf.len()` bytes at `addr` as of checkpoint `number` as a debugger sees them
+    /// (see [`crate::read_through`]; `maps` are that checkpoint's).
+    pub fn read_as_mapped(
+        &self,
+        number: u64,
+        addr: u64,
+        buf: &mut [u8],
+        maps: &[crate::Mapping],
+        files: &mut crate::Files,
+    ) -> Result<usize> {
+        crate::read_through(addr, buf, maps, files, |page| self.page(number, page))
+    }
+
     /// Checkpoints at which any of the `len` bytes at `addr` differ from the checkpoint before
     /// (a page appearing after the first checkpoint counts), oldest first. Only checkpoints
     /// whose delta wrote one of those pages are compared.

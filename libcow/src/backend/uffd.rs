@@ -90,6 +90,18 @@ impl Uffd {
         }
         // SAFETY: a descriptor the kernel just gave us.
         let uffd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Self::with_fd(uffd, c"/proc/self/pagemap")
+    }
+
+    /// Tracks another process's memory: `uffd` is a userfaultfd that process created (a
+    /// userfaultfd belongs to the address space of its creator, whoever uses it), fresh (no
+    /// `UFFDIO_API` yet); `pid` names its pagemap.
+    pub fn for_process(uffd: OwnedFd, pid: i32) -> Result<Self> {
+        let path = std::ffi::CString::new(format!("/proc/{pid}/pagemap")).expect("no NUL");
+        Self::with_fd(uffd, &path)
+    }
+
+    fn with_fd(uffd: OwnedFd, pagemap_path: &std::ffi::CStr) -> Result<Self> {
         let mut api = UffdioApi {
             api: UFFD_API,
             features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED,
@@ -101,15 +113,10 @@ impl Uffd {
             &mut api,
             "UFFDIO_API (WP_ASYNC | WP_UNPOPULATED)",
         )?;
-        // SAFETY: opening pagemap with a static path.
-        let pm = unsafe {
-            libc::open(
-                c"/proc/self/pagemap".as_ptr(),
-                libc::O_RDONLY | libc::O_CLOEXEC,
-            )
-        };
+        // SAFETY: opening pagemap with a NUL-terminated path.
+        let pm = unsafe { libc::open(pagemap_path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
         if pm < 0 {
-            return Err(Error::last_os("open /proc/self/pagemap"));
+            return Err(Error::last_os("open pagemap"));
         }
         // SAFETY: as above.
         let pagemap = unsafe { OwnedFd::from_raw_fd(pm) };
@@ -129,6 +136,22 @@ impl Uffd {
         inverted: u64,
         mask: u64,
         out: &mut BookVec<usize>,
+    ) -> Result<()> {
+        self.scan_runs(r, flags, inverted, mask, |start, end| {
+            for page in (start..end).step_by(PAGE) {
+                out.push(page);
+            }
+        })
+    }
+
+    /// One PAGEMAP_SCAN over `r`: calls `found(start, end)` for each run of matching pages.
+    fn scan_runs(
+        &self,
+        r: Range,
+        flags: u64,
+        inverted: u64,
+        mask: u64,
+        mut found: impl FnMut(usize, usize),
     ) -> Result<()> {
         let mut regions = [PageRegion::default(); 256];
         let mut start = r.start as u64;
@@ -152,9 +175,7 @@ impl Uffd {
                 Err(e) => return Err(e),
             };
             for reg in &regions[..n] {
-                for page in (reg.start..reg.end).step_by(PAGE) {
-                    out.push(page as usize);
-                }
+                found(reg.start as usize, reg.end as usize);
             }
             if arg.walk_end <= start {
                 break;
@@ -164,7 +185,19 @@ impl Uffd {
         Ok(())
     }
 
-    fn register(&self, r: Range) -> Result<()> {
+    /// Runs of pages of `r` written since they were last write-protected (registered memory
+    /// only), write-protected again in the same walk.
+    pub fn take_written(&self, r: Range, found: impl FnMut(usize, usize)) -> Result<()> {
+        self.scan_runs(r, PM_SCAN_WP_MATCHING, 0, PAGE_IS_WRITTEN, found)
+    }
+
+    /// Runs of pages of `r` in memory that is not registered (new mappings, or mapped anew).
+    pub fn unregistered(&self, r: Range, found: impl FnMut(usize, usize)) -> Result<()> {
+        self.scan_runs(r, 0, PAGE_IS_WPALLOWED, PAGE_IS_WPALLOWED, found)
+    }
+
+    /// Registers `r` for write-protection and write-protects it whole (holes too).
+    pub fn register(&self, r: Range) -> Result<()> {
         let range = UffdioRange {
             start: r.start as u64,
             len: (r.end - r.start) as u64,

@@ -1,6 +1,7 @@
 //! Time-travel debugging on cow.ko: `cowctl record --backend kmod` (the heap and globals in
 //! the module, their pages read from kernel snapshots off the program's threads), then real gdb
-//! finds the planted bug. The host runs the same checks on the `scan` backend
+//! finds the planted bug; and recordings of a random memory churn lose nothing, on kmod and
+//! uffd. The host runs the same checks on the `uffd` and `scan` backends
 //! (`cowctl/tests/timetravel.rs`).
 
 use super::{child_of, sibling};
@@ -23,7 +24,43 @@ pub fn tests() -> Vec<Test> {
             name: "timetravel::kmod_debug_live_pid",
             run: kmod_debug_live_pid,
         },
+        Test {
+            name: "timetravel::kmod_recording_loses_nothing",
+            run: || recording_loses_nothing("kmod"),
+        },
+        Test {
+            name: "timetravel::uffd_recording_loses_nothing",
+            run: || recording_loses_nothing("uffd"),
+        },
     ]
+}
+
+/// A program churning its memory at random is recorded; at every checkpoint between two of
+/// its steps the recorded memory must digest to what the program stored (`churn_check`).
+fn recording_loses_nothing(backend: &str) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("delorean-churn-{backend}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let rec = dir.join("rec");
+    let out = Command::new(sibling("cowctl")?)
+        .args(["record", "--every", "2", "--backend", backend, "--out"])
+        .arg(&rec)
+        .arg("--")
+        .arg(sibling("record_churn")?)
+        .args(["7", "400", "1000"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "record: {stderr}");
+    ensure!(
+        stderr.contains(&format!("({backend})")),
+        "not recorded on {backend}: {stderr}"
+    );
+    let compared = crate::churn_check::check(&rec, &stderr).map_err(anyhow::Error::msg)?;
+    ensure!(
+        compared >= 20,
+        "only {compared} checkpoints fell between two steps"
+    );
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
 }
 
 fn value(text: &str, key: &str) -> Result<i64> {
