@@ -131,7 +131,7 @@ struct Recorder {
     /// With `Capture::Uffd`: the write tracking of the program's current address space
     /// (made at the first checkpoint after each exec).
     uffd: Option<crate::uffd_capture::UffdCapture>,
-    /// Hash of each uncovered page at the last checkpoint.
+    /// Hash of each page outside cow.ko as last recorded.
     hashes: std::collections::BTreeMap<u64, u64>,
     /// Whether the program's auxv went out with a checkpoint already.
     auxv_sent: bool,
@@ -193,10 +193,12 @@ impl Recorder {
                 .min()
                 .copied();
             if let (Some(uffd), None) = (&mut self.uffd, stack_top) {
-                if let Some(runs) = uffd.changed(m)? {
+                if let Some(runs) = uffd.changed(m, &self.hashes)? {
+                    // Written is not changed: pages rewritten with what they held (reference
+                    // counts up and down) are not stored again.
                     for (lo, hi) in runs {
                         read_pages(self.pid, lo, hi, |addr, page| {
-                            pages.push((addr, page.to_vec()))
+                            keep_if_changed(&mut self.hashes, &mut pages, addr, page)
                         });
                     }
                     continue;
@@ -263,10 +265,7 @@ impl Recorder {
         }
         for (lo, hi) in ranges {
             read_pages(self.pid, lo, hi, |addr, page| {
-                let h = xxhash_rust::xxh3::xxh3_64(page);
-                if self.hashes.insert(addr, h) != Some(h) {
-                    pages.push((addr, page.to_vec()));
-                }
+                keep_if_changed(&mut self.hashes, pages, addr, page)
             });
         }
     }
@@ -274,6 +273,19 @@ impl Recorder {
     /// The program exec'd: a new address space, tracked anew.
     fn on_exec(&mut self) {
         self.uffd = None;
+    }
+}
+
+/// Adds `page` (at `addr`) to `pages` unless its hash is the one recorded for `addr`.
+fn keep_if_changed(
+    hashes: &mut std::collections::BTreeMap<u64, u64>,
+    pages: &mut Vec<(u64, Vec<u8>)>,
+    addr: u64,
+    page: &[u8],
+) {
+    let h = xxhash_rust::xxh3::xxh3_64(page);
+    if hashes.insert(addr, h) != Some(h) {
+        pages.push((addr, page.to_vec()));
     }
 }
 

@@ -17,7 +17,7 @@ use crate::tracer::Tracee;
 use anyhow::{bail, Context, Result};
 use cow::backend::shadow::Range;
 use cow::backend::uffd::Uffd;
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::os::fd::{FromRawFd, OwnedFd};
 use store::PAGE;
 
@@ -28,9 +28,6 @@ const UFFD_USER_MODE_ONLY: u64 = 1;
 pub struct UffdCapture {
     pid: i32,
     uffd: Uffd,
-    /// Pages captured so far: a mapping that appears where they were reads as zero where it
-    /// has no page, so they are captured again (as zero).
-    captured: BTreeSet<u64>,
 }
 
 impl UffdCapture {
@@ -55,17 +52,18 @@ impl UffdCapture {
         let uffd = Uffd::for_process(uffd, pid).map_err(|e| {
             anyhow::anyhow!("{e} (this kernel lacks uffd WP_ASYNC: use --backend scan)")
         })?;
-        Ok(UffdCapture {
-            pid,
-            uffd,
-            captured: BTreeSet::new(),
-        })
+        Ok(UffdCapture { pid, uffd })
     }
 
     /// The runs of `m` to capture at this checkpoint: written since the last one, or, in
-    /// memory new to us, every page present (and every page captured there before). None
-    /// when the kernel refuses to track `m` (the caller reads it whole).
-    pub fn changed(&mut self, m: &Mapping) -> Result<Option<Vec<(u64, u64)>>> {
+    /// memory new to us, every page present and every page of `recorded` there (a mapping
+    /// that replaced them reads as zero where it has no page). None when the kernel refuses
+    /// to track `m` (the caller reads it whole).
+    pub fn changed(
+        &mut self,
+        m: &Mapping,
+        recorded: &BTreeMap<u64, u64>,
+    ) -> Result<Option<Vec<(u64, u64)>>> {
         let writable = m.perms.as_bytes().get(1) == Some(&b'w');
         let range = Range {
             start: m.start as usize,
@@ -95,7 +93,7 @@ impl UffdCapture {
                     }
                     return Err(err).context(format!("registering {s:#x}-{e:#x}"));
                 }
-                for &a in self.captured.range(s..e) {
+                for &a in recorded.range(s..e).map(|(a, _)| a) {
                     if !present.iter().any(|&(ps, pe)| a >= ps && a < pe) {
                         runs.push((a, a + PAGE as u64));
                     }
@@ -107,9 +105,6 @@ impl UffdCapture {
         self.uffd
             .take_written(range, |s, e| runs.push((s as u64, e as u64)))?;
         runs.sort_unstable();
-        for &(s, e) in &runs {
-            self.captured.extend((s..e).step_by(PAGE));
-        }
         Ok(Some(runs))
     }
 }

@@ -373,8 +373,32 @@ fn at_names_an_unknown_function_before_running_anything() {
 }
 
 #[test]
-fn recording_a_live_pid_leaves_the_program_unchanged() {
-    let dir = scratch("pid");
+fn recording_a_live_pid_leaves_the_program_unchanged_scan() {
+    live_pid_unchanged("scan");
+}
+
+/// On uffd the recorder also made the program create a userfaultfd (and closed the program's
+/// copy): its descriptor table must end as it was.
+#[test]
+fn recording_a_live_pid_leaves_the_program_unchanged_uffd() {
+    live_pid_unchanged("uffd");
+}
+
+fn fds_of(pid: u32) -> Vec<(String, std::path::PathBuf)> {
+    let mut fds: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read_link(e.path()).unwrap_or_default())
+        })
+        .collect();
+    fds.sort();
+    fds
+}
+
+fn live_pid_unchanged(backend: &str) {
+    let dir = scratch(&format!("pid-{backend}"));
     let exe = buggy_list(&dir);
     let args = ["5", "800"];
     let plain = Command::new(&exe).args(args).output().unwrap();
@@ -386,6 +410,7 @@ fn recording_a_live_pid_leaves_the_program_unchanged() {
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200));
+    let fds_before = fds_of(program.id());
     let rec = dir.join("rec");
     // Interval checkpoints and breakpoints (which must be gone from the debug registers when
     // the recorder lets go: a leftover one would kill the program with SIGTRAP).
@@ -397,7 +422,7 @@ fn recording_a_live_pid_leaves_the_program_unchanged() {
             "--at",
             "step",
             "--backend",
-            "scan",
+            backend,
             "--out",
         ])
         .arg(&rec)
@@ -416,6 +441,8 @@ fn recording_a_live_pid_leaves_the_program_unchanged() {
         stderr.contains("goes on"),
         "the program ended before SIGINT: {stderr}"
     );
+    // The program runs ≈ 1.7 s; it was let go after ≈ 0.7 s.
+    assert_eq!(fds_of(program.id()), fds_before);
     let live = program.wait_with_output().unwrap();
     assert!(live.status.success(), "{live:?}");
     assert_eq!(live.stdout, plain.stdout);
