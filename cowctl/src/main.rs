@@ -91,13 +91,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run a program with its heap and globals under cow.ko (exit code = the program's).
+    /// Run a program under libcow: its heap and globals in cow.ko, or (uffd, mprotect) all of
+    /// its private writable memory tracked in-process (exit code = the program's).
     #[command(
-        after_help = "Examples:\n  cowctl run -- ./server --port 8080\n  cowctl run --heap-mib 512 -- python3 script.py\n  cowctl run --every 10 --speculate=adaptive -- perl bench.pl\n  cowctl run --every 100 --keep 32 --report run.json -- ./server"
+        after_help = "Examples:\n  cowctl run -- ./server --port 8080\n  cowctl run --backend uffd --every 10 -- ./server   (no module: stock kernel >= 6.7)\n  cowctl run --heap-mib 512 -- python3 script.py\n  cowctl run --every 10 --speculate=adaptive -- perl bench.pl\n  cowctl run --every 100 --keep 32 --report run.json -- ./server"
     )]
     Run {
-        /// Backend to cover the program with.
-        #[arg(long, default_value = "kmod", value_parser = PossibleValuesParser::new(["kmod", "auto"]))]
+        /// Backend to cover the program with: kmod (cow.ko: heap and globals), uffd or
+        /// mprotect (no module: every private writable mapping but stacks), auto (kmod if
+        /// loaded, else uffd, else mprotect).
+        #[arg(long, default_value = "kmod", value_parser = PossibleValuesParser::new(["kmod", "uffd", "mprotect", "auto"]))]
         backend: String,
         /// Size of the covered heap in MiB (virtual; pages are allocated at first touch), at
         /// least 64.
@@ -455,6 +458,7 @@ fn main() -> ExitCode {
             every_ms: *every,
             keep: *keep,
             report: report.clone(),
+            backend: None,
         };
         return match run::run(backend, &opts, argv) {
             Ok(code) => ExitCode::from(code),

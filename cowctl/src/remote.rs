@@ -111,9 +111,18 @@ fn find_cow_fd(pid: i32) -> Result<i32> {
         }
     }
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-    let why = match exe.as_deref().and_then(crate::program::uncoverable) {
-        Some(u) => format!(": {} {u}", exe.unwrap_or_default().display()),
-        None => ": it does not use libcow's kmod backend (start it with `cowctl run`)".into(),
+    let why = match (
+        exe.as_deref().and_then(crate::program::uncoverable),
+        in_process_backend(pid),
+    ) {
+        (Some(u), _) => format!(": {} {u}", exe.unwrap_or_default().display()),
+        (None, Some(b)) => format!(
+            ": it runs on libcow's {b} backend, whose snapshots live inside the process; \
+             acting on them from outside needs the kmod backend (cowctl run --backend kmod)"
+        ),
+        (None, None) => {
+            ": it does not use libcow's kmod backend (start it with `cowctl run`)".into()
+        }
     };
     Err(os_err(
         libc::ENOENT,
@@ -159,4 +168,14 @@ impl Drop for Stopped {
             unsafe { libc::kill(self.pid, libc::SIGCONT) };
         }
     }
+}
+
+/// The in-process backend `cowctl run --backend` gave process `pid` (`COW_BACKEND` in its
+/// environment), if any.
+fn in_process_backend(pid: i32) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(b"COW_BACKEND="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .filter(|b| b != "kmod")
 }

@@ -1,4 +1,5 @@
-//! `cowctl run -- PROG ARGS…`: run a program with its heap and globals under cow.ko.
+//! `cowctl run -- PROG ARGS…`: run a program under libcow: its heap and globals in cow.ko, or
+//! all of its private writable memory tracked by an in-process backend (uffd, mprotect).
 
 use anyhow::{bail, Context, Result};
 use std::os::unix::process::ExitStatusExt;
@@ -112,6 +113,8 @@ pub struct Options {
     pub keep: Option<usize>,
     /// Where libcow_preload writes its JSON report at exit.
     pub report: Option<PathBuf>,
+    /// The backend (`kmod`, `uffd`, `mprotect`; none: kmod).
+    pub backend: Option<&'static str>,
 }
 
 /// The command that runs `argv` under libcow_preload with `opts`.
@@ -145,9 +148,38 @@ pub fn command(opts: &Options, argv: &[String]) -> Result<std::process::Command>
     if let Some(path) = &opts.report {
         cmd.env("COW_REPORT", path);
     }
+    if let Some(b) = opts.backend {
+        cmd.env("COW_BACKEND", b);
+    }
     // Only our child reports (not the programs it spawns, which inherit the environment).
     cmd.env("COW_REPORT_PARENT", std::process::id().to_string());
     Ok(cmd)
+}
+
+/// What `--backend` means here, checked before the program starts (fail early and clearly
+/// rather than let it run uncovered): `auto` is cow_init's choice (kmod if loaded, else uffd,
+/// else mprotect).
+pub fn choose_backend(name: &str) -> Result<&'static str> {
+    let name = match name {
+        "auto" => cow::backend::choose_auto().name,
+        "kmod" => "kmod",
+        "uffd" => "uffd",
+        "mprotect" => "mprotect",
+        other => bail!("unknown backend {other:?} (kmod, uffd, mprotect, auto)"),
+    };
+    match name {
+        "kmod" => drop(cow::Cow::open()?),
+        "uffd" => {
+            let k = cow::probe::kernel_features();
+            for probe in [k.uffd_wp_async, k.pagemap_scan] {
+                if !probe.available {
+                    bail!("--backend uffd: {} (try --backend mprotect)", probe.detail);
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(name)
 }
 
 /// The report a run wrote (see `cow::report`), as JSON.
@@ -160,9 +192,6 @@ pub fn read_report(path: &Path) -> Result<serde_json::Value> {
 /// Runs `cowctl run`; returns the program's exit code (128 + signal if it was killed).
 /// SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to cowctl go to the program.
 pub fn run(backend: &str, opts: &Options, argv: &[String]) -> Result<u8> {
-    if backend != "kmod" && backend != "auto" {
-        bail!("backend {backend:?} is not available yet (available: kmod)");
-    }
     let exe = crate::program::resolve(argv[0].as_ref())
         .with_context(|| format!("{}: command not found", argv[0]))?;
     if let Some(why) = crate::program::uncoverable(&exe) {
@@ -181,9 +210,15 @@ pub fn run(backend: &str, opts: &Options, argv: &[String]) -> Result<u8> {
             exe.display()
         );
     }
-    // Fail early and clearly rather than letting the program run uncovered.
-    drop(cow::Cow::open()?);
     let mut opts = opts.clone();
+    let backend = choose_backend(backend)?;
+    if opts.speculate.is_some() && backend == "uffd" {
+        bail!(
+            "--speculate: the uffd backend has no pre-copy (its first writes are resolved in the \
+             kernel, there is no fault to save); use kmod or mprotect"
+        );
+    }
+    opts.backend = Some(backend);
     // With periodic snapshots, say what they cost at the end (through a report of our own if
     // the user did not ask for one).
     let own_report = (opts.every_ms.is_some() && opts.report.is_none())

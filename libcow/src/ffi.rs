@@ -35,8 +35,17 @@ pub fn install(space: &'static Cow, hold: fn(), release: fn(), progress: fn() ->
     let kmod: &'static dyn Backend = Box::leak(Box::new(
         backend::kmod::Kmod::with_quiesce(space, hold, release).with_progress(progress),
     ));
-    // `cowctl run --speculate=POLICY` passes the policy in COW_SPECULATE; an oracle replays
-    // the write sets in COW_SPECULATE_REPLAY (recorded by a run with COW_SPECULATE_RECORD).
+    speculate_from_env(kmod);
+    let _ = BACKEND.set(kmod);
+    let _ = REASON.set(c"libcow_preload covers the heap and globals with cow.ko".into());
+    let _ = QUIESCE.set((hold, release));
+    drop(ops_lock());
+}
+
+/// Applies what `cowctl run --speculate=POLICY` asks for: the policy in `COW_SPECULATE`; an
+/// oracle replays the write sets in `COW_SPECULATE_REPLAY` (recorded by a run with
+/// `COW_SPECULATE_RECORD`). A backend without pre-copy refuses (`cowctl run` checks first).
+pub fn speculate_from_env(backend: &dyn Backend) {
     if let Some(policy) = crate::sys::env_var("COW_SPECULATE")
         .and_then(|p| p.parse::<crate::speculate::Policy>().ok())
     {
@@ -44,15 +53,11 @@ pub fn install(space: &'static Cow, hold: fn(), release: fn(), progress: fn() ->
             .filter(|_| policy == crate::speculate::Policy::Oracle)
             .and_then(|path| std::fs::read_to_string(path).ok())
             .and_then(|text| serde_json::from_str::<crate::speculate::Recording>(&text).ok());
-        let _ = kmod.set_speculation(policy, recorded);
+        let _ = backend.set_speculation(policy, recorded);
     }
     if crate::sys::env_var("COW_SPECULATE_RECORD").is_some() {
-        let _ = kmod.record_write_sets();
+        let _ = backend.record_write_sets();
     }
-    let _ = BACKEND.set(kmod);
-    let _ = REASON.set(c"libcow_preload covers the heap and globals with cow.ko".into());
-    let _ = QUIESCE.set((hold, release));
-    drop(ops_lock());
 }
 
 /// Runs `op` with the covered heap quiescent, if a preload installed the hooks.

@@ -1,6 +1,8 @@
-//! libcow_preload.so — puts an unmodified program's memory under cow.ko.
+//! libcow_preload.so — puts an unmodified program's memory under libcow.
 //!
-//! Loaded with `LD_PRELOAD` (by `cowctl run`), it
+//! Loaded with `LD_PRELOAD` (by `cowctl run`). With `COW_BACKEND=uffd` or `mprotect` it only
+//! initialises that backend (which covers every private writable mapping of the process, the
+//! heap libc serves included) and the checkpointer. With cow.ko (`kmod`, the default) it
 //! - serves the heap (`malloc`, `free`, `calloc`, `realloc`, `posix_memalign`, `aligned_alloc`,
 //!   `memalign`, `valloc`, `pvalloc`, `malloc_usable_size`) from one large `/dev/cow` region,
 //!   split into shards, each a [talc](https://crates.io/crates/talc) allocator whose whole state
@@ -19,6 +21,7 @@ mod globals;
 mod heap;
 mod malloc_api;
 mod raw;
+mod signals;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -30,6 +33,8 @@ const INITIALISING: u8 = 1;
 const READY: u8 = 2;
 /// cow.ko could not be used: everything goes to libc.
 const FALLBACK: u8 = 3;
+/// An in-process backend (uffd, mprotect) covers the whole process: the heap is libc's.
+const IN_PROCESS: u8 = 4;
 
 static STATE: AtomicU8 = AtomicU8::new(UNINIT);
 
@@ -43,6 +48,10 @@ static SPACE: std::sync::OnceLock<cow::Cow> = std::sync::OnceLock::new();
 static CONSTRUCTOR: extern "C" fn() = constructor;
 
 extern "C" fn constructor() {
+    if let Some(name) = in_process_backend() {
+        init_in_process(name);
+        return;
+    }
     if ensure_init() {
         if let Some(space) = space() {
             // libcow's set-up (cost probes, a replayed recording) is not the program's
@@ -58,6 +67,37 @@ extern "C" fn constructor() {
         OWNER_PID.store(unsafe { libc::getpid() }, Ordering::Release);
         heap::internal(start_checkpointer);
     }
+}
+
+/// The in-process backend `cowctl run --backend` asked for (`COW_BACKEND`), if any.
+fn in_process_backend() -> Option<&'static std::ffi::CStr> {
+    match raw::env_bytes(c"COW_BACKEND")? {
+        b"uffd" => Some(c"uffd"),
+        b"mprotect" => Some(c"mprotect"),
+        _ => None,
+    }
+}
+
+/// Covers the whole process with an in-process backend and starts the checkpointer. A failure
+/// is said once; the program then runs uncovered (`cowctl run` checked the backend works).
+fn init_in_process(name: &std::ffi::CStr) {
+    // SAFETY: a NUL-terminated backend name.
+    let rc = unsafe { cow::ffi::cow_init(name.as_ptr()) };
+    if rc < 0 {
+        raw::write_stderr(b"libcow_preload: cow_init failed: ");
+        // SAFETY: cow_strerror returns a static NUL-terminated string.
+        let why = unsafe { std::ffi::CStr::from_ptr(cow::ffi::cow_strerror(rc)) };
+        raw::write_stderr(why.to_bytes());
+        raw::write_stderr(b"; nothing is covered\n");
+        return;
+    }
+    if let Some(backend) = cow::ffi::current_backend() {
+        cow::ffi::speculate_from_env(backend);
+    }
+    STATE.store(IN_PROCESS, Ordering::Release);
+    // SAFETY: getpid has no preconditions.
+    OWNER_PID.store(unsafe { libc::getpid() }, Ordering::Release);
+    start_checkpointer();
 }
 
 /// The covered process (a forked child is no longer covered and has no checkpointer).
@@ -87,7 +127,8 @@ extern "C" fn destructor() {
     // SAFETY: getpid has no preconditions.
     let me = unsafe { libc::getpid() };
     // A forked child (no longer covered, and without the checkpointer thread) reports nothing.
-    if STATE.load(Ordering::Acquire) == READY && OWNER_PID.load(Ordering::Acquire) == me {
+    let state = STATE.load(Ordering::Acquire);
+    if (state == READY || state == IN_PROCESS) && OWNER_PID.load(Ordering::Acquire) == me {
         cow::report::write_at_exit();
     }
 }
@@ -96,8 +137,13 @@ extern "C" fn destructor() {
 pub(crate) fn ensure_init() -> bool {
     match STATE.load(Ordering::Acquire) {
         READY => return true,
-        FALLBACK | INITIALISING => return false,
+        FALLBACK | INITIALISING | IN_PROCESS => return false,
         _ => {}
+    }
+    if in_process_backend().is_some() {
+        // The heap stays libc's: the in-process backend covers it where it is.
+        let _ = STATE.compare_exchange(UNINIT, FALLBACK, Ordering::AcqRel, Ordering::Acquire);
+        return false;
     }
     if STATE
         .compare_exchange(UNINIT, INITIALISING, Ordering::AcqRel, Ordering::Acquire)

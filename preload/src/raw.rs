@@ -24,25 +24,30 @@ extern "C" {
     static environ: *const *const std::ffi::c_char;
 }
 
-/// Reads a decimal environment variable without allocating.
-pub(crate) fn env_u64(name: &std::ffi::CStr) -> Option<u64> {
+/// Reads an environment variable without allocating.
+pub(crate) fn env_bytes(name: &std::ffi::CStr) -> Option<&'static [u8]> {
     // `environ` itself, not getenv: a program may define its own getenv (bash does, answering
     // from shell variables it has not set up yet when we run).
     let name = name.to_bytes();
-    let mut s: &[u8] = &[];
     // SAFETY: `environ` is the NULL-terminated array of NUL-terminated strings of the process,
-    // read without modification during start-up (the first malloc or our constructor).
+    // read without modification during start-up (the first malloc or our constructor); the
+    // strings are never freed (a program's setenv replaces pointers, not bytes).
     unsafe {
         let mut p = environ;
         while !p.is_null() && !(*p).is_null() {
             let entry = std::ffi::CStr::from_ptr(*p).to_bytes();
             if entry.len() > name.len() && entry.starts_with(name) && entry[name.len()] == b'=' {
-                s = &entry[name.len() + 1..];
-                break;
+                return Some(&entry[name.len() + 1..]);
             }
             p = p.add(1);
         }
     }
+    None
+}
+
+/// Reads a decimal environment variable without allocating.
+pub(crate) fn env_u64(name: &std::ffi::CStr) -> Option<u64> {
+    let s = env_bytes(name)?;
     if s.is_empty() || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }

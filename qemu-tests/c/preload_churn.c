@@ -3,7 +3,8 @@
  * free/writes, cow_map regions, snapshots, restores to random retained ids, drops. After every
  * restore the program's whole covered state (its global table of live blocks, the blocks'
  * bytes, a global buffer, the mapped regions) is compared byte for byte with a reference kept
- * in anonymous mmap memory, outside covered memory. Exit 0 = zero differences.
+ * in shared anonymous memory, which no backend covers (kmod covers /dev/cow memory, uffd and
+ * mprotect private mappings). Exit 0 = zero differences.
  */
 #define _GNU_SOURCE
 #include <cow.h>
@@ -30,12 +31,12 @@ static int nregions;
 
 struct ref {
 	int64_t id;
-	unsigned char *mem; /* anonymous mmap: blocks, lens, gbuf, regions, then block bytes */
+	unsigned char *mem; /* shared anonymous: blocks, lens, gbuf, regions, then block bytes */
 	size_t len;
 };
 
 /* The generator's state must not be covered: a restore would replay the same choices. */
-static uint64_t *rng_state; /* points into anonymous memory; the pointer itself never changes */
+static uint64_t *rng_state; /* points into uncovered memory; the pointer itself never changes */
 static uint64_t rnd(void)
 {
 	uint64_t x = *rng_state;
@@ -47,9 +48,10 @@ static uint64_t rnd(void)
 }
 static size_t below(size_t n) { return n ? rnd() % n : 0; }
 
+/* Memory no backend covers: shared, not private. */
 static void *anon(size_t len)
 {
-	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	if (p == MAP_FAILED) {
 		perror("mmap");
 		exit(90);

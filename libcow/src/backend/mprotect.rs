@@ -118,8 +118,50 @@ extern "C" fn on_segv(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_vo
 
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
-        libc::sigaction(libc::SIGSEGV, &dfl, std::ptr::null_mut());
+        own_sigaction(&dfl, std::ptr::null_mut());
     }
+}
+
+/// Set while libcow itself changes SIGSEGV's action (an interposed `sigaction`, as in
+/// libcow_preload, must let that call through).
+static OWN_CALL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `sigaction(SIGSEGV, act, old)` on libcow's own behalf.
+fn own_sigaction(act: *const libc::sigaction, old: *mut libc::sigaction) -> i32 {
+    OWN_CALL.store(true, Ordering::SeqCst);
+    // SAFETY: the caller passes a valid action (or null) and a writable `old` (or null).
+    let rc = unsafe { libc::sigaction(libc::SIGSEGV, act, old) };
+    OWN_CALL.store(false, Ordering::SeqCst);
+    rc
+}
+
+/// A program's `sigaction(SIGSEGV, act, old)` while this backend owns SIGSEGV: `act` becomes
+/// the action faults that are not ours go to, `old` gets the one it replaces, and libcow's
+/// handler stays. None when the call is not for us to answer (no mprotect backend, or libcow's
+/// own call): the caller passes it to libc.
+///
+/// # Safety
+///
+/// `act` is null or a valid action; `old` is null or writable.
+pub unsafe fn program_sigaction(
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> Option<i32> {
+    let current = OLD_ACTION.load(Ordering::Acquire);
+    if current.is_null() || OWN_CALL.load(Ordering::SeqCst) {
+        return None;
+    }
+    if !old.is_null() {
+        // SAFETY: `current` is a saved action in the book; `old` is writable (caller).
+        unsafe { *old = *current };
+    }
+    if !act.is_null() {
+        // A new copy, published whole: a handler running now reads the old one or the new.
+        // SAFETY: `act` is a valid action (caller).
+        let copy = book::leak(unsafe { *act });
+        OLD_ACTION.store(copy, Ordering::Release);
+    }
+    Some(0)
 }
 
 /// The `[start, end)` of the mapping holding `addr` if it is private, anonymous and read-only
@@ -202,7 +244,7 @@ impl Mprotect {
             sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaddset(&mut sa.sa_mask, stop_signal());
-            if libc::sigaction(libc::SIGSEGV, &sa, old) != 0 {
+            if own_sigaction(&sa, old) != 0 {
                 return Err(Error::last_os("sigaction(SIGSEGV)"));
             }
         }

@@ -1,0 +1,82 @@
+//! `sigaction` and `signal`, interposed: under the mprotect backend libcow's SIGSEGV handler
+//! must stay installed (every first write to covered memory faults into it), so a program
+//! installing its own SIGSEGV handler — most servers do, to log a crash — gets it chained
+//! behind libcow's instead: faults that are not libcow's reach it as before. Every other call
+//! goes to libc unchanged.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+type SigactionFn =
+    unsafe extern "C" fn(i32, *const libc::sigaction, *mut libc::sigaction) -> libc::c_int;
+type SignalFn = unsafe extern "C" fn(i32, libc::sighandler_t) -> libc::sighandler_t;
+
+static REAL_SIGACTION: AtomicUsize = AtomicUsize::new(0);
+static REAL_SIGNAL: AtomicUsize = AtomicUsize::new(0);
+
+/// libc's definition of `name` (the next one after ours), cached in `slot`.
+fn next(slot: &AtomicUsize, name: &std::ffi::CStr) -> usize {
+    let mut f = slot.load(Ordering::Acquire);
+    if f == 0 {
+        // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
+        f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
+        slot.store(f, Ordering::Release);
+    }
+    f
+}
+
+/// Whether a SIGSEGV action change is the mprotect backend's to answer.
+fn ours(sig: i32) -> bool {
+    sig == libc::SIGSEGV && crate::in_process_backend() == Some(c"mprotect")
+}
+
+/// `sigaction(2)`, as the program calls it.
+///
+/// # Safety
+///
+/// As `sigaction`: `act` null or valid, `old` null or writable.
+#[no_mangle]
+pub unsafe extern "C" fn sigaction(
+    sig: i32,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> libc::c_int {
+    if ours(sig) {
+        // SAFETY: forwarded from our caller's contract.
+        if let Some(rc) = unsafe { cow::backend::mprotect::program_sigaction(act, old) } {
+            return rc;
+        }
+    }
+    let f = next(&REAL_SIGACTION, c"sigaction");
+    if f == 0 {
+        return -1;
+    }
+    // SAFETY: libc's sigaction has this signature; arguments forwarded unchanged.
+    unsafe { std::mem::transmute::<usize, SigactionFn>(f)(sig, act, old) }
+}
+
+/// `signal(3)`, as the program calls it (glibc's BSD semantics: `SA_RESTART`).
+///
+/// # Safety
+///
+/// As `signal`.
+#[no_mangle]
+pub unsafe extern "C" fn signal(sig: i32, handler: libc::sighandler_t) -> libc::sighandler_t {
+    if ours(sig) {
+        // SAFETY: an all-zero sigaction is valid; filled in below.
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = handler;
+        act.sa_flags = libc::SA_RESTART;
+        // SAFETY: as above.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: both point to live locals.
+        if unsafe { cow::backend::mprotect::program_sigaction(&act, &mut old) }.is_some() {
+            return old.sa_sigaction;
+        }
+    }
+    let f = next(&REAL_SIGNAL, c"signal");
+    if f == 0 {
+        return libc::SIG_ERR;
+    }
+    // SAFETY: libc's signal has this signature; arguments forwarded unchanged.
+    unsafe { std::mem::transmute::<usize, SignalFn>(f)(sig, handler) }
+}
