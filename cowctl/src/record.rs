@@ -378,6 +378,8 @@ fn store_loop(
     let mut prev: Option<u64> = None;
     let mut last_space: Option<Arc<cow::Cow>> = None;
     let mut seen: HashSet<u64> = HashSet::new();
+    // Hash of each covered page as last stored.
+    let mut covered_hashes = std::collections::BTreeMap::new();
     let mut page = vec![0u8; PAGE];
     for job in jobs {
         let mut pages = job.pages;
@@ -418,7 +420,8 @@ fn store_loop(
                 };
                 let off = (m.offset & SPACE_OFFSET_MASK) + addr - m.start;
                 if space.read(snap, off, &mut page).is_ok() {
-                    pages.push((addr, page.clone()));
+                    // Dirty is not changed: perl rewrites many pages with what they held.
+                    keep_if_changed(&mut covered_hashes, &mut pages, addr, &page);
                 }
             }
             if let Some(p) = prev {
