@@ -172,10 +172,46 @@ impl Drop for Stopped {
 
 /// The in-process backend `cowctl run --backend` gave process `pid` (`COW_BACKEND` in its
 /// environment), if any.
-fn in_process_backend(pid: i32) -> Option<String> {
+pub(crate) fn in_process_backend(pid: i32) -> Option<String> {
     let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
     env.split(|&b| b == 0)
         .find_map(|v| v.strip_prefix(b"COW_BACKEND="))
         .map(|v| String::from_utf8_lossy(v).into_owned())
         .filter(|b| b != "kmod")
+}
+
+/// A live process's snapshots: its cow.ko space (taken with `pidfd_getfd`), or libcow's
+/// in-process backend (uffd, mprotect), which answers on its control socket (`cow::control`).
+pub enum Space {
+    /// The process's `/dev/cow` descriptor.
+    Kmod(cow::Cow),
+    /// Process `pid` runs an in-process backend named `backend`.
+    InProcess { pid: i32, backend: String },
+}
+
+/// Opens process `pid`'s snapshots, whichever backend keeps them.
+pub fn open_space(pid: i32) -> Result<Space> {
+    check_is_live_process(pid)?;
+    if let Some(backend) = in_process_backend(pid) {
+        return Ok(Space::InProcess { pid, backend });
+    }
+    attach(pid).map(Space::Kmod)
+}
+
+impl Space {
+    /// Sends `req` to an in-process backend's control thread.
+    pub fn ask(pid: i32, backend: &str, req: &str) -> Result<String> {
+        cow::control::request(pid, req).map_err(|e| {
+            let errno = e.errno();
+            let msg = match errno {
+                libc::ECONNREFUSED | libc::ENOENT => format!(
+                    "process {pid} runs libcow's {backend} backend but its control thread does \
+                     not answer (it failed to start: see the program's stderr)"
+                ),
+                libc::EPERM => format!("permission denied: process {pid} is not yours"),
+                _ => format!("process {pid} ({backend} backend): {req}"),
+            };
+            os_err(errno, msg)
+        })
+    }
 }

@@ -1,21 +1,36 @@
 //! `cowctl snapshot|restore|list|diff|drop|stats PID`: the snapshot operations on a live process.
 
-use crate::remote::{attach, Stopped};
+use crate::remote::{open_space, Space, Stopped};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
 /// `cowctl snapshot PID`: prints the new id alone.
 pub fn snapshot(pid: i32) -> Result<()> {
-    let id = attach(pid)?
-        .snapshot()
-        .with_context(|| format!("cannot snapshot process {pid}"))?;
+    let id = match open_space(pid)? {
+        Space::Kmod(space) => space.snapshot(),
+        Space::InProcess { pid, backend } => {
+            let reply = Space::ask(pid, &backend, "snapshot")?;
+            println!("{reply}");
+            return Ok(());
+        }
+    }
+    .with_context(|| format!("cannot snapshot process {pid}"))?;
     println!("{id}");
     Ok(())
 }
 
-/// `cowctl restore PID ID [--running]`.
+/// `cowctl restore PID ID [--running]`. On cow.ko the process is stopped (SIGSTOP) around the
+/// restore unless `running`; an in-process backend stops the program's threads itself.
 pub fn restore(pid: i32, id: u64, running: bool) -> Result<()> {
-    let space = attach(pid)?;
+    let space = match open_space(pid)? {
+        Space::Kmod(space) => space,
+        Space::InProcess { pid, backend } => {
+            Space::ask(pid, &backend, &format!("restore {id}"))
+                .with_context(|| format!("cannot restore process {pid} to snapshot {id}"))?;
+            eprintln!("process {pid} restored to snapshot {id}");
+            return Ok(());
+        }
+    };
     let _stopped = if running {
         None
     } else {
@@ -30,33 +45,50 @@ pub fn restore(pid: i32, id: u64, running: bool) -> Result<()> {
 
 /// `cowctl drop PID ID`.
 pub fn drop(pid: i32, id: u64) -> Result<()> {
-    attach(pid)?
-        .drop_snapshot(id)
-        .with_context(|| format!("cannot drop snapshot {id} of process {pid}"))?;
+    match open_space(pid)? {
+        Space::Kmod(space) => space.drop_snapshot(id).map_err(anyhow::Error::from),
+        Space::InProcess { pid, backend } => {
+            Space::ask(pid, &backend, &format!("drop {id}")).map(|_| ())
+        }
+    }
+    .with_context(|| format!("cannot drop snapshot {id} of process {pid}"))?;
     Ok(())
 }
 
 #[derive(Serialize)]
 struct ListEntry {
     id: u64,
-    saved_pages: u64,
-    bytes_held: u64,
-    age_ms: f64,
+    /// Per-snapshot figures cow.ko keeps (none from an in-process backend).
+    saved_pages: Option<u64>,
+    bytes_held: Option<u64>,
+    age_ms: Option<f64>,
 }
 
 /// `cowctl list PID [--json]`.
 pub fn list(pid: i32, json: bool) -> Result<()> {
     let now = cow::monotonic_ns();
-    let entries: Vec<ListEntry> = attach(pid)?
-        .list()?
-        .into_iter()
-        .map(|s| ListEntry {
-            id: s.id,
-            saved_pages: s.saved_pages,
-            bytes_held: s.bytes_held,
-            age_ms: now.saturating_sub(s.taken_ns) as f64 / 1e6,
-        })
-        .collect();
+    let entries: Vec<ListEntry> = match open_space(pid)? {
+        Space::Kmod(space) => space
+            .list()?
+            .into_iter()
+            .map(|s| ListEntry {
+                id: s.id,
+                saved_pages: Some(s.saved_pages),
+                bytes_held: Some(s.bytes_held),
+                age_ms: Some(now.saturating_sub(s.taken_ns) as f64 / 1e6),
+            })
+            .collect(),
+        Space::InProcess { pid, backend } => Space::ask(pid, &backend, "list")?
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .map(|id| ListEntry {
+                id,
+                saved_pages: None,
+                bytes_held: None,
+                age_ms: None,
+            })
+            .collect(),
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&entries)?);
         return Ok(());
@@ -65,10 +97,14 @@ pub fn list(pid: i32, json: bool) -> Result<()> {
         "{:>8} {:>12} {:>14} {:>12}",
         "id", "saved pages", "bytes held", "age (ms)"
     );
+    let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     for e in &entries {
         println!(
-            "{:>8} {:>12} {:>14} {:>12.1}",
-            e.id, e.saved_pages, e.bytes_held, e.age_ms
+            "{:>8} {:>12} {:>14} {:>12}",
+            e.id,
+            or_dash(e.saved_pages.map(|v| v.to_string())),
+            or_dash(e.bytes_held.map(|v| v.to_string())),
+            or_dash(e.age_ms.map(|v| format!("{v:.1}"))),
         );
     }
     Ok(())
@@ -83,7 +119,13 @@ struct Range {
 /// `cowctl diff PID ID1 ID2 [--json]`: byte ranges (space offsets) that differ between two
 /// snapshots.
 pub fn diff(pid: i32, id1: u64, id2: u64, json: bool) -> Result<()> {
-    let space = attach(pid)?;
+    let space = match open_space(pid)? {
+        Space::Kmod(space) => space,
+        Space::InProcess { backend, .. } => anyhow::bail!(
+            "process {pid} keeps its snapshots in-process ({backend} backend): diff reads \
+             snapshot memory from outside, which needs cow.ko"
+        ),
+    };
     let (old, new) = (id1.min(id2), id1.max(id2));
     let held = space.list()?;
     for id in [old, new] {
@@ -134,7 +176,20 @@ pub fn diff(pid: i32, id1: u64, id2: u64, json: bool) -> Result<()> {
 
 /// `cowctl stats PID [--json]`.
 pub fn stats(pid: i32, json: bool) -> Result<()> {
-    let s = attach(pid)?.stats()?;
+    let s = match open_space(pid)? {
+        Space::Kmod(space) => space.stats()?,
+        Space::InProcess { pid, backend } => {
+            // `key=value` pairs: the in-process backend's counters.
+            let mut v = serde_json::Map::new();
+            v.insert("backend".into(), backend.clone().into());
+            for pair in Space::ask(pid, &backend, "stats")?.split_whitespace() {
+                if let Some((k, n)) = pair.split_once('=') {
+                    v.insert(k.into(), n.parse::<u64>().unwrap_or(0).into());
+                }
+            }
+            return print_stats(&serde_json::Value::Object(v), json);
+        }
+    };
     let v = serde_json::json!({
         "snapshots": s.snapshots,
         "pages_present": s.pages_present,
@@ -157,6 +212,10 @@ pub fn stats(pid: i32, json: bool) -> Result<()> {
         },
         "faults_avoided": s.precopy_useful,
     });
+    print_stats(&v, json)
+}
+
+fn print_stats(v: &serde_json::Value, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else if let Some(map) = v.as_object() {

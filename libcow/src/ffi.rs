@@ -89,6 +89,13 @@ fn with_backend(op: impl FnOnce(&dyn Backend) -> crate::Result<()>) -> c_int {
     }
 }
 
+/// Runs `op` on the backend with the C API's operations lock held (no snapshot, restore or
+/// drop meanwhile, so what `op` allocates cannot be rewound under it); 0 or a negative errno.
+pub(crate) fn with_ops(op: impl FnOnce(&dyn Backend) -> crate::Result<()>) -> c_int {
+    let _ops = ops_lock();
+    with_backend(op)
+}
+
 /// Ids are ≥ 1; anything else names no snapshot.
 fn positive_id(id: i64) -> crate::Result<u64> {
     u64::try_from(id)

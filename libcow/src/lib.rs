@@ -10,6 +10,7 @@
 pub mod backend;
 pub mod book;
 pub mod checkpoint;
+pub mod control;
 pub mod device;
 pub mod error;
 pub mod ffi;

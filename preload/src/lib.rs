@@ -97,6 +97,10 @@ fn init_in_process(name: &std::ffi::CStr) {
     STATE.store(IN_PROCESS, Ordering::Release);
     // SAFETY: getpid has no preconditions.
     OWNER_PID.store(unsafe { libc::getpid() }, Ordering::Release);
+    // Before the first snapshot: what the thread allocates is in every snapshot.
+    if let Err(e) = cow::control::serve() {
+        eprintln!("libcow_preload: no live control (cowctl snapshot|restore PID): {e}");
+    }
     start_checkpointer();
 }
 
