@@ -199,21 +199,24 @@ pub fn run(cfg: &Config) -> Result<()> {
             let changes = rec.when(addr, 8)?.len();
             let when_ms = ms(t);
             std::hint::black_box(changes);
-            rows.push(Row {
-                backend: backend.into(),
-                workload: format!("{DIRTY}-pages"),
-                codec: codec.name().into(),
-                checkpoints: info.checkpoints,
-                ckpt_per_s: info.checkpoints as f64 / rec_s,
-                slowdown: rec_s / plain_s,
-                bytes_per_ckpt: info.bytes_on_disk as f64 / info.checkpoints.max(1) as f64,
-                dedup_ratio: info.dedup_ratio,
-                compress_ratio: info.compress_ratio,
-                open_ms,
-                goto_ms: median(gotos),
-                search_ms,
-                when_ms,
-            });
+            finished(
+                &mut rows,
+                Row {
+                    backend: backend.into(),
+                    workload: format!("{DIRTY}-pages"),
+                    codec: codec.name().into(),
+                    checkpoints: info.checkpoints,
+                    ckpt_per_s: info.checkpoints as f64 / rec_s,
+                    slowdown: rec_s / plain_s,
+                    bytes_per_ckpt: info.bytes_on_disk as f64 / info.checkpoints.max(1) as f64,
+                    dedup_ratio: info.dedup_ratio,
+                    compress_ratio: info.compress_ratio,
+                    open_ms,
+                    goto_ms: median(gotos),
+                    search_ms,
+                    when_ms,
+                },
+            );
             let _ = std::fs::remove_dir_all(&out);
         }
     }
@@ -337,23 +340,35 @@ fn perl_rows(
             let t = Instant::now();
             std::hint::black_box(rec.when(page, store::PAGE as u64)?.len());
             let when_ms = ms(t);
-            rows.push(Row {
-                backend: backend.into(),
-                workload: "perl-kv".into(),
-                codec: codec.name().into(),
-                checkpoints: info.checkpoints,
-                ckpt_per_s: info.checkpoints as f64 / rec_s,
-                slowdown: rec_s / plain_s,
-                bytes_per_ckpt: info.bytes_on_disk as f64 / info.checkpoints.max(1) as f64,
-                dedup_ratio: info.dedup_ratio,
-                compress_ratio: info.compress_ratio,
-                open_ms,
-                goto_ms: median(gotos),
-                search_ms,
-                when_ms,
-            });
+            finished(
+                rows,
+                Row {
+                    backend: backend.into(),
+                    workload: "perl-kv".into(),
+                    codec: codec.name().into(),
+                    checkpoints: info.checkpoints,
+                    ckpt_per_s: info.checkpoints as f64 / rec_s,
+                    slowdown: rec_s / plain_s,
+                    bytes_per_ckpt: info.bytes_on_disk as f64 / info.checkpoints.max(1) as f64,
+                    dedup_ratio: info.dedup_ratio,
+                    compress_ratio: info.compress_ratio,
+                    open_ms,
+                    goto_ms: median(gotos),
+                    search_ms,
+                    when_ms,
+                },
+            );
             let _ = std::fs::remove_dir_all(&out);
         }
     }
     Ok(())
+}
+
+/// Adds `row`, said on stderr at once (one JSON line): a long run that is cut short (a guest's
+/// timeout) keeps what it measured.
+fn finished(rows: &mut Vec<Row>, row: Row) {
+    if let Ok(line) = serde_json::to_string(&row) {
+        eprintln!("cowctl bench --record: row {line}");
+    }
+    rows.push(row);
 }
