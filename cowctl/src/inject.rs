@@ -8,20 +8,11 @@
 //! registers (an interrupted call's included) are restored afterwards, so a call the thread
 //! was blocked in restarts as it would have.
 
+use crate::tracer::ptrace;
 use anyhow::{bail, Context, Result};
 
 /// `syscall` on x86-64.
 const SYSCALL_INSN: [u8; 2] = [0x0f, 0x05];
-
-fn ptrace(req: libc::c_uint, tid: i32, addr: usize, data: usize) -> std::io::Result<libc::c_long> {
-    // SAFETY: the requests used here take integers or pointers to buffers we own.
-    let r = unsafe { libc::ptrace(req, tid, addr, data) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
 
 fn get_regs(tid: i32) -> std::io::Result<libc::user_regs_struct> {
     // SAFETY: user_regs_struct is plain old data: all-zero bytes are a valid value.

@@ -64,7 +64,13 @@ fn debugreg(n: usize) -> usize {
     std::mem::offset_of!(libc::user, u_debugreg) + n * 8
 }
 
-fn ptrace(req: libc::c_uint, tid: i32, addr: usize, data: usize) -> std::io::Result<libc::c_long> {
+/// `ptrace(req, tid, addr, data)`, its failure as an `io::Error`.
+pub(crate) fn ptrace(
+    req: libc::c_uint,
+    tid: i32,
+    addr: usize,
+    data: usize,
+) -> std::io::Result<libc::c_long> {
     // SAFETY: the requests used here take integers or pointers to buffers we own.
     let r = unsafe { libc::ptrace(req, tid, addr, data) };
     if r < 0 {
