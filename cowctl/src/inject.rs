@@ -8,11 +8,14 @@
 //! registers (an interrupted call's included) are restored afterwards, so a call the thread
 //! was blocked in restarts as it would have.
 
-use crate::tracer::ptrace;
+use crate::tracer::{ptrace, siginfo_code, TRAP_HWBKPT};
 use anyhow::{bail, Context, Result};
 
 /// `syscall` on x86-64.
 const SYSCALL_INSN: [u8; 2] = [0x0f, 0x05];
+/// The resume flag: set by the kernel on a thread that hit an execution breakpoint, so that
+/// the instruction runs once without trapping again.
+const EFLAGS_RF: u64 = 1 << 16;
 
 fn get_regs(tid: i32) -> std::io::Result<libc::user_regs_struct> {
     // SAFETY: user_regs_struct is plain old data: all-zero bytes are a valid value.
@@ -78,8 +81,15 @@ pub fn syscall(pid: i32, tid: i32, insn: u64, nr: i64, args: &[u64]) -> Result<i
     }
     set_regs(tid, &regs).with_context(|| format!("thread {tid}: PTRACE_SETREGS"))?;
     let mut deferred = Vec::new();
-    let result = step_over_syscall(tid, insn, &mut deferred);
-    // Put the thread back whatever happened.
+    let mut breakpoint_hit = false;
+    let result = step_over_syscall(tid, insn, &mut deferred, &mut breakpoint_hit);
+    // Put the thread back whatever happened. A breakpoint it had hit but not yet reported
+    // (its SIGTRAP was still queued when it was stopped) was swallowed by the steps: without
+    // the resume flag the thread hits it again, and reports it, when it resumes.
+    let mut saved = saved;
+    if breakpoint_hit {
+        saved.eflags &= !EFLAGS_RF;
+    }
     let restored = set_regs(tid, &saved);
     for sig in deferred {
         // SAFETY: sending a signal to a thread of the traced process.
@@ -91,8 +101,14 @@ pub fn syscall(pid: i32, tid: i32, insn: u64, nr: i64, args: &[u64]) -> Result<i
 }
 
 /// Single-steps `tid` until it is past the `syscall` at `insn`; returns `rax` then. Signals
-/// that stop the thread on the way are held back in `deferred`.
-fn step_over_syscall(tid: i32, insn: u64, deferred: &mut Vec<i32>) -> Result<i64> {
+/// that stop the thread on the way are held back in `deferred`; a breakpoint's SIGTRAP met on
+/// the way sets `breakpoint_hit`.
+fn step_over_syscall(
+    tid: i32,
+    insn: u64,
+    deferred: &mut Vec<i32>,
+    breakpoint_hit: &mut bool,
+) -> Result<i64> {
     // A few steps at most: a step can report before the instruction ran (resuming from a stop
     // inside a system call reports the step of that call's exit first), or a signal can come.
     for _ in 0..8 {
@@ -117,6 +133,9 @@ fn step_over_syscall(tid: i32, insn: u64, deferred: &mut Vec<i32>) -> Result<i64
         let event = (status >> 16) & 0xff;
         if event == 0 && sig != libc::SIGTRAP {
             deferred.push(sig);
+        }
+        if event == 0 && sig == libc::SIGTRAP && siginfo_code(tid) == Some(TRAP_HWBKPT) {
+            *breakpoint_hit = true;
         }
         let regs = get_regs(tid)?;
         if regs.rip == insn + SYSCALL_INSN.len() as u64 {

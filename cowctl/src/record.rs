@@ -145,22 +145,23 @@ impl Recorder {
     /// checkpoint, so a debugger shows it.
     fn checkpoint(
         &mut self,
-        tracee: &Tracee,
+        tracee: &mut Tracee,
         reason: Reason,
         signal: u32,
         event_thread: Option<i32>,
     ) -> Result<()> {
         let time_ns = cow::monotonic_ns();
+        // First, as it may step a thread out of a system call it was stopped in.
+        if self.capture == Capture::Uffd && self.uffd.is_none() {
+            let tracker = crate::uffd_capture::UffdCapture::new(tracee)
+                .context("cannot track the program's writes with userfaultfd")?;
+            self.uffd = Some(tracker);
+        }
         let threads = tracee.registers(event_thread);
         let maps_text = std::fs::read_to_string(format!("/proc/{}/maps", self.pid))?;
         let maps = parse_maps(&maps_text);
         if self.capture == Capture::Kmod && self.space.is_none() {
             self.space = crate::remote::attach(self.pid).ok().map(Arc::new);
-        }
-        if self.capture == Capture::Uffd && self.uffd.is_none() {
-            let tracker = crate::uffd_capture::UffdCapture::new(tracee)
-                .context("cannot track the program's writes with userfaultfd")?;
-            self.uffd = Some(tracker);
         }
         let snapshot = match &self.space {
             Some(space) => Some(space.snapshot().context("cow.ko snapshot")?),

@@ -54,10 +54,15 @@ pub struct Tracee {
     armed: std::collections::HashSet<i32>,
     /// Threads stopped at their exit (they cannot run anything any more).
     exiting_threads: std::collections::HashSet<i32>,
+    /// Threads stopped at an event inside a system call (clone, exec, …): the call has not
+    /// returned, so their registers do not hold its result yet.
+    in_syscall: std::collections::HashSet<i32>,
 }
 
 /// Debug registers available for execution breakpoints (DR0-DR3).
 pub const MAX_BREAKPOINTS: usize = 4;
+/// `si_code` of the SIGTRAP a hardware breakpoint raises.
+pub(crate) const TRAP_HWBKPT: i32 = 4;
 
 /// Where debug register `n` sits in `struct user` (for PTRACE_PEEKUSER/POKEUSER).
 fn debugreg(n: usize) -> usize {
@@ -94,6 +99,48 @@ fn is_fatal(sig: i32) -> bool {
     )
 }
 
+/// Whether a hardware breakpoint's SIGTRAP is queued for `tid` (in a ptrace stop).
+fn breakpoint_trap_queued(tid: i32) -> bool {
+    #[repr(C)]
+    struct PeekArgs {
+        off: u64,
+        flags: u32,
+        nr: i32,
+    }
+    let args = PeekArgs {
+        off: 0,
+        flags: 0,
+        nr: 8,
+    };
+    // SAFETY: siginfo_t is plain old data: all-zero bytes are a valid value.
+    let mut queue: [libc::siginfo_t; 8] = unsafe { std::mem::zeroed() };
+    let Ok(n) = ptrace(
+        libc::PTRACE_PEEKSIGINFO,
+        tid,
+        &args as *const _ as usize,
+        queue.as_mut_ptr() as usize,
+    ) else {
+        return false;
+    };
+    queue[..(n as usize).min(8)]
+        .iter()
+        .any(|i| i.si_signo == libc::SIGTRAP && i.si_code == TRAP_HWBKPT)
+}
+
+/// The `si_code` of the signal `tid` is stopped with.
+pub(crate) fn siginfo_code(tid: i32) -> Option<i32> {
+    // SAFETY: siginfo_t is plain old data, filled by the kernel.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    ptrace(
+        libc::PTRACE_GETSIGINFO,
+        tid,
+        0,
+        &mut info as *mut _ as usize,
+    )
+    .ok()?;
+    Some(info.si_code)
+}
+
 impl Tracee {
     /// A tracee whose `threads` were just seized, nothing seen of them yet.
     fn with_threads(pid: i32, threads: BTreeMap<i32, State>) -> Self {
@@ -108,6 +155,7 @@ impl Tracee {
             breakpoints: Vec::new(),
             armed: Default::default(),
             exiting_threads: Default::default(),
+            in_syscall: Default::default(),
         }
     }
 
@@ -205,6 +253,9 @@ impl Tracee {
         if let Some(Event::Exited(_)) = self.stop_all()? {
             return Ok(());
         }
+        for tid in self.armed.clone() {
+            self.discard_breakpoint_trap(tid)?;
+        }
         for (tid, st) in std::mem::take(&mut self.threads) {
             if self.armed.contains(&tid) {
                 let _ = ptrace(libc::PTRACE_POKEUSER, tid, debugreg(7), 0);
@@ -219,6 +270,46 @@ impl Tracee {
             let _ = ptrace(libc::PTRACE_DETACH, tid, 0, sig as usize);
         }
         self.armed.clear();
+        Ok(())
+    }
+
+    /// Makes `tid` (stopped by us) take the SIGTRAP of a breakpoint it hit if that is still
+    /// queued: the stop we asked for is reported before it. Let go with it queued, the
+    /// program would die of our breakpoint.
+    fn discard_breakpoint_trap(&mut self, tid: i32) -> Result<()> {
+        while self.threads.get(&tid)
+            == Some(&State::Stopped {
+                sig: 0,
+                group: false,
+            })
+            && breakpoint_trap_queued(tid)
+        {
+            ptrace(libc::PTRACE_CONT, tid, 0, 0).with_context(|| format!("thread {tid}"))?;
+            let mut status = 0;
+            // SAFETY: waiting for one of our tracees.
+            while unsafe { libc::waitpid(tid, &mut status, libc::__WALL) } != tid {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    return Err(e).context(format!("thread {tid}: waitpid"));
+                }
+            }
+            if !libc::WIFSTOPPED(status) {
+                self.handle(tid, status)?;
+                return Ok(());
+            }
+            // A synchronous signal is taken first: the thread stops at once, without
+            // running. Ours is dropped; any other is delivered when it is let go.
+            let sig = libc::WSTOPSIG(status);
+            let event = (status >> 16) & 0xff;
+            let sig =
+                if event != 0 || (sig == libc::SIGTRAP && siginfo_code(tid) == Some(TRAP_HWBKPT)) {
+                    0
+                } else {
+                    sig
+                };
+            self.threads
+                .insert(tid, State::Stopped { sig, group: false });
+        }
         Ok(())
     }
 
@@ -271,10 +362,11 @@ impl Tracee {
         Some(index)
     }
 
-    /// An event stop of `tid` with no signal to deliver: kept stopped while
-    /// [`Tracee::stop_all`] gathers the threads, continued otherwise.
+    /// An event stop of `tid` inside a system call, with no signal to deliver: kept stopped
+    /// while [`Tracee::stop_all`] gathers the threads, continued otherwise.
     fn hold_or_continue(&mut self, tid: i32) {
         if self.stopping {
+            self.in_syscall.insert(tid);
             self.threads.insert(
                 tid,
                 State::Stopped {
@@ -288,6 +380,7 @@ impl Tracee {
     }
 
     fn cont(&mut self, tid: i32, sig: i32) {
+        self.in_syscall.remove(&tid);
         if ptrace(libc::PTRACE_CONT, tid, 0, sig as usize).is_ok() {
             self.threads.insert(tid, State::Running);
         }
@@ -328,6 +421,7 @@ impl Tracee {
             self.threads.remove(&tid);
             self.armed.remove(&tid);
             self.exiting_threads.remove(&tid);
+            self.in_syscall.remove(&tid);
             if tid == self.pid {
                 let code = if libc::WIFEXITED(status) {
                     libc::WEXITSTATUS(status)
@@ -400,6 +494,8 @@ impl Tracee {
                 // The old program's threads and debug registers are gone.
                 self.threads.retain(|&t, _| t == tid);
                 self.exiting_threads.clear();
+                self.in_syscall.clear();
+                self.in_syscall.insert(tid);
                 self.threads.insert(
                     tid,
                     State::Stopped {
@@ -502,20 +598,63 @@ impl Tracee {
         }
     }
 
-    /// A stopped thread that can be made to run a system call (see `inject.rs`): not in a
-    /// job-control stop, not exiting; one without a signal to deliver if there is one.
-    pub fn injectable_thread(&self) -> Option<i32> {
+    /// A stopped thread ready to run a system call for us (see `inject.rs`): not in a
+    /// job-control stop, not exiting; preferably one outside any system call and without a
+    /// signal to deliver. One stopped inside a system call (at a clone or exec event) is
+    /// first stepped out of it: the kernel would otherwise store that call's result over
+    /// whatever the injected call is given.
+    pub fn injectable_thread(&mut self) -> Result<Option<i32>> {
         let usable = |(&tid, st): (&i32, &State)| match *st {
-            State::Stopped { sig, group: false } if !self.exiting_threads.contains(&tid) => {
-                Some((sig != 0, tid != self.pid, tid))
-            }
+            State::Stopped { sig, group: false } if !self.exiting_threads.contains(&tid) => Some((
+                self.in_syscall.contains(&tid),
+                sig != 0,
+                tid != self.pid,
+                tid,
+            )),
             _ => None,
         };
+        let Some((in_syscall, _, _, tid)) = self.threads.iter().filter_map(usable).min() else {
+            return Ok(None);
+        };
+        if in_syscall {
+            self.finish_syscall(tid)?;
+        }
+        Ok(Some(tid))
+    }
+
+    /// Lets `tid`, stopped at an event inside a system call, complete that call: one step
+    /// reports at the call's exit, before any instruction of the program runs.
+    fn finish_syscall(&mut self, tid: i32) -> Result<()> {
+        ptrace(libc::PTRACE_SINGLESTEP, tid, 0, 0)
+            .with_context(|| format!("thread {tid}: PTRACE_SINGLESTEP"))?;
+        self.in_syscall.remove(&tid);
+        let mut status = 0;
+        loop {
+            // SAFETY: waiting for one of our tracees.
+            let r = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
+            if r == tid {
+                break;
+            }
+            let e = std::io::Error::last_os_error();
+            if r < 0 && e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e).context(format!("thread {tid}: waitpid"));
+            }
+        }
+        if !libc::WIFSTOPPED(status) {
+            self.handle(tid, status)?;
+            bail!("thread {tid} exited while finishing a system call");
+        }
+        // The step's own SIGTRAP is not the program's; any other signal is delivered later.
+        let sig = libc::WSTOPSIG(status);
+        let event = (status >> 16) & 0xff;
+        let sig = if event == 0 && sig != libc::SIGTRAP {
+            sig
+        } else {
+            0
+        };
         self.threads
-            .iter()
-            .filter_map(usable)
-            .min()
-            .map(|(_, _, tid)| tid)
+            .insert(tid, State::Stopped { sig, group: false });
+        Ok(())
     }
 
     /// Registers of every (stopped) thread, `first` (if given) first.

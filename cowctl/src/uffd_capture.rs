@@ -32,10 +32,10 @@ pub struct UffdCapture {
 
 impl UffdCapture {
     /// Gives the recorder a userfaultfd of `tracee`'s address space (every thread stopped).
-    pub fn new(tracee: &Tracee) -> Result<Self> {
+    pub fn new(tracee: &mut Tracee) -> Result<Self> {
         let pid = tracee.pid;
         let tid = tracee
-            .injectable_thread()
+            .injectable_thread()?
             .context("no thread of the program can run a system call now")?;
         let insn = crate::inject::find_syscall_insn(pid)?;
         let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | UFFD_USER_MODE_ONLY;

@@ -38,9 +38,16 @@ fn buggy_list(dir: &Path) -> PathBuf {
 }
 
 fn record(dir: &Path, exe: &Path, args: &[&str]) -> (Output, PathBuf) {
+    record_with(dir, exe, &[], args)
+}
+
+/// [`record`] with more options for `cowctl record`.
+fn record_with(dir: &Path, exe: &Path, options: &[&str], args: &[&str]) -> (Output, PathBuf) {
     let rec = dir.join("rec");
     let out = cowctl()
-        .args(["record", "--every", "3", "--backend", "uffd", "--out"])
+        .args(["record", "--every", "3", "--backend", "uffd"])
+        .args(options)
+        .arg("--out")
         .arg(&rec)
         .arg("--")
         .arg(exe)
@@ -150,13 +157,15 @@ fn search_finds_the_first_broken_checkpoint_and_when_lists_its_changes() {
 fn frames_and_locals_of_the_past() {
     let dir = scratch("frames");
     let exe = buggy_list(&dir);
-    let (out, rec) = record(&dir, &exe, &["3", "120"]);
+    // A checkpoint at each entry of insert() as well: the first checkpoint that sees
+    // iteration 60 is then inside step(60), whenever the interval ones land.
+    let (out, rec) = record_with(&dir, &exe, &["--at", "insert"], &["3", "120"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // A checkpoint taken inside insert() (most are: it sleeps there), in the middle.
+    // The first checkpoint of iteration 60: inside step(60), in the middle of the run.
     let text = debug(
         &rec,
         &[
@@ -171,6 +180,7 @@ fn frames_and_locals_of_the_past() {
     assert!(text.contains("main (argc="), "{text}");
     let line = text.lines().find(|l| l.starts_with("I=")).expect(&text);
     let i: i64 = line[2..line.find(' ').unwrap()].parse().unwrap();
+    assert_eq!(i, 60, "{text}");
     assert!(line.ends_with(&format!("VALUE={}", i * 7 + 1)), "{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -400,11 +410,18 @@ fn fds_of(pid: u32) -> Vec<(String, std::path::PathBuf)> {
 fn live_pid_unchanged(backend: &str) {
     let dir = scratch(&format!("pid-{backend}"));
     let exe = buggy_list(&dir);
-    let args = ["5", "800"];
-    let plain = Command::new(&exe).args(args).output().unwrap();
-    assert!(plain.status.success());
-    let program = Command::new(&exe)
+    // The program waits on its stdin before it exits, so it is still there to be looked at
+    // however long the recorder takes to let go and finish.
+    let args = ["5", "800", "1", "wait"];
+    let plain = Command::new(&exe)
         .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(plain.status.success());
+    let mut program = Command::new(&exe)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -441,8 +458,8 @@ fn live_pid_unchanged(backend: &str) {
         stderr.contains("goes on"),
         "the program ended before SIGINT: {stderr}"
     );
-    // The program runs ≈ 1.7 s; it was let go after ≈ 0.7 s.
     assert_eq!(fds_of(program.id()), fds_before);
+    drop(program.stdin.take()); // end of its input: it exits
     let live = program.wait_with_output().unwrap();
     assert!(live.status.success(), "{live:?}");
     assert_eq!(live.stdout, plain.stdout);

@@ -3,8 +3,10 @@
  * linked list every iteration (sleeping a little in insert(), where checkpoints mostly land);
  * at iteration BUG (chosen by the seed) insert() overwrites the head's magic — the list's
  * invariant `list.head->magic == 0x5eed` is broken from then on. It logs each iteration to
- * stderr ("iter N") so a test can check what the recording says.
- * Usage: buggy_list SEED ITERATIONS [THREADS] [crash]
+ * stderr ("iter N") so a test can check what the recording says. With "crash" it ends by
+ * dereferencing a pointer past the tail; with "wait" it reads one byte of stdin before it
+ * exits (a test can then look at it alive after its work).
+ * Usage: buggy_list SEED ITERATIONS [THREADS] [crash|wait]
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -77,6 +79,7 @@ int main(int argc, char **argv)
 	iterations = atol(argv[2]);
 	int threads = argc > 3 ? atoi(argv[3]) : 1;
 	int crash = argc > 4 && strcmp(argv[4], "crash") == 0;
+	int wait_stdin = argc > 4 && strcmp(argv[4], "wait") == 0;
 	bug_at = iterations / 4 + seed % (iterations / 2);
 	fprintf(stderr, "bug at %ld\n", bug_at);
 	pthread_t t[8];
@@ -89,5 +92,11 @@ int main(int argc, char **argv)
 	for (int k = 1; k < threads && k < 8; k++)
 		pthread_join(t[k], NULL);
 	printf("length %ld\n", list.length);
+	if (wait_stdin) {
+		char byte;
+		fflush(stdout);
+		if (read(0, &byte, 1) < 0)
+			return 1;
+	}
 	return 0;
 }
