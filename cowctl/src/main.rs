@@ -94,7 +94,7 @@ enum Command {
     /// Run a program under libcow: its heap and globals in cow.ko, or (uffd, mprotect) all of
     /// its private writable memory tracked in-process (exit code = the program's).
     #[command(
-        after_help = "Examples:\n  cowctl run -- ./server --port 8080\n  cowctl run --backend uffd --every 10 -- ./server   (no module: stock kernel >= 6.7)\n  cowctl run --heap-mib 512 -- python3 script.py\n  cowctl run --every 10 --speculate=adaptive -- perl bench.pl\n  cowctl run --every 100 --keep 32 --report run.json -- ./server"
+        after_help = "Examples:\n  cowctl run -- ./server --port 8080\n  cowctl run --backend uffd --every 10 -- ./server   (no module: stock kernel >= 6.7)\n  cowctl run --heap-mib 512 -- python3 script.py\n  cowctl run --every 10 --speculate=adaptive -- perl bench.pl\n  cowctl run --every 100 --keep 32 --report run.json -- ./server\n  cowctl run --recover --backend auto -- redis-server --save ''"
     )]
     Run {
         /// Backend to cover the program with: kmod (cow.ko: heap and globals), uffd or
@@ -120,6 +120,14 @@ enum Command {
         /// exits.
         #[arg(long, value_name = "FILE")]
         report: Option<std::path::PathBuf>,
+        /// Roll a crash (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT) inside an event-loop
+        /// iteration back to the iteration's start, shut its connections down and go on: a
+        /// snapshot at every epoll_wait/poll/select that returns events.
+        #[arg(long)]
+        recover: bool,
+        /// With --recover: the same instruction crashing N times in a row is a real crash.
+        #[arg(long, value_name = "N", requires = "recover", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        recover_limit: u32,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         argv: Vec<String>,
@@ -449,6 +457,8 @@ fn main() -> ExitCode {
         every,
         keep,
         report,
+        recover,
+        recover_limit,
         argv,
     } = &cli.command
     {
@@ -459,6 +469,7 @@ fn main() -> ExitCode {
             keep: *keep,
             report: report.clone(),
             backend: None,
+            recover: recover.then_some(*recover_limit),
         };
         return match run::run(backend, &opts, argv) {
             Ok(code) => ExitCode::from(code),

@@ -115,6 +115,8 @@ pub struct Options {
     pub report: Option<PathBuf>,
     /// The backend (`kmod`, `uffd`, `mprotect`; none: kmod).
     pub backend: Option<&'static str>,
+    /// `--recover`: the limit of crashes in a row at one site.
+    pub recover: Option<u32>,
 }
 
 /// The command that runs `argv` under libcow_preload with `opts`.
@@ -147,6 +149,9 @@ pub fn command(opts: &Options, argv: &[String]) -> Result<std::process::Command>
     }
     if let Some(path) = &opts.report {
         cmd.env("COW_REPORT", path);
+    }
+    if let Some(limit) = opts.recover {
+        cmd.env("COW_RECOVER", limit.to_string());
     }
     if let Some(b) = opts.backend {
         cmd.env("COW_BACKEND", b);
@@ -221,7 +226,7 @@ pub fn run(backend: &str, opts: &Options, argv: &[String]) -> Result<u8> {
     opts.backend = Some(backend);
     // With periodic snapshots, say what they cost at the end (through a report of our own if
     // the user did not ask for one).
-    let own_report = (opts.every_ms.is_some() && opts.report.is_none())
+    let own_report = ((opts.every_ms.is_some() || opts.recover.is_some()) && opts.report.is_none())
         .then(|| std::env::temp_dir().join(format!("cowctl-run-{}.json", std::process::id())));
     if let Some(p) = &own_report {
         opts.report = Some(p.clone());
@@ -245,6 +250,16 @@ pub fn run(backend: &str, opts: &Options, argv: &[String]) -> Result<u8> {
                 }
                 Err(e) => eprintln!("cowctl run: no checkpoint summary: {e:#}"),
             }
+        }
+    }
+    if opts.recover.is_some() {
+        // A process killed by its crash writes no report: nothing to say then.
+        if let Some(r) = opts.report.as_ref().and_then(|p| read_report(p).ok()) {
+            let t = &r["recovery"];
+            eprintln!(
+                "cowctl run: {} crashes recovered, {} not recovered, in {} iterations",
+                t["recoveries"], t["not_recovered"], t["iterations"]
+            );
         }
     }
     if let Some(p) = own_report {

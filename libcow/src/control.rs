@@ -153,7 +153,7 @@ fn answer(conn: OwnedFd) {
             }),
             Some("stats") => crate::ffi::with_ops(|b| {
                 let s = b.stats();
-                let _ = writeln!(
+                let _ = write!(
                     out,
                     "ok snapshots={} write_faults={} pages_saved={} bytes_held={} \
                      snapshot_ns={} restore_ns={}",
@@ -164,6 +164,14 @@ fn answer(conn: OwnedFd) {
                     s.snapshot_ns,
                     s.restore_ns
                 );
+                if let Some(t) = crate::recovery::totals() {
+                    let _ = write!(
+                        out,
+                        " recoveries={} not_recovered={} iterations={}",
+                        t.recoveries, t.not_recovered, t.iterations
+                    );
+                }
+                let _ = writeln!(out);
                 Ok(())
             }),
             _ => -libc::EINVAL,

@@ -16,6 +16,7 @@ pub mod error;
 pub mod ffi;
 pub mod maps;
 pub mod probe;
+pub mod recovery;
 pub mod report;
 pub mod speculate;
 mod sys;

@@ -22,6 +22,8 @@ pub struct Report {
     pub stats: Stats,
     /// What speculation did (absent without a policy).
     pub speculation: Option<Totals>,
+    /// What error recovery did (absent without `--recover`).
+    pub recovery: Option<crate::recovery::Totals>,
 }
 
 /// Stops the checkpointer and writes what the environment asks for. Errors go to stderr: the
@@ -58,6 +60,7 @@ pub fn write_at_exit() {
             checkpoints,
             stats: backend.stats(),
             speculation: backend.speculation(),
+            recovery: crate::recovery::totals(),
         };
         let text = serde_json::to_string(&report).unwrap_or_default();
         if let Err(e) = std::fs::write(&path, text + "\n") {

@@ -60,3 +60,10 @@ pub fn monotonic_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// Writes `bytes` to descriptor 2 with the raw system call (no allocation, no interposed
+/// `write`: usable in a signal handler).
+pub(crate) fn write_stderr(bytes: &[u8]) {
+    // SAFETY: writing a valid buffer to descriptor 2; errors are ignored (nowhere to report).
+    unsafe { libc::syscall(libc::SYS_write, 2, bytes.as_ptr(), bytes.len()) };
+}

@@ -20,8 +20,10 @@ mod fork;
 mod globals;
 mod heap;
 mod malloc_api;
+mod output;
 mod raw;
 mod signals;
+mod waits;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -63,6 +65,7 @@ extern "C" fn constructor() {
         globals::cover_executable_globals();
         fork::install_handlers();
         publish_fd();
+        cow::recovery::enable_from_env();
         // SAFETY: getpid has no preconditions.
         OWNER_PID.store(unsafe { libc::getpid() }, Ordering::Release);
         heap::internal(start_checkpointer);
@@ -97,6 +100,7 @@ fn init_in_process(name: &std::ffi::CStr) {
     STATE.store(IN_PROCESS, Ordering::Release);
     // SAFETY: getpid has no preconditions.
     OWNER_PID.store(unsafe { libc::getpid() }, Ordering::Release);
+    cow::recovery::enable_from_env();
     // Before the first snapshot: what the thread allocates is in every snapshot.
     if let Err(e) = cow::control::serve() {
         eprintln!("libcow_preload: no live control (cowctl snapshot|restore PID): {e}");

@@ -61,3 +61,15 @@ pub(crate) fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
+
+/// libc's definition of `name` (the next one after ours), cached in `slot`; 0 if none.
+pub(crate) fn next(slot: &std::sync::atomic::AtomicUsize, name: &std::ffi::CStr) -> usize {
+    use std::sync::atomic::Ordering;
+    let mut f = slot.load(Ordering::Acquire);
+    if f == 0 {
+        // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
+        f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
+        slot.store(f, Ordering::Release);
+    }
+    f
+}

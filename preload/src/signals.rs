@@ -1,10 +1,13 @@
 //! `sigaction` and `signal`, interposed: under the mprotect backend libcow's SIGSEGV handler
 //! must stay installed (every first write to covered memory faults into it), so a program
 //! installing its own SIGSEGV handler — most servers do, to log a crash — gets it chained
-//! behind libcow's instead: faults that are not libcow's reach it as before. Every other call
+//! behind libcow's instead: faults that are not libcow's reach it as before. Under
+//! `--recover` the crash signals' actions are kept aside the same way (libcow's recovery
+//! handler stays first and runs the program's when it does not roll back). Every other call
 //! goes to libc unchanged.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::raw::next;
+use std::sync::atomic::AtomicUsize;
 
 type SigactionFn =
     unsafe extern "C" fn(i32, *const libc::sigaction, *mut libc::sigaction) -> libc::c_int;
@@ -12,17 +15,6 @@ type SignalFn = unsafe extern "C" fn(i32, libc::sighandler_t) -> libc::sighandle
 
 static REAL_SIGACTION: AtomicUsize = AtomicUsize::new(0);
 static REAL_SIGNAL: AtomicUsize = AtomicUsize::new(0);
-
-/// libc's definition of `name` (the next one after ours), cached in `slot`.
-fn next(slot: &AtomicUsize, name: &std::ffi::CStr) -> usize {
-    let mut f = slot.load(Ordering::Acquire);
-    if f == 0 {
-        // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
-        f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) } as usize;
-        slot.store(f, Ordering::Release);
-    }
-    f
-}
 
 /// Whether a SIGSEGV action change is the mprotect backend's to answer.
 fn ours(sig: i32) -> bool {
@@ -40,6 +32,10 @@ pub unsafe extern "C" fn sigaction(
     act: *const libc::sigaction,
     old: *mut libc::sigaction,
 ) -> libc::c_int {
+    // SAFETY: forwarded from our caller's contract.
+    if let Some(rc) = unsafe { cow::recovery::program_sigaction(sig, act, old) } {
+        return rc;
+    }
     if ours(sig) {
         // SAFETY: forwarded from our caller's contract.
         if let Some(rc) = unsafe { cow::backend::mprotect::program_sigaction(act, old) } {
@@ -61,7 +57,7 @@ pub unsafe extern "C" fn sigaction(
 /// As `signal`.
 #[no_mangle]
 pub unsafe extern "C" fn signal(sig: i32, handler: libc::sighandler_t) -> libc::sighandler_t {
-    if ours(sig) {
+    if ours(sig) || cow::recovery::enabled() && cow::recovery::SIGNALS.contains(&sig) {
         // SAFETY: an all-zero sigaction is valid; filled in below.
         let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
         act.sa_sigaction = handler;
@@ -69,7 +65,11 @@ pub unsafe extern "C" fn signal(sig: i32, handler: libc::sighandler_t) -> libc::
         // SAFETY: as above.
         let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
         // SAFETY: both point to live locals.
-        if unsafe { cow::backend::mprotect::program_sigaction(&act, &mut old) }.is_some() {
+        let answered = unsafe {
+            cow::recovery::program_sigaction(sig, &act, &mut old)
+                .or_else(|| cow::backend::mprotect::program_sigaction(&act, &mut old))
+        };
+        if answered.is_some() {
             return old.sa_sigaction;
         }
     }

@@ -1,0 +1,246 @@
+//! Error recovery on the host (`cowctl run --recover --backend uffd`, no module): the project's
+//! epoll server (`qemu-tests/c/recover_server.c`) keeps a table in its heap; a request that
+//! modifies part of the table and then crashes is rolled back — the table equals, byte for
+//! byte, what the acknowledged requests made it — while other clients keep being served, and
+//! the same process goes on. Beyond the limit, and at start-up, the program's own crash
+//! handler runs as it would without libcow.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TABLE: usize = 4096;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("delorean-rec-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn server(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qemu-tests/c/recover_server.c");
+    let exe = dir.join("recover_server");
+    let out = Command::new("cc")
+        .args(["-O2", "-Wall", "-Werror", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .expect("cc runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+/// `cowctl run --recover --backend uffd [extra…] -- server PORT_FILE [args…]`, once it listens.
+// The child is returned: the caller waits for it.
+#[allow(clippy::zombie_processes)]
+fn start(dir: &Path, extra: &[&str], args: &[&str]) -> (Child, u16) {
+    let exe = server(dir);
+    let port_file = dir.join("port");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cowctl"))
+        .args(["run", "--recover", "--backend", "uffd"])
+        .args(extra)
+        .arg("--")
+        .arg(&exe)
+        .arg(&port_file)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(port) = std::fs::read_to_string(&port_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        {
+            return (child, port);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the server did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client connection; `None` from [`Client::ask`] means the server shut it down unanswered.
+struct Client {
+    port: u16,
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    fn new(port: u16) -> Client {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Client {
+            port,
+            stream,
+            reader,
+        }
+    }
+
+    fn ask(&mut self, line: &str) -> Option<String> {
+        self.stream.write_all(format!("{line}\n").as_bytes()).ok()?;
+        let mut reply = String::new();
+        match self.reader.read_line(&mut reply) {
+            Ok(n) if n > 0 => Some(reply.trim_end().to_string()),
+            _ => None,
+        }
+    }
+
+    /// Asks until answered, on a new connection after each shutdown; the number of retries.
+    fn ask_until_answered(&mut self, line: &str) -> (String, u32) {
+        for retry in 0..50 {
+            if let Some(r) = self.ask(line) {
+                return (r, retry);
+            }
+            *self = Client::new(self.port);
+        }
+        panic!("{line}: never answered");
+    }
+}
+
+/// One request on its own connection.
+fn once(port: u16, line: &str) -> Option<String> {
+    Client::new(port).ask(line)
+}
+
+/// Ends the server (SIGTERM, which cowctl forwards); its stderr.
+fn stop(mut child: Child) -> String {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+    err
+}
+
+fn server_pid(cowctl: &Child) -> i32 {
+    let kids =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", cowctl.id())).unwrap();
+    kids.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_crash_after_a_partial_update_is_rolled_back_while_others_are_served() {
+    let dir = scratch("partial");
+    let (child, port) = start(&dir, &[], &[]);
+    let pid = server_pid(&child);
+    // Four clients write their own keys, each write acknowledged (retried on a new connection
+    // when the iteration serving it was rolled back and its connection shut down).
+    // They go on until the crashes are over.
+    let crashing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let crashing = crashing.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::new(port);
+                let mut last = Vec::new();
+                let mut retries = 0;
+                let mut round = 0;
+                while round < 100 || crashing.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = 1000 + t * 100 + round % 100;
+                    let value = (t * 1_000_000 + round) as i64;
+                    let (reply, r) = c.ask_until_answered(&format!("SET {key} {value}"));
+                    assert_eq!(reply, "OK");
+                    retries += r;
+                    last.push((key, value));
+                    round += 1;
+                }
+                (last, retries)
+            })
+        })
+        .collect();
+    // Meanwhile: crashes after partial updates, an abort, a division by zero — each request
+    // goes unanswered (its iteration rolled back) and the server stays the same process.
+    let crashes = ["BAD 10", "ABORT", "BAD 500", "FPE"];
+    for bad in crashes {
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(once(port, bad), None, "{bad} was answered");
+    }
+    crashing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut model: Vec<i64> = (0..TABLE as i64).collect();
+    for w in writers {
+        let (writes, retries) = w.join().unwrap();
+        eprintln!(
+            "a writer: {} writes acknowledged, {retries} retried",
+            writes.len()
+        );
+        for (k, v) in writes {
+            model[k] = v;
+        }
+    }
+    // The table holds exactly what was acknowledged: nothing of the crashed requests.
+    let dump = once(port, "DUMP").expect("DUMP answered");
+    let table: Vec<i64> = dump.split(' ').map(|v| v.parse().unwrap()).collect();
+    assert_eq!(table.len(), TABLE);
+    for (i, (got, want)) in table.iter().zip(&model).enumerate() {
+        assert_eq!(got, want, "table[{i}]");
+    }
+    assert_eq!(server_pid(&child), pid, "the same process serves");
+    let stats = Command::new(env!("CARGO_BIN_EXE_cowctl"))
+        .args(["stats", &pid.to_string(), "--json"])
+        .output()
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(stats["recoveries"], 4, "{stats}");
+    assert_eq!(stats["not_recovered"], 0, "{stats}");
+    let err = stop(child);
+    assert_eq!(err.matches("libcow: recovered from").count(), 4, "{err}");
+    for sig in ["SIGSEGV", "SIGABRT", "SIGFPE"] {
+        assert!(err.contains(&format!("recovered from {sig}")), "{err}");
+    }
+    assert!(!err.contains("crash handler"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_same_crash_beyond_the_limit_is_the_programs_crash() {
+    let dir = scratch("limit");
+    let (mut child, port) = start(&dir, &["--recover-limit", "3"], &[]);
+    assert_eq!(once(port, "SET 7 70").as_deref(), Some("OK"));
+    assert_eq!(once(port, "BAD 100"), None);
+    assert_eq!(once(port, "BAD 100"), None);
+    // The third in a row: the server's own handler runs (it exits 77).
+    assert_eq!(once(port, "BAD 100"), None);
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+    assert_eq!(status.code(), Some(77), "{err}");
+    assert_eq!(
+        err.matches("libcow: recovered from SIGSEGV").count(),
+        2,
+        "{err}"
+    );
+    assert!(err.contains("too often in a row"), "{err}");
+    assert!(err.contains("server: crash handler: signal 11"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_crash_at_start_up_is_not_hidden() {
+    let dir = scratch("startup");
+    let exe = server(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_cowctl"))
+        .args(["run", "--recover", "--backend", "uffd", "--"])
+        .arg(&exe)
+        .arg(dir.join("port"))
+        .arg("crash-at-start")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    assert!(err.contains("server: crash handler: signal 11"), "{err}");
+    assert!(!err.contains("recovered"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,464 @@
+//! The event-loop wait calls, interposed as recovery points (`cowctl run --recover`, see
+//! `cow::recovery`): `epoll_wait`, `epoll_pwait`, `epoll_pwait2`, `poll`, `ppoll`, `select`,
+//! `pselect`. Entering one ends the calling thread's iteration; returning events begins the
+//! next, named by the descriptors the events are about. Without `--recover` each is a plain
+//! call to libc's.
+//!
+//! An `epoll_event` carries the program's data, not a descriptor: `epoll_ctl` is interposed to
+//! learn which descriptor each data value stands for.
+
+use crate::raw::next;
+use cow::recovery::{self, CallerRegs};
+use std::ffi::c_int;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Descriptors whose epoll data is remembered (higher ones are not shut down on a rollback).
+const TRACKED_FDS: usize = 1 << 16;
+/// Descriptors remembered per iteration.
+const MAX_EVENT_FDS: usize = 1024;
+
+/// The data each descriptor was registered with (`epoll_ctl` ADD/MOD), by descriptor.
+static EPOLL_DATA: [AtomicU64; TRACKED_FDS] = [const { AtomicU64::new(0) }; TRACKED_FDS];
+/// One past the highest descriptor registered.
+static EPOLL_MAX_FD: AtomicUsize = AtomicUsize::new(0);
+
+static REAL_EPOLL_CTL: AtomicUsize = AtomicUsize::new(0);
+static REAL_EPOLL_WAIT: AtomicUsize = AtomicUsize::new(0);
+static REAL_EPOLL_PWAIT: AtomicUsize = AtomicUsize::new(0);
+static REAL_EPOLL_PWAIT2: AtomicUsize = AtomicUsize::new(0);
+static REAL_POLL: AtomicUsize = AtomicUsize::new(0);
+static REAL_PPOLL: AtomicUsize = AtomicUsize::new(0);
+static REAL_SELECT: AtomicUsize = AtomicUsize::new(0);
+static REAL_PSELECT: AtomicUsize = AtomicUsize::new(0);
+
+/// libc's `name`, as a function of type `F` (None if libc lacks it).
+fn real<F: Copy>(slot: &AtomicUsize, name: &std::ffi::CStr) -> Option<F> {
+    let f = next(slot, name);
+    // SAFETY: `F` is the function pointer type of libc's `name`, which has the same size.
+    (f != 0).then(|| unsafe { std::mem::transmute_copy::<usize, F>(&f) })
+}
+
+fn no_symbol() -> c_int {
+    // SAFETY: writing this thread's errno.
+    unsafe { *libc::__errno_location() = libc::ENOSYS };
+    -1
+}
+
+/// `epoll_ctl(2)`, as the program calls it: remembers which descriptor a data value names.
+///
+/// # Safety
+///
+/// As `epoll_ctl`.
+#[no_mangle]
+pub unsafe extern "C" fn epoll_ctl(
+    epfd: c_int,
+    op: c_int,
+    fd: c_int,
+    event: *mut libc::epoll_event,
+) -> c_int {
+    type F = unsafe extern "C" fn(c_int, c_int, c_int, *mut libc::epoll_event) -> c_int;
+    let Some(f) = real::<F>(&REAL_EPOLL_CTL, c"epoll_ctl") else {
+        return no_symbol();
+    };
+    // SAFETY: forwarded unchanged.
+    let rc = unsafe { f(epfd, op, fd, event) };
+    if rc == 0 && (op == libc::EPOLL_CTL_ADD || op == libc::EPOLL_CTL_MOD) && !event.is_null() {
+        if let Ok(i) = usize::try_from(fd) {
+            if i < TRACKED_FDS {
+                // SAFETY: `event` is valid (the call succeeded with it).
+                EPOLL_DATA[i].store(unsafe { (*event).u64 }, Ordering::Relaxed);
+                EPOLL_MAX_FD.fetch_max(i + 1, Ordering::Relaxed);
+            }
+        }
+    }
+    rc
+}
+
+/// The descriptor registered with `data` (several may share it: the first is taken).
+fn fd_of(data: u64) -> Option<i32> {
+    let max = EPOLL_MAX_FD.load(Ordering::Relaxed);
+    // A common case first: the program stored the descriptor itself as its data.
+    if let Ok(fd) = usize::try_from(data) {
+        if fd < max && EPOLL_DATA[fd].load(Ordering::Relaxed) == data {
+            return Some(fd as i32);
+        }
+    }
+    (0..max)
+        .find(|&fd| EPOLL_DATA[fd].load(Ordering::Relaxed) == data)
+        .map(|fd| fd as i32)
+}
+
+/// Begins an iteration for `n` epoll events.
+fn begin_epoll(regs: *const CallerRegs, events: *const libc::epoll_event, n: c_int) {
+    let mut fds = [0i32; MAX_EVENT_FDS];
+    let mut k = 0;
+    for i in 0..(n as usize).min(MAX_EVENT_FDS) {
+        // SAFETY: the wait filled `n` events.
+        let data = unsafe { (*events.add(i)).u64 };
+        if let Some(fd) = fd_of(data) {
+            fds[k] = fd;
+            k += 1;
+        }
+    }
+    // SAFETY: `regs` was saved by the shim for the call returning now.
+    unsafe { recovery::begin(&*regs, &fds[..k], -1) };
+}
+
+/// Begins an iteration for the ready entries of a `poll` set.
+fn begin_poll(regs: *const CallerRegs, set: *const libc::pollfd, nfds: usize) {
+    let mut fds = [0i32; MAX_EVENT_FDS];
+    let mut k = 0;
+    for i in 0..nfds {
+        // SAFETY: the set has `nfds` entries.
+        let p = unsafe { &*set.add(i) };
+        if p.revents != 0 && k < MAX_EVENT_FDS {
+            fds[k] = p.fd;
+            k += 1;
+        }
+    }
+    // SAFETY: as in `begin_epoll`.
+    unsafe { recovery::begin(&*regs, &fds[..k], -1) };
+}
+
+/// Begins an iteration for the descriptors left in `select`'s sets.
+fn begin_select(regs: *const CallerRegs, nfds: c_int, sets: [*mut libc::fd_set; 3]) {
+    let mut fds = [0i32; MAX_EVENT_FDS];
+    let mut k = 0;
+    for fd in 0..nfds.clamp(0, libc::FD_SETSIZE as c_int) {
+        // SAFETY: non-null sets are the program's, sized for FD_SETSIZE.
+        let ready = sets
+            .iter()
+            .any(|&s| !s.is_null() && unsafe { libc::FD_ISSET(fd, s) });
+        if ready && k < MAX_EVENT_FDS {
+            fds[k] = fd;
+            k += 1;
+        }
+    }
+    // SAFETY: as in `begin_epoll`.
+    unsafe { recovery::begin(&*regs, &fds[..k], -1) };
+}
+
+cow::recovery_point! {
+    /// `epoll_wait(2)`, a recovery point.
+    ///
+    /// # Safety
+    ///
+    /// As `epoll_wait`.
+    fn epoll_wait(epfd: c_int, events: *mut libc::epoll_event, max: c_int, timeout: c_int)
+        => epoll_wait_impl
+}
+
+extern "C" fn epoll_wait_impl(
+    epfd: usize,
+    events: usize,
+    max: usize,
+    timeout: usize,
+    _: usize,
+    _: usize,
+    regs: *const CallerRegs,
+) -> c_int {
+    type F = unsafe extern "C" fn(c_int, *mut libc::epoll_event, c_int, c_int) -> c_int;
+    recovery::leave();
+    let Some(f) = real::<F>(&REAL_EPOLL_WAIT, c"epoll_wait") else {
+        return no_symbol();
+    };
+    let events = events as *mut libc::epoll_event;
+    // SAFETY: the program's arguments, forwarded unchanged.
+    let n = unsafe { f(epfd as c_int, events, max as c_int, timeout as c_int) };
+    if n > 0 && recovery::enabled() {
+        begin_epoll(regs, events, n);
+    }
+    n
+}
+
+cow::recovery_point! {
+    /// `epoll_pwait(2)`, a recovery point.
+    ///
+    /// # Safety
+    ///
+    /// As `epoll_pwait`.
+    fn epoll_pwait(
+        epfd: c_int,
+        events: *mut libc::epoll_event,
+        max: c_int,
+        timeout: c_int,
+        sigmask: *const libc::sigset_t
+    ) => epoll_pwait_impl
+}
+
+extern "C" fn epoll_pwait_impl(
+    epfd: usize,
+    events: usize,
+    max: usize,
+    timeout: usize,
+    sigmask: usize,
+    _: usize,
+    regs: *const CallerRegs,
+) -> c_int {
+    type F = unsafe extern "C" fn(
+        c_int,
+        *mut libc::epoll_event,
+        c_int,
+        c_int,
+        *const libc::sigset_t,
+    ) -> c_int;
+    recovery::leave();
+    let Some(f) = real::<F>(&REAL_EPOLL_PWAIT, c"epoll_pwait") else {
+        return no_symbol();
+    };
+    let events = events as *mut libc::epoll_event;
+    // SAFETY: the program's arguments, forwarded unchanged.
+    let n = unsafe {
+        f(
+            epfd as c_int,
+            events,
+            max as c_int,
+            timeout as c_int,
+            sigmask as *const libc::sigset_t,
+        )
+    };
+    if n > 0 && recovery::enabled() {
+        begin_epoll(regs, events, n);
+    }
+    n
+}
+
+cow::recovery_point! {
+    /// `epoll_pwait2(2)`, a recovery point.
+    ///
+    /// # Safety
+    ///
+    /// As `epoll_pwait2`.
+    fn epoll_pwait2(
+        epfd: c_int,
+        events: *mut libc::epoll_event,
+        max: c_int,
+        timeout: *const libc::timespec,
+        sigmask: *const libc::sigset_t
+    ) => epoll_pwait2_impl
+}
+
+extern "C" fn epoll_pwait2_impl(
+    epfd: usize,
+    events: usize,
+    max: usize,
+    timeout: usize,
+    sigmask: usize,
+    _: usize,
+    regs: *const CallerRegs,
+) -> c_int {
+    type F = unsafe extern "C" fn(
+        c_int,
+        *mut libc::epoll_event,
+        c_int,
+        *const libc::timespec,
+        *const libc::sigset_t,
+    ) -> c_int;
+    recovery::leave();
+    let Some(f) = real::<F>(&REAL_EPOLL_PWAIT2, c"epoll_pwait2") else {
+        return no_symbol();
+    };
+    let events = events as *mut libc::epoll_event;
+    // SAFETY: the program's arguments, forwarded unchanged.
+    let n = unsafe {
+        f(
+            epfd as c_int,
+            events,
+            max as c_int,
+            timeout as *const libc::timespec,
+            sigmask as *const libc::sigset_t,
+        )
+    };
+    if n > 0 && recovery::enabled() {
+        begin_epoll(regs, events, n);
+    }
+    n
+}
+
+cow::recovery_point! {
+    /// `poll(2)`, a recovery point.
+    ///
+    /// # Safety
+    ///
+    /// As `poll`.
+    fn poll(fds: *mut libc::pollfd, nfds: libc::nfds_t, timeout: c_int) => poll_impl
+}
+
+extern "C" fn poll_impl(
+    fds: usize,
+    nfds: usize,
+    timeout: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+    regs: *const CallerRegs,
+) -> c_int {
+    type F = unsafe extern "C" fn(*mut libc::pollfd, libc::nfds_t, c_int) -> c_int;
+    recovery::leave();
+    let Some(f) = real::<F>(&REAL_POLL, c"poll") else {
+        return no_symbol();
+    };
+    let set = fds as *mut libc::pollfd;
+    // SAFETY: the program's arguments, forwarded unchanged.
+    let n = unsafe { f(set, nfds as libc::nfds_t, timeout as c_int) };
+    if n > 0 && recovery::enabled() {
+        begin_poll(regs, set, nfds);
+    }
+    n
+}
+
+cow::recovery_point! {
+    /// `ppoll(2)`, a recovery point.
+    ///
+    /// # Safety
+    ///
+    /// As `ppoll`.
+    fn ppoll(
+        fds: *mut libc::pollfd,
+        nfds: libc::nfds_t,
+        timeout: *const libc::timespec,
+        sigmask: *const libc::sigset_t
+    ) => ppoll_impl
+}
+
+extern "C" fn ppoll_impl(
+    fds: usize,
+    nfds: usize,
+    timeout: usize,
+    sigmask: usize,
+    _: usize,
+    _: usize,
+    regs: *const CallerRegs,
+) -> c_int {
+    type F = unsafe extern "C" fn(
+        *mut libc::pollfd,
+        libc::nfds_t,
+        *const libc::timespec,
+        *const libc::sigset_t,
+    ) -> c_int;
+    recovery::leave();
+    let Some(f) = real::<F>(&REAL_PPOLL, c"ppoll") else {
+        return no_symbol();
+    };
+    let set = fds as *mut libc::pollfd;
+    // SAFETY: the program's arguments, forwarded unchanged.
+    let n = unsafe {
+        f(
+            set,
+            nfds as libc::nfds_t,
+            timeout as *const libc::timespec,
+            sigmask as *const libc::sigset_t,
+        )
+    };
+    if n > 0 && recovery::enabled() {
+        begin_poll(regs, set, nfds);
+    }
+    n
+}
+
+cow::recovery_point! {
+    /// `select(2)`, a recovery point.
+    ///
+    /// # Safety
+    ///
+    /// As `select`.
+    fn select(
+        nfds: c_int,
+        readfds: *mut libc::fd_set,
+        writefds: *mut libc::fd_set,
+        exceptfds: *mut libc::fd_set,
+        timeout: *mut libc::timeval
+    ) => select_impl
+}
+
+extern "C" fn select_impl(
+    nfds: usize,
+    readfds: usize,
+    writefds: usize,
+    exceptfds: usize,
+    timeout: usize,
+    _: usize,
+    regs: *const CallerRegs,
+) -> c_int {
+    type F = unsafe extern "C" fn(
+        c_int,
+        *mut libc::fd_set,
+        *mut libc::fd_set,
+        *mut libc::fd_set,
+        *mut libc::timeval,
+    ) -> c_int;
+    recovery::leave();
+    let Some(f) = real::<F>(&REAL_SELECT, c"select") else {
+        return no_symbol();
+    };
+    let sets = [readfds, writefds, exceptfds].map(|s| s as *mut libc::fd_set);
+    // SAFETY: the program's arguments, forwarded unchanged.
+    let n = unsafe {
+        f(
+            nfds as c_int,
+            sets[0],
+            sets[1],
+            sets[2],
+            timeout as *mut libc::timeval,
+        )
+    };
+    if n > 0 && recovery::enabled() {
+        begin_select(regs, nfds as c_int, sets);
+    }
+    n
+}
+
+cow::recovery_point! {
+    /// `pselect(2)`, a recovery point.
+    ///
+    /// # Safety
+    ///
+    /// As `pselect`.
+    fn pselect(
+        nfds: c_int,
+        readfds: *mut libc::fd_set,
+        writefds: *mut libc::fd_set,
+        exceptfds: *mut libc::fd_set,
+        timeout: *const libc::timespec,
+        sigmask: *const libc::sigset_t
+    ) => pselect_impl
+}
+
+extern "C" fn pselect_impl(
+    nfds: usize,
+    readfds: usize,
+    writefds: usize,
+    exceptfds: usize,
+    timeout: usize,
+    sigmask: usize,
+    regs: *const CallerRegs,
+) -> c_int {
+    type F = unsafe extern "C" fn(
+        c_int,
+        *mut libc::fd_set,
+        *mut libc::fd_set,
+        *mut libc::fd_set,
+        *const libc::timespec,
+        *const libc::sigset_t,
+    ) -> c_int;
+    recovery::leave();
+    let Some(f) = real::<F>(&REAL_PSELECT, c"pselect") else {
+        return no_symbol();
+    };
+    let sets = [readfds, writefds, exceptfds].map(|s| s as *mut libc::fd_set);
+    // SAFETY: the program's arguments, forwarded unchanged.
+    let n = unsafe {
+        f(
+            nfds as c_int,
+            sets[0],
+            sets[1],
+            sets[2],
+            timeout as *const libc::timespec,
+            sigmask as *const libc::sigset_t,
+        )
+    };
+    if n > 0 && recovery::enabled() {
+        begin_select(regs, nfds as c_int, sets);
+    }
+    n
+}
