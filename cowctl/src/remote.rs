@@ -171,12 +171,15 @@ impl Drop for Stopped {
 }
 
 /// The in-process backend `cowctl run --backend` gave process `pid` (`COW_BACKEND` in its
-/// environment), if any.
+/// environment, else its control thread's answer), if any.
 pub(crate) fn in_process_backend(pid: i32) -> Option<String> {
-    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
     env.split(|&b| b == 0)
         .find_map(|v| v.strip_prefix(b"COW_BACKEND="))
         .map(|v| String::from_utf8_lossy(v).into_owned())
+        // A program may have written over its environment (redis sets its process title
+        // there): its control thread, if any, says.
+        .or_else(|| cow::control::request(pid, "backend").ok())
         .filter(|b| b != "kmod")
 }
 

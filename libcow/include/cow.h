@@ -69,6 +69,18 @@ int cow_read(int64_t id, const void *addr, void *buf, size_t len);
  * -EFAULT: pages is NULL with cap > 0). pages may be NULL with cap 0, to count only. */
 int64_t cow_dirty(int64_t id, void **pages, size_t cap);
 
+/* Error recovery (OSIRIS-style recovery points). After cow_init, cow_recovery_enable(limit)
+ * installs libcow's crash handler (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT; the program's own
+ * handlers, set before or after, run when a crash is not recovered). 0 or a negative errno.
+ * Under `cowctl run --recover` the preload has done it already. */
+int cow_recovery_enable(unsigned limit);
+
+/* The top of the caller's loop: snapshots covered memory and the used part of the calling
+ * thread's stack. A fatal signal in this thread before its next recovery point restores both
+ * and returns here again with 1 (errno EINTR); otherwise 0. A crash after the iteration wrote
+ * to a socket, or the same instruction crashing `limit` times in a row, is not recovered. */
+int cow_recovery_point(void);
+
 #ifdef __cplusplus
 }
 #endif

@@ -5,8 +5,10 @@
 //!
 //! One request per connection, one line each way:
 //! `snapshot` → `ok ID`; `restore ID`, `drop ID` → `ok`; `list` → `ok ID ID …`;
+//! `backend` → `ok NAME`;
 //! `stats` → `ok snapshots=N write_faults=N pages_saved=N bytes_held=N snapshot_ns=N
-//! restore_ns=N`; any failure → `err ERRNO`.
+//! restore_ns=N` (and, under `--recover`, `recoveries=N not_recovered=N iterations=N`); any
+//! failure → `err ERRNO`.
 //!
 //! Only the process's own user (or root) is answered (`SO_PEERCRED`). The thread serves
 //! requests through the C API's paths (serialised with the program's own snapshots, restores
@@ -142,6 +144,10 @@ fn answer(conn: OwnedFd) {
             }
             Some("restore") => crate::ffi::cow_restore(id(words.next())),
             Some("drop") => crate::ffi::cow_drop(id(words.next())),
+            Some("backend") => crate::ffi::with_ops(|b| {
+                let _ = writeln!(out, "ok {}", b.name());
+                Ok(())
+            }),
             Some("list") => crate::ffi::with_ops(|b| {
                 let ids = b.list()?; // freed before the lock is released
                 let _ = write!(out, "ok");

@@ -314,3 +314,15 @@ pub unsafe extern "C" fn cow_dirty(id: i64, pages: *mut *mut c_void, cap: usize)
 pub fn current_backend() -> Option<&'static dyn Backend> {
     BACKEND.get().copied()
 }
+
+/// Turns error recovery on (see `cow::recovery`): crashes after a `cow_recovery_point()` in the
+/// same thread are rolled back, up to `limit` in a row at one site. 0, or `-EBADFD` before
+/// `cow_init`.
+#[no_mangle]
+pub extern "C" fn cow_recovery_enable(limit: u32) -> c_int {
+    if backend().is_err() {
+        return -libc::EBADFD;
+    }
+    crate::recovery::enable(limit);
+    0
+}

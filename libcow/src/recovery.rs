@@ -502,9 +502,21 @@ extern "C" fn on_crash(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_v
     let synchronous = code > 0 || (sig == libc::SIGABRT && code == libc::SI_TKILL);
     let me = gettid();
     let pc = uc.uc_mcontext.gregs[libc::REG_RIP as usize] as u64;
-    let in_iteration = synchronous && st.owner.load(Ordering::Acquire) == me && on_alt_stack();
-    if !in_iteration {
+    let owner = st.owner.load(Ordering::Acquire);
+    let why = if !synchronous {
+        Some("sent by another process")
+    } else if owner == 0 {
+        Some("outside any event-loop iteration")
+    } else if owner != me {
+        Some("in a thread that is not the iteration's")
+    } else if !on_alt_stack() {
+        Some("not on libcow's signal stack (the program replaced it)")
+    } else {
+        None
+    };
+    if let Some(why) = why {
         st.not_recovered.fetch_add(1, Ordering::Relaxed);
+        say_not_recovered(sig, addr, pc, why);
         // SAFETY: as above.
         return unsafe { chain(sig, info, ctx) };
     }

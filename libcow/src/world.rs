@@ -24,7 +24,9 @@ struct World {
 
 static WORLD: OnceLock<&'static World> = OnceLock::new();
 
-fn signal() -> i32 {
+/// The real-time signal that stops a thread; a program must not block it (libcow_preload's
+/// `pthread_sigmask` leaves it out, as glibc leaves out its own internal signals).
+pub fn signal() -> i32 {
     libc::SIGRTMAX() - 3
 }
 

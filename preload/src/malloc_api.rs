@@ -197,7 +197,9 @@ pub extern "C" fn pvalloc(size: size_t) -> *mut c_void {
 }
 
 /// `malloc_usable_size(3)`: for covered blocks exactly the size asked for (no slack is
-/// promised); glibc's blocks are answered by glibc's own function, found with `dlsym`.
+/// promised); glibc's blocks are answered by glibc's own function, looked up in libc.so.6
+/// itself: the next definition after ours may be another allocator's (redis links jemalloc),
+/// which knows nothing of the blocks `__libc_malloc` gave.
 ///
 /// # Safety
 ///
@@ -211,13 +213,24 @@ pub unsafe extern "C" fn malloc_usable_size(p: *mut c_void) -> size_t {
         // SAFETY: our live block.
         return unsafe { heap::usable_size(p.cast()) };
     }
-    // SAFETY: dlsym with RTLD_NEXT and a static name; glibc's malloc_usable_size has this
-    // signature.
-    unsafe {
-        let f = libc::dlsym(libc::RTLD_NEXT, c"malloc_usable_size".as_ptr());
-        if f.is_null() {
+    static GLIBC: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let mut f = GLIBC.load(std::sync::atomic::Ordering::Acquire);
+    if f == 0 {
+        // SAFETY: libc.so.6 is loaded (RTLD_NOLOAD only takes a handle on it); a static name.
+        f = unsafe {
+            let libc_so = libc::dlopen(c"libc.so.6".as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD);
+            if libc_so.is_null() {
+                return 0;
+            }
+            libc::dlsym(libc_so, c"malloc_usable_size".as_ptr()) as usize
+        };
+        if f == 0 {
             return 0;
         }
+        GLIBC.store(f, std::sync::atomic::Ordering::Release);
+    }
+    // SAFETY: glibc's malloc_usable_size has this signature; `p` is one of its blocks.
+    unsafe {
         let f: extern "C" fn(*mut c_void) -> size_t = std::mem::transmute(f);
         f(p)
     }

@@ -80,3 +80,80 @@ pub unsafe extern "C" fn signal(sig: i32, handler: libc::sighandler_t) -> libc::
     // SAFETY: libc's signal has this signature; arguments forwarded unchanged.
     unsafe { std::mem::transmute::<usize, SignalFn>(f)(sig, handler) }
 }
+
+static REAL_PTHREAD_SIGMASK: AtomicUsize = AtomicUsize::new(0);
+static REAL_SIGPROCMASK: AtomicUsize = AtomicUsize::new(0);
+
+type SigmaskFn =
+    unsafe extern "C" fn(i32, *const libc::sigset_t, *mut libc::sigset_t) -> libc::c_int;
+
+/// Calls libc's `name` (`pthread_sigmask` or `sigprocmask`) with `set` minus libcow's stop
+/// signal: a thread that blocks every signal (jemalloc's background thread does) must still
+/// stop for a snapshot, or every snapshot would wait for it in vain.
+///
+/// # Safety
+///
+/// As `pthread_sigmask`.
+unsafe fn mask_without_stop_signal(
+    slot: &AtomicUsize,
+    name: &std::ffi::CStr,
+    how: i32,
+    set: *const libc::sigset_t,
+    old: *mut libc::sigset_t,
+) -> libc::c_int {
+    let f = next(slot, name);
+    if f == 0 {
+        return libc::ENOSYS;
+    }
+    let copy;
+    let set = if !set.is_null() && how != libc::SIG_UNBLOCK {
+        // SAFETY: `set` is valid (caller); removing one signal from our copy.
+        copy = unsafe {
+            let mut c = *set;
+            libc::sigdelset(&mut c, cow::world::signal());
+            c
+        };
+        &copy as *const libc::sigset_t
+    } else {
+        set
+    };
+    // SAFETY: libc's function has this signature; arguments forwarded (`set` maybe our copy).
+    unsafe { std::mem::transmute::<usize, SigmaskFn>(f)(how, set, old) }
+}
+
+/// `pthread_sigmask(3)`, as the program calls it (libcow's stop signal stays unblocked).
+///
+/// # Safety
+///
+/// As `pthread_sigmask`.
+#[no_mangle]
+pub unsafe extern "C" fn pthread_sigmask(
+    how: i32,
+    set: *const libc::sigset_t,
+    old: *mut libc::sigset_t,
+) -> libc::c_int {
+    // SAFETY: forwarded from our caller's contract.
+    unsafe { mask_without_stop_signal(&REAL_PTHREAD_SIGMASK, c"pthread_sigmask", how, set, old) }
+}
+
+/// `sigprocmask(2)`, as the program calls it (libcow's stop signal stays unblocked).
+///
+/// # Safety
+///
+/// As `sigprocmask`.
+#[no_mangle]
+pub unsafe extern "C" fn sigprocmask(
+    how: i32,
+    set: *const libc::sigset_t,
+    old: *mut libc::sigset_t,
+) -> libc::c_int {
+    // SAFETY: forwarded from our caller's contract.
+    let rc = unsafe { mask_without_stop_signal(&REAL_SIGPROCMASK, c"sigprocmask", how, set, old) };
+    // sigprocmask reports failure through errno, pthread_sigmask through its result.
+    if rc == libc::ENOSYS {
+        // SAFETY: writing this thread's errno.
+        unsafe { *libc::__errno_location() = libc::ENOSYS };
+        return -1;
+    }
+    rc
+}
