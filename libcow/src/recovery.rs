@@ -20,7 +20,8 @@
 //! Not recovered (the program's own crash behaviour runs, the exit status is the same as
 //! without libcow): a crash outside an iteration (start-up, another thread), after the
 //! iteration wrote to a socket ([`note_output`]: an acknowledged change is never rolled back),
-//! and the same instruction crashing `limit` times with fewer than [`STREAK_GAP`] good
+//! and the same instruction crashing `limit` times with no socket output (no reply served)
+//! in between (a crash loop: a client retrying its bad request on an otherwise idle server).
 //! iterations between.
 
 use crate::book;
@@ -55,10 +56,6 @@ pub const SIGNALS: [i32; 5] = [
     libc::SIGILL,
     libc::SIGABRT,
 ];
-
-/// Good iterations that end a crash streak: a site that crashed again sooner counts towards
-/// the limit (a client repeating its bad request), one that crashes rarely never reaches it.
-pub const STREAK_GAP: u64 = 100;
 
 /// Most descriptors remembered per iteration (events beyond it are not shut down).
 const MAX_FDS: usize = 1024;
@@ -103,8 +100,8 @@ struct State {
     naccepted: usize,
     iteration: u64,
     last_site: u64,
-    last_crash_iteration: u64,
-    streak: u32,
+    /// Crashes at `last_site` since the last socket output.
+    streak: std::sync::atomic::AtomicU32,
     iterations: AtomicU64,
     recoveries: AtomicU64,
     not_recovered: AtomicU64,
@@ -167,8 +164,7 @@ pub fn enable(limit: u32) {
         naccepted: 0,
         iteration: 0,
         last_site: 0,
-        last_crash_iteration: 0,
-        streak: 0,
+        streak: std::sync::atomic::AtomicU32::new(0),
         iterations: AtomicU64::new(0),
         recoveries: AtomicU64::new(0),
         not_recovered: AtomicU64::new(0),
@@ -376,6 +372,7 @@ pub fn note_output() {
         if st.owner.load(Ordering::Relaxed) != 0 {
             st.committed.store(true, Ordering::Release);
         }
+        st.streak.store(0, Ordering::Release);
     }
 }
 
@@ -472,16 +469,17 @@ fn write_symbol(out: &mut Line, pc: u64) {
     }
 }
 
-/// Whether a crash at `site` is within the limit; counts it into the streak.
+/// Whether a crash at `site` is within the limit; counts it into the streak (which socket
+/// output, a reply served, ends).
 fn within_limit(st: &mut State, site: u64) -> bool {
-    if site == st.last_site && st.iteration - st.last_crash_iteration < STREAK_GAP {
-        st.streak += 1;
+    let streak = if site == st.last_site {
+        st.streak.fetch_add(1, Ordering::AcqRel) + 1
     } else {
-        st.streak = 1;
-    }
+        st.streak.store(1, Ordering::Release);
+        1
+    };
     st.last_site = site;
-    st.last_crash_iteration = st.iteration;
-    st.streak < st.limit
+    streak < st.limit
 }
 
 /// The handler of the crash signals.

@@ -7,6 +7,7 @@
  *   BAD I     table[I..I+16) = -1, then a NULL dereference (a crash after a partial update)
  *   ABORT     abort()
  *   FPE       an integer division by zero
+ *   QUIT      exit(0)
  * Replies are queued and sent at the end of the event-loop iteration, before the next
  * epoll_wait (as redis does). Its own SIGSEGV/SIGABRT/SIGFPE handler says so and exits 77.
  * Usage: recover_server PORT_FILE [crash-at-start]   (listens on 127.0.0.1, port written to
@@ -88,6 +89,8 @@ static void request(struct conn *c, char *line)
 	} else if (!strcmp(word, "ABORT")) {
 		table[0] = -1;
 		abort();
+	} else if (!strcmp(word, "QUIT")) {
+		exit(0);
 	} else if (!strcmp(word, "FPE")) {
 		table[1] = -1;
 		table[2] = table[3] / zero;

@@ -5,6 +5,7 @@ mod checkpoint;
 mod device;
 mod hardening;
 mod preload;
+mod recover;
 mod remote;
 pub mod snapshots;
 mod speculate;
@@ -24,6 +25,7 @@ pub fn all() -> Vec<Test> {
     v.extend(speculate::tests());
     v.extend(checkpoint::tests());
     v.extend(timetravel::tests());
+    v.extend(recover::tests());
     v
 }
 
