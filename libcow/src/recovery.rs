@@ -174,8 +174,13 @@ pub fn enable(limit: u32) {
         snapshot_ns: AtomicU64::new(0),
         program: [const { AtomicPtr::new(std::ptr::null_mut()) }; 65],
     });
-    STATE.store(st, Ordering::Release);
     let mprotect = crate::ffi::current_backend().map(|b| b.name()) == Some("mprotect");
+    if mprotect {
+        // Before the state is published: from then on the interposed sigaction answers
+        // SIGSEGV calls with the program's action.
+        crate::backend::mprotect::handle_on_alt_stack();
+    }
+    STATE.store(st, Ordering::Release);
     for sig in SIGNALS {
         // SAFETY: all-zero is a valid sigaction; filled below.
         let mut ours: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -265,8 +270,10 @@ fn stack_top() -> usize {
     })
 }
 
-/// Gives the calling thread an alternate signal stack in the book, once.
-fn ensure_alt_stack() {
+/// Gives the calling thread an alternate signal stack in the book, once: libcow's handlers
+/// must never run on covered memory (the mprotect backend write-protects it; a rollback
+/// rewrites it). libcow_preload's `sigaltstack` puts this one in place of a program's.
+pub fn ensure_alt_stack() {
     ALT_BASE.with(|base| {
         if base.get() != 0 {
             return;
@@ -277,8 +284,16 @@ fn ensure_alt_stack() {
             ss_flags: 0,
             ss_size: ALT_STACK,
         };
-        // SAFETY: a stack of ALT_STACK bytes that is never freed.
-        if unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) } == 0 {
+        // SAFETY: a stack of ALT_STACK bytes that is never freed. The raw system call: the
+        // preload's interposed sigaltstack calls this function.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_sigaltstack,
+                &ss,
+                std::ptr::null_mut::<libc::stack_t>(),
+            )
+        };
+        if rc == 0 {
             base.set(mem.as_ptr() as usize);
         }
     });
@@ -469,6 +484,16 @@ fn write_symbol(out: &mut Line, pc: u64) {
     }
 }
 
+/// ` at address A, pc P (symbol+offset)` (no address for SIGABRT: it has none).
+fn write_where(out: &mut Line, sig: i32, addr: u64, pc: u64) {
+    use std::fmt::Write;
+    if sig != libc::SIGABRT {
+        let _ = write!(out, " at address {addr:#x}");
+    }
+    let _ = write!(out, ", pc {pc:#x}");
+    write_symbol(out, pc);
+}
+
 /// Whether a crash at `site` is within the limit; counts it into the streak (which socket
 /// output, a reply served, ends).
 fn within_limit(st: &mut State, site: u64) -> bool {
@@ -550,6 +575,24 @@ extern "C" fn on_crash(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_v
         // SAFETY: as above.
         return unsafe { chain(sig, info, ctx) };
     }
+    // Under mprotect the restored memory is write-protected again, and what follows writes
+    // some of it (errno in the thread's TLS, the loader's lock in dladdr): those first writes
+    // fault into libcow's handler, which must not find SIGSEGV blocked. sigreturn puts the
+    // thread's own mask back.
+    // SAFETY: unblocking one signal in this thread, raw (the interposed call is the
+    // program's).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGSEGV);
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_UNBLOCK,
+            &set,
+            std::ptr::null_mut::<libc::sigset_t>(),
+            8,
+        );
+    }
     // SAFETY: the saved bytes are the thread's stack above the recovery point's return
     // address as they were when the iteration began; we run on the alternate stack.
     unsafe { std::ptr::copy_nonoverlapping(st.stack, st.regs.rsp as *mut u8, st.stack_len) };
@@ -589,12 +632,8 @@ extern "C" fn on_crash(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_v
         buf: [0; 512],
         len: 0,
     };
-    let _ = write!(
-        line,
-        "libcow: recovered from {} at address {addr:#x}, pc {pc:#x}",
-        signal_name(sig)
-    );
-    write_symbol(&mut line, pc);
+    let _ = write!(line, "libcow: recovered from {}", signal_name(sig));
+    write_where(&mut line, sig, addr, pc);
     let _ = writeln!(
         line,
         ": iteration {} rolled back, {closed} connection(s) closed, {us} µs",
@@ -609,12 +648,8 @@ fn say_not_recovered(sig: i32, addr: u64, pc: u64, why: &str) {
         buf: [0; 512],
         len: 0,
     };
-    let _ = write!(
-        line,
-        "libcow: not recovering from {} at address {addr:#x}, pc {pc:#x}",
-        signal_name(sig)
-    );
-    write_symbol(&mut line, pc);
+    let _ = write!(line, "libcow: not recovering from {}", signal_name(sig));
+    write_where(&mut line, sig, addr, pc);
     let _ = writeln!(line, ": {why}");
     crate::sys::write_stderr(&line.buf[..line.len]);
 }

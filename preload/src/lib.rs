@@ -22,6 +22,7 @@ mod heap;
 mod malloc_api;
 mod output;
 mod raw;
+mod reads;
 mod signals;
 mod waits;
 
@@ -50,6 +51,10 @@ static SPACE: std::sync::OnceLock<cow::Cow> = std::sync::OnceLock::new();
 static CONSTRUCTOR: extern "C" fn() = constructor;
 
 extern "C" fn constructor() {
+    output::resolve_symbols();
+    reads::resolve_symbols();
+    signals::resolve_symbols();
+    waits::resolve_symbols();
     if let Some(name) = in_process_backend() {
         init_in_process(name);
         return;

@@ -19,7 +19,7 @@ static REAL_ACCEPT: AtomicUsize = AtomicUsize::new(0);
 static REAL_ACCEPT4: AtomicUsize = AtomicUsize::new(0);
 
 /// libc's `name` as a function of type `F`; the process cannot go on without it.
-fn real<F: Copy>(slot: &AtomicUsize, name: &std::ffi::CStr) -> F {
+pub(crate) fn real<F: Copy>(slot: &AtomicUsize, name: &std::ffi::CStr) -> F {
     let f = next(slot, name);
     if f == 0 {
         crate::raw::write_stderr(b"libcow_preload: libc lacks an interposed function\n");
@@ -166,4 +166,17 @@ pub unsafe extern "C" fn accept4(
         recovery::note_accepted(conn);
     }
     conn
+}
+
+/// Looks up every libc function this file forwards to, now: a lookup stores into this
+/// library's own data, which the mprotect backend write-protects, and a first call may come
+/// from a signal handler, where that fault would be fatal.
+pub(crate) fn resolve_symbols() {
+    next(&REAL_WRITE, c"write");
+    next(&REAL_WRITEV, c"writev");
+    next(&REAL_SEND, c"send");
+    next(&REAL_SENDTO, c"sendto");
+    next(&REAL_SENDMSG, c"sendmsg");
+    next(&REAL_ACCEPT, c"accept");
+    next(&REAL_ACCEPT4, c"accept4");
 }

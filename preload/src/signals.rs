@@ -157,3 +157,66 @@ pub unsafe extern "C" fn sigprocmask(
     }
     rc
 }
+
+static REAL_SIGALTSTACK: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// The alternate stack this thread's program asked for (`ss_flags` SS_DISABLE: none).
+    static PROGRAM_ALT_STACK: std::cell::Cell<(usize, usize, i32)> =
+        const { std::cell::Cell::new((0, 0, libc::SS_DISABLE)) };
+}
+
+/// `sigaltstack(2)`, as the program calls it. Under the mprotect backend or `--recover` a
+/// signal handler must not run on covered memory (write-protected, or rewritten by a
+/// rollback), which is where a program's own alternate stack is: the thread gets one of
+/// libcow's instead, and the program is told about its own.
+///
+/// # Safety
+///
+/// As `sigaltstack`.
+#[no_mangle]
+pub unsafe extern "C" fn sigaltstack(
+    ss: *const libc::stack_t,
+    old: *mut libc::stack_t,
+) -> libc::c_int {
+    if !(cow::recovery::enabled() || ours(libc::SIGSEGV)) {
+        let f = next(&REAL_SIGALTSTACK, c"sigaltstack");
+        if f == 0 {
+            return -1;
+        }
+        type F = unsafe extern "C" fn(*const libc::stack_t, *mut libc::stack_t) -> libc::c_int;
+        // SAFETY: libc's sigaltstack has this signature; arguments forwarded unchanged.
+        return unsafe { std::mem::transmute::<usize, F>(f)(ss, old) };
+    }
+    let (sp, size, flags) = PROGRAM_ALT_STACK.with(|p| p.get());
+    if !old.is_null() {
+        // SAFETY: `old` is writable (caller).
+        unsafe {
+            *old = libc::stack_t {
+                ss_sp: sp as *mut libc::c_void,
+                ss_flags: flags,
+                ss_size: size,
+            }
+        };
+    }
+    if !ss.is_null() {
+        // SAFETY: `ss` is valid (caller).
+        let ss = unsafe { &*ss };
+        PROGRAM_ALT_STACK.with(|p| p.set((ss.ss_sp as usize, ss.ss_size, ss.ss_flags)));
+        if ss.ss_flags & libc::SS_DISABLE == 0 {
+            cow::recovery::ensure_alt_stack();
+        }
+    }
+    0
+}
+
+/// Looks up every libc function this file forwards to, now: a lookup stores into this
+/// library's own data, which the mprotect backend write-protects, and a first call may come
+/// from a signal handler, where that fault would be fatal.
+pub(crate) fn resolve_symbols() {
+    next(&REAL_SIGACTION, c"sigaction");
+    next(&REAL_SIGNAL, c"signal");
+    next(&REAL_PTHREAD_SIGMASK, c"pthread_sigmask");
+    next(&REAL_SIGPROCMASK, c"sigprocmask");
+    next(&REAL_SIGALTSTACK, c"sigaltstack");
+}

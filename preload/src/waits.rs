@@ -462,3 +462,17 @@ extern "C" fn pselect_impl(
     }
     n
 }
+
+/// Looks up every libc function this file forwards to, now: a lookup stores into this
+/// library's own data, which the mprotect backend write-protects, and a first call may come
+/// from a signal handler, where that fault would be fatal.
+pub(crate) fn resolve_symbols() {
+    next(&REAL_EPOLL_CTL, c"epoll_ctl");
+    next(&REAL_EPOLL_WAIT, c"epoll_wait");
+    next(&REAL_EPOLL_PWAIT, c"epoll_pwait");
+    next(&REAL_EPOLL_PWAIT2, c"epoll_pwait2");
+    next(&REAL_POLL, c"poll");
+    next(&REAL_PPOLL, c"ppoll");
+    next(&REAL_SELECT, c"select");
+    next(&REAL_PSELECT, c"pselect");
+}

@@ -9,7 +9,9 @@
 //! libcow's stop signal is blocked during it) and `mprotect`.
 //!
 //! Known limit of this mechanism: the kernel writing into a protected page on the program's
-//! behalf (`read(2)` into a buffer, say) fails with `EFAULT` instead of faulting.
+//! behalf (`read(2)` into a buffer, say) fails with `EFAULT` instead of faulting. libcow_preload
+//! makes the buffers of the read calls it interposes writable first
+//! ([`before_kernel_write`]); reads libc makes internally (`fread`'s buffer) still fail.
 
 use super::shadow::{Range, Tracker};
 use crate::book::{self, BookVec};
@@ -57,7 +59,75 @@ fn protect(start: usize, end: usize, prot: i32) {
 }
 
 fn stop_signal() -> i32 {
-    libc::SIGRTMAX() - 3
+    crate::world::signal()
+}
+
+/// Makes the tracked, still protected pages of `[addr, addr + len)` writable (marked written,
+/// as a first write by the program would) before the kernel writes there on the program's
+/// behalf: the kernel's write into a protected page fails with `EFAULT` instead of faulting.
+/// libcow_preload calls it in front of `read`, `recv` and the like.
+pub fn before_kernel_write(addr: usize, len: usize) {
+    if len == 0 || TABLE.load(Ordering::Acquire).is_null() {
+        return;
+    }
+    // The table changes only while every other thread waits in the stop signal's handler:
+    // keep that signal out while reading it (raw call: the preload's pthread_sigmask would
+    // leave it unblocked).
+    // SAFETY: building a signal set in a local.
+    let mut block: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a set on our stack; rt_sigprocmask with the kernel's 8-byte set size.
+    unsafe {
+        libc::sigemptyset(&mut block);
+        libc::sigaddset(&mut block, stop_signal());
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_BLOCK,
+            &block,
+            &mut old,
+            8,
+        );
+    }
+    let table = TABLE.load(Ordering::Acquire);
+    // SAFETY: the table and its entries live in the book and cannot change while the stop
+    // signal is blocked in this thread.
+    let t = unsafe { &*table };
+    let entries = unsafe { std::slice::from_raw_parts(t.entries, t.count) };
+    let mut page = addr & !(PAGE - 1);
+    let end = addr.saturating_add(len);
+    while page < end {
+        let i = entries.partition_point(|e| e.range.end <= page);
+        let Some(e) = entries.get(i).filter(|e| e.range.start <= page) else {
+            page += PAGE;
+            continue;
+        };
+        let n = (page - e.range.start) / PAGE;
+        // SAFETY: `n` indexes a page of the range, so its bit is inside the bitmap.
+        let written =
+            unsafe { &*e.bits.add(n / 64) }.load(Ordering::Acquire) & (1 << (n % 64)) != 0;
+        if !written && e.range.prot & libc::PROT_WRITE != 0 {
+            // A locked read-modify-write that changes nothing: a write access, so the fault
+            // handler makes the page writable, and no concurrent store is lost. In assembly:
+            // the compiler turns an atomic `or 0` into a plain load.
+            // SAFETY: a mapped page of a tracked writable range; the instruction writes back
+            // the byte it read.
+            unsafe {
+                std::arch::asm!("lock or byte ptr [{p}], 0", p = in(reg) page, options(nostack))
+            };
+        }
+        page += PAGE;
+    }
+    // SAFETY: restoring the mask saved above.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &old,
+            std::ptr::null_mut::<libc::sigset_t>(),
+            8,
+        )
+    };
 }
 
 extern "C" fn on_segv(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
@@ -119,6 +189,24 @@ extern "C" fn on_segv(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_vo
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
         own_sigaction(&dfl, std::ptr::null_mut());
+    }
+}
+
+/// Makes libcow's SIGSEGV handler run on the thread's alternate stack (error recovery, which
+/// the handler passes the faults that are not its own to, rewrites the thread's stack). Only
+/// where every alternate stack is libcow's (libcow_preload's `sigaltstack` sees to it): on a
+/// program's own, in covered memory, the handler could not even be entered once that memory
+/// is write-protected.
+pub fn handle_on_alt_stack() {
+    // SAFETY: reading and re-installing our own action, flags changed.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        if own_sigaction(std::ptr::null(), &mut sa) == 0
+            && sa.sa_sigaction == on_segv as *const () as usize
+        {
+            sa.sa_flags |= libc::SA_ONSTACK;
+            own_sigaction(&sa, std::ptr::null_mut());
+        }
     }
 }
 
