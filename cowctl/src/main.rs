@@ -10,6 +10,7 @@ mod program;
 mod record;
 mod record_bench;
 mod recording;
+mod recover_bench;
 mod remote;
 mod run;
 mod snapshots;
@@ -183,7 +184,7 @@ enum Command {
     },
     /// Measure snapshot, restore and first-write costs per backend against memcpy of a page.
     #[command(
-        after_help = "Examples:\n  cowctl bench\n  cowctl bench --size 16 --dirty-pages 64 --json"
+        after_help = "Examples:\n  cowctl bench\n  cowctl bench --size 16 --dirty-pages 64 --json\n  cowctl bench --recover --backends uffd,mprotect --json"
     )]
     Bench {
         /// Backends to measure, comma-separated (default: every one available here).
@@ -227,6 +228,11 @@ enum Command {
         #[arg(long, value_delimiter = ',', requires = "record",
               value_parser = PossibleValuesParser::new(["zstd", "lz4", "none"]))]
         record_codecs: Vec<String>,
+        /// Instead: what error recovery costs redis-server (redis-benchmark SET/GET, 50
+        /// clients, plain and under `cowctl run --recover` per backend) and how long a
+        /// recovery takes against a restart that reloads the keys.
+        #[arg(long, conflicts_with_all = ["speculate", "record"])]
+        recover: bool,
         /// With --speculate: only these workloads, comma-separated.
         #[arg(long, value_delimiter = ',', requires = "speculate",
               value_parser = PossibleValuesParser::new(["stable", "drifting", "random", "perl-kv"]))]
@@ -556,6 +562,24 @@ fn main() -> ExitCode {
             .render(&mut std::io::stdout())
             .map_err(Into::into),
         Command::Stats { pid, json } => snapshots::stats(pid, json),
+        Command::Bench {
+            recover: true,
+            backends,
+            json,
+            ..
+        } => {
+            // By default the backends a server would run on: redis under mprotect resets
+            // its clients (see the README's limits), and fork has no --recover.
+            let backends: Vec<String> = if backends.is_empty() {
+                bench::default_backends(backends)
+                    .into_iter()
+                    .filter(|b| b == "kmod" || b == "uffd")
+                    .collect()
+            } else {
+                backends
+            };
+            recover_bench::run(&backends, json)
+        }
         Command::Bench {
             record: true,
             record_every,

@@ -1,0 +1,255 @@
+//! `cowctl bench --recover`: what error recovery costs a real server, and what it saves.
+//!
+//! Debian's `redis-server` with 10 000 keys, measured by `redis-benchmark` (50 clients, SET and
+//! GET) plainly and under `cowctl run --recover` with each backend, in one run. Recovery time
+//! is from sending `DEBUG SEGFAULT` to the next `PING` answered; it is set against starting
+//! redis afresh and loading the same keys (what a supervisor restart costs before the server
+//! has its data back).
+
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Keys loaded before measuring.
+const KEYS: usize = 10_000;
+/// Requests per redis-benchmark test.
+const REQUESTS: &str = "100000";
+
+/// One row: a backend and a redis-benchmark test.
+#[derive(Debug, serde::Serialize)]
+pub struct Row {
+    /// The backend under `--recover`.
+    pub backend: String,
+    /// `SET` or `GET`.
+    pub test: String,
+    /// Requests per second without cowctl.
+    pub baseline_rps: f64,
+    /// Requests per second under `cowctl run --recover`.
+    pub recover_rps: f64,
+    /// `recover_rps / baseline_rps`.
+    pub ratio: f64,
+    /// Median latency under `--recover`, ms.
+    pub p50_ms: f64,
+    /// 99th percentile latency under `--recover`, ms.
+    pub p99_ms: f64,
+    /// 99th percentile latency without cowctl, ms.
+    pub baseline_p99_ms: f64,
+    /// From `DEBUG SEGFAULT` sent to the next `PING` answered, µs.
+    pub recovery_us: f64,
+    /// Starting redis afresh and loading the keys, µs.
+    pub restart_us: f64,
+}
+
+fn find(name: &str) -> Result<PathBuf> {
+    ["/usr/bin", "/usr/sbin", "/usr/local/bin"]
+        .iter()
+        .map(|d| PathBuf::from(d).join(name))
+        .find(|p| p.exists())
+        .with_context(|| format!("{name} not found (apt-get install redis-server redis-tools)"))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
+}
+
+/// A redis server for the benchmark, killed when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(mut c) = TcpStream::connect(("127.0.0.1", self.port)) {
+            let _ = c.write_all(b"SHUTDOWN NOSAVE\r\n");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts redis (under `cowctl run --recover --backend B` if `backend` is given) and loads
+/// the keys; returns it and how long that took.
+fn start(redis: &PathBuf, backend: Option<&str>) -> Result<(Server, Duration)> {
+    let port = free_port()?;
+    let t0 = Instant::now();
+    let mut cmd = match backend {
+        Some(b) => {
+            let mut c = Command::new(std::env::current_exe()?);
+            c.args(["run", "--recover", "--backend", b, "--"])
+                .arg(redis);
+            c
+        }
+        None => Command::new(redis),
+    };
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .args(["--enable-debug-command", "yes", "--dir"])
+        .arg(std::env::temp_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let server = Server {
+        child: cmd.spawn().context("cannot start redis-server")?,
+        port,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stream = loop {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+            break s;
+        }
+        if Instant::now() > deadline {
+            bail!("redis did not start listening");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    load_keys(stream)?;
+    Ok((server, t0.elapsed()))
+}
+
+/// Loads the keys in one pipeline and waits for every reply.
+fn load_keys(mut stream: TcpStream) -> Result<()> {
+    let mut batch = String::new();
+    for i in 0..KEYS {
+        batch.push_str(&format!("SET key:{i} value-{i}\r\n"));
+    }
+    stream.write_all(batch.as_bytes())?;
+    let mut reader = BufReader::new(stream);
+    for _ in 0..KEYS {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if line.trim_end() != "+OK" {
+            bail!("loading keys: {line:?}");
+        }
+    }
+    Ok(())
+}
+
+/// `(rps, p50_ms, p99_ms)` of each test, from redis-benchmark's CSV.
+fn benchmark(tool: &PathBuf, port: u16) -> Result<Vec<(String, f64, f64, f64)>> {
+    let out = Command::new(tool)
+        .args(["-p", &port.to_string(), "-c", "50", "-n", REQUESTS])
+        .args(["-t", "set,get", "--csv"])
+        .output()
+        .context("cannot run redis-benchmark")?;
+    if !out.status.success() {
+        bail!("redis-benchmark: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms",
+    // "p99_latency_ms","max_latency_ms"
+    let mut rows = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines().skip(1) {
+        let f: Vec<&str> = line.split(',').map(|f| f.trim_matches('"')).collect();
+        if f.len() < 7 {
+            continue;
+        }
+        let num = |i: usize| f[i].parse::<f64>().unwrap_or(0.0);
+        rows.push((f[0].to_string(), num(1), num(4), num(6)));
+    }
+    Ok(rows)
+}
+
+/// From `DEBUG SEGFAULT` sent to the next `PING` answered.
+fn recovery_time(port: u16) -> Result<Duration> {
+    let mut crash = TcpStream::connect(("127.0.0.1", port))?;
+    let t0 = Instant::now();
+    crash.write_all(b"DEBUG SEGFAULT\r\n")?;
+    let mut reply = String::new();
+    let _ = BufReader::new(crash).read_line(&mut reply);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.write_all(b"PING\r\n");
+            let mut pong = String::new();
+            if BufReader::new(s).read_line(&mut pong).is_ok() && pong.starts_with("+PONG") {
+                return Ok(t0.elapsed());
+            }
+        }
+    }
+    bail!("redis did not serve again after DEBUG SEGFAULT")
+}
+
+/// Measures every backend in `backends`; prints a table or JSON rows.
+pub fn run(backends: &[String], json: bool) -> Result<()> {
+    let redis = find("redis-server")?;
+    let tool = find("redis-benchmark")?;
+    eprintln!("cowctl bench --recover: plain redis, {KEYS} keys");
+    let (server, restart) = start(&redis, None)?;
+    let baseline = benchmark(&tool, server.port)?;
+    drop(server);
+    let mut rows = Vec::new();
+    for backend in backends {
+        eprintln!("cowctl bench --recover: redis under cowctl run --recover --backend {backend}");
+        let attempt = start(&redis, Some(backend)).and_then(|(server, _)| {
+            let measured = benchmark(&tool, server.port)?;
+            let recovery = recovery_time(server.port)?;
+            Ok((measured, recovery))
+        });
+        let (measured, recovery) = match attempt {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("cowctl bench --recover: {backend}: {e:#}; no row for it");
+                continue;
+            }
+        };
+        for (test, rps, p50, p99) in measured {
+            let Some(base) = baseline.iter().find(|b| b.0 == test) else {
+                continue;
+            };
+            rows.push(Row {
+                backend: backend.clone(),
+                test,
+                baseline_rps: base.1,
+                recover_rps: rps,
+                ratio: if base.1 > 0.0 { rps / base.1 } else { 0.0 },
+                p50_ms: p50,
+                p99_ms: p99,
+                baseline_p99_ms: base.3,
+                recovery_us: recovery.as_secs_f64() * 1e6,
+                restart_us: restart.as_secs_f64() * 1e6,
+            });
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<9} {:<4} {:>12} {:>12} {:>6} {:>8} {:>8} {:>12} {:>12}",
+        "backend",
+        "test",
+        "plain req/s",
+        "recover req/s",
+        "ratio",
+        "p50 ms",
+        "p99 ms",
+        "recovery µs",
+        "restart µs"
+    );
+    for r in &rows {
+        println!(
+            "{:<9} {:<4} {:>12.0} {:>12.0} {:>6.2} {:>8.3} {:>8.3} {:>12.0} {:>12.0}",
+            r.backend,
+            r.test,
+            r.baseline_rps,
+            r.recover_rps,
+            r.ratio,
+            r.p50_ms,
+            r.p99_ms,
+            r.recovery_us,
+            r.restart_us
+        );
+    }
+    Ok(())
+}
