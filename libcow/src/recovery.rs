@@ -707,8 +707,11 @@ macro_rules! recovery_point {
             // At entry rsp points at the return address (rsp ≡ 8 mod 16). 88 bytes: the
             // seventh argument at [rsp], the registers at [rsp+16..rsp+72), and the call
             // below made with rsp ≡ 0 mod 16.
+            // The CFI lets a debugger unwind through the shim into the caller.
             ::core::arch::naked_asm!(
+                ".cfi_startproc",
                 "sub rsp, 88",
+                ".cfi_adjust_cfa_offset 88",
                 "mov [rsp + 16], rbx",
                 "mov [rsp + 24], rbp",
                 "mov [rsp + 32], r12",
@@ -721,7 +724,9 @@ macro_rules! recovery_point {
                 "mov [rsp], rax",
                 "call {imp}",
                 "add rsp, 88",
+                ".cfi_adjust_cfa_offset -88",
                 "ret",
+                ".cfi_endproc",
                 imp = sym $imp,
             )
         }
