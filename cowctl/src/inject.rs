@@ -8,7 +8,7 @@
 //! registers (an interrupted call's included) are restored afterwards, so a call the thread
 //! was blocked in restarts as it would have.
 
-use crate::tracer::{ptrace, siginfo_code, TRAP_HWBKPT};
+use crate::tracer::{ptrace, siginfo_code, wait_for, TRAP_HWBKPT};
 use anyhow::{bail, Context, Result};
 
 /// `syscall` on x86-64.
@@ -114,18 +114,7 @@ fn step_over_syscall(
     for _ in 0..8 {
         ptrace(libc::PTRACE_SINGLESTEP, tid, 0, 0)
             .with_context(|| format!("thread {tid}: PTRACE_SINGLESTEP"))?;
-        let mut status = 0;
-        loop {
-            // SAFETY: waiting for one of our tracees.
-            let r = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
-            if r == tid {
-                break;
-            }
-            let e = std::io::Error::last_os_error();
-            if r < 0 && e.raw_os_error() != Some(libc::EINTR) {
-                return Err(e).context(format!("thread {tid}: waitpid"));
-            }
-        }
+        let status = wait_for(tid)?;
         if !libc::WIFSTOPPED(status) {
             bail!("thread {tid} exited during an injected system call");
         }

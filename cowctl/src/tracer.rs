@@ -99,6 +99,19 @@ fn is_fatal(sig: i32) -> bool {
     )
 }
 
+/// The next wait status of thread `tid` (one of our tracees), waiting for it.
+pub(crate) fn wait_for(tid: i32) -> Result<i32> {
+    let mut status = 0;
+    // SAFETY: waiting for one of our tracees into a local.
+    while unsafe { libc::waitpid(tid, &mut status, libc::__WALL) } != tid {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e).context(format!("thread {tid}: waitpid"));
+        }
+    }
+    Ok(status)
+}
+
 /// Whether a hardware breakpoint's SIGTRAP is queued for `tid` (in a ptrace stop).
 fn breakpoint_trap_queued(tid: i32) -> bool {
     #[repr(C)]
@@ -285,14 +298,7 @@ impl Tracee {
             && breakpoint_trap_queued(tid)
         {
             ptrace(libc::PTRACE_CONT, tid, 0, 0).with_context(|| format!("thread {tid}"))?;
-            let mut status = 0;
-            // SAFETY: waiting for one of our tracees.
-            while unsafe { libc::waitpid(tid, &mut status, libc::__WALL) } != tid {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EINTR) {
-                    return Err(e).context(format!("thread {tid}: waitpid"));
-                }
-            }
+            let status = wait_for(tid)?;
             if !libc::WIFSTOPPED(status) {
                 self.handle(tid, status)?;
                 return Ok(());
@@ -628,18 +634,7 @@ impl Tracee {
         ptrace(libc::PTRACE_SINGLESTEP, tid, 0, 0)
             .with_context(|| format!("thread {tid}: PTRACE_SINGLESTEP"))?;
         self.in_syscall.remove(&tid);
-        let mut status = 0;
-        loop {
-            // SAFETY: waiting for one of our tracees.
-            let r = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
-            if r == tid {
-                break;
-            }
-            let e = std::io::Error::last_os_error();
-            if r < 0 && e.raw_os_error() != Some(libc::EINTR) {
-                return Err(e).context(format!("thread {tid}: waitpid"));
-            }
-        }
+        let status = wait_for(tid)?;
         if !libc::WIFSTOPPED(status) {
             self.handle(tid, status)?;
             bail!("thread {tid} exited while finishing a system call");
