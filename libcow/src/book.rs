@@ -208,6 +208,20 @@ impl<T: Copy> BookVec<T> {
         self.len += 1;
     }
 
+    /// Appends a copy of `items`.
+    pub fn extend_from_slice(&mut self, items: &[T]) {
+        if items.is_empty() {
+            return;
+        }
+        self.reserve(items.len());
+        // SAFETY: room for `items.len()` more elements after reserve; `items` is not inside our
+        // block (we hold `&mut self`).
+        unsafe {
+            std::ptr::copy_nonoverlapping(items.as_ptr(), self.ptr.add(self.len), items.len())
+        };
+        self.len += items.len();
+    }
+
     /// Makes room for `more` elements.
     pub fn reserve(&mut self, more: usize) {
         let need = self.len + more;

@@ -56,10 +56,7 @@ fn read_file(path: &std::ffi::CStr) -> std::io::Result<BookVec<u8>> {
         if n == 0 {
             break;
         }
-        buf.reserve(n as usize);
-        for &b in &chunk[..n as usize] {
-            buf.push(b);
-        }
+        buf.extend_from_slice(&chunk[..n as usize]);
     }
     // SAFETY: closing our descriptor.
     unsafe { libc::close(fd) };

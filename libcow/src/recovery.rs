@@ -141,6 +141,9 @@ pub fn enabled() -> bool {
     !STATE.load(Ordering::Acquire).is_null()
 }
 
+/// How long other threads stay parked after an iteration's snapshot, in µs.
+const DEFAULT_PARK_US: u64 = 1000;
+
 /// Turns recovery on: crashes in an iteration are rolled back, up to `limit` in a streak at the
 /// same site. Call once, after the backend is up.
 pub fn enable(limit: u32) {
@@ -181,6 +184,12 @@ pub fn enable(limit: u32) {
         crate::backend::mprotect::handle_on_alt_stack();
     }
     STATE.store(st, Ordering::Release);
+    // A snapshot every iteration: stopping the other threads anew each time would cost more
+    // than the snapshot itself, so they stay parked a while (`COW_PARK_US`).
+    let park_us = crate::sys::env_var("COW_PARK_US")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_PARK_US);
+    crate::world::set_parking(park_us * 1000);
     for sig in SIGNALS {
         // SAFETY: all-zero is a valid sigaction; filled below.
         let mut ours: libc::sigaction = unsafe { std::mem::zeroed() };
