@@ -319,6 +319,39 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A request the crashing iteration had not read yet is never executed: its connection is
+/// severed, so it does not run after the recovery while its client, seeing the connection end,
+/// sends it again (it would be applied twice). The server is kept busy (SLEEP) while a crashing
+/// request and then an `ADD` queue up, so one iteration gets both, the crash first.
+#[test]
+fn a_request_left_unread_by_the_crashing_iteration_is_not_executed() {
+    let dir = scratch("unread");
+    let (child, port) = start(&dir, "uffd", &[], &[]);
+    let mut busy = Client::new(port);
+    let mut bad = Client::new(port);
+    let mut adder = Client::new(port);
+    let before: i64 = busy.ask("GET 7").unwrap().parse().unwrap();
+    assert!(bad.ask("GET 7").is_some() && adder.ask("GET 7").is_some());
+    busy.stream.write_all(b"SLEEP 500\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    bad.stream.write_all(b"BAD 100\n").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let (sum, retries) = adder.ask_until_answered("ADD 7 1");
+    assert_eq!(
+        retries, 1,
+        "the ADD's connection was not severed with the crash"
+    );
+    let once_more = (before + 1).to_string();
+    assert_eq!(
+        sum, once_more,
+        "the unread ADD ran after the recovery as well as its retry"
+    );
+    assert_eq!(once(port, "GET 7"), Some(once_more));
+    let err = stop(child);
+    assert!(err.contains("recovered from SIGSEGV"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Debian's redis-server under `cowctl run --recover` on uffd: 10 000 keys loaded, four
 /// clients writing (SET, INCR, LPUSH) while another sends `DEBUG SEGFAULT` 20 times. The same
 /// process serves throughout; every key keeps its value; every acknowledged INCR and LPUSH is

@@ -33,6 +33,130 @@ pub fn read() -> std::io::Result<BookVec<Mapping>> {
     Ok(out)
 }
 
+/// `struct procmap_query` (Linux 6.11+): one mapping of `/proc/PID/maps`, asked by address.
+#[repr(C)]
+#[derive(Default)]
+struct ProcmapQuery {
+    size: u64,
+    query_flags: u64,
+    query_addr: u64,
+    vma_start: u64,
+    vma_end: u64,
+    vma_flags: u64,
+    vma_page_size: u64,
+    vma_offset: u64,
+    inode: u64,
+    dev_major: u32,
+    dev_minor: u32,
+    vma_name_size: u32,
+    build_id_size: u32,
+    vma_name_addr: u64,
+    build_id_addr: u64,
+}
+
+/// `PROCMAP_QUERY` = `_IOWR('f', 17, struct procmap_query)`.
+const PROCMAP_QUERY: u32 = cow_abi::ioc(
+    cow_abi::IOC_READ | cow_abi::IOC_WRITE,
+    b'f' as u32,
+    17,
+    std::mem::size_of::<ProcmapQuery>(),
+);
+const VMA_READABLE: u64 = 0x01;
+const VMA_WRITABLE: u64 = 0x02;
+const VMA_EXECUTABLE: u64 = 0x04;
+const VMA_SHARED: u64 = 0x08;
+/// The mapping at the address, or else the next one.
+const COVERING_OR_NEXT_VMA: u64 = 0x10;
+
+/// The process's **writable** mappings, in address order: what [`read`] returns, less the
+/// mappings without write permission. Asked from the kernel with `PROCMAP_QUERY`, which skips
+/// the others and formats no text (a third of the cost of reading redis' 131-line maps); the
+/// text is read instead where the kernel lacks it.
+pub fn read_writable() -> std::io::Result<BookVec<Mapping>> {
+    // SAFETY: open with a NUL-terminated path; closed below. (Opened each time: a descriptor
+    // kept across fork would name the parent.)
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/maps".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = BookVec::new();
+    let mut name = [0u8; 512];
+    let mut addr = 0u64;
+    let result = loop {
+        let mut q = ProcmapQuery {
+            size: std::mem::size_of::<ProcmapQuery>() as u64,
+            query_flags: COVERING_OR_NEXT_VMA | VMA_WRITABLE,
+            query_addr: addr,
+            vma_name_size: name.len() as u32,
+            vma_name_addr: name.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        // SAFETY: PROCMAP_QUERY reads and fills `q` and writes at most `vma_name_size` bytes
+        // of the name into our buffer.
+        if unsafe { libc::ioctl(fd, PROCMAP_QUERY as libc::c_ulong, &mut q) } < 0 {
+            let e = std::io::Error::last_os_error();
+            break match e.raw_os_error() {
+                Some(libc::ENOENT) => Ok(()), // No writable mapping at or after `addr`.
+                // The kernel has no PROCMAP_QUERY (before 6.11) or no name this short: the text.
+                Some(libc::ENOTTY) | Some(libc::EINVAL) | Some(libc::ENAMETOOLONG) => Err(None),
+                _ => Err(Some(e)),
+            };
+        }
+        let name_len = (q.vma_name_size as usize).saturating_sub(1).min(name.len());
+        let name = &name[..name_len];
+        let mut prot = 0;
+        for (flag, bit) in [
+            (VMA_READABLE, libc::PROT_READ),
+            (VMA_WRITABLE, libc::PROT_WRITE),
+            (VMA_EXECUTABLE, libc::PROT_EXEC),
+        ] {
+            if q.vma_flags & flag != 0 {
+                prot |= bit;
+            }
+        }
+        out.push(Mapping {
+            start: q.vma_start as usize,
+            end: q.vma_end as usize,
+            prot,
+            shared: q.vma_flags & VMA_SHARED != 0,
+            special: is_special(name),
+            offset: q.vma_offset,
+            dev_cow: name == b"/dev/cow",
+        });
+        addr = q.vma_end;
+    };
+    // SAFETY: closing our descriptor.
+    unsafe { libc::close(fd) };
+    match result {
+        Ok(()) => Ok(out),
+        Err(Some(e)) => Err(e),
+        Err(None) => {
+            let mut all = read()?;
+            let mut w = 0;
+            for i in 0..all.len() {
+                let m = all.as_slice()[i];
+                if m.prot & libc::PROT_WRITE != 0 {
+                    all.as_mut_slice()[w] = m;
+                    w += 1;
+                }
+            }
+            all.truncate(w);
+            Ok(all)
+        }
+    }
+}
+
+/// Whether a mapping's name is one of the kernel's special ones (`[stack]`, `[vdso]`, …) rather
+/// than the heap or a named anonymous mapping.
+fn is_special(name: &[u8]) -> bool {
+    name.first() == Some(&b'[') && !name.starts_with(b"[heap]") && !name.starts_with(b"[anon")
+}
+
 fn read_file(path: &std::ffi::CStr) -> std::io::Result<BookVec<u8>> {
     // SAFETY: open with a NUL-terminated path; the descriptor is closed below.
     let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
@@ -92,8 +216,7 @@ fn parse_line(line: &[u8]) -> Option<Mapping> {
     let shared = perms.get(3) == Some(&b's');
     let offset = hex(fields.next()?)? as u64;
     let name = fields.nth(2).unwrap_or(&[]);
-    let special =
-        name.first() == Some(&b'[') && !name.starts_with(b"[heap]") && !name.starts_with(b"[anon");
+    let special = is_special(name);
     let dev_cow = name == b"/dev/cow";
     Some(Mapping {
         start,
@@ -125,6 +248,32 @@ mod tests {
         assert!(m.shared && m.dev_cow);
         assert_eq!(m.offset, 0x1000_0000_3000);
         assert_eq!(m.prot, libc::PROT_READ);
+    }
+
+    #[test]
+    fn the_query_returns_the_writable_lines_of_the_text() {
+        // Both read twice, in opposite orders, so a mapping made in between (a test thread's
+        // allocation) shows up as a difference in at most one pair.
+        let agree = || {
+            let fast = read_writable().unwrap();
+            let mut text = read().unwrap();
+            let mut w = 0;
+            for i in 0..text.len() {
+                let m = text.as_slice()[i];
+                if m.prot & libc::PROT_WRITE != 0 {
+                    text.as_mut_slice()[w] = m;
+                    w += 1;
+                }
+            }
+            text.truncate(w);
+            fast.as_slice() == text.as_slice()
+        };
+        assert!((0..5).any(|_| agree()));
+        assert!(read_writable()
+            .unwrap()
+            .as_slice()
+            .iter()
+            .any(|m| m.special));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! On a fatal synchronous signal (`SIGSEGV`, `SIGBUS`, `SIGFPE`, `SIGILL`, `SIGABRT`) in that
 //! thread before its next recovery point, [`on_crash`] — installed ahead of the program's own
 //! handler, which the interposed `sigaction` keeps aside — restores the snapshot (the other
-//! threads stopped meanwhile), copies the stack back, shuts down the connected sockets the
+//! threads stopped meanwhile), copies the stack back, severs the connected sockets the
 //! iteration's events named, closes the connections it accepted, and returns into the
 //! caller of the recovery point as if the call had failed with `EINTR`: the handler's
 //! `sigreturn` loads the saved registers. The handler runs on an alternate stack in the book,
@@ -25,7 +25,7 @@
 //! iterations between.
 
 use crate::book;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 /// What the caller of a recovery point expects to find intact when the call returns (x86-64
 /// System V: the callee-saved registers), as saved by the shim in front of the call.
@@ -57,7 +57,7 @@ pub const SIGNALS: [i32; 5] = [
     libc::SIGABRT,
 ];
 
-/// Most descriptors remembered per iteration (events beyond it are not shut down).
+/// Most descriptors remembered per iteration (events beyond it are not severed).
 const MAX_FDS: usize = 1024;
 /// Bytes of the handler's alternate stack.
 const ALT_STACK: usize = 256 << 10;
@@ -141,9 +141,6 @@ pub fn enabled() -> bool {
     !STATE.load(Ordering::Acquire).is_null()
 }
 
-/// How long other threads stay parked after an iteration's snapshot, in µs.
-const DEFAULT_PARK_US: u64 = 1000;
-
 /// Turns recovery on: crashes in an iteration are rolled back, up to `limit` in a streak at the
 /// same site. Call once, after the backend is up.
 pub fn enable(limit: u32) {
@@ -184,12 +181,6 @@ pub fn enable(limit: u32) {
         crate::backend::mprotect::handle_on_alt_stack();
     }
     STATE.store(st, Ordering::Release);
-    // A snapshot every iteration: stopping the other threads anew each time would cost more
-    // than the snapshot itself, so they stay parked a while (`COW_PARK_US`).
-    let park_us = crate::sys::env_var("COW_PARK_US")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_PARK_US);
-    crate::world::set_parking(park_us * 1000);
     for sig in SIGNALS {
         // SAFETY: all-zero is a valid sigaction; filled below.
         let mut ours: libc::sigaction = unsafe { std::mem::zeroed() };
@@ -425,6 +416,49 @@ pub fn totals() -> Option<Totals> {
 }
 
 /// Whether `fd` is a connected socket that is not listening.
+/// How the preload puts a replaced descriptor back into the program's epoll set (it knows
+/// the registrations: `epoll_ctl` is interposed there).
+static REREGISTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Lets recovery re-register a severed descriptor `fd` with the epoll set, events and data the
+/// program last gave it (`reregister(fd)`; async-signal-safe).
+pub fn set_epoll_reregister(reregister: extern "C" fn(i32)) {
+    REREGISTER.store(reregister as usize, Ordering::Release);
+}
+
+/// Ends a connection of the rolled-back iteration for good: its descriptor is replaced by a
+/// socket that reads as end-of-file. `shutdown` is not enough: bytes the program had not read
+/// yet stay readable after it, so the program would execute a request whose client saw the
+/// connection end — and retries it (twice applied). Replacing the descriptor releases the
+/// connection (the client sees a reset, or the end), the program reads the end on the same
+/// descriptor number and closes it itself; the number stays taken until then, so nothing else
+/// can reuse it under the program's feet.
+fn sever(fd: i32) {
+    let mut pair = [0i32; 2];
+    // SAFETY: socketpair fills two descriptors; fcntl/dup3/close act on descriptors we own or
+    // the program's `fd`, which we replace on purpose. All async-signal-safe system calls.
+    unsafe {
+        let status = libc::fcntl(fd, libc::F_GETFL);
+        let cloexec = libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC != 0;
+        libc::shutdown(fd, libc::SHUT_RDWR);
+        if libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) != 0 {
+            return; // Shut down at least.
+        }
+        libc::close(pair[1]);
+        let flags = if cloexec { libc::O_CLOEXEC } else { 0 };
+        if libc::dup3(pair[0], fd, flags) == fd && status >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, status & libc::O_NONBLOCK);
+        }
+        libc::close(pair[0]);
+    }
+    let f = REREGISTER.load(Ordering::Acquire);
+    if f != 0 {
+        // SAFETY: the function set_epoll_reregister was given.
+        let reregister: extern "C" fn(i32) = unsafe { std::mem::transmute(f) };
+        reregister(fd);
+    }
+}
+
 fn connected_socket(fd: i32) -> bool {
     let mut listening = 0i32;
     let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
@@ -608,9 +642,7 @@ extern "C" fn on_crash(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_v
     let mut closed = 0;
     for &fd in &st.fds[..st.nfds] {
         if connected_socket(fd) {
-            // SAFETY: shutting down a socket the program owns; it sees the end of the
-            // connection and closes it itself.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            sever(fd);
             closed += 1;
         }
     }

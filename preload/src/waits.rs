@@ -10,7 +10,7 @@
 use crate::raw::next;
 use cow::recovery::{self, CallerRegs};
 use std::ffi::c_int;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// Descriptors whose epoll data is remembered (higher ones are not shut down on a rollback).
 const TRACKED_FDS: usize = 1 << 16;
@@ -19,6 +19,13 @@ const MAX_EVENT_FDS: usize = 1024;
 
 /// The data each descriptor was registered with (`epoll_ctl` ADD/MOD), by descriptor.
 static EPOLL_DATA: [AtomicU64; TRACKED_FDS] = [const { AtomicU64::new(0) }; TRACKED_FDS];
+/// The epoll set (its descriptor + 1; 0: none) and events each descriptor was last registered
+/// with, so that a connection severed by a rollback can be registered again (see
+/// `cow::recovery`).
+static EPOLL_SET: [AtomicI32; TRACKED_FDS] = [const { AtomicI32::new(0) }; TRACKED_FDS];
+static EPOLL_EVENTS: [AtomicU32; TRACKED_FDS] = [const { AtomicU32::new(0) }; TRACKED_FDS];
+/// The epoll set whose wait began the current iteration (+ 1; 0: a poll or select).
+static ITERATION_SET: AtomicI32 = AtomicI32::new(0);
 /// One past the highest descriptor registered.
 static EPOLL_MAX_FD: AtomicUsize = AtomicUsize::new(0);
 
@@ -62,16 +69,43 @@ pub unsafe extern "C" fn epoll_ctl(
     };
     // SAFETY: forwarded unchanged.
     let rc = unsafe { f(epfd, op, fd, event) };
+    let Some(i) = usize::try_from(fd).ok().filter(|&i| i < TRACKED_FDS) else {
+        return rc;
+    };
     if rc == 0 && (op == libc::EPOLL_CTL_ADD || op == libc::EPOLL_CTL_MOD) && !event.is_null() {
-        if let Ok(i) = usize::try_from(fd) {
-            if i < TRACKED_FDS {
-                // SAFETY: `event` is valid (the call succeeded with it).
-                EPOLL_DATA[i].store(unsafe { (*event).u64 }, Ordering::Relaxed);
-                EPOLL_MAX_FD.fetch_max(i + 1, Ordering::Relaxed);
-            }
-        }
+        // SAFETY: `event` is valid (the call succeeded with it).
+        let (data, events) = unsafe { ((*event).u64, (*event).events) };
+        EPOLL_DATA[i].store(data, Ordering::Relaxed);
+        EPOLL_SET[i].store(epfd + 1, Ordering::Relaxed);
+        EPOLL_EVENTS[i].store(events, Ordering::Relaxed);
+        EPOLL_MAX_FD.fetch_max(i + 1, Ordering::Relaxed);
+    } else if rc == 0 && op == libc::EPOLL_CTL_DEL {
+        EPOLL_SET[i].store(0, Ordering::Relaxed);
     }
     rc
+}
+
+/// Registers `fd` (just severed by a rollback: a new file under the same number, which the
+/// epoll set no longer watches) with the epoll set of the iteration, as the program last did,
+/// so the program hears of the end of the connection and closes it. Async-signal-safe.
+extern "C" fn reregister(fd: c_int) {
+    let Some(i) = usize::try_from(fd).ok().filter(|&i| i < TRACKED_FDS) else {
+        return;
+    };
+    let set = EPOLL_SET[i].load(Ordering::Relaxed);
+    if set == 0 || set != ITERATION_SET.load(Ordering::Relaxed) {
+        return;
+    }
+    type F = unsafe extern "C" fn(c_int, c_int, c_int, *mut libc::epoll_event) -> c_int;
+    let Some(f) = real::<F>(&REAL_EPOLL_CTL, c"epoll_ctl") else {
+        return;
+    };
+    let mut event = libc::epoll_event {
+        events: EPOLL_EVENTS[i].load(Ordering::Relaxed),
+        u64: EPOLL_DATA[i].load(Ordering::Relaxed),
+    };
+    // SAFETY: adding a descriptor of ours to the program's epoll set with a valid event.
+    unsafe { f(set - 1, libc::EPOLL_CTL_ADD, fd, &mut event) };
 }
 
 /// The descriptor registered with `data` (several may share it: the first is taken).
@@ -89,7 +123,8 @@ fn fd_of(data: u64) -> Option<i32> {
 }
 
 /// Begins an iteration for `n` epoll events.
-fn begin_epoll(regs: *const CallerRegs, events: *const libc::epoll_event, n: c_int) {
+fn begin_epoll(epfd: usize, regs: *const CallerRegs, events: *const libc::epoll_event, n: c_int) {
+    ITERATION_SET.store(epfd as c_int + 1, Ordering::Relaxed);
     let mut fds = [0i32; MAX_EVENT_FDS];
     let mut k = 0;
     for i in 0..(n as usize).min(MAX_EVENT_FDS) {
@@ -106,6 +141,7 @@ fn begin_epoll(regs: *const CallerRegs, events: *const libc::epoll_event, n: c_i
 
 /// Begins an iteration for the ready entries of a `poll` set.
 fn begin_poll(regs: *const CallerRegs, set: *const libc::pollfd, nfds: usize) {
+    ITERATION_SET.store(0, Ordering::Relaxed);
     let mut fds = [0i32; MAX_EVENT_FDS];
     let mut k = 0;
     for i in 0..nfds {
@@ -122,6 +158,7 @@ fn begin_poll(regs: *const CallerRegs, set: *const libc::pollfd, nfds: usize) {
 
 /// Begins an iteration for the descriptors left in `select`'s sets.
 fn begin_select(regs: *const CallerRegs, nfds: c_int, sets: [*mut libc::fd_set; 3]) {
+    ITERATION_SET.store(0, Ordering::Relaxed);
     let mut fds = [0i32; MAX_EVENT_FDS];
     let mut k = 0;
     for fd in 0..nfds.clamp(0, libc::FD_SETSIZE as c_int) {
@@ -166,7 +203,7 @@ extern "C" fn epoll_wait_impl(
     // SAFETY: the program's arguments, forwarded unchanged.
     let n = unsafe { f(epfd as c_int, events, max as c_int, timeout as c_int) };
     if n > 0 && recovery::enabled() {
-        begin_epoll(regs, events, n);
+        begin_epoll(epfd, regs, events, n);
     }
     n
 }
@@ -218,7 +255,7 @@ extern "C" fn epoll_pwait_impl(
         )
     };
     if n > 0 && recovery::enabled() {
-        begin_epoll(regs, events, n);
+        begin_epoll(epfd, regs, events, n);
     }
     n
 }
@@ -270,7 +307,7 @@ extern "C" fn epoll_pwait2_impl(
         )
     };
     if n > 0 && recovery::enabled() {
-        begin_epoll(regs, events, n);
+        begin_epoll(epfd, regs, events, n);
     }
     n
 }
@@ -467,6 +504,7 @@ extern "C" fn pselect_impl(
 /// library's own data, which the mprotect backend write-protects, and a first call may come
 /// from a signal handler, where that fault would be fatal.
 pub(crate) fn resolve_symbols() {
+    recovery::set_epoll_reregister(reregister);
     next(&REAL_EPOLL_CTL, c"epoll_ctl");
     next(&REAL_EPOLL_WAIT, c"epoll_wait");
     next(&REAL_EPOLL_PWAIT, c"epoll_pwait");

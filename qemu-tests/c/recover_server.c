@@ -3,6 +3,8 @@
  * of TABLE longs in the heap and answers one request per line:
  *   SET I V   table[I] = V            -> "OK"
  *   GET I                             -> "V"
+ *   ADD I V   table[I] += V           -> the new value (not idempotent: a retry adds again)
+ *   SLEEP MS  sleeps MS milliseconds  -> "OK" (keeps the loop busy while requests queue up)
  *   DUMP                              -> the whole table, "V V V ...", one line
  *   BAD I     table[I..I+16) = -1, then a NULL dereference (a crash after a partial update)
  *   ABORT     abort()
@@ -71,6 +73,13 @@ static void request(struct conn *c, char *line)
 		reply(c, "ERR");
 	} else if (!strcmp(word, "SET") && k == 3 && i >= 0 && i < TABLE) {
 		table[i] = v;
+		reply(c, "OK");
+	} else if (!strcmp(word, "ADD") && k == 3 && i >= 0 && i < TABLE) {
+		table[i] += v;
+		snprintf(text, sizeof text, "%ld", table[i]);
+		reply(c, text);
+	} else if (!strcmp(word, "SLEEP") && k == 2 && i >= 0) {
+		usleep(i * 1000);
 		reply(c, "OK");
 	} else if (!strcmp(word, "GET") && k == 2 && i >= 0 && i < TABLE) {
 		snprintf(text, sizeof text, "%ld", table[i]);

@@ -177,7 +177,14 @@ pub(super) fn covered_for(
     thread_pointers: &[usize],
     rewrites_prot: bool,
 ) -> Result<BookVec<Range>> {
-    let maps = maps::read().map_err(|e| io_err("read /proc/self/maps", e))?;
+    // Without rewritten permissions, only writable mappings can be covered: the kernel lists
+    // just those, faster.
+    let maps = if rewrites_prot {
+        maps::read()
+    } else {
+        maps::read_writable()
+    }
+    .map_err(|e| io_err("read /proc/self/maps", e))?;
     // Stacks: the kernel may merge a thread's stack with an adjacent anonymous mapping of the
     // program, so the stack is not the whole mapping that holds its stack pointer. glibc puts
     // a thread's control block (`struct pthread`, at the thread pointer) at the very top of its

@@ -136,7 +136,7 @@ impl Uffd {
         inverted: u64,
         mask: u64,
         out: &mut BookVec<usize>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         self.scan_runs(r, flags, inverted, mask, |start, end| {
             for page in (start..end).step_by(PAGE) {
                 out.push(page);
@@ -145,6 +145,8 @@ impl Uffd {
     }
 
     /// One PAGEMAP_SCAN over `r`: calls `found(start, end)` for each run of matching pages.
+    /// False if the walk stopped early because part of `r` is not mapped (nothing more is
+    /// reported from there on).
     fn scan_runs(
         &self,
         r: Range,
@@ -152,7 +154,7 @@ impl Uffd {
         inverted: u64,
         mask: u64,
         mut found: impl FnMut(usize, usize),
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let mut regions = [PageRegion::default(); 256];
         let mut start = r.start as u64;
         while start < r.end as u64 {
@@ -171,7 +173,9 @@ impl Uffd {
             let n = match ioctl(&self.pagemap, PAGEMAP_SCAN, &mut arg, "PAGEMAP_SCAN") {
                 Ok(n) => n as usize,
                 // The range is no longer (entirely) mapped: nothing to report there.
-                Err(e) if e.errno() == libc::ENOMEM || e.errno() == libc::EINVAL => return Ok(()),
+                Err(e) if e.errno() == libc::ENOMEM || e.errno() == libc::EINVAL => {
+                    return Ok(false)
+                }
                 Err(e) => return Err(e),
             };
             for reg in &regions[..n] {
@@ -182,18 +186,20 @@ impl Uffd {
             }
             start = arg.walk_end;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Runs of pages of `r` written since they were last write-protected (registered memory
     /// only), write-protected again in the same walk.
     pub fn take_written(&self, r: Range, found: impl FnMut(usize, usize)) -> Result<()> {
         self.scan_runs(r, PM_SCAN_WP_MATCHING, 0, PAGE_IS_WRITTEN, found)
+            .map(drop)
     }
 
     /// Runs of pages of `r` in memory that is not registered (new mappings, or mapped anew).
     pub fn unregistered(&self, r: Range, found: impl FnMut(usize, usize)) -> Result<()> {
         self.scan_runs(r, 0, PAGE_IS_WPALLOWED, PAGE_IS_WPALLOWED, found)
+            .map(drop)
     }
 
     /// Registers `r` for write-protection and write-protects it whole (holes too).
@@ -262,30 +268,44 @@ impl Tracker for Uffd {
 
     fn collect(&mut self, out: &mut BookVec<usize>) -> Result<()> {
         let before = out.len();
+        let ranges = self.ranges.as_slice();
+        let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else {
+            return Ok(());
+        };
+        // One walk over the span of all ranges rather than one per range: with
+        // PM_SCAN_WP_MATCHING the kernel skips unregistered mappings whole, and registered memory
+        // is the covered ranges (pages outside them are ignored by the engine).
+        let span = Range {
+            start: first.start,
+            end: last.end,
+            prot: 0,
+        };
+        if !self.scan(span, PM_SCAN_WP_MATCHING, 0, PAGE_IS_WRITTEN, out)? {
+            // Stopped early: range by range, as each may be mapped or not (what the span's walk
+            // reported is kept: it re-protected those pages, so they are not reported again).
+            for i in 0..self.ranges.len() {
+                let r = self.ranges.as_slice()[i];
+                self.scan(r, PM_SCAN_WP_MATCHING, 0, PAGE_IS_WRITTEN, out)?;
+            }
+        }
+        // Memory mapped anew at a covered address has no registration: report it all and
+        // register it again. Per range: a registered mapping is skipped whole, while one walk
+        // over the span would walk the page tables of everything unregistered in it.
         for i in 0..self.ranges.len() {
             let r = self.ranges.as_slice()[i];
-            self.scan(r, PM_SCAN_WP_MATCHING, 0, PAGE_IS_WRITTEN, out)?;
-            // Memory mapped anew at a tracked address has no registration: report it all and
-            // register it again.
-            let mut lost = BookVec::new();
-            self.scan(r, 0, PAGE_IS_WPALLOWED, PAGE_IS_WPALLOWED, &mut lost)?;
-            let lost = lost.as_slice();
-            let mut i = 0;
-            while i < lost.len() {
-                let mut j = i + 1;
-                while j < lost.len() && lost[j] == lost[j - 1] + PAGE {
-                    j += 1;
+            let mut lost: BookVec<(usize, usize)> = BookVec::new();
+            self.scan_runs(r, 0, PAGE_IS_WPALLOWED, PAGE_IS_WPALLOWED, |s, e| {
+                lost.push((s, e))
+            })?;
+            for &(start, end) in lost.as_slice() {
+                for page in (start..end).step_by(PAGE) {
+                    out.push(page);
                 }
-                let run = Range {
-                    start: lost[i],
-                    end: lost[j - 1] + PAGE,
+                self.register(Range {
+                    start,
+                    end,
                     prot: r.prot,
-                };
-                for &p in &lost[i..j] {
-                    out.push(p);
-                }
-                self.register(run)?;
-                i = j;
+                })?;
             }
         }
         out.as_mut_slice()[before..].sort_unstable();
