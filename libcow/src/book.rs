@@ -222,6 +222,19 @@ impl<T: Copy> BookVec<T> {
         self.len += items.len();
     }
 
+    /// Keeps only the elements for which `keep` holds, in order.
+    pub fn retain(&mut self, keep: impl Fn(&T) -> bool) {
+        let v = self.as_mut_slice();
+        let mut w = 0;
+        for r in 0..v.len() {
+            if keep(&v[r]) {
+                v[w] = v[r];
+                w += 1;
+            }
+        }
+        self.truncate(w);
+    }
+
     /// Makes room for `more` elements.
     pub fn reserve(&mut self, more: usize) {
         let need = self.len + more;

@@ -21,6 +21,13 @@ pub struct Mapping {
     pub dev_cow: bool,
 }
 
+impl Mapping {
+    /// Whether the program may write it (`PROT_WRITE`).
+    pub fn is_writable(&self) -> bool {
+        self.prot & libc::PROT_WRITE != 0
+    }
+}
+
 /// The process's mappings, in address order.
 pub fn read() -> std::io::Result<BookVec<Mapping>> {
     let text = read_file(c"/proc/self/maps")?;
@@ -137,15 +144,7 @@ pub fn read_writable() -> std::io::Result<BookVec<Mapping>> {
         Err(Some(e)) => Err(e),
         Err(None) => {
             let mut all = read()?;
-            let mut w = 0;
-            for i in 0..all.len() {
-                let m = all.as_slice()[i];
-                if m.prot & libc::PROT_WRITE != 0 {
-                    all.as_mut_slice()[w] = m;
-                    w += 1;
-                }
-            }
-            all.truncate(w);
+            all.retain(Mapping::is_writable);
             Ok(all)
         }
     }
@@ -257,15 +256,7 @@ mod tests {
         let agree = || {
             let fast = read_writable().unwrap();
             let mut text = read().unwrap();
-            let mut w = 0;
-            for i in 0..text.len() {
-                let m = text.as_slice()[i];
-                if m.prot & libc::PROT_WRITE != 0 {
-                    text.as_mut_slice()[w] = m;
-                    w += 1;
-                }
-            }
-            text.truncate(w);
+            text.retain(Mapping::is_writable);
             fast.as_slice() == text.as_slice()
         };
         assert!((0..5).any(|_| agree()));

@@ -192,8 +192,13 @@ impl Uffd {
     /// Runs of pages of `r` written since they were last write-protected (registered memory
     /// only), write-protected again in the same walk.
     pub fn take_written(&self, r: Range, found: impl FnMut(usize, usize)) -> Result<()> {
+        self.take_written_runs(r, found).map(drop)
+    }
+
+    /// [`Uffd::take_written`], saying whether the walk covered all of `r` (false: it stopped
+    /// at memory that is not mapped).
+    fn take_written_runs(&self, r: Range, found: impl FnMut(usize, usize)) -> Result<bool> {
         self.scan_runs(r, PM_SCAN_WP_MATCHING, 0, PAGE_IS_WRITTEN, found)
-            .map(drop)
     }
 
     /// Runs of pages of `r` in memory that is not registered (new mappings, or mapped anew).
@@ -280,12 +285,17 @@ impl Tracker for Uffd {
             end: last.end,
             prot: 0,
         };
-        if !self.scan(span, PM_SCAN_WP_MATCHING, 0, PAGE_IS_WRITTEN, out)? {
+        let push_pages = |out: &mut BookVec<usize>, start: usize, end: usize| {
+            for page in (start..end).step_by(PAGE) {
+                out.push(page);
+            }
+        };
+        if !self.take_written_runs(span, |s, e| push_pages(out, s, e))? {
             // Stopped early: range by range, as each may be mapped or not (what the span's walk
             // reported is kept: it re-protected those pages, so they are not reported again).
             for i in 0..self.ranges.len() {
                 let r = self.ranges.as_slice()[i];
-                self.scan(r, PM_SCAN_WP_MATCHING, 0, PAGE_IS_WRITTEN, out)?;
+                self.take_written(r, |s, e| push_pages(out, s, e))?;
             }
         }
         // Memory mapped anew at a covered address has no registration: report it all and
@@ -294,13 +304,9 @@ impl Tracker for Uffd {
         for i in 0..self.ranges.len() {
             let r = self.ranges.as_slice()[i];
             let mut lost: BookVec<(usize, usize)> = BookVec::new();
-            self.scan_runs(r, 0, PAGE_IS_WPALLOWED, PAGE_IS_WPALLOWED, |s, e| {
-                lost.push((s, e))
-            })?;
+            self.unregistered(r, |s, e| lost.push((s, e)))?;
             for &(start, end) in lost.as_slice() {
-                for page in (start..end).step_by(PAGE) {
-                    out.push(page);
-                }
+                push_pages(out, start, end);
                 self.register(Range {
                     start,
                     end,
