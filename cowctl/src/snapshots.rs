@@ -112,12 +112,28 @@ pub fn list(pid: i32, json: bool) -> Result<()> {
 
 #[derive(Serialize, Debug, PartialEq, Eq)]
 struct Range {
+    /// Byte offset in the process's space (what `COW_IOC_READ` takes).
     offset: u64,
     len: u64,
+    /// Where the process sees it, if a mapping of `/dev/cow` shows that part of the space.
+    address: Option<u64>,
 }
 
-/// `cowctl diff PID ID1 ID2 [--json]`: byte ranges (space offsets) that differ between two
-/// snapshots.
+/// The address at which `pid` maps space offset `offset`: a `/dev/cow` mapping's file offset is
+/// the space's base on the device plus the region's offset in the space.
+fn address_of(cow_maps: &[cow::maps::Mapping], page: u64, offset: u64) -> Option<u64> {
+    let space_bytes = page << cow::abi::COW_SPACE_PAGES_SHIFT;
+    cow_maps.iter().find_map(|m| {
+        let start = m.offset % space_bytes;
+        let len = (m.end - m.start) as u64;
+        (start..start + len)
+            .contains(&offset)
+            .then(|| m.start as u64 + offset - start)
+    })
+}
+
+/// `cowctl diff PID ID1 ID2 [--json]`: byte ranges that differ between two snapshots, at the
+/// addresses the process sees them (and their space offsets in JSON).
 pub fn diff(pid: i32, id1: u64, id2: u64, json: bool) -> Result<()> {
     let space = match open_space(pid)? {
         Space::Kmod(space) => space,
@@ -154,9 +170,22 @@ pub fn diff(pid: i32, id1: u64, id2: u64, json: bool) -> Result<()> {
                 _ => ranges.push(Range {
                     offset: off,
                     len: 1,
+                    address: None,
                 }),
             }
         }
+    }
+    let cow_maps: Vec<cow::maps::Mapping> = cow::maps::read_of(pid)
+        .map(|maps| {
+            maps.as_slice()
+                .iter()
+                .filter(|m| m.dev_cow)
+                .copied()
+                .collect()
+        })
+        .unwrap_or_default();
+    for r in &mut ranges {
+        r.address = address_of(&cow_maps, page, r.offset);
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&ranges)?);
@@ -168,7 +197,10 @@ pub fn diff(pid: i32, id1: u64, id2: u64, json: bool) -> Result<()> {
             ranges.len()
         );
         for r in &ranges {
-            println!("  {:#014x} +{}", r.offset, r.len);
+            match r.address {
+                Some(a) => println!("  {a:#014x} +{}", r.len),
+                None => println!("  space offset {:#x} +{} (not mapped)", r.offset, r.len),
+            }
         }
     }
     Ok(())

@@ -30,7 +30,17 @@ impl Mapping {
 
 /// The process's mappings, in address order.
 pub fn read() -> std::io::Result<BookVec<Mapping>> {
-    let text = read_file(c"/proc/self/maps")?;
+    read_path(c"/proc/self/maps")
+}
+
+/// Process `pid`'s mappings, in address order (reading them needs ptrace rights over it).
+pub fn read_of(pid: i32) -> std::io::Result<BookVec<Mapping>> {
+    let path = std::ffi::CString::new(format!("/proc/{pid}/maps")).expect("no NUL");
+    read_path(&path)
+}
+
+fn read_path(path: &std::ffi::CStr) -> std::io::Result<BookVec<Mapping>> {
+    let text = read_file(path)?;
     let mut out = BookVec::new();
     for line in text.as_slice().split(|&b| b == b'\n') {
         if let Some(m) = parse_line(line) {
