@@ -156,6 +156,24 @@ impl Space {
             .restore(id, |first, count| mm::zap(mapping, base + first, count))
     }
 
+    fn discard(&self, arg: &abi::CowRange) -> Result {
+        let page = PAGE_SIZE as u64;
+        let end = arg.offset.checked_add(arg.len).ok_or(EINVAL)?;
+        if arg.flags != 0
+            || arg.offset % page != 0
+            || arg.len % page != 0
+            || end > (1u64 << (abi::COW_SPACE_PAGES_SHIFT + kernel::bindings::PAGE_SHIFT))
+        {
+            return Err(EINVAL);
+        }
+        let mapping = self.mapping;
+        let base = self.base;
+        let (first, count) = ((arg.offset / page) as usize, (arg.len / page) as usize);
+        self.state
+            .lock()
+            .discard(first, count, |first, count| mm::zap(mapping, base + first, count))
+    }
+
     fn list(&self, arg: &abi::CowList) -> Result<u32> {
         let mut infos = KVVec::new();
         let count = {
@@ -307,7 +325,7 @@ impl MiscDevice for Space {
         // would; a read-only descriptor may still inspect it.
         let changes_state = matches!(
             abi::ioc_nr(cmd),
-            abi::nr::SNAPSHOT | abi::nr::RESTORE | abi::nr::DROP | abi::nr::HINT
+            abi::nr::SNAPSHOT | abi::nr::RESTORE | abi::nr::DROP | abi::nr::HINT | abi::nr::DISCARD
         );
         let writable = file.flags() & kernel::bindings::O_ACCMODE != kernel::bindings::O_RDONLY;
         if changes_state && !writable {
@@ -320,7 +338,8 @@ impl MiscDevice for Space {
                 v.abi_version = abi::COW_ABI_VERSION;
                 v.page_size = PAGE_SIZE as u32;
                 v.reserved = 0;
-                v.features = abi::features::SNAPSHOTS | abi::features::PRECOPY;
+                v.features =
+                    abi::features::SNAPSHOTS | abi::features::PRECOPY | abi::features::DISCARD;
                 out.write(&v)?;
             }
             abi::nr::SNAPSHOT => {
@@ -373,6 +392,10 @@ impl MiscDevice for Space {
             abi::nr::HINT => {
                 let (a, _) = uarg::read::<abi::CowHint>(arg, 24)?;
                 space.hint(&a)?;
+            }
+            abi::nr::DISCARD => {
+                let (a, _) = uarg::read::<abi::CowRange>(arg, 24)?;
+                space.discard(&a)?;
             }
             abi::nr::LIMITS => {
                 let (mut a, out) = uarg::read::<abi::CowLimits>(arg, 24)?;

@@ -139,9 +139,13 @@ impl SpaceState {
                 let ptr = page.as_ptr();
                 self.pages.insert(node.into_node(idx, page));
                 self.stats.pages_present += 1;
-                // The page did not exist at the newest snapshot: a restore must remove it.
+                // The page did not exist at the newest snapshot: a restore must remove it. Unless
+                // the snapshot already holds its image (the page was discarded in this epoch):
+                // that image is what a restore brings back.
                 if let (Some(newest), Some(mark)) = (self.snapshots.last_mut(), mark) {
-                    newest.saved.insert(mark.into_node(idx, None));
+                    if newest.saved.get(&idx).is_none() {
+                        newest.saved.insert(mark.into_node(idx, None));
+                    }
                 }
                 ptr
             }
@@ -398,6 +402,56 @@ impl SpaceState {
         self.snapshots[k].precopied.clear();
         self.stats.restores += 1;
         self.stats.restore_ns += now_ns().saturating_sub(start);
+        Ok(())
+    }
+
+    /// Throws away the pages `[first, first + count)`: they read as zero afterwards (the
+    /// `MADV_DONTNEED` of private anonymous memory, or a region unmapped for good). A page the
+    /// newest snapshot has no image of yet moves there as its image — no copy; the others are
+    /// freed. `zap(first, count)` drops the range's PTEs first. Cost ∝ present pages in the
+    /// range (plus one page-table walk of the range in each mapping).
+    pub(crate) fn discard(&mut self, first: usize, count: usize, zap: impl FnOnce(usize, usize)) -> Result {
+        let end = first.checked_add(count).ok_or(EINVAL)?;
+        // Allocate first: a node for each page that becomes an image. Past this point nothing
+        // can fail, so a discard never leaves a range half-thrown-away.
+        let mut needed = 0usize;
+        if let Some(newest) = self.snapshots.last() {
+            let mut at = first;
+            while let Some(cursor) = self.pages.cursor_lower_bound(&at) {
+                let idx = *cursor.current().0;
+                if idx >= end {
+                    break;
+                }
+                if newest.saved.get(&idx).is_none() {
+                    needed += 1;
+                }
+                at = idx + 1;
+            }
+        }
+        let mut nodes = KVVec::with_capacity(needed, gfp_user_sized())?;
+        for _ in 0..needed {
+            nodes.push(RBTreeNodeReservation::<usize, Option<Page>>::new(GFP)?, GFP)?;
+        }
+        // No fault can map a page of the range again before it is gone: faults need our lock.
+        zap(first, count);
+        while let Some(cursor) = self.pages.cursor_lower_bound_mut(&first) {
+            if *cursor.current().0 >= end {
+                break;
+            }
+            let (_, node) = cursor.remove_current();
+            let (idx, page) = node.to_key_value();
+            self.stats.pages_present -= 1;
+            if let Some(newest) = self.snapshots.last_mut() {
+                if newest.saved.get(&idx).is_none() {
+                    // Counted above, so there is one; the `else` is unreachable.
+                    let Some(node) = nodes.pop() else { continue };
+                    newest.saved.insert(node.into_node(idx, Some(page)));
+                    newest.copies += 1;
+                    self.stats.bytes_held += PAGE_SIZE as u64;
+                }
+            }
+            mm::cond_resched();
+        }
         Ok(())
     }
 

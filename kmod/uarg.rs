@@ -33,7 +33,8 @@ plain_bytes!(
     abi::CowRead,
     abi::CowDirty,
     abi::CowLimits,
-    abi::CowHint
+    abi::CowHint,
+    abi::CowRange
 );
 
 /// Copies `bytes` to user address `addr`.

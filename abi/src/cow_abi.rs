@@ -83,6 +83,8 @@ pub mod nr {
     pub const LIMITS: u32 = 0x18;
     /// [`super::COW_IOC_HINT`].
     pub const HINT: u32 = 0x19;
+    /// [`super::COW_IOC_DISCARD`].
+    pub const DISCARD: u32 = 0x1A;
 }
 
 /// Feature bits reported in [`CowVersion::features`].
@@ -91,6 +93,8 @@ pub mod features {
     pub const SNAPSHOTS: u64 = 1 << 0;
     /// Speculative pre-copy: `COW_IOC_HINT` and [`super::COW_SNAPSHOT_QUIESCED`].
     pub const PRECOPY: u64 = 1 << 1;
+    /// `COW_IOC_DISCARD`: pages of a range read as zero again (`MADV_DONTNEED`, `munmap`).
+    pub const DISCARD: u64 = 1 << 2;
 }
 
 /// [`CowId::flags`] of `COW_IOC_SNAPSHOT`: the caller guarantees that nothing writes the
@@ -256,6 +260,23 @@ pub struct CowHint {
     pub pages: u64,
 }
 
+/// Argument of [`COW_IOC_DISCARD`]: a range of the space whose pages are thrown away, as
+/// `MADV_DONTNEED` does to private anonymous memory: afterwards they read as zero. Their contents
+/// are not lost for the snapshots: the newest snapshot keeps each page it has no image of yet
+/// (the page itself moves there, nothing is copied), so a restore brings them back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CowRange {
+    /// In: `size_of::<CowRange>()`.
+    pub size: u32,
+    /// In: zero.
+    pub flags: u32,
+    /// In: byte offset in the space, page-aligned.
+    pub offset: u64,
+    /// In: length in bytes, page-aligned.
+    pub len: u64,
+}
+
 /// Most pages one hint may name.
 pub const COW_MAX_HINT_PAGES: u64 = 1 << 20;
 
@@ -311,6 +332,8 @@ pub const COW_IOC_DIRTY: u32 = iowr_of::<CowDirty>(nr::DIRTY);
 pub const COW_IOC_LIMITS: u32 = iowr_of::<CowLimits>(nr::LIMITS);
 /// Sets the pre-copy hint. Argument: [`CowHint`].
 pub const COW_IOC_HINT: u32 = iowr_of::<CowHint>(nr::HINT);
+/// Throws away the pages of a range (they read as zero). Argument: [`CowRange`].
+pub const COW_IOC_DISCARD: u32 = iowr_of::<CowRange>(nr::DISCARD);
 
 // The struct layouts are the ABI: fail the build, in the kernel and in userland, if one drifts.
 const _: () = assert!(core::mem::size_of::<CowVersion>() == COW_VERSION_SIZE_V1 as usize);
@@ -322,3 +345,4 @@ const _: () = assert!(core::mem::size_of::<CowHint>() == 24);
 const _: () = assert!(core::mem::size_of::<CowRead>() == 40);
 const _: () = assert!(core::mem::size_of::<CowDirty>() == 40);
 const _: () = assert!(core::mem::size_of::<CowLimits>() == 24);
+const _: () = assert!(core::mem::size_of::<CowRange>() == 24);

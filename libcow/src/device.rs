@@ -3,10 +3,10 @@
 use crate::error::{Error, Result};
 use crate::sys::ioctl_ptr;
 use cow_abi::{
-    CowDirty, CowHint, CowId, CowLimits, CowList, CowRead, CowSnapshotInfo, CowStats, CowVersion,
-    COW_ABI_VERSION, COW_DIRTY_EPOCH, COW_IOC_DIRTY, COW_IOC_DROP, COW_IOC_HINT, COW_IOC_LIMITS,
-    COW_IOC_LIST, COW_IOC_READ, COW_IOC_RESTORE, COW_IOC_SNAPSHOT, COW_IOC_STATS, COW_IOC_VERSION,
-    COW_LIMITS_SET, COW_POLICY_FAIL, COW_SNAPSHOT_QUIESCED,
+    CowDirty, CowHint, CowId, CowLimits, CowList, CowRange, CowRead, CowSnapshotInfo, CowStats,
+    CowVersion, COW_ABI_VERSION, COW_DIRTY_EPOCH, COW_IOC_DIRTY, COW_IOC_DISCARD, COW_IOC_DROP,
+    COW_IOC_HINT, COW_IOC_LIMITS, COW_IOC_LIST, COW_IOC_READ, COW_IOC_RESTORE, COW_IOC_SNAPSHOT,
+    COW_IOC_STATS, COW_IOC_VERSION, COW_LIMITS_SET, COW_POLICY_FAIL, COW_SNAPSHOT_QUIESCED,
 };
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -264,6 +264,19 @@ impl Cow {
             ..sized()
         };
         ioctl_ptr(self.fd.as_fd(), COW_IOC_HINT, &mut a, "COW_IOC_HINT")?;
+        Ok(())
+    }
+
+    /// Throws away the pages of `[offset, offset + len)` (page-aligned): they read as zero
+    /// afterwards, as after `MADV_DONTNEED` on private anonymous memory. The newest snapshot
+    /// keeps their contents, so a restore brings them back. Does not allocate.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let mut a = CowRange {
+            offset,
+            len,
+            ..sized()
+        };
+        ioctl_ptr(self.fd.as_fd(), COW_IOC_DISCARD, &mut a, "COW_IOC_DISCARD")?;
         Ok(())
     }
 

@@ -14,6 +14,10 @@ pub fn tests() -> Vec<Test> {
             run: basic_restore,
         },
         Test {
+            name: "snap::discard_reads_zero_and_restores",
+            run: discard_reads_zero_and_restores,
+        },
+        Test {
             name: "snap::restore_same_id_repeatedly",
             run: restore_same_id_repeatedly,
         },
@@ -142,6 +146,51 @@ fn basic_restore() -> Result<()> {
     Ok(())
 }
 
+/// `COW_IOC_DISCARD`: the range reads as zero, a restore brings it back, a page written again
+/// after its discard is restored to its snapshot contents (not removed), and without a
+/// snapshot the pages are freed.
+fn discard_reads_zero_and_restores() -> Result<()> {
+    let cow = Cow::open()?;
+    let r = cow.map_region(16 * 4096)?;
+    let m = bytes(&r);
+    m.fill(0x5A);
+    let present = cow.stats()?.pages_present;
+    cow.discard(r.offset + 4 * 4096, 4 * 4096)?;
+    ensure!(
+        m.iter().skip(4 * 4096).take(4 * 4096).all(|&b| b == 0),
+        "not zero"
+    );
+    let s = cow.stats()?;
+    ensure!(
+        s.pages_present + 4 == present && s.bytes_held == 0,
+        "without a snapshot the pages are freed: present {} (was {present}), held {}",
+        s.pages_present,
+        s.bytes_held
+    );
+    m.fill(0x5A);
+    let reference = m.to_vec();
+    let id = cow.snapshot()?;
+    cow.discard(r.offset, 8 * 4096)?;
+    ensure!(
+        m[..8 * 4096].iter().all(|&b| b == 0),
+        "not zero after discard"
+    );
+    m[4096 + 1] = 7; // written again after its discard
+    ensure!(cow.stats()?.pages_saved == 0, "a discard copies nothing");
+    cow.restore(id)?;
+    if let Some(i) = first_diff(m, &reference) {
+        bail!("byte {i} differs after restore ({:#x})", m[i]);
+    }
+    for (offset, len) in [(1, 4096), (r.offset, 4095), (1 << 60, 4096)] {
+        let got = cow.discard(offset, len).map_err(errno_of);
+        ensure!(
+            got == Err(libc::EINVAL),
+            "discard({offset:#x}, {len}): {got:?}, expected EINVAL"
+        );
+    }
+    Ok(())
+}
+
 fn restore_same_id_repeatedly() -> Result<()> {
     let cow = Cow::open()?;
     let r = cow.map_region(256 * 4096)?;
@@ -182,7 +231,7 @@ fn randomized_byte_exact() -> Result<()> {
     cow.set_limits(16, 1 << 30, abi::COW_POLICY_MERGE_OLDEST)?;
     let mut regions: Vec<Region> = vec![cow.map_region(32 * 4096)?];
     let mut models: Vec<Model> = Vec::new();
-    let (mut restores, mut reads) = (0, 0);
+    let (mut restores, mut reads, mut discards) = (0, 0, 0);
     for step in 0..4000 {
         match rng.below(100) {
             // Writes: runs of random bytes at random places, sometimes crossing pages.
@@ -269,14 +318,31 @@ fn randomized_byte_exact() -> Result<()> {
                     }
                 }
             }
+            93..=95 => {
+                // MADV_DONTNEED of covered memory: a page-aligned run reads as zero at once.
+                let r = &regions[rng.below(regions.len() as u64) as usize];
+                let pages = (r.len / 4096) as u64;
+                let first = rng.below(pages);
+                let count = 1 + rng.below(pages - first);
+                cow.discard(r.offset + first * 4096, count * 4096)?;
+                let m = &bytes(r)[(first * 4096) as usize..((first + count) * 4096) as usize];
+                ensure!(
+                    m.iter().all(|&b| b == 0),
+                    "seed {seed} step {step}: discarded pages not zero"
+                );
+                discards += 1;
+            }
             _ => {}
         }
     }
+    ensure!(discards > 50, "too few discards ({discards})");
     ensure!(
         restores > 100 && reads > 50,
         "too few restores ({restores}) or reads ({reads})"
     );
-    println!("seed {seed}: {restores} restores, {reads} reads, all byte-exact");
+    println!(
+        "seed {seed}: {restores} restores, {reads} reads, {discards} discards, all byte-exact"
+    );
     Ok(())
 }
 
