@@ -332,12 +332,14 @@ impl SpaceState {
         let start = now_ns();
         let k = self.position(id)?;
         // Allocate before the first irreversible step: a node for every pre-image whose page
-        // no longer exists (an upper bound: a page saved by several snapshots counts more than
-        // once). Past this point nothing can fail, so a restore never leaves epochs mixed.
+        // no longer exists, plus one for every "absent" mark (draining a newer snapshot's mark
+        // removes the page, and an older image of it, saved before a discard, then needs a
+        // node again). An upper bound: a page saved by several snapshots counts more than
+        // once. Past this point nothing can fail, so a restore never leaves epochs mixed.
         let mut needed = 0usize;
         for snap in &self.snapshots[k..] {
             for (idx, image) in snap.saved.iter() {
-                if image.is_some() && self.pages.get(idx).is_none() {
+                if image.is_none() || self.pages.get(idx).is_none() {
                     needed += 1;
                 }
             }

@@ -73,10 +73,13 @@ pub fn try_book() -> crate::Result<&'static Book> {
 
 /// Reserves `size` bytes and puts the book's header at their start.
 fn reserve(size: usize) -> Option<&'static Book> {
-    // SAFETY: a fresh anonymous reservation that aliases nothing.
+    // SAFETY: a fresh anonymous reservation that aliases nothing. The system call itself, not
+    // `mmap`: libcow_preload interposes `mmap` to cover what programs map, and the book must
+    // never be covered.
     let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
+        libc::syscall(
+            libc::SYS_mmap,
+            0usize,
             size,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
@@ -84,7 +87,7 @@ fn reserve(size: usize) -> Option<&'static Book> {
             0,
         )
     };
-    if base == libc::MAP_FAILED {
+    if base < 0 {
         return None;
     }
     let base = base as usize;
@@ -162,8 +165,9 @@ impl Book {
         let class = class_of(size);
         let bytes = 1usize << (class as u32 + MIN_SHIFT);
         if bytes >= 1 << 16 {
-            // SAFETY: releasing the pages of a block we own; the range stays reserved.
-            unsafe { libc::madvise(p.cast(), bytes, libc::MADV_DONTNEED) };
+            // SAFETY: releasing the pages of a block we own; the range stays reserved. The
+            // system call itself: libcow_preload interposes `madvise` (under its own lock).
+            unsafe { libc::syscall(libc::SYS_madvise, p as usize, bytes, libc::MADV_DONTNEED) };
         }
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the block is ours and at least a word long.

@@ -28,12 +28,31 @@ fn ops_lock() -> std::sync::MutexGuard<'static, ()> {
 /// `(hold, release)`: make the covered heap quiescent, and let it go again.
 pub type QuiesceHooks = (fn(), fn());
 
-/// Makes `space` (libcow_preload's) the space the C API drives, with `hold`/`release`
-/// bracketing snapshots and restores, and `progress` as the program's progress clock (see
-/// [`crate::speculate::Progress`]).
-pub fn install(space: &'static Cow, hold: fn(), release: fn(), progress: fn() -> u64) {
+/// What libcow_preload gives the C API along with its space.
+pub struct PreloadHooks {
+    /// Makes the covered heap (and the preload's mapping table) quiescent…
+    pub hold: fn(),
+    /// … and lets it go again; the two bracket snapshots and restores.
+    pub release: fn(),
+    /// The program's progress clock (see [`crate::speculate::Progress`]).
+    pub progress: fn() -> u64,
+    /// Runs right after a restore, the other threads still stopped: puts the process's
+    /// mappings back to what the restored memory describes.
+    pub restored: fn(),
+}
+
+/// Makes `space` (libcow_preload's) the space the C API drives.
+pub fn install(space: &'static Cow, hooks: PreloadHooks) {
+    let PreloadHooks {
+        hold,
+        release,
+        progress,
+        restored,
+    } = hooks;
     let kmod: &'static dyn Backend = Box::leak(Box::new(
-        backend::kmod::Kmod::with_quiesce(space, hold, release).with_progress(progress),
+        backend::kmod::Kmod::with_quiesce(space, hold, release)
+            .with_progress(progress)
+            .with_restored(restored),
     ));
     speculate_from_env(kmod);
     let _ = BACKEND.set(kmod);

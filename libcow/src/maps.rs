@@ -19,6 +19,10 @@ pub struct Mapping {
     pub offset: u64,
     /// A mapping of `/dev/cow`.
     pub dev_cow: bool,
+    /// Backed by a file (inode ≠ 0), as opposed to anonymous memory.
+    pub file: bool,
+    /// The program break's heap (`[heap]`).
+    pub heap: bool,
 }
 
 impl Mapping {
@@ -40,14 +44,25 @@ pub fn read_of(pid: i32) -> std::io::Result<BookVec<Mapping>> {
 }
 
 fn read_path(path: &std::ffi::CStr) -> std::io::Result<BookVec<Mapping>> {
-    let text = read_file(path)?;
     let mut out = BookVec::new();
+    for_each_in(path, |m, _| out.push(m))?;
+    Ok(out)
+}
+
+/// Calls `f` with each mapping of the process and its name (the path, `[stack]`, … or empty),
+/// in address order. Allocates only in the book.
+pub fn for_each_named(f: impl FnMut(Mapping, &[u8])) -> std::io::Result<()> {
+    for_each_in(c"/proc/self/maps", f)
+}
+
+fn for_each_in(path: &std::ffi::CStr, mut f: impl FnMut(Mapping, &[u8])) -> std::io::Result<()> {
+    let text = read_file(path)?;
     for line in text.as_slice().split(|&b| b == b'\n') {
-        if let Some(m) = parse_line(line) {
-            out.push(m);
+        if let Some((m, name)) = parse_line_named(line) {
+            f(m, name);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// `struct procmap_query` (Linux 6.11+): one mapping of `/proc/PID/maps`, asked by address.
@@ -144,6 +159,8 @@ pub fn read_writable() -> std::io::Result<BookVec<Mapping>> {
             special: is_special(name),
             offset: q.vma_offset,
             dev_cow: name == b"/dev/cow",
+            file: q.inode != 0,
+            heap: name == b"[heap]",
         });
         addr = q.vma_end;
     };
@@ -205,7 +222,13 @@ fn hex(s: &[u8]) -> Option<usize> {
 }
 
 /// Parses `start-end perms offset dev inode [name]`.
+#[cfg(test)]
 fn parse_line(line: &[u8]) -> Option<Mapping> {
+    parse_line_named(line).map(|(m, _)| m)
+}
+
+/// Parses a line into the mapping and its name.
+fn parse_line_named(line: &[u8]) -> Option<(Mapping, &[u8])> {
     let mut fields = line.split(|&b| b == b' ').filter(|f| !f.is_empty());
     let range = fields.next()?;
     let perms = fields.next()?;
@@ -224,18 +247,32 @@ fn parse_line(line: &[u8]) -> Option<Mapping> {
     }
     let shared = perms.get(3) == Some(&b's');
     let offset = hex(fields.next()?)? as u64;
-    let name = fields.nth(2).unwrap_or(&[]);
+    let _dev = fields.next()?;
+    let inode = fields.next()?;
+    // The name is the rest of the line (a path may contain spaces).
+    let name = match fields.next() {
+        Some(first) => {
+            let at = first.as_ptr() as usize - line.as_ptr() as usize;
+            &line[at..]
+        }
+        None => &[],
+    };
     let special = is_special(name);
     let dev_cow = name == b"/dev/cow";
-    Some(Mapping {
-        start,
-        end,
-        prot,
-        shared,
-        special,
-        offset,
-        dev_cow,
-    })
+    Some((
+        Mapping {
+            start,
+            end,
+            prot,
+            shared,
+            special,
+            offset,
+            dev_cow,
+            file: inode != b"0",
+            heap: name == b"[heap]",
+        },
+        name,
+    ))
 }
 
 #[cfg(test)]

@@ -2,10 +2,11 @@
 //!
 //! Covered memory is a shared mapping of the parent's space, so a plain fork would share it.
 //! Around `fork()` (pthread_atfork):
-//! - *prepare* (parent): hold every heap lock (the allocator is quiescent), take a snapshot
-//!   `S`, open a pipe;
+//! - *prepare* (parent): hold every heap lock and the mapping tables' lock (the allocator and
+//!   the covered mappings are quiescent), take a snapshot `S`, open a pipe;
 //! - *child*: for each covered range, build a private anonymous copy of its contents at `S`
-//!   (read from the space, skipping all-zero pages) and `mremap` it over the shared mapping;
+//!   (read from the space, skipping all-zero pages) and `mremap` it over the shared mapping,
+//!   with the mapping's protection;
 //!   detach from the space (its descriptor becomes `/dev/null`); close the pipe;
 //! - *parent*: release the locks, wait until the child closed the pipe (it no longer needs
 //!   `S`), drop `S`.
@@ -14,7 +15,7 @@
 //! pre-images into `S`, so the child still gets the memory as it was at the fork. A child is no
 //! longer covered: its memory is ordinary private memory.
 
-use crate::{heap, raw};
+use crate::{heap, raw, regions};
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
@@ -30,7 +31,7 @@ pub(crate) fn install_handlers() {
 
 extern "C" fn prepare() {
     let Some(cow) = crate::space() else { return };
-    heap::hold_all();
+    crate::hold_all();
     SNAPSHOT.store(cow.snapshot().unwrap_or(0), Ordering::Relaxed);
     let mut fds = [-1; 2];
     // SAFETY: pipe2 writes two descriptors into the array.
@@ -42,7 +43,7 @@ extern "C" fn prepare() {
 
 extern "C" fn parent() {
     let Some(cow) = crate::space() else { return };
-    heap::release_all();
+    crate::release_all();
     let (r, w) = (
         PIPE_READ.swap(-1, Ordering::Relaxed),
         PIPE_WRITE.swap(-1, Ordering::Relaxed),
@@ -71,16 +72,19 @@ extern "C" fn child() {
     if id == 0 {
         raw::write_stderr(b"libcow_preload: fork: no snapshot; the child shares covered memory\n");
     } else {
-        for (start, len, offset) in crate::globals::regions() {
+        regions::for_each_covered(|start, end, offset, prot| {
             privatize(
                 cow,
                 id,
                 start,
-                len,
+                end - start,
                 |a| offset + (a - start) as u64,
-                &[(start, start + len)],
+                &[(start, end)],
             );
-        }
+            if prot != libc::PROT_READ | libc::PROT_WRITE {
+                raw::sys_mprotect(start, end - start, prot);
+            }
+        });
         if let Some((start, end)) = heap::range() {
             let used: [(usize, usize); 8] = {
                 let mut v = [(0, 0); 8];
@@ -93,7 +97,7 @@ extern "C" fn child() {
         }
         detach(cow);
     }
-    heap::release_all();
+    crate::release_all();
     let (r, w) = (
         PIPE_READ.swap(-1, Ordering::Relaxed),
         PIPE_WRITE.swap(-1, Ordering::Relaxed),
@@ -120,27 +124,17 @@ fn privatize(
     // shared mapping at `start` in one step (the old mapping is unmapped by the kernel). Only
     // this thread exists in the child.
     unsafe {
-        let copy = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        );
-        if copy == libc::MAP_FAILED {
+        // The system calls themselves: the interposed `mmap` would cover these.
+        let anonymous = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let copy = raw::sys_mmap(0, len, rw, anonymous, -1, 0);
+        let buf = raw::sys_mmap(0, CHUNK, rw, anonymous, -1, 0);
+        if copy < 0 || buf < 0 {
             raw::write_stderr(b"libcow_preload: fork: no memory for the child's copy\n");
             return;
         }
+        let (copy, buf) = (copy as *mut u8, buf as *mut u8);
         let page = raw::page_size();
-        let buf = libc::mmap(
-            std::ptr::null_mut(),
-            CHUNK,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        );
         for &(a, b) in used.iter().filter(|(a, b)| a < b) {
             let mut pos = a;
             while pos < b {
@@ -158,15 +152,15 @@ fn privatize(
                 pos += n;
             }
         }
-        libc::munmap(buf, CHUNK);
-        let moved = libc::mremap(
-            copy,
+        raw::sys_munmap(buf as usize, CHUNK);
+        let moved = raw::sys_mremap(
+            copy as usize,
             len,
             len,
             libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-            start as *mut libc::c_void,
+            start,
         );
-        if moved == libc::MAP_FAILED {
+        if moved < 0 {
             raw::write_stderr(b"libcow_preload: fork: mremap over covered memory failed\n");
         }
     }
@@ -177,6 +171,7 @@ fn privatize(
 /// its memory is private already (a bash subshell of a subshell).
 fn detach(cow: &cow::Cow) {
     crate::mark_detached();
+    regions::deactivate();
     // SAFETY: replacing our own descriptor number with /dev/null.
     unsafe {
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);

@@ -8,21 +8,24 @@
 //!   split into shards, each a [talc](https://crates.io/crates/talc) allocator whose whole state
 //!   (its control block and free lists) lives inside the covered region itself, so a restore
 //!   puts the allocator back exactly where the memory it manages was;
-//! - moves the executable's writable globals (`.data`, `.bss`, minus RELRO) into `/dev/cow`
-//!   memory at start-up, before the program's own constructors run;
+//! - covers every other private writable mapping (see `regions.rs`): every loaded object's
+//!   writable segment (moved into `/dev/cow` memory at start-up, before the program's own
+//!   constructors run, and at `dlopen`), and the anonymous memory the program maps itself
+//!   (`mmap`, `munmap`, `mremap`, `mprotect` and `madvise` are interposed);
 //! - keeps `fork()` POSIX: the child gets a private copy of the covered memory as it was at the
 //!   fork, the parent keeps its space (see `fork.rs`).
 //!
 //! The space's descriptor is published in `COW_SPACE_FD`, so libcow's C API (`cow_init`) in the
 //! same process drives the same space, and `cowctl` finds it by pid.
 
+mod coverage;
 mod fork;
-mod globals;
 mod heap;
 mod malloc_api;
 mod output;
 mod raw;
 mod reads;
+mod regions;
 mod signals;
 mod waits;
 
@@ -64,15 +67,28 @@ extern "C" fn constructor() {
             // libcow's set-up (cost probes, a replayed recording) is not the program's
             // progress.
             heap::internal(|| {
-                cow::ffi::install(space, heap::hold_all, heap::release_all, heap::allocations)
+                cow::ffi::install(
+                    space,
+                    cow::ffi::PreloadHooks {
+                        hold: hold_all,
+                        release: release_all,
+                        progress: heap::allocations,
+                        restored: regions::after_restore,
+                    },
+                )
             });
         }
-        globals::cover_executable_globals();
+        regions::init();
         fork::install_handlers();
         publish_fd();
         cow::recovery::enable_from_env();
         // SAFETY: getpid has no preconditions.
         OWNER_PID.store(unsafe { libc::getpid() }, Ordering::Release);
+        // `cowctl snapshot|restore PID` come through it: a restore must run in the process,
+        // which re-creates the mappings the restored memory describes.
+        if let Err(e) = heap::internal(cow::control::serve) {
+            eprintln!("libcow_preload: no live control (cowctl restore PID): {e}");
+        }
         heap::internal(start_checkpointer);
     }
 }
@@ -143,7 +159,21 @@ extern "C" fn destructor() {
     let state = STATE.load(Ordering::Acquire);
     if (state == READY || state == IN_PROCESS) && OWNER_PID.load(Ordering::Acquire) == me {
         cow::report::write_at_exit();
+        coverage::write_at_exit();
     }
+}
+
+/// Makes covered memory quiescent: no mapping changes (the tables' lock), no allocation
+/// (every heap shard's lock). Around snapshots, restores and `fork`.
+pub(crate) fn hold_all() {
+    regions::hold();
+    heap::hold_all();
+}
+
+/// Releases what [`hold_all`] took.
+pub(crate) fn release_all() {
+    heap::release_all();
+    regions::release();
 }
 
 /// Initialises the covered heap once; returns whether it is served from cow memory.

@@ -73,3 +73,51 @@ pub(crate) fn next(slot: &std::sync::atomic::AtomicUsize, name: &std::ffi::CStr)
     }
     f
 }
+
+/// A system call's result: the value, or `-errno` (without going through libc's wrappers,
+/// which libcow_preload interposes).
+fn syscall_result(r: libc::c_long) -> isize {
+    if r == -1 {
+        // SAFETY: reading the calling thread's errno, which `syscall` just set.
+        -(unsafe { *libc::__errno_location() }) as isize
+    } else {
+        r as isize
+    }
+}
+
+/// `mmap(2)` itself.
+pub(crate) fn sys_mmap(addr: usize, len: usize, prot: i32, flags: i32, fd: i32, off: i64) -> isize {
+    // SAFETY: the mmap system call with plain integer arguments; it maps nothing the caller did
+    // not ask for.
+    syscall_result(unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) })
+}
+
+/// `munmap(2)` itself.
+pub(crate) fn sys_munmap(addr: usize, len: usize) -> isize {
+    // SAFETY: the caller gives the range up.
+    syscall_result(unsafe { libc::syscall(libc::SYS_munmap, addr, len) })
+}
+
+/// `mprotect(2)` itself.
+pub(crate) fn sys_mprotect(addr: usize, len: usize, prot: i32) -> isize {
+    // SAFETY: changes only the protection of the caller's range.
+    syscall_result(unsafe { libc::syscall(libc::SYS_mprotect, addr, len, prot) })
+}
+
+/// `mremap(2)` itself.
+pub(crate) fn sys_mremap(
+    old: usize,
+    old_len: usize,
+    new_len: usize,
+    flags: i32,
+    new: usize,
+) -> isize {
+    // SAFETY: the caller owns the old range and, with MREMAP_FIXED, gives the new one up.
+    syscall_result(unsafe { libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new) })
+}
+
+/// `madvise(2)` itself.
+pub(crate) fn sys_madvise(addr: usize, len: usize, advice: i32) -> isize {
+    // SAFETY: advice on the caller's range.
+    syscall_result(unsafe { libc::syscall(libc::SYS_madvise, addr, len, advice) })
+}

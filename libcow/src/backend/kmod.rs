@@ -39,6 +39,9 @@ pub struct Kmod {
     quiesce: Option<crate::ffi::QuiesceHooks>,
     /// The program's progress clock (libcow_preload's), for recordings and oracle replays.
     progress: Option<Progress>,
+    /// libcow_preload's hook after a restore (it re-creates the mappings the restored memory
+    /// describes); with it, restores stop the other threads.
+    restored: Option<fn()>,
 }
 
 /// The `/dev/cow` mappings of this process (every region of the space, whoever mapped it).
@@ -70,6 +73,7 @@ impl Kmod {
             spec: Mutex::new(Spec::default()),
             quiesce: None,
             progress: None,
+            restored: None,
         }
     }
 
@@ -91,6 +95,14 @@ impl Kmod {
                 r
             }
             None => op(),
+        }
+    }
+
+    /// Calls `hook` after each restore, with the other threads stopped.
+    pub fn with_restored(self, hook: fn()) -> Self {
+        Kmod {
+            restored: Some(hook),
+            ..self
         }
     }
 
@@ -203,7 +215,18 @@ impl Backend for Kmod {
     }
 
     fn restore(&self, id: u64) -> Result<()> {
-        self.cow.restore(id)
+        let Some(restored) = self.restored else {
+            return self.cow.restore(id);
+        };
+        // The restored memory may describe other mappings than the process has now: the other
+        // threads must not run until they are back (the caller holds the heap already).
+        let _stopped = crate::world::stop_others().map_err(|e| Error::Os {
+            op: "stop the other threads",
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+        })?;
+        self.cow.restore(id)?;
+        restored();
+        Ok(())
     }
 
     fn drop_snapshot(&self, id: u64) -> Result<()> {
