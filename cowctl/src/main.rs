@@ -1,6 +1,7 @@
 //! cowctl — Delorean's command line. A thin binary over libcow: parsing, output and exit codes.
 
 mod bench;
+mod coverage;
 mod debug;
 mod exit;
 mod gdbserver;
@@ -95,7 +96,7 @@ enum Command {
     /// Run a program under libcow: its heap and globals in cow.ko, or (uffd, mprotect) all of
     /// its private writable memory tracked in-process (exit code = the program's).
     #[command(
-        after_help = "Examples:\n  cowctl run -- ./server --port 8080\n  cowctl run --backend uffd --every 10 -- ./server   (no module: stock kernel >= 6.7)\n  cowctl run --heap-mib 512 -- python3 script.py\n  cowctl run --every 10 --speculate=adaptive -- perl bench.pl\n  cowctl run --every 100 --keep 32 --report run.json -- ./server\n  cowctl run --recover --backend auto -- redis-server --save ''"
+        after_help = "Examples:\n  cowctl run -- ./server --port 8080\n  cowctl run --backend uffd --every 10 -- ./server   (no module: stock kernel >= 6.7)\n  cowctl run --heap-mib 512 -- python3 script.py\n  cowctl run --every 10 --speculate=adaptive -- perl bench.pl\n  cowctl run --every 100 --keep 32 --report run.json -- ./server\n  cowctl run --recover --backend auto -- redis-server --save ''\n  cowctl run --coverage -- python3 -c 'import json'"
     )]
     Run {
         /// Backend to cover the program with: kmod (cow.ko: heap and globals), uffd or
@@ -126,6 +127,11 @@ enum Command {
         /// snapshot at every epoll_wait/poll/select that returns events.
         #[arg(long)]
         recover: bool,
+        /// At exit, list the program's private writable memory that cow.ko does not cover and
+        /// why (stderr; with --report, also in the report's "coverage"). kmod only: uffd and
+        /// mprotect cover every private writable mapping but stacks and libcow's book.
+        #[arg(long)]
+        coverage: bool,
         /// With --recover: the same instruction crashing N times in a row is a real crash.
         #[arg(long, value_name = "N", requires = "recover", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         recover_limit: u32,
@@ -463,6 +469,7 @@ fn main() -> ExitCode {
         every,
         keep,
         report,
+        coverage,
         recover,
         recover_limit,
         argv,
@@ -476,6 +483,7 @@ fn main() -> ExitCode {
             report: report.clone(),
             backend: None,
             recover: recover.then_some(*recover_limit),
+            coverage: *coverage,
         };
         return match run::run(backend, &opts, argv) {
             Ok(code) => ExitCode::from(code),

@@ -117,6 +117,8 @@ pub struct Options {
     pub backend: Option<&'static str>,
     /// `--recover`: the limit of crashes in a row at one site.
     pub recover: Option<u32>,
+    /// `--coverage`: list what cow.ko does not cover at exit.
+    pub coverage: bool,
 }
 
 /// The command that runs `argv` under libcow_preload with `opts`.
@@ -231,7 +233,20 @@ pub fn run(backend: &str, opts: &Options, argv: &[String]) -> Result<u8> {
     if let Some(p) = &own_report {
         opts.report = Some(p.clone());
     }
-    let status = spawn_forwarding(&mut command(&opts, argv)?)
+    if opts.coverage && backend != "kmod" {
+        bail!(
+            "--coverage describes the kmod backend; {backend} covers every private writable \
+             mapping but stacks and libcow's own book"
+        );
+    }
+    let coverage_file = opts
+        .coverage
+        .then(|| std::env::temp_dir().join(format!("cowctl-coverage-{}.tsv", std::process::id())));
+    let mut cmd = command(&opts, argv)?;
+    if let Some(p) = &coverage_file {
+        cmd.env("COW_COVERAGE", p);
+    }
+    let status = spawn_forwarding(&mut cmd)
         .and_then(|mut child| child.wait())
         .with_context(|| format!("cannot run {}", argv[0]))?;
     if opts.every_ms.is_some() {
@@ -261,6 +276,10 @@ pub fn run(backend: &str, opts: &Options, argv: &[String]) -> Result<u8> {
                 t["recoveries"], t["not_recovered"], t["iterations"]
             );
         }
+    }
+    if let Some(p) = &coverage_file {
+        crate::coverage::report(p, opts.report.as_deref().filter(|_| own_report.is_none()));
+        let _ = std::fs::remove_file(p);
     }
     if let Some(p) = own_report {
         let _ = std::fs::remove_file(p);

@@ -7,7 +7,13 @@ use serde::Serialize;
 /// `cowctl snapshot PID`: prints the new id alone.
 pub fn snapshot(pid: i32) -> Result<()> {
     let id = match open_space(pid)? {
-        Space::Kmod(space) => space.snapshot(),
+        Space::Kmod(space) => match ask_preload(pid, "snapshot") {
+            Some(reply) => {
+                println!("{}", reply?);
+                return Ok(());
+            }
+            None => space.snapshot(),
+        },
         Space::InProcess { pid, backend } => {
             let reply = Space::ask(pid, &backend, "snapshot")?;
             println!("{reply}");
@@ -23,7 +29,14 @@ pub fn snapshot(pid: i32) -> Result<()> {
 /// restore unless `running`; an in-process backend stops the program's threads itself.
 pub fn restore(pid: i32, id: u64, running: bool) -> Result<()> {
     let space = match open_space(pid)? {
-        Space::Kmod(space) => space,
+        Space::Kmod(space) => {
+            if let Some(reply) = ask_preload(pid, &format!("restore {id}")) {
+                reply.with_context(|| format!("cannot restore process {pid} to snapshot {id}"))?;
+                eprintln!("process {pid} restored to snapshot {id}");
+                return Ok(());
+            }
+            space
+        }
         Space::InProcess { pid, backend } => {
             Space::ask(pid, &backend, &format!("restore {id}"))
                 .with_context(|| format!("cannot restore process {pid} to snapshot {id}"))?;
@@ -41,6 +54,22 @@ pub fn restore(pid: i32, id: u64, running: bool) -> Result<()> {
         .with_context(|| format!("cannot restore process {pid} to snapshot {id}"))?;
     eprintln!("process {pid} restored to snapshot {id}");
     Ok(())
+}
+
+/// Asks libcow_preload in process `pid` (under `cowctl run` on cow.ko) to do `req` itself:
+/// it holds its allocator and mapping table still around a snapshot, and after a restore it
+/// maps back what the restored memory describes, which only the process can do. `None`: no
+/// preload answers (a program that drives cow.ko through libcow alone), so the caller uses the
+/// descriptor.
+fn ask_preload(pid: i32, req: &str) -> Option<Result<String>> {
+    match cow::control::request(pid, req) {
+        Err(e) if matches!(e.errno(), libc::ECONNREFUSED | libc::ENOENT) => None,
+        other => Some(other.map_err(|e| {
+            let errno = e.errno();
+            anyhow::Error::new(std::io::Error::from_raw_os_error(errno))
+                .context(format!("process {pid}: {req}"))
+        })),
+    }
 }
 
 /// `cowctl drop PID ID`.

@@ -106,7 +106,10 @@ pub fn start(cfg: Config, snapshot: fn() -> i64, drop: fn(i64) -> i32) -> std::i
     }
     std::thread::Builder::new()
         .name("cow-checkpoint".into())
-        .spawn(move || run(state, cfg, snapshot, drop))?;
+        .spawn(move || {
+            crate::world::block_process_signals();
+            run(state, cfg, snapshot, drop)
+        })?;
     // Wait for the warm-up (see the module's doc); a thread that cannot take it still runs.
     let deadline = monotonic_ns() + 5_000_000_000;
     while !state.ready.load(Ordering::Acquire) && monotonic_ns() < deadline {

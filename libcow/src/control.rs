@@ -74,20 +74,23 @@ pub fn serve() -> Result<()> {
     static LISTENING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     std::thread::Builder::new()
         .name("libcow-control".into())
-        .spawn(move || loop {
-            LISTENING.store(true, std::sync::atomic::Ordering::Release);
-            // SAFETY: accepting on our listening socket; no peer address wanted.
-            let fd = unsafe {
-                libc::accept4(
-                    listener.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_CLOEXEC,
-                )
-            };
-            if fd >= 0 {
-                // SAFETY: a descriptor the kernel just gave us.
-                answer(unsafe { OwnedFd::from_raw_fd(fd) });
+        .spawn(move || {
+            crate::world::block_process_signals();
+            loop {
+                LISTENING.store(true, std::sync::atomic::Ordering::Release);
+                // SAFETY: accepting on our listening socket; no peer address wanted.
+                let fd = unsafe {
+                    libc::accept4(
+                        listener.as_raw_fd(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        libc::SOCK_CLOEXEC,
+                    )
+                };
+                if fd >= 0 {
+                    // SAFETY: a descriptor the kernel just gave us.
+                    answer(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
             }
         })
         .map_err(|e| Error::Os {

@@ -30,6 +30,30 @@ pub fn signal() -> i32 {
     libc::SIGRTMAX() - 3
 }
 
+/// Blocks, in the calling thread (one of libcow's own), every signal but libcow's stop signal
+/// and the synchronous faults: a signal sent to the process (`kill PID`) must reach a thread
+/// of the program. Python's handlers, for one, only run when the main thread is woken: a
+/// SIGUSR1 taken by libcow's control thread left python asleep.
+pub fn block_process_signals() {
+    // SAFETY: building a signal set on the stack and setting this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut set);
+        for sig in [
+            signal(),
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGFPE,
+            libc::SIGILL,
+            libc::SIGTRAP,
+            libc::SIGABRT,
+        ] {
+            libc::sigdelset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+}
+
 fn world() -> &'static World {
     WORLD.get_or_init(|| {
         let w = book::leak(World {

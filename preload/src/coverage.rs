@@ -23,13 +23,39 @@ fn why_uncovered(
         "libcow's own bookkeeping (the book)"
     } else if is_own(m.start) {
         "libcow_preload's own state"
+    } else if libcow_thread_stacks()
+        .iter()
+        .any(|&sp| (m.start..m.end).contains(&sp))
+    {
+        "stack of a libcow thread (the control or checkpointer thread; stacks are not covered)"
     } else if previous.is_some_and(|p| p.end == m.start && p.prot == 0 && !m.file) {
-        "a thread's stack (glibc maps it without an interposable call; stacks are not covered)"
+        "stack of a thread of the program (glibc maps it without an interposable call; \
+         stacks are not covered)"
     } else if m.file {
         "a private file mapping made writable by mprotect (only writable ones are moved in)"
     } else {
         "anonymous memory mapped by a direct system call, or before libcow_preload started"
     })
+}
+
+/// Stack pointers of libcow's own threads (named `libcow-…`), blocked in a system call as
+/// they are when the program exits: `/proc/self/task/TID/syscall` ends with `SP PC`.
+fn libcow_thread_stacks() -> Vec<usize> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("libcow"))
+        })
+        .filter_map(|t| {
+            let line = std::fs::read_to_string(t.path().join("syscall")).ok()?;
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let sp = fields.get(fields.len().checked_sub(2)?)?;
+            usize::from_str_radix(sp.trim_start_matches("0x"), 16).ok()
+        })
+        .collect()
 }
 
 /// Whether `addr` belongs to this library's own segments.
@@ -61,7 +87,7 @@ pub(crate) fn write_at_exit() {
     let mut previous: Option<cow::maps::Mapping> = None;
     let (book_start, book_end) = cow::book::book().range();
     let read = cow::maps::for_each_named(|m, name| {
-        if m.is_writable() && !m.shared && !m.special || name == b"[stack]" {
+        if m.is_writable() && (!m.shared || m.dev_cow) && !m.special || name == b"[stack]" {
             // The kernel may have merged a neighbour into the book's VMA: report the book
             // apart from the rest.
             let cuts = [

@@ -23,10 +23,88 @@ static SNAPSHOT: AtomicU64 = AtomicU64::new(0);
 static PIPE_READ: AtomicI32 = AtomicI32::new(-1);
 static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
 
-/// Registers the fork handlers.
+/// A fork handler, as glibc takes it.
+type Handler = Option<unsafe extern "C" fn()>;
+/// glibc's `__register_atfork`, what every object's `pthread_atfork` calls.
+type RegisterAtfork = unsafe extern "C" fn(Handler, Handler, Handler, *mut libc::c_void) -> i32;
+
+/// Registers the fork handlers (once).
 pub(crate) fn install_handlers() {
-    // SAFETY: registering three extern "C" functions that live as long as the process.
-    unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+    register_ours_first();
+}
+
+static REGISTERED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static REAL_REGISTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn real_register() -> Option<RegisterAtfork> {
+    let f = raw::next(&REAL_REGISTER, c"__register_atfork");
+    // SAFETY: glibc's __register_atfork has this signature.
+    (f != 0).then(|| unsafe { std::mem::transmute::<usize, RegisterAtfork>(f) })
+}
+
+/// Registers libcow_preload's handlers before any other: glibc runs child handlers in the
+/// order they were registered and prepare handlers in the reverse order, so the child's
+/// memory is private before another library's child handler writes it (jemalloc's re-inits
+/// its mutexes, which are covered memory), and the snapshot is taken after every other
+/// prepare handler ran.
+fn register_ours_first() {
+    if REGISTERED.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    if let Some(register) = real_register() {
+        // SAFETY: three extern "C" functions that live as long as the process; no DSO handle
+        // (never unregistered).
+        unsafe {
+            register(
+                Some(prepare),
+                Some(parent),
+                Some(child),
+                std::ptr::null_mut(),
+            )
+        };
+    }
+}
+
+/// `__register_atfork`, interposed: see [`register_ours_first`]. Libraries whose constructors
+/// run before ours (a program's own dependencies) register here too.
+///
+/// # Safety
+///
+/// As glibc's: the handlers stay callable while registered.
+#[no_mangle]
+pub unsafe extern "C" fn __register_atfork(
+    prepare: Handler,
+    parent: Handler,
+    child: Handler,
+    dso: *mut libc::c_void,
+) -> i32 {
+    register_ours_first();
+    match real_register() {
+        // SAFETY: glibc's, with the caller's arguments.
+        Some(register) => unsafe { register(prepare, parent, child, dso) },
+        None => libc::ENOMEM,
+    }
+}
+
+/// `fork(2)` (glibc's): the memory glibc writes in the child before any fork handler runs is
+/// made private around it (see `regions::swap_out_for_fork`).
+#[no_mangle]
+pub extern "C" fn fork() -> libc::pid_t {
+    static REAL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let f = raw::next(&REAL, c"fork");
+    if f == 0 {
+        // SAFETY: writing the calling thread's errno.
+        unsafe { *libc::__errno_location() = libc::ENOSYS };
+        return -1;
+    }
+    // SAFETY: glibc's fork has this signature.
+    let real: extern "C" fn() -> libc::pid_t = unsafe { std::mem::transmute(f) };
+    regions::swap_out_for_fork();
+    let pid = real();
+    if pid != 0 {
+        regions::swap_back_after_fork();
+    }
+    pid
 }
 
 extern "C" fn prepare() {

@@ -466,9 +466,14 @@ fn adopt_anonymous() {
 
 /// The writable, non-RELRO page ranges of every loaded object but this library.
 fn writable_segments(mut found: impl FnMut(usize, usize)) {
+    writable_segments_named(|_, a, b| found(a, b));
+}
+
+/// [`writable_segments`], with the object's file name (without its directory).
+fn writable_segments_named(mut found: impl FnMut(&[u8], usize, usize)) {
     struct Ctx<'a> {
         own_base: usize,
-        found: &'a mut dyn FnMut(usize, usize),
+        found: &'a mut dyn FnMut(&[u8], usize, usize),
     }
     unsafe extern "C" fn visit(
         info: *mut libc::dl_phdr_info,
@@ -502,7 +507,13 @@ fn writable_segments(mut found: impl FnMut(usize, usize)) {
                         start = relro_end.next_multiple_of(page);
                     }
                     if start < end {
-                        (ctx.found)(start, end);
+                        let path = if info.dlpi_name.is_null() {
+                            &[][..]
+                        } else {
+                            std::ffi::CStr::from_ptr(info.dlpi_name).to_bytes()
+                        };
+                        let name = path.rsplit(|&c| c == b'/').next().unwrap_or(path);
+                        (ctx.found)(name, start, end);
                     }
                 }
             }
@@ -602,8 +613,134 @@ fn remap(r: &Entry, a: usize, b: usize) {
     }
 }
 
+/// Covered pieces made private in the parent around `fork()` (see [`swap_out_for_fork`]):
+/// `(start, end, space offset, prot)`, in this library's own (uncovered) state.
+struct Swapped {
+    count: usize,
+    pieces: [Entry; 16],
+}
+struct SwappedCell(UnsafeCell<Swapped>);
+// SAFETY: written only by the forking thread between `swap_out_for_fork` and
+// `swap_back_after_fork` (and read by the child's handler, a single thread).
+unsafe impl Sync for SwappedCell {}
+static SWAPPED: SwappedCell = SwappedCell(UnsafeCell::new(Swapped {
+    count: 0,
+    pieces: [Entry {
+        start: 0,
+        end: 0,
+        offset: 0,
+        prot: 0,
+        reserved: 0,
+    }; 16],
+}));
+
+fn swapped() -> &'static mut Swapped {
+    // SAFETY: see `SwappedCell`: one thread at a time.
+    unsafe { &mut *SWAPPED.0.get() }
+}
+
+/// The calling thread's thread pointer (`%fs` base on x86-64).
+fn thread_pointer() -> usize {
+    let tp: usize;
+    // SAFETY: reads the first word of the thread control block, which glibc sets to the
+    // block's own address (`tcb->tcb = tcb`); no memory is written.
+    unsafe { std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly)) };
+    tp
+}
+
+/// Before glibc's `fork()`: the memory glibc itself writes in the child before any fork
+/// handler runs (libc's and the loader's globals — thread counts, stack lists, lock
+/// re-initialisations — and the forking thread's control block and TLS) is made private here,
+/// in the parent, so those writes land in the child's own copy instead of the shared
+/// `/dev/cow` pages the parent maps. [`swap_back_after_fork`] moves it back.
+pub(crate) fn swap_out_for_fork() {
+    let Some(t) = Tables::lock() else { return };
+    let mut ranges = cow::book::BookVec::new();
+    glibc_segments(|a, b| ranges.push((a, b)));
+    let tp = thread_pointer();
+    if let Some(e) = t.live.pieces(tp, tp + 1).next() {
+        let e = t.live.entries()[t.live.first_after(e.start)];
+        ranges.push((e.start, e.end));
+    }
+    let sw = swapped();
+    sw.count = 0;
+    for &(a, b) in ranges.as_slice() {
+        for p in t.live.pieces(a, b) {
+            if sw.count == sw.pieces.len() {
+                break;
+            }
+            let len = p.end - p.start;
+            let anonymous = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+            let copy = raw::sys_mmap(0, len, libc::PROT_READ | libc::PROT_WRITE, anonymous, -1, 0);
+            if copy < 0 || p.prot & libc::PROT_READ == 0 {
+                continue;
+            }
+            let copy = copy as usize;
+            // SAFETY: `p` is a readable covered mapping, `copy` a fresh one of the same size.
+            unsafe { std::ptr::copy_nonoverlapping(p.start as *const u8, copy as *mut u8, len) };
+            raw::sys_mprotect(copy, len, p.prot);
+            let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+            if raw::sys_mremap(copy, len, len, flags, p.start) < 0 {
+                raw::sys_munmap(copy, len);
+                continue;
+            }
+            sw.pieces[sw.count] = p;
+            sw.count += 1;
+        }
+    }
+}
+
+/// After `fork()` in the parent: the pieces [`swap_out_for_fork`] made private go back into
+/// the space at their offsets; pages changed meanwhile are written through the space, so
+/// their first writes are saved like any other.
+pub(crate) fn swap_back_after_fork() {
+    let Some(_t) = Tables::lock() else { return };
+    let page = raw::page_size();
+    let sw = swapped();
+    for p in &sw.pieces[..sw.count] {
+        let len = p.end - p.start;
+        let tmp = map_space(0, len, libc::PROT_READ | libc::PROT_WRITE, 0, p.offset);
+        if tmp < 0 {
+            raw::write_stderr(b"libcow_preload: fork: cannot map covered memory back\n");
+            continue;
+        }
+        let tmp = tmp as usize;
+        for at in (0..len).step_by(page) {
+            // SAFETY: both are readable mappings of `len` bytes (the private copy, readable
+            // since it was copied; the space's pages through `tmp`, writable).
+            unsafe {
+                let (src, dst) = ((p.start + at) as *const u8, (tmp + at) as *mut u8);
+                if std::slice::from_raw_parts(src, page) != std::slice::from_raw_parts(dst, page) {
+                    std::ptr::copy_nonoverlapping(src, dst, page);
+                }
+            }
+        }
+        raw::sys_mprotect(tmp, len, p.prot);
+        let flags = libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED;
+        if raw::sys_mremap(tmp, len, len, flags, p.start) < 0 {
+            raw::sys_munmap(tmp, len);
+            raw::write_stderr(b"libcow_preload: fork: cannot map covered memory back\n");
+        }
+    }
+    sw.count = 0;
+}
+
+/// The writable segments of libc and of the dynamic loader.
+fn glibc_segments(mut found: impl FnMut(usize, usize)) {
+    let mut all = cow::book::BookVec::new();
+    writable_segments_named(|name, a, b| {
+        if name.starts_with(b"libc.so") || name.starts_with(b"ld-linux") {
+            all.push((a, b));
+        }
+    });
+    for &(a, b) in all.as_slice() {
+        found(a, b);
+    }
+}
+
 /// For a forked child: every covered range (the table's own region first) as
-/// `(start, end, space offset, prot)`. Called with the lock held (the fork's `prepare`).
+/// `(start, end, space offset, prot)`, less what the parent made private for the fork.
+/// Called with the lock held (the fork's `prepare`).
 pub(crate) fn for_each_covered(mut f: impl FnMut(usize, usize, u64, i32)) {
     let addr = TABLE_REGION[0].load(Ordering::Relaxed);
     if addr == 0 {
@@ -617,9 +754,25 @@ pub(crate) fn for_each_covered(mut f: impl FnMut(usize, usize, u64, i32)) {
     );
     // SAFETY: the fork holds the lock (prepare → `hold`), and the tables exist.
     let t = unsafe { Tables::assume_locked() };
+    let sw = swapped();
     for e in t.live.entries() {
-        f(e.start, e.end, e.offset, e.prot);
+        // The entry less the swapped pieces inside it (private in the child already, with
+        // what glibc wrote there for the child).
+        let mut at = e.start;
+        for p in sw.pieces[..sw.count]
+            .iter()
+            .filter(|p| p.start < e.end && e.start < p.end)
+        {
+            if at < p.start {
+                f(at, p.start, e.offset_at(at), e.prot);
+            }
+            at = at.max(p.end);
+        }
+        if at < e.end {
+            f(at, e.end, e.offset_at(at), e.prot);
+        }
     }
+    sw.count = 0;
     std::mem::forget(t); // the fork's handlers release the lock
 }
 

@@ -4,6 +4,7 @@ mod backends;
 mod checkpoint;
 mod device;
 mod hardening;
+mod mappings;
 mod preload;
 mod recover;
 mod remote;
@@ -21,6 +22,7 @@ pub fn all() -> Vec<Test> {
     v.extend(hardening::tests());
     v.extend(remote::tests());
     v.extend(preload::tests());
+    v.extend(mappings::tests());
     v.extend(backends::tests());
     v.extend(speculate::tests());
     v.extend(checkpoint::tests());
