@@ -57,7 +57,7 @@ fn rounds(s: &str) -> Result<usize, String> {
 Examples:
   cowctl status                 what this machine offers: cow.ko, ABI, kernel features
   cowctl status --json          the same as one JSON object
-  cowctl run -- ./server        run a program with its heap and globals covered
+  cowctl run -- ./server        run a program with its memory covered
   id=$(cowctl snapshot 1234)    snapshot process 1234's covered memory
   cowctl restore 1234 $id       put it back (the process is stopped around the restore)
   cowctl diff 1234 1 2 --json   byte ranges that changed between snapshots 1 and 2
@@ -93,13 +93,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run a program under libcow: its heap and globals in cow.ko, or (uffd, mprotect) all of
+    /// Run a program under libcow: its private writable memory in cow.ko, or (uffd, mprotect) all of
     /// its private writable memory tracked in-process (exit code = the program's).
     #[command(
         after_help = "Examples:\n  cowctl run -- ./server --port 8080\n  cowctl run --backend uffd --every 10 -- ./server   (no module: stock kernel >= 6.7)\n  cowctl run --heap-mib 512 -- python3 script.py\n  cowctl run --every 10 --speculate=adaptive -- perl bench.pl\n  cowctl run --every 100 --keep 32 --report run.json -- ./server\n  cowctl run --recover --backend auto -- redis-server --save ''\n  cowctl run --coverage -- python3 -c 'import json'"
     )]
     Run {
-        /// Backend to cover the program with: kmod (cow.ko: heap and globals), uffd or
+        /// Backend to cover the program with: kmod (cow.ko: every private writable mapping but stacks), uffd or
         /// mprotect (no module: every private writable mapping but stacks), auto (kmod if
         /// loaded, else uffd, else mprotect).
         #[arg(long, default_value = "kmod", value_parser = PossibleValuesParser::new(["kmod", "uffd", "mprotect", "auto"]))]

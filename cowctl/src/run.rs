@@ -1,4 +1,4 @@
-//! `cowctl run -- PROG ARGS…`: run a program under libcow: its heap and globals in cow.ko, or
+//! `cowctl run -- PROG ARGS…`: run a program under libcow: its private writable memory in cow.ko, or
 //! all of its private writable memory tracked by an in-process backend (uffd, mprotect).
 
 use anyhow::{bail, Context, Result};

@@ -56,7 +56,8 @@ pub fn install(space: &'static Cow, hooks: PreloadHooks) {
     ));
     speculate_from_env(kmod);
     let _ = BACKEND.set(kmod);
-    let _ = REASON.set(c"libcow_preload covers the heap and globals with cow.ko".into());
+    let _ = REASON
+        .set(c"libcow_preload covers every private writable mapping but stacks with cow.ko".into());
     let _ = QUIESCE.set((hold, release));
     drop(ops_lock());
 }

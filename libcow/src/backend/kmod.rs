@@ -1,5 +1,6 @@
 //! The kmod backend: cow.ko behind the [`Backend`] interface. It covers memory mapped from
-//! `/dev/cow` ([`Backend::map`], and the heap and globals under `cowctl run`).
+//! `/dev/cow` ([`Backend::map`], and every private writable mapping but stacks under
+//! `cowctl run`).
 
 use super::{Backend, Stats};
 use crate::device::Cow;

@@ -114,9 +114,10 @@ pub fn choose_auto() -> Choice {
             Ok(_) => {
                 return Choice {
                     name: "kmod",
-                    reason: "cow.ko is loaded; it covers memory mapped from /dev/cow (all of the \
-                             heap and globals under `cowctl run`)"
-                        .into(),
+                    reason:
+                        "cow.ko is loaded; it covers memory mapped from /dev/cow (every private \
+                             writable mapping but stacks under `cowctl run`)"
+                            .into(),
                 }
             }
             Err(e) => why.push_str(&format!("kmod: {e}; ")),
