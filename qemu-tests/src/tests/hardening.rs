@@ -755,7 +755,7 @@ impl Targets {
 /// One fuzzed command: its number and a 256-byte argument block (fields per the ABI, random
 /// values, pointers from `t`).
 fn fuzz_args(rng: &mut Rng, t: &Targets, buf: &mut [u64; 32]) -> u32 {
-    let nr = abi::nr::VERSION + rng.below(10) as u32;
+    let nr = abi::nr::VERSION + rng.below((abi::nr::DISCARD - abi::nr::VERSION + 1) as u64) as u32;
     for b in buf.iter_mut() {
         *b = match rng.below(4) {
             0 => rng.next(),
@@ -816,6 +816,24 @@ fn fuzz_args(rng: &mut Rng, t: &Targets, buf: &mut [u64; 32]) -> u32 {
                 0 => rng.next(),
                 1 => t.covered as u64,
                 _ => t.scratch as u64,
+            };
+        }
+        abi::nr::DISCARD => {
+            // Offsets and lengths around the covered region, aligned or not, and wild ones.
+            buf[1] = match rng.below(3) {
+                0 => rng.next(),
+                _ => {
+                    rng.below(128) * 4096
+                        + if rng.below(4) == 0 {
+                            rng.below(4096)
+                        } else {
+                            0
+                        }
+                }
+            };
+            buf[2] = match rng.below(3) {
+                0 => rng.next(),
+                _ => rng.below(64) * 4096,
             };
         }
         abi::nr::LIMITS => {
