@@ -8,6 +8,7 @@ mod gdbserver;
 mod inject;
 mod live;
 mod program;
+mod program_bench;
 mod record;
 mod record_bench;
 mod recording;
@@ -190,7 +191,7 @@ enum Command {
     },
     /// Measure snapshot, restore and first-write costs per backend against memcpy of a page.
     #[command(
-        after_help = "Examples:\n  cowctl bench\n  cowctl bench --size 16 --dirty-pages 64 --json\n  cowctl bench --recover --backends uffd,mprotect --json"
+        after_help = "Examples:\n  cowctl bench\n  cowctl bench --size 16 --dirty-pages 64 --json\n  cowctl bench --recover --backends uffd,mprotect --json\n  cowctl bench --programs --backends kmod   (jemalloc workload, start-up of python3/perl/redis)"
     )]
     Bench {
         /// Backends to measure, comma-separated (default: every one available here).
@@ -239,6 +240,12 @@ enum Command {
         /// recovery takes against a restart that reloads the keys.
         #[arg(long, conflicts_with_all = ["speculate", "record"])]
         recover: bool,
+        /// Instead: what covering a real program's memory costs per backend: a workload
+        /// allocating through jemalloc (epoch slowdown, snapshot, one-page snapshot, restore,
+        /// every restore checked) and the start-up of python3, perl and redis-server under
+        /// `cowctl run` against without it.
+        #[arg(long, conflicts_with_all = ["speculate", "record", "recover"])]
+        programs: bool,
         /// With --speculate: only these workloads, comma-separated.
         #[arg(long, value_delimiter = ',', requires = "speculate",
               value_parser = PossibleValuesParser::new(["stable", "drifting", "random", "perl-kv"]))]
@@ -588,6 +595,12 @@ fn main() -> ExitCode {
             };
             recover_bench::run(&backends, json)
         }
+        Command::Bench {
+            programs: true,
+            backends,
+            json,
+            ..
+        } => program_bench::run(&bench::default_backends(backends), json),
         Command::Bench {
             record: true,
             record_every,

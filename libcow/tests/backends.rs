@@ -92,3 +92,12 @@ fn mprotect_churn_with_random_speculation_hints_is_byte_exact() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn memory_merged_into_the_books_mapping_is_covered() {
+    if uffd_supported() {
+        suite(&["uffd", "book-neighbour"]);
+    }
+    suite(&["mprotect", "book-neighbour"]);
+    suite(&["fork", "book-neighbour"]);
+}

@@ -146,6 +146,9 @@ static void save(struct ref *r, int64_t id)
 			memcpy(p, jblocks[i], jlens[i]);
 }
 
+/* Whether the backend is an in-process one (uffd, mprotect) rather than cow.ko. */
+static int in_process;
+
 static int check(const struct ref *r, const struct pool *before, int step)
 {
 #define FAIL(...)                                                                  \
@@ -171,7 +174,8 @@ static int check(const struct ref *r, const struct pool *before, int step)
 			FAIL("pool %d (%p) not mapped again", i, pools[i].addr);
 		if (memcmp(pools[i].addr, p, pools[i].len))
 			FAIL("pool %d bytes differ", i);
-		if (writable(pools[i].addr) != !pools[i].readonly)
+		/* (mprotect's tracking shows in /proc/self/maps; no pool is read-only there) */
+		if (!in_process && writable(pools[i].addr) != !pools[i].readonly)
 			FAIL("pool %d protection not restored", i);
 	}
 	for (int i = 0; i < JBLOCKS; i++, p += JMAX)
@@ -182,8 +186,10 @@ static int check(const struct ref *r, const struct pool *before, int step)
 			FAIL("jemalloc block %d (%p, %zu bytes) differs at %zu: %#x, expected %#x", i,
 			     (void *)jblocks[i], jlens[i], j, jblocks[i][j], p[j]);
 		}
-	/* Pool mappings made after the snapshot, where nothing restored lives now, are gone. */
-	for (int i = 0; i < POOLS; i++) {
+	/* Pool mappings made after the snapshot, where nothing restored lives now, are gone
+	 * under cow.ko; the in-process backends leave them mapped (documented: their owner's
+	 * restored bookkeeping no longer knows them). */
+	for (int i = 0; !in_process && i < POOLS; i++) {
 		const struct pool *b = &before[i];
 		if (!b->addr)
 			continue;
@@ -233,6 +239,10 @@ static void pool_op(int i)
 			break;
 		size_t len = (1 + below(POOL_MAX / PAGE)) * PAGE;
 		void *q = mremap(p->addr, p->len, len, MREMAP_MAYMOVE);
+		/* uffd and mprotect split a mapping by what they track (documented limit): mremap
+		 * across the pieces fails with EFAULT until the next snapshot. */
+		if (q == MAP_FAILED && errno == EFAULT && in_process)
+			break;
 		if (q == MAP_FAILED) {
 			perror("mremap");
 			exit(93);
@@ -253,8 +263,9 @@ static void pool_op(int i)
 			}
 		}
 		break;
-	case 5: /* read-only and back */
-		if (p->addr) {
+	case 5: /* read-only and back (the in-process backends neither cover read-only memory
+		 * nor put protections back: documented limit) */
+		if (p->addr && !in_process) {
 			p->readonly = !p->readonly;
 			mprotect(p->addr, p->len, p->readonly ? PROT_READ : PROT_READ | PROT_WRITE);
 		}
@@ -398,6 +409,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "cow_init: %s\n", cow_strerror(rc));
 		return 2;
 	}
+	in_process = strcmp(cow_backend(), "kmod") != 0;
 	/* stdout fully buffered into /dev/null: its pending bytes are libc state. */
 	if (!freopen("/dev/null", "w", stdout))
 		return 2;

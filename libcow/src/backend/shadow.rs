@@ -246,30 +246,41 @@ fn covered_maps(
         }
     };
     for m in maps.as_slice() {
-        if m.shared || m.special || (m.start < book_end && m.end > book_start) {
+        if m.shared || m.special {
             continue;
         }
-        if m.prot & libc::PROT_WRITE != 0 {
-            push(
-                Range {
-                    start: m.start,
-                    end: m.end,
-                    prot: m.prot,
-                },
-                &mut out,
-            );
-        } else if rewrites_prot {
-            for a in armed {
-                let (s, e) = (a.start.max(m.start), a.end.min(m.end));
-                if s < e {
-                    push(
-                        Range {
-                            start: s,
-                            end: e,
-                            prot: a.prot,
-                        },
-                        &mut out,
-                    );
+        // The kernel merges an adjacent anonymous mapping with the same flags into the book's
+        // VMA (jemalloc maps with MAP_NORESERVE, as the book does): cover what lies outside it.
+        let pieces = [
+            (m.start, m.end.min(book_start)),
+            (m.start.max(book_end), m.end),
+        ];
+        for (start, end) in pieces {
+            if start >= end {
+                continue;
+            }
+            if m.prot & libc::PROT_WRITE != 0 {
+                push(
+                    Range {
+                        start,
+                        end,
+                        prot: m.prot,
+                    },
+                    &mut out,
+                );
+            } else if rewrites_prot {
+                for a in armed {
+                    let (s, e) = (a.start.max(start), a.end.min(end));
+                    if s < e {
+                        push(
+                            Range {
+                                start: s,
+                                end: e,
+                                prot: a.prot,
+                            },
+                            &mut out,
+                        );
+                    }
                 }
             }
         }

@@ -515,10 +515,65 @@ fn threads(b: &'static dyn Backend) -> Result<String, String> {
     ))
 }
 
+/// Memory the program maps right below libcow's book with the book's flags (jemalloc maps with
+/// `MAP_NORESERVE`, as the book does): the kernel merges it into the book's mapping, and it must
+/// still be covered.
+fn book_neighbour(b: &dyn Backend) -> Result<String, String> {
+    const PAGES: usize = 16;
+    let (book_start, _) = cow::book::book().range();
+    let want = book_start - PAGES * PAGE;
+    // SAFETY: MAP_FIXED_NOREPLACE maps only where nothing is mapped.
+    let p = unsafe {
+        libc::mmap(
+            want as *mut libc::c_void,
+            PAGES * PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE
+                | libc::MAP_ANONYMOUS
+                | libc::MAP_NORESERVE
+                | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p as usize != want {
+        return Err(format!("cannot map below the book at {want:#x}"));
+    }
+    let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| e.to_string())?;
+    let merged = maps.lines().any(|l| {
+        let range: Vec<usize> = l
+            .split(' ')
+            .next()
+            .unwrap_or("")
+            .split('-')
+            .filter_map(|x| usize::from_str_radix(x, 16).ok())
+            .collect();
+        range.len() == 2 && range[0] <= want && range[1] > book_start
+    });
+    if !merged {
+        return Err("the kernel did not merge the mapping into the book's: nothing tested".into());
+    }
+    // SAFETY: the pages just mapped.
+    let m = unsafe { std::slice::from_raw_parts_mut(want as *mut u8, PAGES * PAGE) };
+    m.fill(1);
+    let id = b.snapshot().map_err(|e| format!("snapshot: {e}"))?;
+    m.fill(2);
+    b.restore(id).map_err(|e| format!("restore: {e}"))?;
+    if let Some(i) = m.iter().position(|&x| x != 1) {
+        return Err(format!(
+            "byte {i} of the mapping merged into the book's was not restored"
+        ));
+    }
+    Ok(format!(
+        "book-neighbour: backend {}, a mapping merged into libcow's book restored, zero differences",
+        b.name()
+    ))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(name), Some(mode)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: cow-suite BACKEND churn [STEPS] [SEED] | BACKEND threads");
+        eprintln!("usage: cow-suite BACKEND churn [STEPS] [SEED] | BACKEND threads | BACKEND book-neighbour");
         return ExitCode::from(2);
     };
     // Everything the suite itself needs later is created now, before the first snapshot.
@@ -537,6 +592,7 @@ fn main() -> ExitCode {
             churn(b, steps, seed)
         }
         "threads" => threads(b),
+        "book-neighbour" => book_neighbour(b),
         _ => Err(format!("unknown mode {mode}")),
     };
     match result {

@@ -27,6 +27,10 @@ pub fn tests() -> Vec<Test> {
             name: "mappings::coverage_of_python_redis_perl",
             run: coverage_of_python_redis_perl,
         },
+        Test {
+            name: "mappings::bench_programs_on_kmod",
+            run: bench_programs_on_kmod,
+        },
     ]
 }
 
@@ -409,4 +413,30 @@ fn coverage_of_python_redis_perl() -> Result<()> {
     redis_cli(redis.port, &["SET", "a", "b"])?;
     redis.stop()?;
     check_coverage("redis-server", &report)
+}
+
+/// `cowctl bench --programs` on cow.ko: the jemalloc workload with everything covered, every
+/// restore checked against a digest of every live object (the bench fails otherwise), and the
+/// start-up of python3, perl and redis under `cowctl run`. No timing is judged here.
+fn bench_programs_on_kmod() -> Result<()> {
+    let text = cowctl(&["bench", "--programs", "--backends", "kmod", "--json"])?;
+    println!("{text}");
+    let r: serde_json::Value = serde_json::from_str(&text)?;
+    let rows = r["jemalloc"].as_array().context("no jemalloc rows")?;
+    let kmod = rows
+        .iter()
+        .find(|x| x["backend"] == "kmod")
+        .context("no kmod jemalloc row")?;
+    ensure!(kmod["restores_verified"] == 15, "{kmod}");
+    ensure!(kmod["pages_per_epoch"].as_f64() > Some(0.0), "{kmod}");
+    for program in ["python3 -c pass", "perl -e 1", "redis-server (to PONG)"] {
+        ensure!(
+            r["startup"].as_array().is_some_and(|v| v
+                .iter()
+                .any(|x| x["program"] == program && x["backend"] == "kmod")),
+            "no kmod start-up row for {program}: {}",
+            r["startup"]
+        );
+    }
+    Ok(())
 }
