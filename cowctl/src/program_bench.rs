@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -57,6 +57,9 @@ pub struct JemallocRow {
     pub snapshot_us: f64,
     /// Median snapshot after writing one byte, µs: the fixed cost with everything covered.
     pub snapshot_one_page_us: f64,
+    /// Median snapshot taken right after another, µs: libcow's own path, with nothing of the
+    /// program's written in between.
+    pub snapshot_again_us: f64,
     /// Median restore of an epoch's writes, µs.
     pub restore_us: f64,
     /// Restores checked byte for byte (a digest of every live object) — all of them passed.
@@ -331,11 +334,13 @@ fn worker(backend: &str) -> Result<()> {
             pages_per_epoch: 0.0,
             snapshot_us: 0.0,
             snapshot_one_page_us: 0.0,
+            snapshot_again_us: 0.0,
             restore_us: 0.0,
             restores_verified: 0,
         });
     };
-    let (mut snap, mut one, mut restore, mut pages) = (
+    let (mut snap, mut one, mut clean, mut restore, mut pages) = (
+        [0f64; EPOCHS],
         [0f64; EPOCHS],
         [0f64; EPOCHS],
         [0f64; EPOCHS],
@@ -354,16 +359,21 @@ fn worker(backend: &str) -> Result<()> {
         api.drop_snapshot(previous)?;
         previous = id;
     }
-    // The fixed cost: one byte written, then a snapshot.
-    for o in &mut one {
+    // The fixed cost: one byte written, then a snapshot; and a snapshot right after another
+    // (what libcow's own path costs with nothing of the program's written).
+    for (o, c) in one.iter_mut().zip(clean.iter_mut()) {
         let first = objects.slots[0].0 as *mut u8;
         // SAFETY: a live block of at least 16 bytes.
         unsafe { first.write_volatile(first.read_volatile().wrapping_add(1)) };
         let t = Instant::now();
         let id = api.snapshot()?;
         *o = us(t);
+        let t = Instant::now();
+        let again = api.snapshot()?;
+        *c = us(t);
         api.drop_snapshot(previous)?;
-        previous = id;
+        api.drop_snapshot(id)?;
+        previous = again;
     }
     // Reset loop (a fuzzer's): an epoch, then back to the same snapshot, checked every time.
     let expected = objects.digest();
@@ -386,6 +396,7 @@ fn worker(backend: &str) -> Result<()> {
         pages_per_epoch: median(pages.to_vec()),
         snapshot_us: median(snap.to_vec()),
         snapshot_one_page_us: median(one.to_vec()),
+        snapshot_again_us: median(clean.to_vec()),
         restore_us: median(restore.to_vec()),
         restores_verified: EPOCHS,
     })
@@ -440,78 +451,88 @@ fn find(name: &str) -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// A TCP port nobody listens on now.
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
+}
+
 /// Starts `argv` (plainly or under `cowctl run --backend`) and waits until it is ready: exited
-/// successfully, or for redis answered `PING` on its socket (then shuts it down).
-fn startup_once(argv: &[String], backend: &str, redis_socket: Option<&Path>) -> Result<Duration> {
+/// successfully, or (a server) answered `PING` on a fresh port of 127.0.0.1, then shut down.
+fn startup_once(argv: &[String], backend: &str, server: bool) -> Result<Duration> {
+    let mut argv = argv.to_vec();
+    let port = if server {
+        let port = free_port()?;
+        argv.extend([
+            "--port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+        ]);
+        Some(port)
+    } else {
+        None
+    };
     let mut cmd = match run_options(backend) {
-        Some(opts) => crate::run::command(&opts, argv)?,
+        Some(opts) => crate::run::command(&opts, &argv)?,
         None => {
             let mut cmd = Command::new(&argv[0]);
             cmd.args(&argv[1..]);
             cmd
         }
     };
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
     let t0 = Instant::now();
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start {}", argv[0]))?;
-    let elapsed = match redis_socket {
-        None => {
-            let status = child.wait()?;
-            let elapsed = t0.elapsed();
-            if !status.success() {
-                bail!("{} under {backend} failed ({status})", argv.join(" "));
-            }
-            elapsed
+    let Some(port) = port else {
+        let status = child.wait()?;
+        let elapsed = t0.elapsed();
+        if !status.success() {
+            bail!("{} under {backend} failed ({status})", argv.join(" "));
         }
-        Some(socket) => {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let elapsed = loop {
-                if let Ok(mut s) = UnixStream::connect(socket) {
-                    s.write_all(b"PING\r\n")?;
-                    let mut pong = String::new();
-                    BufReader::new(&s).read_line(&mut pong)?;
-                    if pong.starts_with("+PONG") {
-                        let elapsed = t0.elapsed();
-                        let _ = s.write_all(b"SHUTDOWN NOSAVE\r\n");
-                        break elapsed;
-                    }
-                }
-                if Instant::now() > deadline || child.try_wait()?.is_some() {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    bail!("redis-server under {backend} did not answer PING");
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            };
-            let status = child.wait()?;
-            if !status.success() {
-                bail!("redis-server under {backend} exited badly ({status})");
-            }
-            elapsed
-        }
+        return Ok(elapsed);
     };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let elapsed = loop {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            s.write_all(b"PING\r\n")?;
+            let mut pong = String::new();
+            BufReader::new(&s).read_line(&mut pong)?;
+            if pong.starts_with("+PONG") {
+                let elapsed = t0.elapsed();
+                let _ = s.write_all(b"SHUTDOWN NOSAVE\r\n");
+                break elapsed;
+            }
+        }
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{} under {backend} did not answer PING", argv[0]);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{} under {backend} exited badly ({status})", argv[0]);
+    }
     Ok(elapsed)
 }
 
 /// The start-up rows of one program: `none` first, then each backend.
-fn startup_rows(
-    name: &str,
-    argv: &[String],
-    socket: Option<&Path>,
-    backends: &[String],
-) -> Vec<StartupRow> {
+fn startup_rows(p: &Program, argv: &[String], backends: &[String]) -> Vec<StartupRow> {
     let mut rows: Vec<StartupRow> = Vec::new();
     for backend in std::iter::once("none").chain(backends.iter().map(String::as_str)) {
-        eprintln!("cowctl bench --programs: start-up of {name}, backend {backend}");
+        eprintln!(
+            "cowctl bench --programs: start-up of {}, backend {backend}",
+            p.name
+        );
         // One run unmeasured first: the page cache and the loader's caches warm for everyone.
         let mut runs = Vec::new();
         for _ in 0..=STARTUP_RUNS {
-            if let Some(s) = socket {
-                let _ = std::fs::remove_file(s);
-            }
-            match startup_once(argv, backend, socket) {
+            match startup_once(argv, backend, p.server) {
                 Ok(d) => runs.push(d.as_secs_f64() * 1e3),
                 Err(e) => {
                     eprintln!("cowctl bench --programs: {e:#}; no row");
@@ -525,7 +546,7 @@ fn startup_rows(
         let ms = median(runs.split_off(1));
         let base = rows.first().map_or(ms, |r| r.ms);
         rows.push(StartupRow {
-            program: name.into(),
+            program: p.name.into(),
             backend: backend.into(),
             ms,
             ratio: ms / base,
@@ -535,12 +556,12 @@ fn startup_rows(
 }
 
 /// A program whose start-up is measured.
-struct Program<'a> {
+struct Program {
     name: &'static str,
     /// Its command line, if it is installed.
     argv: Option<Vec<String>>,
-    /// Ready once it answers `PING` here (redis); else once it exits.
-    ready_socket: Option<&'a Path>,
+    /// A server: ready once it answers `PING` on the port it is given; else once it exits.
+    server: bool,
 }
 
 /// Runs `cowctl bench --programs` over `backends` (those `cowctl run` offers; `fork` is not one).
@@ -565,59 +586,48 @@ pub fn run(backends: &[String], json: bool) -> Result<()> {
     } else {
         eprintln!("cowctl bench --programs: {JEMALLOC} missing (apt-get install libjemalloc2); no jemalloc rows");
     }
-    let socket =
-        std::env::temp_dir().join(format!("cowctl-bench-redis-{}.sock", std::process::id()));
-    let redis_args = |p: PathBuf| {
-        let mut v = vec![p.display().to_string()];
-        for a in ["--port", "0", "--unixsocket"] {
-            v.push(a.into());
-        }
-        v.push(socket.display().to_string());
-        for a in ["--save", "", "--appendonly", "no"] {
-            v.push(a.into());
-        }
-        v
+    let command = |name: &str, args: &[&str]| {
+        find(name).map(|p| {
+            let mut v = vec![p.display().to_string()];
+            v.extend(args.iter().map(|a| a.to_string()));
+            v
+        })
     };
     let programs = [
         Program {
             name: "python3 -c pass",
-            argv: find("python3")
-                .map(|p| vec![p.display().to_string(), "-c".into(), "pass".into()]),
-            ready_socket: None,
+            argv: command("python3", &["-c", "pass"]),
+            server: false,
         },
         Program {
             name: "perl -e 1",
-            argv: find("perl").map(|p| vec![p.display().to_string(), "-e".into(), "1".into()]),
-            ready_socket: None,
+            argv: command("perl", &["-e", "1"]),
+            server: false,
         },
         Program {
             name: "redis-server (to PONG)",
-            argv: find("redis-server").map(redis_args),
-            ready_socket: Some(socket.as_path()),
+            argv: command("redis-server", &["--save", "", "--appendonly", "no"]),
+            server: true,
         },
     ];
     for p in &programs {
         match &p.argv {
-            Some(argv) => {
-                report
-                    .startup
-                    .extend(startup_rows(p.name, argv, p.ready_socket, &backends))
-            }
+            Some(argv) => report.startup.extend(startup_rows(p, argv, &backends)),
             None => eprintln!("cowctl bench --programs: {}: not installed; no row", p.name),
         }
     }
-    let _ = std::fs::remove_file(&socket);
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
     println!(
-        "jemalloc workload ({SLOTS} objects, {OPS_PER_EPOCH} replaced per epoch):\n{:<9} {:>8} {:>10} {:>9} {:>8} {:>12} {:>14} {:>11}",
-        "backend", "live MiB", "epoch µs", "slowdown", "pages", "snapshot µs", "1-page snap µs", "restore µs"
+        "jemalloc workload ({SLOTS} objects, {OPS_PER_EPOCH} replaced per epoch):\n{:<9} {:>8} {:>10} {:>9} {:>8} {:>12} {:>14} {:>10} {:>11}",
+        "backend", "live MiB", "epoch µs", "slowdown", "pages", "snapshot µs", "1-page snap µs",
+        "again µs", "restore µs"
     );
     for r in &report.jemalloc {
         println!(
-            "{:<9} {:>8.1} {:>10.0} {:>9.2} {:>8.0} {:>12.1} {:>14.1} {:>11.1}",
+            "{:<9} {:>8.1} {:>10.0} {:>9.2} {:>8.0} {:>12.1} {:>14.1} {:>10.1} {:>11.1}",
             r.backend,
             r.live_mib,
             r.epoch_us,
@@ -625,6 +635,7 @@ pub fn run(backends: &[String], json: bool) -> Result<()> {
             r.pages_per_epoch,
             r.snapshot_us,
             r.snapshot_one_page_us,
+            r.snapshot_again_us,
             r.restore_us
         );
     }

@@ -435,7 +435,12 @@ pub(crate) fn init() {
 /// state there, which must rewind with the arenas it describes.
 fn adopt_anonymous() {
     let mut ranges: cow::book::BookVec<(usize, usize, i32)> = cow::book::BookVec::new();
-    let (book_start, book_end) = cow::book::book().range();
+    // Left out: libcow's book and this library's own `.bss` tail. The kernel merges an
+    // anonymous mapping made next to either (jemalloc's first chunk, say) into its VMA, so
+    // only their own ranges are cut out of what is found.
+    let mut excluded: cow::book::BookVec<(usize, usize)> = cow::book::BookVec::new();
+    excluded.push(cow::book::book().range());
+    own_writable_segments(|a, b| excluded.push((a, b)));
     let _ = cow::maps::for_each_named(|m, _| {
         let eligible = !m.shared
             && !m.file
@@ -443,16 +448,23 @@ fn adopt_anonymous() {
             && !m.special
             && m.is_writable()
             && m.prot & libc::PROT_READ != 0;
-        // The kernel merges an anonymous mapping made next to the book (jemalloc's first
-        // chunk, say) into the book's VMA: only the book itself is left out.
         if eligible {
-            for (a, b) in [
-                (m.start, m.end.min(book_start)),
-                (m.start.max(book_end), m.end),
-            ] {
-                if a < b {
-                    ranges.push((a, b, m.prot));
+            let mut start = m.start;
+            let mut cuts = [(m.end, m.end); 8];
+            let mut n = 0;
+            for &(a, b) in excluded.as_slice() {
+                let (a, b) = (a.max(m.start), b.min(m.end));
+                if a < b && n < cuts.len() - 1 {
+                    cuts[n] = (a, b);
+                    n += 1;
                 }
+            }
+            cuts[..n].sort_unstable();
+            for (a, b) in cuts.into_iter().take(n + 1) {
+                if start < a {
+                    ranges.push((start, a, m.prot));
+                }
+                start = start.max(b);
             }
         }
     });
@@ -470,9 +482,21 @@ fn writable_segments(mut found: impl FnMut(usize, usize)) {
 }
 
 /// [`writable_segments`], with the object's file name (without its directory).
-fn writable_segments_named(mut found: impl FnMut(&[u8], usize, usize)) {
+fn writable_segments_named(found: impl FnMut(&[u8], usize, usize)) {
+    segments(false, found);
+}
+
+/// This library's own writable segments, `.bss` included (whose tail beyond the file is an
+/// anonymous mapping, which must not be taken for the program's).
+fn own_writable_segments(mut found: impl FnMut(usize, usize)) {
+    segments(true, |_, a, b| found(a, b));
+}
+
+/// The writable segments of this library (`own`) or of every other loaded object.
+fn segments(own: bool, mut found: impl FnMut(&[u8], usize, usize)) {
     struct Ctx<'a> {
         own_base: usize,
+        own: bool,
         found: &'a mut dyn FnMut(&[u8], usize, usize),
     }
     unsafe extern "C" fn visit(
@@ -485,7 +509,7 @@ fn writable_segments_named(mut found: impl FnMut(&[u8], usize, usize)) {
             let ctx = &mut *(data as *mut Ctx);
             let info = &*info;
             let bias = info.dlpi_addr as usize;
-            if bias == ctx.own_base || info.dlpi_phnum == 0 {
+            if (bias == ctx.own_base) != ctx.own || info.dlpi_phnum == 0 {
                 return 0;
             }
             let page = raw::page_size();
@@ -522,6 +546,7 @@ fn writable_segments_named(mut found: impl FnMut(&[u8], usize, usize)) {
     }
     let mut ctx = Ctx {
         own_base: own_load_base(),
+        own,
         found: &mut found,
     };
     // SAFETY: the callback only reads the program headers it is given.
