@@ -25,17 +25,20 @@ const char *cow_strerror(int err);
 
 /* Initialise libcow with a backend: NULL or "auto" (kmod if cow.ko is loaded, else uffd if
  * the kernel has userfaultfd WP_ASYNC and PAGEMAP_SCAN, else mprotect), "kmod", "uffd",
- * "mprotect" or "fork". Idempotent for the same choice. 0 or a negative errno (-ENODEV: kmod
- * asked for but cow.ko is not loaded; -EBUSY: another backend is already in use; -EINVAL: an
- * unknown name; -ENOMEM: the address space is too small even for a reduced bookkeeping
- * reservation, see COW_BOOK_GIB).
+ * "mprotect", "fork" or "lmc". Idempotent for the same choice. 0 or a negative errno (-ENODEV:
+ * kmod asked for but cow.ko is not loaded; -EBUSY: another backend is already in use; -EINVAL:
+ * an unknown name; -ENOTSUP: lmc asked for but no code of the process was compiled with
+ * cowcc; -ENOMEM: the address space is too small even for a reduced bookkeeping reservation,
+ * see COW_BOOK_GIB).
  *
- * kmod covers memory from cow_map (and, under `cowctl run`, the heap and globals). uffd and
- * mprotect cover every private writable mapping of the process except stacks and libcow's own
- * bookkeeping, including memory mapped later. */
+ * kmod covers memory from cow_map (and, under `cowctl run`, every private writable mapping but
+ * stacks). uffd and mprotect cover every private writable mapping of the process except stacks
+ * and libcow's own bookkeeping, including memory mapped later. lmc covers what code compiled
+ * with cowcc writes (outside its own stack and libcow's bookkeeping), in 128-byte regions;
+ * not yet what other code writes (libc's read(2), strcpy, its allocator's metadata). */
 int cow_init(const char *backend);
 
-/* The backend in use: "kmod", "uffd", "mprotect", or "none" before cow_init. */
+/* The backend in use: "kmod", "uffd", "mprotect", "fork", "lmc", or "none" before cow_init. */
 const char *cow_backend(void);
 
 /* Why cow_init picked that backend (empty before cow_init). */

@@ -163,7 +163,8 @@ pub extern "C" fn cow_strerror(err: c_int) -> *const c_char {
 }
 
 /// Initialises libcow with `backend`: NULL or "auto" (kmod if cow.ko is loaded, else uffd if
-/// the kernel has WP_ASYNC and PAGEMAP_SCAN, else mprotect), "kmod", "uffd" or "mprotect".
+/// the kernel has WP_ASYNC and PAGEMAP_SCAN, else mprotect), "kmod", "uffd", "mprotect", "fork"
+/// or "lmc" (a program compiled with `cowcc`; `-ENOTSUP` otherwise).
 /// Idempotent for the same choice. Returns 0 or a negative errno.
 ///
 /// # Safety
@@ -198,7 +199,8 @@ pub unsafe extern "C" fn cow_init(backend: *const c_char) -> c_int {
     }
 }
 
-/// The backend in use ("kmod", "uffd", "mprotect"), or "none" before `cow_init`.
+/// The backend in use ("kmod", "uffd", "mprotect", "fork", "lmc"), or "none" before
+/// `cow_init`.
 #[no_mangle]
 pub extern "C" fn cow_backend() -> *const c_char {
     match BACKEND.get().map(|b| b.name()) {
@@ -206,6 +208,7 @@ pub extern "C" fn cow_backend() -> *const c_char {
         Some("uffd") => c"uffd".as_ptr(),
         Some("mprotect") => c"mprotect".as_ptr(),
         Some("fork") => c"fork".as_ptr(),
+        Some("lmc") => c"lmc".as_ptr(),
         _ => c"none".as_ptr(),
     }
 }

@@ -4,6 +4,8 @@
 //!   and globals). The kernel captures pre-images at first write.
 //! - [`uffd`]: userfaultfd write-protect in `WP_ASYNC` mode + `PAGEMAP_SCAN` (Linux ≥ 6.7).
 //! - [`mprotect`]: write-protection with `mprotect` and a `SIGSEGV` handler.
+//! - [`lmc`]: compiler instrumentation (`cowcc`): a shadow tag per 128-byte region and undo
+//!   logs; covers what instrumented code writes.
 //!
 //! The mainline backends cover every private writable mapping of the process except stacks
 //! and libcow's own bookkeeping ([`crate::book`]), including memory mapped after `cow_init`;
@@ -12,6 +14,7 @@
 
 pub mod fork;
 pub mod kmod;
+pub mod lmc;
 pub mod mprotect;
 mod pagetable;
 pub mod shadow;
@@ -44,7 +47,7 @@ pub struct Stats {
 
 /// A way of taking copy-on-write snapshots of this process's memory.
 pub trait Backend: Send + Sync {
-    /// `"kmod"`, `"uffd"` or `"mprotect"`.
+    /// `"kmod"`, `"uffd"`, `"mprotect"`, `"fork"` or `"lmc"`.
     fn name(&self) -> &'static str;
     /// Maps `len` bytes of new, zeroed memory that this backend covers.
     fn map(&self, len: usize) -> Result<*mut u8>;
@@ -141,7 +144,7 @@ pub fn choose_auto() -> Choice {
     }
 }
 
-/// Opens a backend by name (`auto`, `kmod`, `uffd`, `mprotect`).
+/// Opens a backend by name (`auto`, `kmod`, `uffd`, `mprotect`, `fork`, `lmc`).
 pub fn open(name: &str) -> Result<(Box<dyn Backend>, Choice)> {
     let choice = if name == "auto" {
         choose_auto()
@@ -152,9 +155,10 @@ pub fn open(name: &str) -> Result<(Box<dyn Backend>, Choice)> {
                 "uffd" => "uffd",
                 "mprotect" => "mprotect",
                 "fork" => "fork",
+                "lmc" => "lmc",
                 _ => {
                     return Err(crate::Error::Os {
-                        op: "unknown backend (kmod, uffd, mprotect, fork, auto)",
+                        op: "unknown backend (kmod, uffd, mprotect, fork, lmc, auto)",
                         errno: libc::EINVAL,
                     })
                 }
@@ -168,6 +172,7 @@ pub fn open(name: &str) -> Result<(Box<dyn Backend>, Choice)> {
         "kmod" => Box::new(kmod::Kmod::open()?),
         "uffd" => Box::new(shadow::Shadow::new(uffd::Uffd::open()?)),
         "fork" => Box::new(fork::Fork::new()?),
+        "lmc" => Box::new(lmc::Lmc::open()?),
         _ => Box::new(shadow::Shadow::new(mprotect::Mprotect::install()?)),
     };
     Ok((backend, choice))

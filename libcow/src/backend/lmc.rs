@@ -1,0 +1,539 @@
+//! The lmc backend: compiler-instrumented checkpoints (LMC, DSN 2015; vusec/osiris `ltckpt`).
+//!
+//! Code compiled with `cowcc` calls [`__cow_lmc_write`] before every store, atomic
+//! read-modify-write, cmpxchg and `memcpy`/`memmove`/`memset` that is not provably into its own
+//! stack frame — after an inlined check of a **shadow tag** per 128-byte region: the generation
+//! in which the region was last saved. A region not yet saved in the current generation is
+//! copied into the undo log of the newest snapshot first. So:
+//! - **snapshot**: a new generation and an empty log (O(1): nothing is copied or protected);
+//! - **restore `S_k`**: the logs of `S_k` and newer are copied back, newest first (the oldest
+//!   image at or after `S_k` lands last), then a new generation starts;
+//! - **drop**: a log merges into the one before it (older images win).
+//!
+//! What is covered is what instrumented code writes, wherever it is (heap, globals, mappings),
+//! except libcow's book and the writing thread's own stack. Memory that code not compiled with
+//! `cowcc` writes (libc's `read(2)`, `strcpy`, …, glibc's allocator metadata) is **not**
+//! covered yet. Snapshots are consistent cuts only for a single-threaded program or at points
+//! where no other thread is between a check and its store (safe points are not there yet).
+//!
+//! Restores and reads go through `process_vm_writev`/`process_vm_readv` on this process, so a
+//! region unmapped since the snapshot is skipped (reads: `EFAULT`) instead of crashing.
+
+use super::pagetable::PageTable;
+use super::{Backend, Stats};
+use crate::book::{self, BookVec};
+use crate::error::{Error, Result};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+
+/// log2 of the region size: one shadow tag per 128 bytes, as in LMC.
+pub const REGION_SHIFT: u32 = 7;
+/// Bytes per region.
+pub const REGION: usize = 1 << REGION_SHIFT;
+/// User addresses are below 2^47 on x86-64: the shadow has one `u16` per region of that.
+const SHADOW_BYTES: usize = (1usize << 47) >> REGION_SHIFT << 1;
+
+/// The current generation (0: no snapshot is held, nothing is saved). Read by the inlined
+/// check of instrumented code.
+#[no_mangle]
+pub static __cow_lmc_gen: AtomicU16 = AtomicU16::new(0);
+
+/// The shadow tags: `u16` per region, indexed by `address >> REGION_SHIFT` (a `MAP_NORESERVE`
+/// reservation; pages exist once tagged). Null until `cow_init("lmc")`.
+#[no_mangle]
+pub static __cow_lmc_shadow: AtomicPtr<u16> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Instrumented object files linked into the process (each registers from `.init_array`).
+static MODULES: AtomicUsize = AtomicUsize::new(0);
+
+/// Called once per instrumented object file at load time (an `.init_array` entry `cowcc`'s
+/// pass adds), so that `cow_init("lmc")` can refuse a program that was not compiled with it.
+#[no_mangle]
+pub extern "C" fn __cow_lmc_register() {
+    MODULES.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Instrumented object files registered so far.
+pub fn instrumented_modules() -> usize {
+    MODULES.load(Ordering::Relaxed)
+}
+
+/// Guards the logs against concurrent slow paths, snapshots and restores (a spin lock: the
+/// slow path runs inside arbitrary program code and must not depend on anything covered).
+static LOCK: AtomicBool = AtomicBool::new(false);
+
+struct Locked;
+impl Locked {
+    fn take() -> Locked {
+        while LOCK
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::hint::spin_loop();
+        }
+        Locked
+    }
+}
+impl Drop for Locked {
+    fn drop(&mut self) {
+        LOCK.store(false, Ordering::Release);
+    }
+}
+
+struct Snap {
+    id: u64,
+    /// region key → book block of `REGION` bytes: the region's contents at this snapshot,
+    /// saved at its first write after it.
+    log: PageTable,
+    regions: usize,
+}
+
+/// The state, in the book (a restore never rewinds it). Touched only with [`LOCK`] held.
+struct State {
+    /// Pointers to book-allocated `Snap`s, oldest first.
+    snaps: BookVec<usize>,
+    next_id: u64,
+    /// The last generation handed out (generations are never reused before a shadow reset).
+    last_gen: u16,
+    regions_saved: u64,
+    regions_held: u64,
+    snapshot_ns: u64,
+    restore_ns: u64,
+}
+
+static STATE: AtomicPtr<State> = AtomicPtr::new(std::ptr::null_mut());
+static BOOK_START: AtomicUsize = AtomicUsize::new(0);
+static BOOK_END: AtomicUsize = AtomicUsize::new(0);
+static SAVES: AtomicU64 = AtomicU64::new(0);
+
+/// The page table hashes page numbers: key regions by index shifted into that place.
+fn key(region: usize) -> usize {
+    (region >> REGION_SHIFT) << 12
+}
+
+fn unkey(k: usize) -> usize {
+    (k >> 12) << REGION_SHIFT
+}
+
+fn err(op: &'static str, errno: i32) -> Error {
+    Error::Os { op, errno }
+}
+
+/// # Safety
+///
+/// The caller holds [`LOCK`] and the backend was opened.
+unsafe fn state() -> &'static mut State {
+    // SAFETY: set once by `Lmc::open` before any use; exclusive under LOCK (caller).
+    unsafe { &mut *STATE.load(Ordering::Acquire) }
+}
+
+fn snap(st: &mut State, i: usize) -> &mut Snap {
+    // SAFETY: entries point at live book-allocated Snaps, each owned by the list (touched only
+    // under LOCK, through the exclusive borrow of the state).
+    unsafe { &mut *(st.snaps.as_slice()[i] as *mut Snap) }
+}
+
+thread_local! {
+    /// This thread's stack block `[low, high)` (0, 0: not known yet).
+    static STACK: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// This thread's stack block: stacks are not covered (a restore cannot rewind registers), and
+/// instrumented code writes its caller's frames through pointers.
+fn own_stack() -> (usize, usize) {
+    let known = STACK.with(|s| s.get());
+    if known.1 != 0 {
+        return known;
+    }
+    // SAFETY: querying this thread's attributes into a zeroed attr, destroyed afterwards.
+    let range = unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
+            return (0, 0);
+        }
+        let mut addr = std::ptr::null_mut();
+        let mut size = 0usize;
+        libc::pthread_attr_getstack(&attr, &mut addr, &mut size);
+        libc::pthread_attr_destroy(&mut attr);
+        (addr as usize, addr as usize + size)
+    };
+    STACK.with(|s| s.set(range));
+    range
+}
+
+/// The slow path of instrumented writes: saves every region of `[p, p + n)` not saved yet in
+/// the current generation into the newest snapshot's log, then tags it.
+///
+/// # Safety
+///
+/// `[p, p + n)` is memory the caller is about to write (so it is mapped and writable).
+#[no_mangle]
+pub unsafe extern "C" fn __cow_lmc_write(p: *mut u8, n: u64) {
+    let gen = __cow_lmc_gen.load(Ordering::Acquire);
+    let shadow = __cow_lmc_shadow.load(Ordering::Acquire);
+    if gen == 0 || n == 0 || shadow.is_null() {
+        return;
+    }
+    let start = p as usize;
+    let end = start.saturating_add(n as usize);
+    let (book_start, book_end) = (
+        BOOK_START.load(Ordering::Relaxed),
+        BOOK_END.load(Ordering::Relaxed),
+    );
+    if start >= book_start && end <= book_end {
+        return;
+    }
+    let (stack_low, stack_high) = own_stack();
+    if start >= stack_low && end <= stack_high {
+        return;
+    }
+    let _held = Locked::take();
+    // SAFETY: the backend is open (the shadow exists) and LOCK is held.
+    let st = unsafe { state() };
+    let Some(newest) = st.snaps.len().checked_sub(1) else {
+        return;
+    };
+    let mut saved = 0;
+    let log = snap(st, newest);
+    let mut region = start & !(REGION - 1);
+    while region < end {
+        let next = region + REGION;
+        let outside = (region >= book_start && next <= book_end)
+            || (region >= stack_low && next <= stack_high);
+        // SAFETY: the shadow covers every user address (region < 2^47).
+        let tag = unsafe { &*(shadow.add(region >> REGION_SHIFT) as *const AtomicU16) };
+        if !outside && tag.load(Ordering::Relaxed) != gen {
+            let k = key(region);
+            if log.log.get(k).is_none() {
+                let block = book::book().alloc(REGION);
+                // SAFETY: the region lies in the page the caller is about to write (regions
+                // never cross pages), so it is readable; `block` is a fresh book block.
+                unsafe { std::ptr::copy_nonoverlapping(region as *const u8, block, REGION) };
+                log.log.insert(k, block as usize);
+                log.regions += 1;
+                saved += 1;
+            }
+            tag.store(gen, Ordering::Release);
+        }
+        region = next;
+    }
+    st.regions_saved += saved;
+    st.regions_held += saved;
+    SAVES.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The lmc backend (one per process: the shadow and the generation are process-wide).
+pub struct Lmc;
+
+impl Lmc {
+    /// Reserves the shadow and the state. `ENOTSUP` when no object file of this process was
+    /// compiled with `cowcc` (nothing would be covered).
+    pub fn open() -> Result<Lmc> {
+        if instrumented_modules() == 0 {
+            return Err(err(
+                "lmc: no code of this process was compiled with cowcc",
+                libc::ENOTSUP,
+            ));
+        }
+        let _held = Locked::take();
+        if !STATE.load(Ordering::Acquire).is_null() {
+            return Ok(Lmc);
+        }
+        // SAFETY: a fresh private anonymous reservation; nothing else refers to it.
+        let shadow = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                SHADOW_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if shadow == libc::MAP_FAILED {
+            return Err(err("lmc: reserve the shadow tags", libc::ENOMEM));
+        }
+        let (a, b) = book::book().range();
+        BOOK_START.store(a, Ordering::Relaxed);
+        BOOK_END.store(b, Ordering::Relaxed);
+        STATE.store(
+            book::leak(State {
+                snaps: BookVec::new(),
+                next_id: 1,
+                last_gen: 0,
+                regions_saved: 0,
+                regions_held: 0,
+                snapshot_ns: 0,
+                restore_ns: 0,
+            }),
+            Ordering::Release,
+        );
+        __cow_lmc_shadow.store(shadow.cast(), Ordering::Release);
+        Ok(Lmc)
+    }
+
+    fn position(st: &mut State, id: u64) -> Result<usize> {
+        (0..st.snaps.len())
+            .find(|&i| snap(st, i).id == id)
+            .ok_or(err("no such snapshot", libc::ENOENT))
+    }
+
+    /// Starts a new generation (every tag becomes stale); after 65 535 of them the tags are
+    /// cleared and numbering starts again.
+    fn new_generation(st: &mut State) {
+        let mut g = st.last_gen.wrapping_add(1);
+        if g == 0 {
+            // SAFETY: zeroing the shadow reservation (MADV_DONTNEED: its pages read as zero).
+            unsafe {
+                libc::madvise(
+                    __cow_lmc_shadow.load(Ordering::Acquire).cast(),
+                    SHADOW_BYTES,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            g = 1;
+        }
+        st.last_gen = g;
+        __cow_lmc_gen.store(g, Ordering::Release);
+    }
+
+    fn free_snap(st: &mut State, i: usize) {
+        let p = st.snaps.as_slice()[i];
+        // SAFETY: `p` is a live book-allocated Snap, removed from the list just below.
+        let s = unsafe { std::ptr::read(p as *const Snap) };
+        for (_, block) in s.log.iter() {
+            book::book().free(block as *mut u8, REGION);
+        }
+        st.regions_held -= s.regions as u64;
+        drop(s);
+        book::book().free(p as *mut u8, std::mem::size_of::<Snap>());
+        let rest: Vec<usize> = st.snaps.as_slice()[i + 1..].to_vec();
+        st.snaps.truncate(i);
+        st.snaps.extend_from_slice(&rest);
+    }
+}
+
+/// Writes `blocks` (region address, book block) into this process's memory in one
+/// `process_vm_writev` per batch; a region that is no longer mapped writable is skipped.
+fn write_back(blocks: &[(usize, usize)]) {
+    const BATCH: usize = 512;
+    let pid = std::process::id() as libc::pid_t;
+    let mut i = 0;
+    while i < blocks.len() {
+        let batch = &blocks[i..(i + BATCH).min(blocks.len())];
+        let local: Vec<libc::iovec> = batch
+            .iter()
+            .map(|&(_, b)| libc::iovec {
+                iov_base: b as *mut libc::c_void,
+                iov_len: REGION,
+            })
+            .collect();
+        let remote: Vec<libc::iovec> = batch
+            .iter()
+            .map(|&(r, _)| libc::iovec {
+                iov_base: r as *mut libc::c_void,
+                iov_len: REGION,
+            })
+            .collect();
+        // SAFETY: local iovecs point at book blocks of REGION bytes; the kernel checks the
+        // remote ones (this process's own memory) and stops at the first it cannot write.
+        let done = unsafe {
+            libc::process_vm_writev(
+                pid,
+                local.as_ptr(),
+                local.len() as libc::c_ulong,
+                remote.as_ptr(),
+                remote.len() as libc::c_ulong,
+                0,
+            )
+        };
+        // Whole regions written; the one after them (if any) failed and is skipped.
+        let written = if done < 0 { 0 } else { done as usize / REGION };
+        i += if written >= batch.len() {
+            batch.len()
+        } else {
+            written + 1
+        };
+    }
+}
+
+impl Backend for Lmc {
+    fn name(&self) -> &'static str {
+        "lmc"
+    }
+
+    fn map(&self, len: usize) -> Result<*mut u8> {
+        if len == 0 {
+            return Err(err("map", libc::EINVAL));
+        }
+        // SAFETY: a fresh private anonymous mapping; instrumented writes to it are covered.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(err("map", libc::ENOMEM));
+        }
+        Ok(p.cast())
+    }
+
+    fn snapshot(&self) -> Result<u64> {
+        let t = crate::sys::monotonic_ns();
+        let _held = Locked::take();
+        // SAFETY: LOCK held; the backend is open.
+        let st = unsafe { state() };
+        let id = st.next_id;
+        st.next_id += 1;
+        let s = book::leak(Snap {
+            id,
+            log: PageTable::default(),
+            regions: 0,
+        });
+        st.snaps.push(s as *mut Snap as usize);
+        Self::new_generation(st);
+        st.snapshot_ns += crate::sys::monotonic_ns() - t;
+        Ok(id)
+    }
+
+    fn restore(&self, id: u64) -> Result<()> {
+        let t = crate::sys::monotonic_ns();
+        let _held = Locked::take();
+        // SAFETY: LOCK held; the backend is open.
+        let st = unsafe { state() };
+        let k = Self::position(st, id)?;
+        let mut blocks: Vec<(usize, usize)> = Vec::new();
+        for i in (k..st.snaps.len()).rev() {
+            blocks.clear();
+            blocks.extend(snap(st, i).log.iter().map(|(r, b)| (unkey(r), b)));
+            write_back(&blocks);
+        }
+        while st.snaps.len() > k {
+            Self::free_snap(st, st.snaps.len() - 1);
+        }
+        // S_k stays, with an empty log: memory equals it again.
+        let s = book::leak(Snap {
+            id,
+            log: PageTable::default(),
+            regions: 0,
+        });
+        st.snaps.push(s as *mut Snap as usize);
+        Self::new_generation(st);
+        st.restore_ns += crate::sys::monotonic_ns() - t;
+        Ok(())
+    }
+
+    fn drop_snapshot(&self, id: u64) -> Result<()> {
+        let _held = Locked::take();
+        // SAFETY: LOCK held; the backend is open.
+        let st = unsafe { state() };
+        let j = Self::position(st, id)?;
+        if j > 0 {
+            // Images S_j-1 lacks move down (the region did not change between the two).
+            let moved: Vec<(usize, usize)> = snap(st, j).log.iter().collect();
+            let mut kept = 0;
+            for (k, block) in moved {
+                let older = snap(st, j - 1);
+                if older.log.get(k).is_none() {
+                    older.log.insert(k, block);
+                    older.regions += 1;
+                    kept += 1;
+                    snap(st, j).log.remove(k);
+                }
+            }
+            snap(st, j).regions -= kept;
+        }
+        Self::free_snap(st, j);
+        if st.snaps.is_empty() {
+            // Nothing held: stop saving (and tag nothing) until the next snapshot.
+            __cow_lmc_gen.store(0, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn read(&self, id: u64, addr: usize, buf: &mut [u8]) -> Result<()> {
+        let _held = Locked::take();
+        // SAFETY: LOCK held; the backend is open.
+        let st = unsafe { state() };
+        let k = Self::position(st, id)?;
+        let end = addr
+            .checked_add(buf.len())
+            .ok_or(err("read", libc::EFAULT))?;
+        // The current bytes first (EFAULT if any is unmapped), then the images over them.
+        let local = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let remote = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        if !buf.is_empty() {
+            // SAFETY: `buf` is ours; the kernel checks the remote range.
+            let n = unsafe {
+                libc::process_vm_readv(std::process::id() as i32, &local, 1, &remote, 1, 0)
+            };
+            if n != buf.len() as isize {
+                return Err(err("read", libc::EFAULT));
+            }
+        }
+        let mut region = addr & !(REGION - 1);
+        while region < end {
+            let image = (k..st.snaps.len()).find_map(|i| snap(st, i).log.get(key(region)));
+            if let Some(block) = image {
+                let (a, b) = (region.max(addr), (region + REGION).min(end));
+                // SAFETY: `block` holds REGION bytes of `region`; [a, b) lies in both.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        (block + (a - region)) as *const u8,
+                        buf.as_mut_ptr().add(a - addr),
+                        b - a,
+                    )
+                };
+            }
+            region += REGION;
+        }
+        Ok(())
+    }
+
+    fn dirty_since(&self, id: u64) -> Result<Vec<usize>> {
+        let _held = Locked::take();
+        // SAFETY: LOCK held; the backend is open.
+        let st = unsafe { state() };
+        let k = Self::position(st, id)?;
+        let mut pages = Vec::new();
+        for i in k..st.snaps.len() {
+            pages.extend(snap(st, i).log.iter().map(|(r, _)| unkey(r) & !4095));
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        Ok(pages)
+    }
+
+    fn list(&self) -> Result<Vec<u64>> {
+        let _held = Locked::take();
+        // SAFETY: LOCK held; the backend is open.
+        let st = unsafe { state() };
+        Ok((0..st.snaps.len()).map(|i| snap(st, i).id).collect())
+    }
+
+    fn stats(&self) -> Stats {
+        let _held = Locked::take();
+        // SAFETY: LOCK held; the backend is open.
+        let st = unsafe { state() };
+        Stats {
+            snapshots: st.snaps.len() as u64,
+            write_faults: SAVES.load(Ordering::Relaxed),
+            pages_saved: st.regions_saved * REGION as u64 / 4096,
+            bytes_held: st.regions_held * REGION as u64,
+            snapshot_ns: st.snapshot_ns,
+            restore_ns: st.restore_ns,
+            precopied: 0,
+            precopy_useful: 0,
+        }
+    }
+}
