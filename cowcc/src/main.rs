@@ -17,7 +17,8 @@ cowcc: clang-16 with Delorean's write instrumentation (the lmc backend)
 Usage: cowcc [CLANG ARGUMENTS]...
 
 Every argument goes to clang-16; cowcc adds -fpass-plugin=libcow_lmc_pass.so and, when it
-links, -lcow (with an rpath to it). The program then calls cow_init(\"lmc\") (cow.h) or runs
+links, wrappers for libc functions that write the program's memory (read, recv*, fread, fgets,
+str*cpy/cat, mem*, qsort, *sprintf: -Wl,--wrap) and -lcow (with an rpath to it). The program then calls cow_init(\"lmc\") (cow.h) or runs
 under `cowctl run --backend lmc`.
 
 Examples:
@@ -27,6 +28,36 @@ Examples:
 
 Environment: COWCC_CLANG (default clang-16), COWCC_PLUGIN, COWCC_LIBDIR (default: the directory
 of cowcc itself, cargo's target/release).";
+
+/// libc functions that write the caller's memory: a program's references to them are wrapped
+/// (`-Wl,--wrap`), and the wrappers in `src/wrappers.c` save the bytes first.
+const WRAPPED: [&str; 22] = [
+    "read",
+    "pread",
+    "readv",
+    "preadv",
+    "recv",
+    "recvfrom",
+    "recvmsg",
+    "fread",
+    "fgets",
+    "strcpy",
+    "stpcpy",
+    "strncpy",
+    "strcat",
+    "strncat",
+    "memcpy",
+    "memmove",
+    "memset",
+    "qsort",
+    "sprintf",
+    "snprintf",
+    "vsprintf",
+    "vsnprintf",
+];
+
+/// The wrappers' static library, built by build.rs.
+const WRAPPERS: &str = concat!(env!("OUT_DIR"), "/libcow_lmc_wrappers.a");
 
 /// Arguments after which clang does not link.
 const NO_LINK: [&str; 6] = ["-c", "-S", "-E", "-M", "-MM", "-fsyntax-only"];
@@ -67,8 +98,15 @@ fn main() -> ExitCode {
     cmd.args(&args);
     let links = !args.iter().any(|a| NO_LINK.iter().any(|n| a == n));
     if links {
+        let wrappers = env_path("COWCC_WRAPPERS").unwrap_or_else(|| WRAPPERS.into());
+        let mut wrap = String::from("-Wl");
+        for name in WRAPPED {
+            wrap.push_str(",--wrap=");
+            wrap.push_str(name);
+        }
         let mut rpath = OsString::from("-Wl,-rpath,");
         rpath.push(&libdir);
+        cmd.arg(wrap).arg(wrappers);
         cmd.arg("-L").arg(&libdir).arg("-lcow").arg(rpath);
     }
     let err = cmd.exec();

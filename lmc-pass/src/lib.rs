@@ -2,12 +2,16 @@
 //!
 //! Before every store, atomic read-modify-write, cmpxchg and `llvm.memcpy`/`llvm.memmove`/
 //! `llvm.memset` whose destination is not provably in the function's own stack frame (an
-//! `alloca`, through casts and GEPs), it inserts a call to `__cow_lmc_check(dst, len)`, a
-//! function the pass defines in the module as `alwaysinline`: it compares the region's shadow
-//! tag with the current generation (loads and a compare, inlined) and calls libcow's
+//! `alloca`, through casts and GEPs), it inserts a call to `__cow_lmc_check_inline(dst, len)`,
+//! a function the pass defines in the module as `alwaysinline`: it compares the region's
+//! shadow tag with the current generation (loads and a compare, inlined) and calls libcow's
 //! `__cow_lmc_write` only on the first write of a 128-byte region in a generation, or when the
-//! write spans two regions. The pass runs at the start of the pipeline, so the inliner (or the
-//! always-inliner at `-O0`) folds the check into the code and the optimizer sees it.
+//! write spans two regions. This runs at the start of the pipeline, so the inliner (or the
+//! always-inliner at `-O0`) folds the check into the code and the optimizer sees it. Every
+//! instrumented write carries `!cow.lmc` metadata; at the end of the pipeline the pass runs
+//! again and instruments what has none — writes the optimizer created (library-call
+//! simplification turns a `strcpy` of a known string into stores) — with a call to libcow's
+//! out-of-line `__cow_lmc_check`.
 //!
 //! Each instrumented module also adds an `.init_array` entry calling `__cow_lmc_register`, so
 //! that `cow_init("lmc")` can tell an instrumented program from one that is not.
@@ -30,18 +34,29 @@ use llvm_plugin::{
 /// log2 of the region size; must match `cow::backend::lmc::REGION_SHIFT`.
 const REGION_SHIFT: u64 = 7;
 /// The inlined check the pass defines in each module.
-const CHECK: &str = "__cow_lmc_check";
+const CHECK: &str = "__cow_lmc_check_inline";
+
+/// Metadata on every write the pass has instrumented.
+const MARK: &str = "cow.lmc";
+/// The out-of-line check (libcow) for writes found only at the end of the pipeline.
+const CHECK_OUT_OF_LINE: &str = "__cow_lmc_check";
 
 #[llvm_plugin::plugin(name = "cow-lmc", version = "0.1")]
 fn plugin_registrar(builder: &mut PassBuilder) {
-    // `clang -fpass-plugin=…`: at the start of every pipeline (-O0 included).
+    // `clang -fpass-plugin=…`: at the start of every pipeline (-O0 included), with the check
+    // inlined afterwards; and at its end, for writes the optimizer created meanwhile (a
+    // `strcpy` of a known string becomes a `memcpy`, then plain stores).
     builder.add_pipeline_start_ep_callback(|manager, _| {
-        manager.add_pass(Instrument);
+        manager.add_pass(Instrument { last: false });
+    });
+    builder.add_optimizer_last_ep_callback(|manager, _| {
+        manager.add_pass(Instrument { last: true });
     });
     // `opt -load-pass-plugin=… -passes=cow-lmc`.
     builder.add_module_pipeline_parsing_callback(|name, manager| {
         if name == "cow-lmc" {
-            manager.add_pass(Instrument);
+            manager.add_pass(Instrument { last: false });
+            manager.add_pass(Instrument { last: true });
             PipelineParsing::Parsed
         } else {
             PipelineParsing::NotParsed
@@ -49,8 +64,11 @@ fn plugin_registrar(builder: &mut PassBuilder) {
     });
 }
 
-/// The instrumentation pass.
-struct Instrument;
+/// The instrumentation pass: first (`last: false`) every write, with the inlined check;
+/// then (`last: true`) the writes without the mark, with a call to libcow's check.
+struct Instrument {
+    last: bool,
+}
 
 /// A write to instrument: the instruction, its destination and its length in bytes.
 struct Site<'ctx> {
@@ -66,7 +84,7 @@ enum Len<'ctx> {
 
 impl LlvmModulePass for Instrument {
     fn run_pass(&self, module: &mut Module, _: &ModuleAnalysisManager) -> PreservedAnalyses {
-        if module.get_function(CHECK).is_some() {
+        if !self.last && module.get_function(CHECK).is_some() {
             return PreservedAnalyses::All; // instrumented already
         }
         let layout = module.get_data_layout();
@@ -74,13 +92,19 @@ impl LlvmModulePass for Instrument {
             return PreservedAnalyses::All;
         };
         let td = TargetData::create(layout);
+        let ctx = module.get_context();
+        let mark = ctx.get_kind_id(MARK);
         let mut sites = Vec::new();
         for f in module.get_functions() {
+            if f.get_name().to_bytes() == CHECK.as_bytes() {
+                continue;
+            }
             for bb in f.get_basic_blocks() {
                 let mut next = bb.get_first_instruction();
                 while let Some(inst) = next {
                     if let Some(site) = site(&td, inst) {
-                        if !in_own_frame(site.dst) {
+                        let done = inst.get_metadata(mark).is_some();
+                        if !done && !in_own_frame(site.dst) {
                             sites.push(site);
                         }
                     }
@@ -88,9 +112,23 @@ impl LlvmModulePass for Instrument {
                 }
             }
         }
-        let ctx = module.get_context();
-        let check = define_check(module, &ctx);
-        register_module(module);
+        if self.last && sites.is_empty() {
+            return PreservedAnalyses::All;
+        }
+        let check = if self.last {
+            let void = ctx.void_type();
+            let args = [
+                ctx.ptr_type(AddressSpace::default()).into(),
+                ctx.i64_type().into(),
+            ];
+            module.get_function(CHECK_OUT_OF_LINE).unwrap_or_else(|| {
+                module.add_function(CHECK_OUT_OF_LINE, void.fn_type(&args, false), None)
+            })
+        } else {
+            register_module(module);
+            define_check(module, &ctx)
+        };
+        let tag = ctx.metadata_node(&[]);
         let builder = ctx.create_builder();
         let i64t = ctx.i64_type();
         for s in &sites {
@@ -105,6 +143,7 @@ impl LlvmModulePass for Instrument {
             builder
                 .build_call(check, &[s.dst.into(), len.into()], "")
                 .expect("call");
+            let _ = s.before.set_metadata(tag, mark);
         }
         PreservedAnalyses::None
     }
@@ -201,7 +240,7 @@ fn external_global<'ctx>(
         .unwrap_or_else(|| module.add_global(ty, None, name))
 }
 
-/// Defines `__cow_lmc_check(ptr, i64)` in the module (see the crate documentation).
+/// Defines `__cow_lmc_check_inline(ptr, i64)` in the module (see the crate documentation).
 fn define_check<'ctx>(module: &Module<'ctx>, ctx: &ContextRef<'ctx>) -> FunctionValue<'ctx> {
     let (ptr, i64t, i16t) = (
         ctx.ptr_type(AddressSpace::default()),

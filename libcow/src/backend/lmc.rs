@@ -221,6 +221,31 @@ pub unsafe extern "C" fn __cow_lmc_write(p: *mut u8, n: u64) {
     SAVES.fetch_add(1, Ordering::Relaxed);
 }
 
+/// The check for writes the pass found only at the end of the optimization pipeline (made by
+/// the optimizer from others): the inlined check's logic, out of line.
+///
+/// # Safety
+///
+/// As [`__cow_lmc_write`].
+#[no_mangle]
+pub unsafe extern "C" fn __cow_lmc_check(p: *mut u8, n: u64) {
+    let gen = __cow_lmc_gen.load(Ordering::Acquire);
+    let shadow = __cow_lmc_shadow.load(Ordering::Acquire);
+    if gen == 0 || n == 0 || shadow.is_null() {
+        return;
+    }
+    let (first, last) = (p as usize, p as usize + (n as usize - 1));
+    if first >> REGION_SHIFT == last >> REGION_SHIFT {
+        // SAFETY: the shadow covers every user address.
+        let tag = unsafe { &*(shadow.add(first >> REGION_SHIFT) as *const AtomicU16) };
+        if tag.load(Ordering::Relaxed) == gen {
+            return;
+        }
+    }
+    // SAFETY: the caller's guarantee.
+    unsafe { __cow_lmc_write(p, n) }
+}
+
 /// The lmc backend (one per process: the shadow and the generation are process-wide).
 pub struct Lmc;
 
