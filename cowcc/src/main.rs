@@ -31,7 +31,9 @@ of cowcc itself, cargo's target/release).";
 
 /// libc functions that write the caller's memory: a program's references to them are wrapped
 /// (`-Wl,--wrap`), and the wrappers in `src/wrappers.c` save the bytes first.
-const WRAPPED: [&str; 22] = [
+/// (The heap functions: the wrappers' allocator saves its own metadata too; `mmap`/`munmap`:
+/// shared mappings are not covered.)
+const WRAPPED: [&str; 35] = [
     "read",
     "pread",
     "readv",
@@ -54,6 +56,19 @@ const WRAPPED: [&str; 22] = [
     "snprintf",
     "vsprintf",
     "vsnprintf",
+    "malloc",
+    "free",
+    "calloc",
+    "realloc",
+    "reallocarray",
+    "posix_memalign",
+    "aligned_alloc",
+    "memalign",
+    "malloc_usable_size",
+    "strdup",
+    "strndup",
+    "mmap",
+    "munmap",
 ];
 
 /// The wrappers' static library, built by build.rs.

@@ -12,11 +12,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 void __cow_lmc_write(void *p, uint64_t n);
+void __cow_lmc_exclude(void *p, uint64_t n);
+void __cow_lmc_include(void *p, uint64_t n);
+void *__real_mmap(void *, size_t, int, int, int, off_t);
+int __real_munmap(void *, size_t);
+void __real_free(void *);
+void *__real_realloc(void *, size_t);
+size_t __real_malloc_usable_size(void *);
 ssize_t __real_read(int, void *, size_t);
 ssize_t __real_pread(int, void *, size_t, off_t);
 ssize_t __real_readv(int, const struct iovec *, int);
@@ -209,4 +217,232 @@ int __wrap_snprintf(char *buf, size_t n, const char *fmt, ...)
 	int r = __wrap_vsnprintf(buf, n, fmt, ap);
 	va_end(ap);
 	return r;
+}
+
+/*
+ * Shared mappings are not covered (as with every backend): another process sees them, and a
+ * restore must not rewind what it wrote.
+ */
+void *__wrap_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+	void *p = __real_mmap(addr, len, prot, flags, fd, off);
+	if (p != MAP_FAILED && (flags & MAP_SHARED))
+		__cow_lmc_exclude(p, len);
+	return p;
+}
+
+int __wrap_munmap(void *addr, size_t len)
+{
+	__cow_lmc_include(addr, len);
+	return __real_munmap(addr, len);
+}
+
+/*
+ * The program's heap. glibc's allocator keeps its metadata where only uninstrumented code
+ * writes it, so a restore would leave it disagreeing with the restored program. This one is
+ * small and saves every byte it writes first: size classes of powers of two carved from one
+ * MAP_NORESERVE reservation (never unmapped, so a restore never writes into a hole), a free
+ * list per class whose links live in the free blocks. Blocks from libc's own allocations
+ * (strdup inside libc, fopen, getline) stay glibc's and are handed back to it.
+ */
+#define HEAP_BYTES (64ull << 30)
+#define MIN_SHIFT 5
+#define CLASSES 32
+#define MAGIC 0xc0c0000000000000ull
+
+/* Saved before every write (so a restore rewinds it with the blocks). */
+static struct {
+	char *bump;
+	void *free[CLASSES];
+} heap __attribute__((aligned(128)));
+/* Never saved, each in a 128-byte region of its own (a restore must not rewind them): the
+ * reservation is permanent, and the lock is nobody's at a snapshot. */
+static struct {
+	char *base;
+	char lock;
+} __attribute__((aligned(128))) fixed;
+#define heap_base fixed.base
+#define heap_lock fixed.lock
+
+static void lock(void)
+{
+	while (__atomic_test_and_set(&heap_lock, __ATOMIC_ACQUIRE))
+		;
+}
+
+static void unlock(void)
+{
+	__atomic_clear(&heap_lock, __ATOMIC_RELEASE);
+}
+
+static int ours(const void *p)
+{
+	return heap_base && (const char *)p >= heap_base && (const char *)p < heap_base + HEAP_BYTES;
+}
+
+/* Header before every user pointer: class | MAGIC, then the block's start. */
+static void *carve(size_t size, size_t align)
+{
+	if (size > (1ull << 34) || align > 4096)
+		return NULL;
+	size_t need = size + 16 + (align > 16 ? align : 0);
+	int cls = 0;
+	while (((size_t)1 << (cls + MIN_SHIFT)) < need)
+		cls++;
+	size_t bytes = (size_t)1 << (cls + MIN_SHIFT);
+	lock();
+	if (!heap_base) {
+		void *b = __real_mmap(NULL, HEAP_BYTES, PROT_READ | PROT_WRITE,
+				      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		if (b == MAP_FAILED) {
+			unlock();
+			return NULL;
+		}
+		heap_base = b;
+	}
+	if (!heap.bump) {
+		save(&heap.bump, sizeof heap.bump);
+		heap.bump = heap_base;
+	}
+	char *blk = heap.free[cls];
+	if (blk) {
+		save(&heap.free[cls], sizeof heap.free[cls]);
+		heap.free[cls] = *(void **)blk;
+	} else {
+		char *start = (char *)(((uintptr_t)heap.bump + bytes - 1) & ~(uintptr_t)(bytes - 1));
+		if (bytes > 4096)
+			start = (char *)(((uintptr_t)heap.bump + 4095) & ~(uintptr_t)4095);
+		if (start + bytes > heap_base + HEAP_BYTES) {
+			unlock();
+			return NULL;
+		}
+		save(&heap.bump, sizeof heap.bump);
+		heap.bump = start + bytes;
+		blk = start;
+	}
+	unlock();
+	size_t a = align > 16 ? align : 16;
+	char *user = (char *)(((uintptr_t)blk + 16 + a - 1) & ~(uintptr_t)(a - 1));
+	uint64_t *h = (uint64_t *)(user - 16);
+	save(h, 16);
+	h[0] = MAGIC | (uint64_t)cls;
+	h[1] = (uint64_t)(uintptr_t)blk;
+	return user;
+}
+
+static size_t usable(const void *p)
+{
+	const uint64_t *h = (const uint64_t *)p - 2;
+	size_t bytes = (size_t)1 << ((h[0] & 0xff) + MIN_SHIFT);
+	return bytes - (size_t)((const char *)p - (const char *)(uintptr_t)h[1]);
+}
+
+void *__wrap_malloc(size_t n)
+{
+	return carve(n, 16);
+}
+
+void __wrap_free(void *p)
+{
+	if (!p)
+		return;
+	if (!ours(p)) {
+		__real_free(p);
+		return;
+	}
+	const uint64_t *h = (const uint64_t *)p - 2;
+	int cls = (int)(h[0] & 0xff);
+	void **blk = (void **)(uintptr_t)h[1];
+	lock();
+	save(blk, sizeof *blk);
+	*blk = heap.free[cls];
+	save(&heap.free[cls], sizeof heap.free[cls]);
+	heap.free[cls] = blk;
+	unlock();
+}
+
+void *__wrap_calloc(size_t n, size_t size)
+{
+	if (size && n > SIZE_MAX / size)
+		return NULL;
+	void *p = carve(n * size, 16);
+	if (p) {
+		save(p, n * size);
+		__real_memset(p, 0, n * size);
+	}
+	return p;
+}
+
+void *__wrap_realloc(void *p, size_t n)
+{
+	if (!p)
+		return carve(n, 16);
+	size_t old = ours(p) ? usable(p) : __real_malloc_usable_size(p);
+	if (ours(p) && n <= old)
+		return p;
+	void *q = carve(n, 16);
+	if (!q)
+		return NULL;
+	size_t keep = old < n ? old : n;
+	save(q, keep);
+	__real_memcpy(q, p, keep);
+	__wrap_free(p);
+	return q;
+}
+
+void *__wrap_reallocarray(void *p, size_t n, size_t size)
+{
+	if (size && n > SIZE_MAX / size)
+		return NULL;
+	return __wrap_realloc(p, n * size);
+}
+
+int __wrap_posix_memalign(void **out, size_t align, size_t n)
+{
+	if (align < sizeof(void *) || (align & (align - 1)))
+		return 22; /* EINVAL */
+	void *p = carve(n, align);
+	if (!p)
+		return 12; /* ENOMEM */
+	save(out, sizeof *out);
+	*out = p;
+	return 0;
+}
+
+void *__wrap_aligned_alloc(size_t align, size_t n)
+{
+	return (align & (align - 1)) ? NULL : carve(n, align);
+}
+
+void *__wrap_memalign(size_t align, size_t n)
+{
+	return (align & (align - 1)) ? NULL : carve(n, align);
+}
+
+size_t __wrap_malloc_usable_size(void *p)
+{
+	return !p ? 0 : ours(p) ? usable(p) : __real_malloc_usable_size(p);
+}
+
+char *__wrap_strdup(const char *s)
+{
+	size_t n = strlen(s) + 1;
+	char *p = carve(n, 16);
+	if (p) {
+		save(p, n);
+		__real_memcpy(p, s, n);
+	}
+	return p;
+}
+
+char *__wrap_strndup(const char *s, size_t max)
+{
+	size_t n = strnlen(s, max);
+	char *p = carve(n + 1, 16);
+	if (p) {
+		save(p, n + 1);
+		__real_memcpy(p, s, n);
+		p[n] = 0;
+	}
+	return p;
 }

@@ -57,6 +57,52 @@ pub fn instrumented_modules() -> usize {
     MODULES.load(Ordering::Relaxed)
 }
 
+/// Most shared mappings remembered as not covered.
+const MAX_EXCLUDED: usize = 256;
+/// Shared mappings (`[start, end)`; 0, 0: a free slot): not covered, as with every backend.
+/// Touched only with [`LOCK`] held.
+static mut EXCLUDED: [(usize, usize); MAX_EXCLUDED] = [(0, 0); MAX_EXCLUDED];
+
+/// cowcc's `mmap` wrapper: `[p, p + n)` is a shared mapping, not covered.
+#[no_mangle]
+pub extern "C" fn __cow_lmc_exclude(p: *mut u8, n: u64) {
+    let _held = Locked::take();
+    // SAFETY: LOCK held: nobody else touches EXCLUDED.
+    let excluded = unsafe { &mut *std::ptr::addr_of_mut!(EXCLUDED) };
+    // The kernel maps whole pages: so is the range (a region never straddles its end).
+    let end = (p as usize)
+        .saturating_add(n as usize)
+        .next_multiple_of(4096);
+    if let Some(slot) = excluded.iter_mut().find(|e| e.1 == 0) {
+        *slot = (p as usize, end);
+    }
+}
+
+/// cowcc's `munmap` wrapper: whatever `[p, p + n)` held is gone (shared mappings in it are
+/// forgotten whole: a partial unmap of one is rare, and forgetting only widens coverage).
+#[no_mangle]
+pub extern "C" fn __cow_lmc_include(p: *mut u8, n: u64) {
+    let (start, end) = (
+        p as usize,
+        (p as usize)
+            .saturating_add(n as usize)
+            .next_multiple_of(4096),
+    );
+    let _held = Locked::take();
+    // SAFETY: LOCK held.
+    let excluded = unsafe { &mut *std::ptr::addr_of_mut!(EXCLUDED) };
+    for e in excluded.iter_mut().filter(|e| e.0 < end && start < e.1) {
+        *e = (0, 0);
+    }
+}
+
+/// Whether `[a, b)` lies in a shared mapping. LOCK held by the caller.
+fn excluded(a: usize, b: usize) -> bool {
+    // SAFETY: read under LOCK (caller).
+    let excluded = unsafe { &*std::ptr::addr_of!(EXCLUDED) };
+    excluded.iter().any(|e| a >= e.0 && b <= e.1)
+}
+
 /// Guards the logs against concurrent slow paths, snapshots and restores (a spin lock: the
 /// slow path runs inside arbitrary program code and must not depend on anything covered).
 static LOCK: AtomicBool = AtomicBool::new(false);
@@ -198,7 +244,8 @@ pub unsafe extern "C" fn __cow_lmc_write(p: *mut u8, n: u64) {
     while region < end {
         let next = region + REGION;
         let outside = (region >= book_start && next <= book_end)
-            || (region >= stack_low && next <= stack_high);
+            || (region >= stack_low && next <= stack_high)
+            || excluded(region, next);
         // SAFETY: the shadow covers every user address (region < 2^47).
         let tag = unsafe { &*(shadow.add(region >> REGION_SHIFT) as *const AtomicU16) };
         if !outside && tag.load(Ordering::Relaxed) != gen {

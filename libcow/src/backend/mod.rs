@@ -111,6 +111,12 @@ pub struct Choice {
 
 /// Decides what `auto` means on this machine.
 pub fn choose_auto() -> Choice {
+    if lmc::instrumented_modules() > 0 {
+        return Choice {
+            name: "lmc",
+            reason: "this program was compiled with cowcc: its writes are instrumented".into(),
+        };
+    }
     let mut why = String::new();
     if std::path::Path::new(crate::COW_DEVICE_PATH).exists() {
         match crate::Cow::open() {
