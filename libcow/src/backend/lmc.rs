@@ -62,6 +62,8 @@ const MAX_EXCLUDED: usize = 256;
 /// Shared mappings (`[start, end)`; 0, 0: a free slot): not covered, as with every backend.
 /// Touched only with [`LOCK`] held.
 static mut EXCLUDED: [(usize, usize); MAX_EXCLUDED] = [(0, 0); MAX_EXCLUDED];
+/// Slots of [`EXCLUDED`] ever used (the slow path scans only those). Under [`LOCK`].
+static EXCLUDED_USED: AtomicUsize = AtomicUsize::new(0);
 
 /// cowcc's `mmap` wrapper: `[p, p + n)` is a shared mapping, not covered.
 #[no_mangle]
@@ -73,8 +75,9 @@ pub extern "C" fn __cow_lmc_exclude(p: *mut u8, n: u64) {
     let end = (p as usize)
         .saturating_add(n as usize)
         .next_multiple_of(4096);
-    if let Some(slot) = excluded.iter_mut().find(|e| e.1 == 0) {
-        *slot = (p as usize, end);
+    if let Some(i) = excluded.iter().position(|e| e.1 == 0) {
+        excluded[i] = (p as usize, end);
+        EXCLUDED_USED.fetch_max(i + 1, Ordering::Relaxed);
     }
 }
 
@@ -100,7 +103,9 @@ pub extern "C" fn __cow_lmc_include(p: *mut u8, n: u64) {
 fn excluded(a: usize, b: usize) -> bool {
     // SAFETY: read under LOCK (caller).
     let excluded = unsafe { &*std::ptr::addr_of!(EXCLUDED) };
-    excluded.iter().any(|e| a >= e.0 && b <= e.1)
+    excluded[..EXCLUDED_USED.load(Ordering::Relaxed)]
+        .iter()
+        .any(|e| a >= e.0 && b <= e.1)
 }
 
 /// Guards the logs against concurrent slow paths, snapshots and restores (a spin lock: the
