@@ -23,8 +23,9 @@ int cow_version(void);
 /* A static description of a negative errno returned by a cow_* function. */
 const char *cow_strerror(int err);
 
-/* Initialise libcow with a backend: NULL or "auto" (kmod if cow.ko is loaded, else uffd if
- * the kernel has userfaultfd WP_ASYNC and PAGEMAP_SCAN, else mprotect), "kmod", "uffd",
+/* Initialise libcow with a backend: NULL or "auto" (lmc in a program compiled with cowcc, else
+ * kmod if cow.ko is loaded, else uffd if the kernel has userfaultfd WP_ASYNC and PAGEMAP_SCAN,
+ * else mprotect), "kmod", "uffd",
  * "mprotect", "fork" or "lmc". Idempotent for the same choice. 0 or a negative errno (-ENODEV:
  * kmod asked for but cow.ko is not loaded; -EBUSY: another backend is already in use; -EINVAL:
  * an unknown name; -ENOTSUP: lmc asked for but no code of the process was compiled with

@@ -162,9 +162,10 @@ pub extern "C" fn cow_strerror(err: c_int) -> *const c_char {
     text.as_ptr()
 }
 
-/// Initialises libcow with `backend`: NULL or "auto" (kmod if cow.ko is loaded, else uffd if
-/// the kernel has WP_ASYNC and PAGEMAP_SCAN, else mprotect), "kmod", "uffd", "mprotect", "fork"
-/// or "lmc" (a program compiled with `cowcc`; `-ENOTSUP` otherwise).
+/// Initialises libcow with `backend`: NULL or "auto" (lmc in a program compiled with `cowcc`,
+/// else kmod if cow.ko is loaded, else uffd if the kernel has WP_ASYNC and PAGEMAP_SCAN, else
+/// mprotect), "kmod", "uffd", "mprotect", "fork" or "lmc" (a program compiled with `cowcc`;
+/// `-ENOTSUP` otherwise).
 /// Idempotent for the same choice. Returns 0 or a negative errno.
 ///
 /// # Safety
