@@ -97,13 +97,14 @@ enum Command {
     /// Run a program under libcow: its private writable memory in cow.ko, or (uffd, mprotect) all of
     /// its private writable memory tracked in-process (exit code = the program's).
     #[command(
-        after_help = "Examples:\n  cowctl run -- ./server --port 8080\n  cowctl run --backend uffd --every 10 -- ./server   (no module: stock kernel >= 6.7)\n  cowctl run --heap-mib 512 -- python3 script.py\n  cowctl run --every 10 --speculate=adaptive -- perl bench.pl\n  cowctl run --every 100 --keep 32 --report run.json -- ./server\n  cowctl run --recover --backend auto -- redis-server --save ''\n  cowctl run --coverage -- python3 -c 'import json'"
+        after_help = "Examples:\n  cowctl run -- ./server --port 8080\n  cowctl run --backend uffd --every 10 -- ./server   (no module: stock kernel >= 6.7)\n  cowctl run --heap-mib 512 -- python3 script.py\n  cowctl run --every 10 --speculate=adaptive -- perl bench.pl\n  cowctl run --every 100 --keep 32 --report run.json -- ./server\n  cowctl run --recover --backend auto -- redis-server --save ''\n  cowctl run --coverage -- python3 -c 'import json'\n  cowctl run --backend lmc --every 1 -- ./prog   (prog built with cowcc)"
     )]
     Run {
         /// Backend to cover the program with: kmod (cow.ko: every private writable mapping but stacks), uffd or
-        /// mprotect (no module: every private writable mapping but stacks), auto (kmod if
+        /// mprotect (no module: every private writable mapping but stacks), lmc (a program
+        /// compiled with cowcc; --every checkpoints at its safe points), auto (kmod if
         /// loaded, else uffd, else mprotect).
-        #[arg(long, default_value = "kmod", value_parser = PossibleValuesParser::new(["kmod", "uffd", "mprotect", "auto"]))]
+        #[arg(long, default_value = "kmod", value_parser = PossibleValuesParser::new(["kmod", "uffd", "mprotect", "lmc", "auto"]))]
         backend: String,
         /// Size of the covered heap in MiB (virtual; pages are allocated at first touch), at
         /// least 64.

@@ -110,6 +110,21 @@ pub fn has_interpreter(elf: &[u8]) -> Option<bool> {
     Some((0..phnum).any(|i| u32_at(phoff + i * phentsize) == Some(PT_INTERP)))
 }
 
+/// Whether `exe` was linked by `cowcc`: it imports `__cow_lmc_register` (its objects register
+/// with libcow's lmc runtime at load time).
+pub fn compiled_with_cowcc(exe: &Path) -> bool {
+    use object::{Object, ObjectSymbol};
+    let Ok(data) = std::fs::read(exe) else {
+        return false;
+    };
+    let Ok(file) = object::File::parse(&*data) else {
+        return false;
+    };
+    file.dynamic_symbols()
+        .chain(file.symbols())
+        .any(|s| s.name() == Ok("__cow_lmc_register"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

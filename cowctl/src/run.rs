@@ -123,14 +123,18 @@ pub struct Options {
 
 /// The command that runs `argv` under libcow_preload with `opts`.
 pub fn command(opts: &Options, argv: &[String]) -> Result<std::process::Command> {
-    let preload = preload_path()?;
-    let mut ld_preload = preload.into_os_string();
-    if let Some(old) = std::env::var_os("LD_PRELOAD") {
-        ld_preload.push(":");
-        ld_preload.push(old);
-    }
     let mut cmd = std::process::Command::new(&argv[0]);
-    cmd.args(&argv[1..]).env("LD_PRELOAD", ld_preload);
+    cmd.args(&argv[1..]);
+    // lmc lives in the program itself (cowcc linked libcow into it): no preload.
+    if opts.backend != Some("lmc") {
+        let preload = preload_path()?;
+        let mut ld_preload = preload.into_os_string();
+        if let Some(old) = std::env::var_os("LD_PRELOAD") {
+            ld_preload.push(":");
+            ld_preload.push(old);
+        }
+        cmd.env("LD_PRELOAD", ld_preload);
+    }
     if let Some(mib) = opts.heap_mib {
         if mib < MIN_HEAP_MIB {
             bail!("--heap-mib {mib}: the covered heap is at least {MIN_HEAP_MIB} MiB");
@@ -172,7 +176,8 @@ pub fn choose_backend(name: &str) -> Result<&'static str> {
         "kmod" => "kmod",
         "uffd" => "uffd",
         "mprotect" => "mprotect",
-        other => bail!("unknown backend {other:?} (kmod, uffd, mprotect, auto)"),
+        "lmc" => "lmc",
+        other => bail!("unknown backend {other:?} (kmod, uffd, mprotect, lmc, auto)"),
     };
     match name {
         "kmod" => drop(cow::Cow::open()?),
@@ -224,6 +229,17 @@ pub fn run(backend: &str, opts: &Options, argv: &[String]) -> Result<u8> {
             "--speculate: the uffd backend has no pre-copy (its first writes are resolved in the \
              kernel, there is no fault to save); use kmod or mprotect"
         );
+    }
+    if backend == "lmc" {
+        if !crate::program::compiled_with_cowcc(&exe) {
+            bail!(
+                "--backend lmc: {} was not compiled with cowcc (its writes are not instrumented)",
+                exe.display()
+            );
+        }
+        if opts.speculate.is_some() || opts.recover.is_some() || opts.heap_mib.is_some() {
+            bail!("--backend lmc: --speculate, --recover and --heap-mib need the preload (kmod, uffd, mprotect)");
+        }
     }
     opts.backend = Some(backend);
     // With periodic snapshots, say what they cost at the end (through a report of our own if

@@ -32,6 +32,9 @@ pub struct Config {
     pub every: Duration,
     /// Snapshots kept; the oldest beyond it is dropped.
     pub keep: usize,
+    /// Take one checkpoint (and drop it) before `start` returns (see the module's doc). Not
+    /// for lmc, whose checkpoints happen at the program's own safe points.
+    pub warm_up: bool,
 }
 
 impl Config {
@@ -45,6 +48,7 @@ impl Config {
         (ms > 0).then_some(Config {
             every: Duration::from_millis(ms),
             keep,
+            warm_up: true,
         })
     }
 }
@@ -142,9 +146,11 @@ fn run(state: &'static State, cfg: Config, snapshot: fn() -> i64, drop: fn(i64) 
         unsafe { std::slice::from_raw_parts_mut(kept_mem.as_mut_ptr().cast::<i64>(), cfg.keep) };
     let (mut head, mut len) = (0usize, 0usize);
     // Warm-up: one checkpoint through the same path, dropped at once, before `start` returns.
-    let id = snapshot();
-    if id > 0 {
-        drop(id);
+    if cfg.warm_up {
+        let id = snapshot();
+        if id > 0 {
+            drop(id);
+        }
     }
     state.ready.store(true, Ordering::Release);
     let period = cfg.every.as_nanos() as u64;
@@ -179,6 +185,11 @@ fn run(state: &'static State, cfg: Config, snapshot: fn() -> i64, drop: fn(i64) 
         kept[(head + len) % kept.len()] = id;
         len += 1;
     }
+}
+
+/// Whether the checkpointer thread was started in this process.
+pub fn running() -> bool {
+    STATE.get().is_some()
 }
 
 /// Stops the checkpointer (waiting for a checkpoint in progress) and sums up what it did.

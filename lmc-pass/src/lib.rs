@@ -96,7 +96,8 @@ impl LlvmModulePass for Instrument {
         let mark = ctx.get_kind_id(MARK);
         let mut sites = Vec::new();
         for f in module.get_functions() {
-            if f.get_name().to_bytes() == CHECK.as_bytes() {
+            let name = f.get_name().to_bytes();
+            if name == CHECK.as_bytes() || name == POLL.as_bytes() {
                 continue;
             }
             for bb in f.get_basic_blocks() {
@@ -128,6 +129,9 @@ impl LlvmModulePass for Instrument {
             register_module(module);
             define_check(module, &ctx)
         };
+        if !self.last {
+            insert_safe_points(module, &ctx);
+        }
         let tag = ctx.metadata_node(&[]);
         let builder = ctx.create_builder();
         let i64t = ctx.i64_type();
@@ -327,6 +331,89 @@ fn define_check<'ctx>(module: &Module<'ctx>, ctx: &ContextRef<'ctx>) -> Function
     b.position_at_end(done);
     b.build_return(None).expect("ret");
     check
+}
+
+/// The safe point the pass defines in each module: if a checkpoint is pending, take it.
+const POLL: &str = "__cow_lmc_poll_inline";
+
+/// Puts a safe point (an inlined poll of `__cow_lmc_pending`) at every function's entry and
+/// before every branch back to an earlier block (a loop's back-edge, in clang's block order at
+/// the start of the pipeline). None lies between a write's check and the write.
+fn insert_safe_points<'ctx>(module: &Module<'ctx>, ctx: &ContextRef<'ctx>) {
+    let void = ctx.void_type();
+    let i8t = ctx.i8_type();
+    let safepoint = module
+        .get_function("__cow_lmc_safepoint")
+        .unwrap_or_else(|| {
+            module.add_function("__cow_lmc_safepoint", void.fn_type(&[], false), None)
+        });
+    let pending = external_global(module, i8t, "__cow_lmc_pending");
+    let poll = module.add_function(POLL, void.fn_type(&[], false), Some(Linkage::LinkOnceODR));
+    poll.as_global_value()
+        .set_visibility(GlobalVisibility::Hidden);
+    for a in ["alwaysinline", "nounwind"] {
+        poll.add_attribute(AttributeLoc::Function, enum_attribute(ctx, a));
+    }
+    let entry = ctx.append_basic_block(poll, "entry");
+    let take = ctx.append_basic_block(poll, "take");
+    let done = ctx.append_basic_block(poll, "done");
+    let b = ctx.create_builder();
+    b.position_at_end(entry);
+    let v = b
+        .build_load(i8t, pending.as_pointer_value(), "pending")
+        .expect("load");
+    if let Some(i) = v.as_instruction_value() {
+        i.set_atomic_ordering(AtomicOrdering::Monotonic)
+            .expect("atomic");
+    }
+    let set = b
+        .build_int_compare(
+            IntPredicate::NE,
+            v.into_int_value(),
+            i8t.const_zero(),
+            "set",
+        )
+        .expect("cmp");
+    b.build_conditional_branch(set, take, done).expect("br");
+    b.position_at_end(take);
+    b.build_call(safepoint, &[], "").expect("call");
+    b.build_unconditional_branch(done).expect("br");
+    b.position_at_end(done);
+    b.build_return(None).expect("ret");
+
+    for f in module.get_functions() {
+        let name = f.get_name().to_bytes();
+        if f.count_basic_blocks() == 0 || name == POLL.as_bytes() || name == CHECK.as_bytes() {
+            continue;
+        }
+        let blocks = f.get_basic_blocks();
+        let mut at = Vec::new();
+        // Function entry: after the allocas.
+        let mut first = blocks[0].get_first_instruction();
+        while let Some(i) = first.filter(|i| i.get_opcode() == InstructionOpcode::Alloca) {
+            first = i.get_next_instruction();
+        }
+        at.extend(first);
+        for (index, bb) in blocks.iter().enumerate() {
+            let Some(term) = bb.get_terminator() else {
+                continue;
+            };
+            let back = (0..term.get_num_operands()).any(|k| match term.get_operand(k) {
+                Some(either::Either::Right(target)) => blocks
+                    .iter()
+                    .position(|b| *b == target)
+                    .is_some_and(|t| t <= index),
+                _ => false,
+            });
+            if back {
+                at.push(term);
+            }
+        }
+        for i in at {
+            b.position_before(&i);
+            b.build_call(poll, &[], "").expect("call");
+        }
+    }
 }
 
 /// Adds an `.init_array` entry calling `__cow_lmc_register` when the object is loaded.

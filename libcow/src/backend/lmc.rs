@@ -47,9 +47,117 @@ static MODULES: AtomicUsize = AtomicUsize::new(0);
 
 /// Called once per instrumented object file at load time (an `.init_array` entry `cowcc`'s
 /// pass adds), so that `cow_init("lmc")` can refuse a program that was not compiled with it.
+/// Under `cowctl run --backend lmc` (`COW_BACKEND=lmc`) the first call initialises lmc and,
+/// with `--every`, starts the periodic checkpoints.
 #[no_mangle]
 pub extern "C" fn __cow_lmc_register() {
-    MODULES.fetch_add(1, Ordering::Relaxed);
+    if MODULES.fetch_add(1, Ordering::Relaxed) == 0
+        && crate::sys::env_var("COW_BACKEND").as_deref() == Some("lmc")
+    {
+        start_under_cowctl();
+    }
+}
+
+/// Set by the checkpointer: take a checkpoint at the next safe point. Read by the inlined
+/// safe points the pass puts at function entries and loop back-edges.
+#[no_mangle]
+pub static __cow_lmc_pending: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The id the last safe point took for a pending request (0: not yet; negative: an errno).
+static TAKEN: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// A safe point with a checkpoint pending: no instrumented write is between its check and its
+/// store in this thread, so a snapshot here is a consistent cut — if this is the program's only
+/// thread (with more, the request fails with `EBUSY`: safe points of every thread are not
+/// there yet).
+#[no_mangle]
+pub extern "C" fn __cow_lmc_safepoint() {
+    if __cow_lmc_pending
+        .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+    {
+        return;
+    }
+    let id = if program_threads() <= 1 {
+        crate::ffi::cow_snapshot()
+    } else {
+        -(libc::EBUSY as i64)
+    };
+    TAKEN.store(
+        if id == 0 { -(libc::EIO as i64) } else { id },
+        Ordering::Release,
+    );
+}
+
+/// Threads of the process but libcow's checkpointer (`/proc/self/stat`, field 20).
+fn program_threads() -> usize {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_comm = stat.rsplit(')').next().unwrap_or("");
+    let threads: usize = after_comm
+        .split_whitespace()
+        .nth(17)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX);
+    threads.saturating_sub(crate::checkpoint::running() as usize)
+}
+
+/// The checkpointer's snapshot under lmc: asks for a checkpoint at the program's next safe
+/// point and waits for it (up to 100 ms; a program blocked in a system call reaches none:
+/// `ETIMEDOUT`, and the request is withdrawn).
+fn checkpoint_at_safe_point() -> i64 {
+    TAKEN.store(0, Ordering::Release);
+    __cow_lmc_pending.store(1, Ordering::Release);
+    let deadline = crate::sys::monotonic_ns() + 100_000_000;
+    loop {
+        let id = TAKEN.load(Ordering::Acquire);
+        if id != 0 {
+            return id;
+        }
+        if crate::sys::monotonic_ns() > deadline
+            && __cow_lmc_pending
+                .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            return -(libc::ETIMEDOUT as i64);
+        }
+        std::thread::sleep(std::time::Duration::from_micros(20));
+    }
+}
+
+/// `cowctl run --backend lmc [--every MS]`: lmc from the first instruction of the program, the
+/// checkpointer if asked for, the report at exit.
+fn start_under_cowctl() {
+    // SAFETY: a NUL-terminated name.
+    let rc = unsafe { crate::ffi::cow_init(c"lmc".as_ptr()) };
+    if rc != 0 {
+        eprintln!("libcow: cannot use lmc: errno {}", -rc);
+        return;
+    }
+    if let Some(cfg) = crate::checkpoint::Config::from_env() {
+        let cfg = crate::checkpoint::Config {
+            warm_up: false,
+            ..cfg
+        };
+        if let Err(e) =
+            crate::checkpoint::start(cfg, checkpoint_at_safe_point, |id| crate::ffi::cow_drop(id))
+        {
+            eprintln!("libcow: cannot start the checkpointer: {e}");
+        }
+    }
+    REPORTS.store(true, Ordering::Release);
+}
+
+/// Whether this process writes the `cowctl run` report at exit.
+static REPORTS: AtomicBool = AtomicBool::new(false);
+
+#[used]
+#[link_section = ".fini_array"]
+static REPORT_AT_EXIT: extern "C" fn() = report_at_exit;
+
+extern "C" fn report_at_exit() {
+    if REPORTS.load(Ordering::Acquire) {
+        crate::report::write_at_exit();
+    }
 }
 
 /// Instrumented object files registered so far.
