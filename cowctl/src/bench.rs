@@ -25,12 +25,14 @@ pub struct Row {
     memory_overhead_bytes: u64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v` (not empty).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
-fn us(since: Instant) -> f64 {
+/// Microseconds since `since`.
+pub(crate) fn us(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e6
 }
 

@@ -16,12 +16,14 @@
 //! `cowctl run` with jemalloc preloaded after libcow_preload (whose `malloc` comes first, so
 //! jemalloc is reached through `mallocx`/`dallocx`, as programs that link it do).
 
+use crate::bench::{median, us};
+use crate::recover_bench::{find, free_port};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -86,18 +88,6 @@ pub struct Report {
     pub jemalloc: Vec<JemallocRow>,
     /// Start-up costs, per program `none` first.
     pub startup: Vec<StartupRow>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn us(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1e6
 }
 
 /// `cowctl run`'s options for `backend` (`none`: not under cowctl run).
@@ -444,20 +434,6 @@ fn jemalloc_row(backend: &str) -> Result<JemallocRow> {
     serde_json::from_str(line).with_context(|| format!("bad worker output {line:?}"))
 }
 
-fn find(name: &str) -> Option<PathBuf> {
-    ["/usr/bin", "/usr/sbin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.exists())
-}
-
-/// A TCP port nobody listens on now.
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
-        .local_addr()?
-        .port())
-}
-
 /// Starts `argv` (plainly or under `cowctl run --backend`) and waits until it is ready: exited
 /// successfully, or (a server) answered `PING` on a fresh port of 127.0.0.1, then shut down.
 fn startup_once(argv: &[String], backend: &str, server: bool) -> Result<Duration> {
@@ -587,7 +563,7 @@ pub fn run(backends: &[String], json: bool) -> Result<()> {
         eprintln!("cowctl bench --programs: {JEMALLOC} missing (apt-get install libjemalloc2); no jemalloc rows");
     }
     let command = |name: &str, args: &[&str]| {
-        find(name).map(|p| {
+        find(name).ok().map(|p| {
             let mut v = vec![p.display().to_string()];
             v.extend(args.iter().map(|a| a.to_string()));
             v

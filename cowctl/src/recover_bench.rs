@@ -43,7 +43,8 @@ pub struct Row {
     pub restart_us: f64,
 }
 
-fn find(name: &str) -> Result<PathBuf> {
+/// Debian's `name` (redis-server, redis-benchmark, …), or why it is missing.
+pub(crate) fn find(name: &str) -> Result<PathBuf> {
     ["/usr/bin", "/usr/sbin", "/usr/local/bin"]
         .iter()
         .map(|d| PathBuf::from(d).join(name))
@@ -51,7 +52,8 @@ fn find(name: &str) -> Result<PathBuf> {
         .with_context(|| format!("{name} not found (apt-get install redis-server redis-tools)"))
 }
 
-fn free_port() -> Result<u16> {
+/// A TCP port of 127.0.0.1 nobody listens on now.
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
         .local_addr()?
         .port())
