@@ -93,17 +93,7 @@ pub(crate) const SPACE_OFFSET_MASK: u64 = (1 << 44) - 1;
 
 /// Reads `len` bytes at `addr` of process `pid`; returns how many could be read.
 pub(crate) fn read_remote(pid: i32, addr: u64, buf: &mut [u8]) -> usize {
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: reading into our own buffer from a process we trace.
-    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-    n.max(0) as usize
+    cow::read_process(pid, addr as usize, buf).max(0) as usize
 }
 
 /// Work for the store thread: one checkpoint.

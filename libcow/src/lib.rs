@@ -22,6 +22,7 @@ pub mod speculate;
 mod sys;
 /// CLOCK_MONOTONIC in nanoseconds (the clock cow.ko's snapshot times use).
 pub use sys::monotonic_ns;
+pub use sys::read_process;
 pub mod world;
 
 pub use cow_abi as abi;

@@ -67,3 +67,20 @@ pub(crate) fn write_stderr(bytes: &[u8]) {
     // SAFETY: writing a valid buffer to descriptor 2; errors are ignored (nowhere to report).
     unsafe { libc::syscall(libc::SYS_write, 2, bytes.as_ptr(), bytes.len()) };
 }
+
+/// `process_vm_readv` of `buf.len()` bytes at `addr` of process `pid` (this one included) into
+/// `buf`, in one iovec: the bytes read, or -1 with errno set. The kernel checks the remote
+/// range, so an unmapped address is an error (or a short read), never a fault.
+pub fn read_process(pid: i32, addr: usize, buf: &mut [u8]) -> isize {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` is `buf`, ours and writable for its length; the remote iovec is only
+    // read by the kernel, which checks it against `pid`'s mappings.
+    unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) }
+}

@@ -501,16 +501,7 @@ impl Backend for Fork {
     fn read(&self, id: u64, addr: usize, buf: &mut [u8]) -> Result<()> {
         let st = self.lock();
         let k = st.position(id)?;
-        let local = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        let remote = libc::iovec {
-            iov_base: addr as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
-        // SAFETY: reading `buf.len()` bytes of the snapshot's process into `buf`.
-        let n = unsafe { libc::process_vm_readv(st.snap(k).child, &local, 1, &remote, 1, 0) };
+        let n = crate::sys::read_process(st.snap(k).child, addr, buf);
         if n < 0 {
             return Err(Error::last_os(
                 "process_vm_readv from the snapshot's process",

@@ -243,7 +243,6 @@ struct Snap {
     /// region key → book block of `REGION` bytes: the region's contents at this snapshot,
     /// saved at its first write after it.
     log: PageTable,
-    regions: usize,
 }
 
 /// The state, in the book (a restore never rewinds it). Touched only with [`LOCK`] held.
@@ -254,7 +253,6 @@ struct State {
     /// The last generation handed out (generations are never reused before a shadow reset).
     last_gen: u16,
     regions_saved: u64,
-    regions_held: u64,
     snapshot_ns: u64,
     restore_ns: u64,
 }
@@ -369,7 +367,6 @@ pub unsafe extern "C" fn __cow_lmc_write(p: *mut u8, n: u64) {
                 // never cross pages), so it is readable; `block` is a fresh book block.
                 unsafe { std::ptr::copy_nonoverlapping(region as *const u8, block, REGION) };
                 log.log.insert(k, block as usize);
-                log.regions += 1;
                 saved += 1;
             }
             tag.store(gen, Ordering::Release);
@@ -377,7 +374,6 @@ pub unsafe extern "C" fn __cow_lmc_write(p: *mut u8, n: u64) {
         region = next;
     }
     st.regions_saved += saved;
-    st.regions_held += saved;
     SAVES.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -446,7 +442,6 @@ impl Lmc {
                 next_id: 1,
                 last_gen: 0,
                 regions_saved: 0,
-                regions_held: 0,
                 snapshot_ns: 0,
                 restore_ns: 0,
             }),
@@ -481,6 +476,16 @@ impl Lmc {
         __cow_lmc_gen.store(g, Ordering::Release);
     }
 
+    /// Pushes snapshot `id` with an empty log (memory equals it now) and starts a generation.
+    fn start_epoch(st: &mut State, id: u64) {
+        let s = book::leak(Snap {
+            id,
+            log: PageTable::default(),
+        });
+        st.snaps.push(s as *mut Snap as usize);
+        Self::new_generation(st);
+    }
+
     fn free_snap(st: &mut State, i: usize) {
         let p = st.snaps.as_slice()[i];
         // SAFETY: `p` is a live book-allocated Snap, removed from the list just below.
@@ -488,7 +493,6 @@ impl Lmc {
         for (_, block) in s.log.iter() {
             book::book().free(block as *mut u8, REGION);
         }
-        st.regions_held -= s.regions as u64;
         drop(s);
         book::book().free(p as *mut u8, std::mem::size_of::<Snap>());
         let rest: Vec<usize> = st.snaps.as_slice()[i + 1..].to_vec();
@@ -550,21 +554,8 @@ impl Backend for Lmc {
         if len == 0 {
             return Err(err("map", libc::EINVAL));
         }
-        // SAFETY: a fresh private anonymous mapping; instrumented writes to it are covered.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(err("map", libc::ENOMEM));
-        }
-        Ok(p.cast())
+        // Plain private memory: instrumented writes to it are covered.
+        super::shadow::map_anonymous(len)
     }
 
     fn snapshot(&self) -> Result<u64> {
@@ -574,13 +565,7 @@ impl Backend for Lmc {
         let st = unsafe { state() };
         let id = st.next_id;
         st.next_id += 1;
-        let s = book::leak(Snap {
-            id,
-            log: PageTable::default(),
-            regions: 0,
-        });
-        st.snaps.push(s as *mut Snap as usize);
-        Self::new_generation(st);
+        Self::start_epoch(st, id);
         st.snapshot_ns += crate::sys::monotonic_ns() - t;
         Ok(id)
     }
@@ -601,13 +586,7 @@ impl Backend for Lmc {
             Self::free_snap(st, st.snaps.len() - 1);
         }
         // S_k stays, with an empty log: memory equals it again.
-        let s = book::leak(Snap {
-            id,
-            log: PageTable::default(),
-            regions: 0,
-        });
-        st.snaps.push(s as *mut Snap as usize);
-        Self::new_generation(st);
+        Self::start_epoch(st, id);
         st.restore_ns += crate::sys::monotonic_ns() - t;
         Ok(())
     }
@@ -620,17 +599,13 @@ impl Backend for Lmc {
         if j > 0 {
             // Images S_j-1 lacks move down (the region did not change between the two).
             let moved: Vec<(usize, usize)> = snap(st, j).log.iter().collect();
-            let mut kept = 0;
             for (k, block) in moved {
                 let older = snap(st, j - 1);
                 if older.log.get(k).is_none() {
                     older.log.insert(k, block);
-                    older.regions += 1;
-                    kept += 1;
                     snap(st, j).log.remove(k);
                 }
             }
-            snap(st, j).regions -= kept;
         }
         Self::free_snap(st, j);
         if st.snaps.is_empty() {
@@ -649,19 +624,8 @@ impl Backend for Lmc {
             .checked_add(buf.len())
             .ok_or(err("read", libc::EFAULT))?;
         // The current bytes first (EFAULT if any is unmapped), then the images over them.
-        let local = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        let remote = libc::iovec {
-            iov_base: addr as *mut libc::c_void,
-            iov_len: buf.len(),
-        };
         if !buf.is_empty() {
-            // SAFETY: `buf` is ours; the kernel checks the remote range.
-            let n = unsafe {
-                libc::process_vm_readv(std::process::id() as i32, &local, 1, &remote, 1, 0)
-            };
+            let n = crate::sys::read_process(std::process::id() as i32, addr, buf);
             if n != buf.len() as isize {
                 return Err(err("read", libc::EFAULT));
             }
@@ -714,7 +678,9 @@ impl Backend for Lmc {
             snapshots: st.snaps.len() as u64,
             write_faults: SAVES.load(Ordering::Relaxed),
             pages_saved: st.regions_saved * REGION as u64 / 4096,
-            bytes_held: st.regions_held * REGION as u64,
+            bytes_held: (0..st.snaps.len())
+                .map(|i| snap(st, i).log.len() as u64 * REGION as u64)
+                .sum(),
             snapshot_ns: st.snapshot_ns,
             restore_ns: st.restore_ns,
             precopied: 0,
