@@ -168,6 +168,9 @@ fn run(state: &'static State, cfg: Config, snapshot: fn() -> i64, drop: fn(i64) 
         let id = snapshot();
         let took = monotonic_ns() - t0;
         if id < 0 {
+            if state.stop.load(Ordering::Acquire) {
+                return; // withdrawn because the program is exiting: not a failure
+            }
             state.failures.fetch_add(1, Ordering::Relaxed);
             state.last_errno.store(-id as u64, Ordering::Relaxed);
             continue;
@@ -192,13 +195,20 @@ pub fn running() -> bool {
     STATE.get().is_some()
 }
 
+/// Whether [`stop`] was called: a snapshot that waits on the program should give up.
+pub fn stopping() -> bool {
+    STATE.get().is_some_and(|s| s.stop.load(Ordering::Acquire))
+}
+
 /// Stops the checkpointer (waiting for a checkpoint in progress) and sums up what it did.
 /// `None` if it was never started.
 pub fn stop() -> Option<Summary> {
     let state = STATE.get()?;
     {
-        let _busy = state.busy.lock().unwrap_or_else(|e| e.into_inner());
+        // The flag first: a checkpoint in progress that waits on the program (lmc's safe
+        // points) gives up when it sees it, and the thread cannot take the lock again first.
         state.stop.store(true, Ordering::Release);
+        let _busy = state.busy.lock().unwrap_or_else(|e| e.into_inner());
     }
     Some(summary(state))
 }
