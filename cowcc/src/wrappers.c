@@ -46,10 +46,30 @@ void __real_qsort(void *, size_t, size_t, int (*)(const void *, const void *));
 int __real_vsprintf(char *, const char *, va_list);
 int __real_vsnprintf(char *, size_t, const char *, va_list);
 
+/* libcow's generation and shadow tags (one per 128-byte region; see libcow's lmc.rs). */
+extern uint16_t __cow_lmc_gen;
+extern uint16_t *__cow_lmc_shadow;
+#define REGION_SHIFT 7
+
+/* Saves [p, p + n) before libc writes it: the slow path only if some region of it is not
+ * tagged with the current generation yet (the pass's own inlined check, for ranges). */
 static void save(void *p, size_t n)
 {
-	if (p && n)
-		__cow_lmc_write(p, n);
+	if (!p || !n)
+		return;
+	uint16_t gen = __atomic_load_n(&__cow_lmc_gen, __ATOMIC_ACQUIRE);
+	uint16_t *tags = __atomic_load_n(&__cow_lmc_shadow, __ATOMIC_ACQUIRE);
+	if (gen == 0 || !tags)
+		return;
+	uintptr_t first = (uintptr_t)p >> REGION_SHIFT, last = ((uintptr_t)p + n - 1) >> REGION_SHIFT;
+	if (last - first < 64) {
+		for (uintptr_t r = first; r <= last; r++)
+			if (__atomic_load_n(&tags[r], __ATOMIC_RELAXED) != gen)
+				goto slow;
+		return;
+	}
+slow:
+	__cow_lmc_write(p, n);
 }
 
 static void save_iov(const struct iovec *iov, int n)
@@ -240,14 +260,15 @@ int __wrap_munmap(void *addr, size_t len)
 /*
  * The program's heap. glibc's allocator keeps its metadata where only uninstrumented code
  * writes it, so a restore would leave it disagreeing with the restored program. This one is
- * small and saves every byte it writes first: size classes of powers of two carved from one
- * MAP_NORESERVE reservation (never unmapped, so a restore never writes into a hole), a free
+ * small and saves every byte it writes first: size classes (16-byte steps up to 512 bytes,
+ * powers of two above: power-of-two classes alone doubled a Lua heap's footprint and its cache
+ * misses) carved from one MAP_NORESERVE reservation (never unmapped, so a restore never writes into a hole), a free
  * list per class whose links live in the free blocks. Blocks from libc's own allocations
  * (strdup inside libc, fopen, getline) stay glibc's and are handed back to it.
  */
 #define HEAP_BYTES (64ull << 30)
-#define MIN_SHIFT 5
-#define CLASSES 32
+#define SMALL_CLASSES 32 /* 16, 32, ..., 512 bytes */
+#define CLASSES 64
 #define MAGIC 0xc0c0000000000000ull
 
 /* Saved before every write (so a restore rewinds it with the blocks). */
@@ -280,16 +301,29 @@ static int ours(const void *p)
 	return heap_base && (const char *)p >= heap_base && (const char *)p < heap_base + HEAP_BYTES;
 }
 
+static int class_of(size_t need)
+{
+	if (need <= 512)
+		return (int)((need + 15) / 16) - 1;
+	int cls = SMALL_CLASSES;
+	while (((size_t)1024 << (cls - SMALL_CLASSES)) < need)
+		cls++;
+	return cls;
+}
+
+static size_t class_bytes(int cls)
+{
+	return cls < SMALL_CLASSES ? (size_t)(cls + 1) * 16 : (size_t)1024 << (cls - SMALL_CLASSES);
+}
+
 /* Header before every user pointer: class | MAGIC, then the block's start. */
 static void *carve(size_t size, size_t align)
 {
 	if (size > (1ull << 34) || align > 4096)
 		return NULL;
 	size_t need = size + 16 + (align > 16 ? align : 0);
-	int cls = 0;
-	while (((size_t)1 << (cls + MIN_SHIFT)) < need)
-		cls++;
-	size_t bytes = (size_t)1 << (cls + MIN_SHIFT);
+	int cls = class_of(need);
+	size_t bytes = class_bytes(cls);
 	lock();
 	if (!heap_base) {
 		void *b = __real_mmap(NULL, HEAP_BYTES, PROT_READ | PROT_WRITE,
@@ -309,9 +343,9 @@ static void *carve(size_t size, size_t align)
 		save(&heap.free[cls], sizeof heap.free[cls]);
 		heap.free[cls] = *(void **)blk;
 	} else {
-		char *start = (char *)(((uintptr_t)heap.bump + bytes - 1) & ~(uintptr_t)(bytes - 1));
-		if (bytes > 4096)
-			start = (char *)(((uintptr_t)heap.bump + 4095) & ~(uintptr_t)4095);
+		/* 16-aligned; larger blocks at their power of two (up to a page) */
+		uintptr_t to = bytes >= 4096 ? 4096 : cls < SMALL_CLASSES ? 16 : bytes;
+		char *start = (char *)(((uintptr_t)heap.bump + to - 1) & ~(to - 1));
 		if (start + bytes > heap_base + HEAP_BYTES) {
 			unlock();
 			return NULL;
@@ -333,7 +367,7 @@ static void *carve(size_t size, size_t align)
 static size_t usable(const void *p)
 {
 	const uint64_t *h = (const uint64_t *)p - 2;
-	size_t bytes = (size_t)1 << ((h[0] & 0xff) + MIN_SHIFT);
+	size_t bytes = class_bytes((int)(h[0] & 0xff));
 	return bytes - (size_t)((const char *)p - (const char *)(uintptr_t)h[1]);
 }
 

@@ -7,6 +7,7 @@ mod exit;
 mod gdbserver;
 mod inject;
 mod live;
+mod lmc_bench;
 mod program;
 mod program_bench;
 mod record;
@@ -104,7 +105,7 @@ enum Command {
         /// mprotect (no module: every private writable mapping but stacks), lmc (a program
         /// compiled with cowcc; --every checkpoints at its safe points), auto (kmod if
         /// loaded, else uffd, else mprotect).
-        #[arg(long, default_value = "kmod", value_parser = PossibleValuesParser::new(["kmod", "uffd", "mprotect", "lmc", "auto"]))]
+        #[arg(long, default_value = "kmod", value_parser = PossibleValuesParser::new(["kmod", "uffd", "mprotect", "fork", "lmc", "auto"]))]
         backend: String,
         /// Size of the covered heap in MiB (virtual; pages are allocated at first touch), at
         /// least 64.
@@ -113,10 +114,11 @@ enum Command {
         /// Speculative pre-copy policy for the program's snapshots.
         #[arg(long, value_parser = PossibleValuesParser::new(policy_names()))]
         speculate: Option<String>,
-        /// Snapshot the program every MS milliseconds (a libcow thread in the program); a
-        /// summary of what the checkpoints cost is printed at exit.
-        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
-        every: Option<u64>,
+        /// Snapshot the program every MS milliseconds (fractions allowed, at least 0.05; a
+        /// libcow thread in the program); a summary of what the checkpoints cost is printed at
+        /// exit.
+        #[arg(long, value_name = "MS", value_parser = every_ms)]
+        every: Option<f64>,
         /// With --every: snapshots kept (older ones are dropped).
         #[arg(long, value_name = "N", requires = "every", value_parser = at_least_one)]
         keep: Option<usize>,
@@ -192,7 +194,7 @@ enum Command {
     },
     /// Measure snapshot, restore and first-write costs per backend against memcpy of a page.
     #[command(
-        after_help = "Examples:\n  cowctl bench\n  cowctl bench --size 16 --dirty-pages 64 --json\n  cowctl bench --recover --backends uffd,mprotect --json\n  cowctl bench --programs --backends kmod   (jemalloc workload, start-up of python3/perl/redis)"
+        after_help = "Examples:\n  cowctl bench\n  cowctl bench --size 16 --dirty-pages 64 --json\n  cowctl bench --recover --backends uffd,mprotect --json\n  cowctl bench --programs --backends kmod   (jemalloc workload, start-up of python3/perl/redis)\n  cowctl bench --lmc --json   (Lua built with cowcc vs page-granular; scripts/lua builds it)\n  cowctl bench --lmc --hz 0,1000 --backends uffd --quick"
     )]
     Bench {
         /// Backends to measure, comma-separated (default: every one available here).
@@ -247,6 +249,20 @@ enum Command {
         /// `cowctl run` against without it.
         #[arg(long, conflicts_with_all = ["speculate", "record", "recover"])]
         programs: bool,
+        /// Instead: compiler-instrumented checkpoints (lmc: Lua 5.4 built with cowcc) against
+        /// the page-granular backends (the same Lua built plainly) on binary-trees, n-body and
+        /// string building, at each --hz: slowdown, checkpoints, snapshot and restore µs,
+        /// memory overhead. Needs scripts/lua's interpreters next to cowctl.
+        #[arg(long, conflicts_with_all = ["speculate", "record", "recover", "programs"])]
+        lmc: bool,
+        /// With --lmc: checkpoint frequencies in Hz, comma-separated (0: covered, never
+        /// checkpointed; for lmc the instrumentation alone).
+        #[arg(long, value_delimiter = ',', default_value = "0,100,1000,10000", requires = "lmc",
+              value_parser = hz)]
+        hz: Vec<f64>,
+        /// With --lmc: small workloads (tests, TCG guests).
+        #[arg(long, requires = "lmc")]
+        quick: bool,
         /// With --speculate: only these workloads, comma-separated.
         #[arg(long, value_delimiter = ',', requires = "speculate",
               value_parser = PossibleValuesParser::new(["stable", "drifting", "random", "perl-kv"]))]
@@ -431,7 +447,16 @@ fn parse_size(s: &str) -> Result<u64, String> {
     }
 }
 
-/// `--every` of `cowctl record`: milliseconds, at least 0.05.
+/// `--hz` of `cowctl bench --lmc`: 0 (no checkpoints) up to 20 000 (every 0.05 ms).
+fn hz(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(hz) if (0.0..=20_000.0).contains(&hz) => Ok(hz),
+        Ok(_) => Err("must be between 0 and 20000".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `--every` of `cowctl record` and `cowctl run`: milliseconds, at least 0.05.
 fn every_ms(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(ms) if ms >= 0.05 && ms.is_finite() => Ok(ms),
@@ -596,6 +621,19 @@ fn main() -> ExitCode {
             };
             recover_bench::run(&backends, json)
         }
+        Command::Bench {
+            lmc: true,
+            backends,
+            hz,
+            quick,
+            json,
+            ..
+        } => lmc_bench::run(&lmc_bench::Config {
+            backends: bench::default_backends(backends),
+            hz,
+            quick,
+            json,
+        }),
         Command::Bench {
             programs: true,
             backends,

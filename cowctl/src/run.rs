@@ -108,7 +108,7 @@ pub struct Options {
     /// Speculation policy for its snapshots.
     pub speculate: Option<String>,
     /// Periodic snapshots every this many ms.
-    pub every_ms: Option<u64>,
+    pub every_ms: Option<f64>,
     /// Periodic snapshots kept.
     pub keep: Option<usize>,
     /// Where libcow_preload writes its JSON report at exit.
@@ -176,8 +176,9 @@ pub fn choose_backend(name: &str) -> Result<&'static str> {
         "kmod" => "kmod",
         "uffd" => "uffd",
         "mprotect" => "mprotect",
+        "fork" => "fork",
         "lmc" => "lmc",
-        other => bail!("unknown backend {other:?} (kmod, uffd, mprotect, lmc, auto)"),
+        other => bail!("unknown backend {other:?} (kmod, uffd, mprotect, fork, lmc, auto)"),
     };
     match name {
         "kmod" => drop(cow::Cow::open()?),

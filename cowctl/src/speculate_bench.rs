@@ -245,7 +245,7 @@ fn worker(spec: &str) -> Result<()> {
 
 /// The real program's script, and how often it is checkpointed.
 pub(crate) const KV_SCRIPT: &str = include_str!("workloads/kv.pl");
-const KV_EVERY_MS: u64 = 10;
+const KV_EVERY_MS: f64 = 10.0;
 
 /// Runs the perl workload once under `cowctl run --every` with `policy` (`record`: also write
 /// the epochs' write sets there; an oracle replays `replay`). Returns the row and the

@@ -40,13 +40,13 @@ pub struct Config {
 impl Config {
     /// The configuration `cowctl run --every MS [--keep N]` passes, if any.
     pub fn from_env() -> Option<Config> {
-        let ms: u64 = crate::sys::env_var("COW_CHECKPOINT_MS")?.parse().ok()?;
+        let ms: f64 = crate::sys::env_var("COW_CHECKPOINT_MS")?.parse().ok()?;
         let keep = crate::sys::env_var("COW_CHECKPOINT_KEEP")
             .and_then(|k| k.parse().ok())
             .unwrap_or(8usize)
             .max(1);
-        (ms > 0).then_some(Config {
-            every: Duration::from_millis(ms),
+        (ms > 0.0 && ms.is_finite()).then(|| Config {
+            every: Duration::from_secs_f64(ms / 1e3),
             keep,
             warm_up: true,
         })
@@ -76,6 +76,8 @@ struct State {
     snapshots: AtomicU64,
     failures: AtomicU64,
     last_errno: AtomicU64,
+    /// The newest checkpoint kept (0: none yet).
+    newest: AtomicU64,
     /// Held while a checkpoint is in progress, so that `stop` waits for it.
     busy: Mutex<()>,
     /// Set by the thread once its warm-up checkpoint is done.
@@ -101,6 +103,7 @@ pub fn start(cfg: Config, snapshot: fn() -> i64, drop: fn(i64) -> i32) -> std::i
         snapshots: AtomicU64::new(0),
         failures: AtomicU64::new(0),
         last_errno: AtomicU64::new(0),
+        newest: AtomicU64::new(0),
         busy: Mutex::new(()),
         ready: AtomicBool::new(false),
         samples,
@@ -162,14 +165,14 @@ fn run(state: &'static State, cfg: Config, snapshot: fn() -> i64, drop: fn(i64) 
         next = (next + period).max(now + period / 2);
         let _busy = state.busy.lock().unwrap_or_else(|e| e.into_inner());
         if state.stop.load(Ordering::Acquire) {
-            return;
+            break;
         }
         let t0 = monotonic_ns();
         let id = snapshot();
         let took = monotonic_ns() - t0;
         if id < 0 {
             if state.stop.load(Ordering::Acquire) {
-                return; // withdrawn because the program is exiting: not a failure
+                break; // withdrawn because the program is exiting: not a failure
             }
             state.failures.fetch_add(1, Ordering::Relaxed);
             state.last_errno.store(-id as u64, Ordering::Relaxed);
@@ -187,12 +190,25 @@ fn run(state: &'static State, cfg: Config, snapshot: fn() -> i64, drop: fn(i64) 
         }
         kept[(head + len) % kept.len()] = id;
         len += 1;
+        state.newest.store(id as u64, Ordering::Release);
+    }
+    // Stopped (the process is exiting): idle until it ends rather than exit, so the thread set
+    // stays the one the checkpoints saw (uffd and mprotect refuse a restore across a change).
+    loop {
+        std::thread::park();
     }
 }
 
 /// Whether the checkpointer thread was started in this process.
 pub fn running() -> bool {
     STATE.get().is_some()
+}
+
+/// The newest checkpoint the checkpointer took and still keeps (unless the program restored to
+/// an older one or dropped it since).
+pub fn newest() -> Option<u64> {
+    let id = STATE.get()?.newest.load(Ordering::Acquire);
+    (id > 0).then_some(id)
 }
 
 /// Whether [`stop`] was called: a snapshot that waits on the program should give up.

@@ -98,6 +98,7 @@ fn in_process_backend() -> Option<&'static std::ffi::CStr> {
     match raw::env_bytes(c"COW_BACKEND")? {
         b"uffd" => Some(c"uffd"),
         b"mprotect" => Some(c"mprotect"),
+        b"fork" => Some(c"fork"),
         _ => None,
     }
 }

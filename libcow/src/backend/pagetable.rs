@@ -89,11 +89,6 @@ impl PageTable {
         Some(value)
     }
 
-    /// How many pages it holds.
-    pub fn len(&self) -> usize {
-        self.used
-    }
-
     /// Every `(page, value)`, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         self.slots.as_slice().iter().copied().filter(|e| e.0 != 0)
