@@ -4,6 +4,7 @@ mod backends;
 mod checkpoint;
 mod device;
 mod hardening;
+mod lmc;
 mod mappings;
 mod preload;
 mod recover;
@@ -28,6 +29,7 @@ pub fn all() -> Vec<Test> {
     v.extend(checkpoint::tests());
     v.extend(timetravel::tests());
     v.extend(recover::tests());
+    v.extend(lmc::tests());
     v
 }
 
