@@ -111,6 +111,7 @@ pub fn start(cfg: Config, snapshot: fn() -> i64, drop: fn(i64) -> i32) -> std::i
     if STATE.set(state).is_err() {
         return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
     }
+    crate::report::remember_exit_status();
     std::thread::Builder::new()
         .name("cow-checkpoint".into())
         .spawn(move || {

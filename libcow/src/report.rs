@@ -87,8 +87,34 @@ pub fn write_at_exit() {
     }
 }
 
+/// The status the program passed to `exit` (see [`remember_exit_status`]).
+static EXIT_STATUS: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" {
+    /// glibc's `on_exit`: like `atexit`, but the handler receives the exit status.
+    fn on_exit(
+        handler: extern "C" fn(libc::c_int, *mut libc::c_void),
+        arg: *mut libc::c_void,
+    ) -> libc::c_int;
+}
+
+extern "C" fn note_exit_status(status: libc::c_int, _arg: *mut libc::c_void) {
+    EXIT_STATUS.store(status, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// With `COW_BENCH_RESTORE_AT_EXIT`, remembers the program's exit status, so the process that
+/// ends in [`restore_then_exit`] exits with it. Called when the checkpointer starts (after
+/// libc's own exit handlers are registered, so this one runs before the report).
+pub fn remember_exit_status() {
+    if crate::sys::env_var("COW_BENCH_RESTORE_AT_EXIT").is_some() {
+        // SAFETY: registering a handler that only stores an integer.
+        unsafe { on_exit(note_exit_status, std::ptr::null_mut()) };
+    }
+}
+
 /// `COW_BENCH_RESTORE_AT_EXIT`: restores checkpoint `id`, times it, writes the report `text`
-/// (a JSON object) with `restore_at_exit_us` added to `path`, and ends the process. After the
+/// (a JSON object) with `restore_at_exit_us` added to `path`, and ends the process with the
+/// program's exit status (125 if the restore failed). After the
 /// restore the process's covered memory — its heap, libc's state, this very `text` — is as it
 /// was at the checkpoint, so nothing from before may be trusted: the file is opened and the
 /// text copied to uncovered memory first, and afterwards only system calls run.
@@ -126,7 +152,13 @@ fn restore_then_exit(id: u64, path: &str, text: &str) -> ! {
         unsafe { libc::write(fd, part.as_ptr().cast(), part.len()) };
     }
     // SAFETY: ends the process without running more of its (rewound) exit path.
-    unsafe { libc::_exit(if rc == 0 { 0 } else { 1 }) }
+    unsafe {
+        libc::_exit(if rc == 0 {
+            EXIT_STATUS.load(std::sync::atomic::Ordering::Relaxed)
+        } else {
+            125
+        })
+    }
 }
 
 /// A few formatted bytes in a stack buffer.

@@ -2,12 +2,55 @@
  * A minimal Lua 5.4 interpreter (the lua-src crate ships the library, not lua.c): runs
  * SCRIPT with the global table `arg` = {ARGS...} and exits 0, or prints the error and exits 1.
  * scripts/lua builds it twice, with cowcc and with plain clang, for `cowctl bench --lmc`.
+ * The script is read with read(2), not stdio: under the mprotect backend the kernel cannot
+ * write into a write-protected page, and only the program's own read calls are made to
+ * prepare their buffers (libc's internal ones inside fread are not).
  * Usage: lua_run SCRIPT.lua [ARGS...]
  */
 #include <lauxlib.h>
 #include <lua.h>
 #include <lualib.h>
+#include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+/* The whole file, NUL-terminated, or NULL. */
+static char *slurp(const char *path, size_t *len)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return NULL;
+	size_t cap = 1 << 16, n = 0;
+	char *buf = malloc(cap);
+	for (;;) {
+		if (!buf)
+			break;
+		if (n + 1 == cap) {
+			char *bigger = realloc(buf, cap *= 2);
+			if (!bigger) {
+				free(buf);
+				buf = NULL;
+				break;
+			}
+			buf = bigger;
+		}
+		ssize_t got = read(fd, buf + n, cap - 1 - n);
+		if (got < 0) {
+			free(buf);
+			buf = NULL;
+			break;
+		}
+		if (got == 0) {
+			buf[n] = 0;
+			*len = n;
+			break;
+		}
+		n += (size_t)got;
+	}
+	close(fd);
+	return buf;
+}
 
 int main(int argc, char **argv)
 {
@@ -25,7 +68,15 @@ int main(int argc, char **argv)
 		lua_rawseti(L, -2, i - 1);
 	}
 	lua_setglobal(L, "arg");
-	if (luaL_dofile(L, argv[1]) != LUA_OK) {
+	size_t len = 0;
+	char *script = slurp(argv[1], &len);
+	if (!script) {
+		fprintf(stderr, "%s: cannot read %s\n", argv[0], argv[1]);
+		return 1;
+	}
+	char name[4096];
+	snprintf(name, sizeof name, "@%s", argv[1]);
+	if (luaL_loadbuffer(L, script, len, name) != LUA_OK || lua_pcall(L, 0, LUA_MULTRET, 0) != LUA_OK) {
 		fprintf(stderr, "%s: %s\n", argv[0], lua_tostring(L, -1));
 		lua_close(L);
 		return 1;
