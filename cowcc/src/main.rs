@@ -32,8 +32,9 @@ of cowcc itself, cargo's target/release).";
 /// libc functions that write the caller's memory: a program's references to them are wrapped
 /// (`-Wl,--wrap`), and the wrappers in `src/wrappers.c` save the bytes first.
 /// (The heap functions: the wrappers' allocator saves its own metadata too; `mmap`/`munmap`:
-/// shared mappings are not covered.)
-const WRAPPED: [&str; 35] = [
+/// shared mappings are not covered; `pthread_create`: a program with threads gathers them at
+/// safe points for its own snapshots.)
+const WRAPPED: [&str; 36] = [
     "read",
     "pread",
     "readv",
@@ -69,6 +70,7 @@ const WRAPPED: [&str; 35] = [
     "strndup",
     "mmap",
     "munmap",
+    "pthread_create",
 ];
 
 /// The wrappers' static library, built by build.rs.

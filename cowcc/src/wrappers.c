@@ -7,6 +7,7 @@
  * or other uninstrumented libraries are not seen (documented).
  */
 #define _GNU_SOURCE
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -51,12 +52,53 @@ extern uint16_t __cow_lmc_gen;
 extern uint16_t *__cow_lmc_shadow;
 #define REGION_SHIFT 7
 
+/*
+ * The ranges this thread's wrapper call saved, until it returns. A checkpoint with several
+ * threads may park this thread inside the call — at a system call, which may be the very write
+ * (read) — and then saves these ranges again in the new generation (libcow's lmc_cut.rs).
+ */
+#define MAX_CALL_RANGES 8
+static __thread struct {
+	uintptr_t range[2 * MAX_CALL_RANGES];
+	unsigned n; /* may exceed MAX_CALL_RANGES: then the call cannot be parked in */
+} call;
+
+/* Every wrapper starts with CALL_SCOPE: the ranges it saves are forgotten when it returns. */
+static void end_call(unsigned *before)
+{
+	call.n = *before;
+}
+#define CALL_SCOPE unsigned call_scope __attribute__((cleanup(end_call))) = call.n
+
+/* For libcow, from any context (a signal handler included): this thread's call ranges. */
+static size_t call_ranges(uintptr_t *out, size_t cap)
+{
+	unsigned n = __atomic_load_n(&call.n, __ATOMIC_RELAXED);
+	if (n > MAX_CALL_RANGES || n > cap)
+		return (size_t)-1;
+	for (unsigned i = 0; i < 2 * n; i++)
+		out[i] = call.range[i];
+	return n;
+}
+
+void __cow_lmc_ranges_hook(size_t (*hook)(uintptr_t *, size_t));
+
+__attribute__((constructor)) static void register_call_ranges(void)
+{
+	__cow_lmc_ranges_hook(call_ranges);
+}
+
 /* Saves [p, p + n) before libc writes it: the slow path only if some region of it is not
  * tagged with the current generation yet (the pass's own inlined check, for ranges). */
 static void save(void *p, size_t n)
 {
 	if (!p || !n)
 		return;
+	if (call.n < MAX_CALL_RANGES) {
+		call.range[2 * call.n] = (uintptr_t)p;
+		call.range[2 * call.n + 1] = n;
+	}
+	__atomic_store_n(&call.n, call.n + 1, __ATOMIC_RELAXED);
 	uint16_t gen = __atomic_load_n(&__cow_lmc_gen, __ATOMIC_ACQUIRE);
 	uint16_t *tags = __atomic_load_n(&__cow_lmc_shadow, __ATOMIC_ACQUIRE);
 	if (gen == 0 || !tags)
@@ -80,30 +122,35 @@ static void save_iov(const struct iovec *iov, int n)
 
 ssize_t __wrap_read(int fd, void *buf, size_t n)
 {
+	CALL_SCOPE;
 	save(buf, n);
 	return __real_read(fd, buf, n);
 }
 
 ssize_t __wrap_pread(int fd, void *buf, size_t n, off_t off)
 {
+	CALL_SCOPE;
 	save(buf, n);
 	return __real_pread(fd, buf, n, off);
 }
 
 ssize_t __wrap_readv(int fd, const struct iovec *iov, int n)
 {
+	CALL_SCOPE;
 	save_iov(iov, n);
 	return __real_readv(fd, iov, n);
 }
 
 ssize_t __wrap_preadv(int fd, const struct iovec *iov, int n, off_t off)
 {
+	CALL_SCOPE;
 	save_iov(iov, n);
 	return __real_preadv(fd, iov, n, off);
 }
 
 ssize_t __wrap_recv(int fd, void *buf, size_t n, int flags)
 {
+	CALL_SCOPE;
 	save(buf, n);
 	return __real_recv(fd, buf, n, flags);
 }
@@ -111,6 +158,7 @@ ssize_t __wrap_recv(int fd, void *buf, size_t n, int flags)
 ssize_t __wrap_recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr *addr,
 			socklen_t *len)
 {
+	CALL_SCOPE;
 	save(buf, n);
 	if (addr && len) {
 		save(addr, *len);
@@ -121,6 +169,7 @@ ssize_t __wrap_recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr 
 
 ssize_t __wrap_recvmsg(int fd, struct msghdr *msg, int flags)
 {
+	CALL_SCOPE;
 	if (msg) {
 		save(msg, sizeof *msg);
 		save_iov(msg->msg_iov, (int)msg->msg_iovlen);
@@ -132,6 +181,7 @@ ssize_t __wrap_recvmsg(int fd, struct msghdr *msg, int flags)
 
 size_t __wrap_fread(void *p, size_t size, size_t n, FILE *f)
 {
+	CALL_SCOPE;
 	if (size && n <= SIZE_MAX / size)
 		save(p, size * n);
 	return __real_fread(p, size, n, f);
@@ -139,6 +189,7 @@ size_t __wrap_fread(void *p, size_t size, size_t n, FILE *f)
 
 char *__wrap_fgets(char *s, int n, FILE *f)
 {
+	CALL_SCOPE;
 	if (n > 0)
 		save(s, (size_t)n);
 	return __real_fgets(s, n, f);
@@ -146,54 +197,63 @@ char *__wrap_fgets(char *s, int n, FILE *f)
 
 char *__wrap_strcpy(char *d, const char *s)
 {
+	CALL_SCOPE;
 	save(d, strlen(s) + 1);
 	return __real_strcpy(d, s);
 }
 
 char *__wrap_stpcpy(char *d, const char *s)
 {
+	CALL_SCOPE;
 	save(d, strlen(s) + 1);
 	return __real_stpcpy(d, s);
 }
 
 char *__wrap_strncpy(char *d, const char *s, size_t n)
 {
+	CALL_SCOPE;
 	save(d, n);
 	return __real_strncpy(d, s, n);
 }
 
 char *__wrap_strcat(char *d, const char *s)
 {
+	CALL_SCOPE;
 	save(d, strlen(d) + strlen(s) + 1);
 	return __real_strcat(d, s);
 }
 
 char *__wrap_strncat(char *d, const char *s, size_t n)
 {
+	CALL_SCOPE;
 	save(d, strlen(d) + strnlen(s, n) + 1);
 	return __real_strncat(d, s, n);
 }
 
 void *__wrap_memcpy(void *d, const void *s, size_t n)
 {
+	CALL_SCOPE;
 	save(d, n);
 	return __real_memcpy(d, s, n);
 }
 
 void *__wrap_memmove(void *d, const void *s, size_t n)
 {
+	CALL_SCOPE;
 	save(d, n);
 	return __real_memmove(d, s, n);
 }
 
 void *__wrap_memset(void *d, int c, size_t n)
 {
+	CALL_SCOPE;
 	save(d, n);
 	return __real_memset(d, c, n);
 }
 
 void __wrap_qsort(void *base, size_t n, size_t size, int (*cmp)(const void *, const void *))
 {
+	CALL_SCOPE;
 	if (size && n <= SIZE_MAX / size)
 		save(base, n * size);
 	__real_qsort(base, n, size, cmp);
@@ -201,6 +261,7 @@ void __wrap_qsort(void *base, size_t n, size_t size, int (*cmp)(const void *, co
 
 int __wrap_vsprintf(char *buf, const char *fmt, va_list ap)
 {
+	CALL_SCOPE;
 	va_list probe;
 	va_copy(probe, ap);
 	int need = __real_vsnprintf(NULL, 0, fmt, probe);
@@ -212,6 +273,7 @@ int __wrap_vsprintf(char *buf, const char *fmt, va_list ap)
 
 int __wrap_vsnprintf(char *buf, size_t n, const char *fmt, va_list ap)
 {
+	CALL_SCOPE;
 	va_list probe;
 	va_copy(probe, ap);
 	int need = __real_vsnprintf(NULL, 0, fmt, probe);
@@ -223,6 +285,7 @@ int __wrap_vsnprintf(char *buf, size_t n, const char *fmt, va_list ap)
 
 int __wrap_sprintf(char *buf, const char *fmt, ...)
 {
+	CALL_SCOPE;
 	va_list ap;
 	va_start(ap, fmt);
 	int r = __wrap_vsprintf(buf, fmt, ap);
@@ -232,6 +295,7 @@ int __wrap_sprintf(char *buf, const char *fmt, ...)
 
 int __wrap_snprintf(char *buf, size_t n, const char *fmt, ...)
 {
+	CALL_SCOPE;
 	va_list ap;
 	va_start(ap, fmt);
 	int r = __wrap_vsnprintf(buf, n, fmt, ap);
@@ -245,6 +309,7 @@ int __wrap_snprintf(char *buf, size_t n, const char *fmt, ...)
  */
 void *__wrap_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
+	CALL_SCOPE;
 	void *p = __real_mmap(addr, len, prot, flags, fd, off);
 	if (p != MAP_FAILED && (flags & MAP_SHARED))
 		__cow_lmc_exclude(p, len);
@@ -253,6 +318,7 @@ void *__wrap_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off
 
 int __wrap_munmap(void *addr, size_t len)
 {
+	CALL_SCOPE;
 	__cow_lmc_include(addr, len);
 	return __real_munmap(addr, len);
 }
@@ -373,11 +439,13 @@ static size_t usable(const void *p)
 
 void *__wrap_malloc(size_t n)
 {
+	CALL_SCOPE;
 	return carve(n, 16);
 }
 
 void __wrap_free(void *p)
 {
+	CALL_SCOPE;
 	if (!p)
 		return;
 	if (!ours(p)) {
@@ -397,6 +465,7 @@ void __wrap_free(void *p)
 
 void *__wrap_calloc(size_t n, size_t size)
 {
+	CALL_SCOPE;
 	if (size && n > SIZE_MAX / size)
 		return NULL;
 	void *p = carve(n * size, 16);
@@ -409,6 +478,7 @@ void *__wrap_calloc(size_t n, size_t size)
 
 void *__wrap_realloc(void *p, size_t n)
 {
+	CALL_SCOPE;
 	if (!p)
 		return carve(n, 16);
 	size_t old = ours(p) ? usable(p) : __real_malloc_usable_size(p);
@@ -426,6 +496,7 @@ void *__wrap_realloc(void *p, size_t n)
 
 void *__wrap_reallocarray(void *p, size_t n, size_t size)
 {
+	CALL_SCOPE;
 	if (size && n > SIZE_MAX / size)
 		return NULL;
 	return __wrap_realloc(p, n * size);
@@ -433,6 +504,7 @@ void *__wrap_reallocarray(void *p, size_t n, size_t size)
 
 int __wrap_posix_memalign(void **out, size_t align, size_t n)
 {
+	CALL_SCOPE;
 	if (align < sizeof(void *) || (align & (align - 1)))
 		return 22; /* EINVAL */
 	void *p = carve(n, align);
@@ -445,21 +517,25 @@ int __wrap_posix_memalign(void **out, size_t align, size_t n)
 
 void *__wrap_aligned_alloc(size_t align, size_t n)
 {
+	CALL_SCOPE;
 	return (align & (align - 1)) ? NULL : carve(n, align);
 }
 
 void *__wrap_memalign(size_t align, size_t n)
 {
+	CALL_SCOPE;
 	return (align & (align - 1)) ? NULL : carve(n, align);
 }
 
 size_t __wrap_malloc_usable_size(void *p)
 {
+	CALL_SCOPE;
 	return !p ? 0 : ours(p) ? usable(p) : __real_malloc_usable_size(p);
 }
 
 char *__wrap_strdup(const char *s)
 {
+	CALL_SCOPE;
 	size_t n = strlen(s) + 1;
 	char *p = carve(n, 16);
 	if (p) {
@@ -471,6 +547,7 @@ char *__wrap_strdup(const char *s)
 
 char *__wrap_strndup(const char *s, size_t max)
 {
+	CALL_SCOPE;
 	size_t n = strnlen(s, max);
 	char *p = carve(n + 1, 16);
 	if (p) {
@@ -479,4 +556,17 @@ char *__wrap_strndup(const char *s, size_t max)
 		p[n] = 0;
 	}
 	return p;
+}
+
+/*
+ * Threads: once the program has started one, its own cow_snapshot calls gather every thread
+ * at a safe point first (libcow's lmc_cut.rs), as the periodic checkpoints always do.
+ */
+void __cow_lmc_threads_started(void);
+int __real_pthread_create(pthread_t *, const pthread_attr_t *, void *(*)(void *), void *);
+
+int __wrap_pthread_create(pthread_t *t, const pthread_attr_t *attr, void *(*fn)(void *), void *arg)
+{
+	__cow_lmc_threads_started();
+	return __real_pthread_create(t, attr, fn, arg);
 }

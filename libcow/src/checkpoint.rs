@@ -78,6 +78,8 @@ struct State {
     last_errno: AtomicU64,
     /// The newest checkpoint kept (0: none yet).
     newest: AtomicU64,
+    /// The thread's id (0 until it runs).
+    tid: std::sync::atomic::AtomicI32,
     /// Held while a checkpoint is in progress, so that `stop` waits for it.
     busy: Mutex<()>,
     /// Set by the thread once its warm-up checkpoint is done.
@@ -104,6 +106,7 @@ pub fn start(cfg: Config, snapshot: fn() -> i64, drop: fn(i64) -> i32) -> std::i
         failures: AtomicU64::new(0),
         last_errno: AtomicU64::new(0),
         newest: AtomicU64::new(0),
+        tid: std::sync::atomic::AtomicI32::new(0),
         busy: Mutex::new(()),
         ready: AtomicBool::new(false),
         samples,
@@ -111,10 +114,13 @@ pub fn start(cfg: Config, snapshot: fn() -> i64, drop: fn(i64) -> i32) -> std::i
     if STATE.set(state).is_err() {
         return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
     }
-    crate::report::remember_exit_status();
     std::thread::Builder::new()
         .name("cow-checkpoint".into())
         .spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            state
+                .tid
+                .store(unsafe { libc::gettid() }, Ordering::Release);
             crate::world::block_process_signals();
             // Sleeps end within a µs of the deadline, not the default 50 µs slack later (a
             // sixth of the period at 3 kHz).
@@ -163,8 +169,14 @@ fn run(state: &'static State, cfg: Config, snapshot: fn() -> i64, drop: fn(i64) 
     state.ready.store(true, Ordering::Release);
     let period = cfg.every.as_nanos() as u64;
     let mut next = monotonic_ns() + period;
+    let mut first = true;
     loop {
         sleep_until(next);
+        if std::mem::take(&mut first) {
+            // Only now: registered before libc's own exit handlers (this thread starts in a
+            // constructor, before main), it would run after the report.
+            crate::report::remember_exit_status();
+        }
         let now = monotonic_ns();
         // A late wake-up does not cause a burst of catch-up snapshots.
         next = (next + period).max(now + period / 2);
@@ -214,6 +226,12 @@ pub fn running() -> bool {
 pub fn newest() -> Option<u64> {
     let id = STATE.get()?.newest.load(Ordering::Acquire);
     (id > 0).then_some(id)
+}
+
+/// The checkpointer thread's id, once it runs.
+pub fn thread_id() -> Option<i32> {
+    let tid = STATE.get()?.tid.load(Ordering::Acquire);
+    (tid != 0).then_some(tid)
 }
 
 /// Whether [`stop`] was called: a snapshot that waits on the program should give up.

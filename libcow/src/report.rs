@@ -103,8 +103,9 @@ extern "C" fn note_exit_status(status: libc::c_int, _arg: *mut libc::c_void) {
 }
 
 /// With `COW_BENCH_RESTORE_AT_EXIT`, remembers the program's exit status, so the process that
-/// ends in [`restore_then_exit`] exits with it. Called when the checkpointer starts (after
-/// libc's own exit handlers are registered, so this one runs before the report).
+/// ends in [`restore_then_exit`] exits with it. Called by the checkpointer before its first
+/// checkpoint, once main runs (so after libc's own exit handlers: this one runs before them,
+/// and before the report).
 pub fn remember_exit_status() {
     if crate::sys::env_var("COW_BENCH_RESTORE_AT_EXIT").is_some() {
         // SAFETY: registering a handler that only stores an integer.
@@ -131,6 +132,8 @@ fn restore_then_exit(id: u64, path: &str, text: &str) -> ! {
             0o644,
         )
     };
+    // Read before the restore: libcow's own statics are covered memory under uffd and mprotect.
+    let status = EXIT_STATUS.load(std::sync::atomic::Ordering::Relaxed);
     // SAFETY: fflush(NULL) flushes every output stream; none is in use by this thread at exit.
     unsafe { libc::fflush(std::ptr::null_mut()) };
     let t0 = crate::sys::monotonic_ns();
@@ -152,13 +155,7 @@ fn restore_then_exit(id: u64, path: &str, text: &str) -> ! {
         unsafe { libc::write(fd, part.as_ptr().cast(), part.len()) };
     }
     // SAFETY: ends the process without running more of its (rewound) exit path.
-    unsafe {
-        libc::_exit(if rc == 0 {
-            EXIT_STATUS.load(std::sync::atomic::Ordering::Relaxed)
-        } else {
-            125
-        })
-    }
+    unsafe { libc::_exit(if rc == 0 { status } else { 125 }) }
 }
 
 /// A few formatted bytes in a stack buffer.

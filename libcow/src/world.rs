@@ -125,7 +125,7 @@ fn gettid() -> i32 {
 }
 
 /// Lists the thread ids of this process.
-fn list_tids(out: &mut BookVec<i32>) -> std::io::Result<()> {
+pub(crate) fn list_tids(out: &mut BookVec<i32>) -> std::io::Result<()> {
     out.clear();
     // SAFETY: opening a directory with a NUL-terminated path; closed below.
     let fd = unsafe {

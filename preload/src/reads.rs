@@ -2,6 +2,9 @@
 //! write-protected page for the program fails with `EFAULT` instead of faulting, so the pages
 //! of the buffer are made writable first (`cow::backend::mprotect::before_kernel_write`, a
 //! no-op under any other backend). `read`, `pread`, `readv`, `recv`, `recvfrom`, `recvmsg`.
+//! A snapshot taken between that and the call protects them again (the checkpointer thread
+//! stops this one anywhere): the call then fails with `EFAULT` having written nothing, and is
+//! made again.
 
 use crate::raw::next;
 use cow::backend::mprotect::before_kernel_write;
@@ -20,6 +23,20 @@ fn real<F: Copy>(slot: &AtomicUsize, name: &std::ffi::CStr) -> F {
     crate::output::real(slot, name)
 }
 
+/// `call` after `prepare`, again while it fails with `EFAULT` (a snapshot re-protected the
+/// buffers in between), a few times at most.
+fn retrying(prepare: impl Fn(), call: impl Fn() -> isize) -> isize {
+    let mut r = -1;
+    for _ in 0..8 {
+        prepare();
+        r = call();
+        if r >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EFAULT) {
+            break;
+        }
+    }
+    r
+}
+
 fn before_iovecs(iov: *const libc::iovec, n: c_int) {
     for i in 0..n.max(0) as usize {
         // SAFETY: the caller's `n` iovecs.
@@ -36,9 +53,11 @@ fn before_iovecs(iov: *const libc::iovec, n: c_int) {
 #[no_mangle]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut libc::c_void, n: usize) -> isize {
     type F = unsafe extern "C" fn(c_int, *mut libc::c_void, usize) -> isize;
-    before_kernel_write(buf as usize, n);
-    // SAFETY: forwarded unchanged.
-    unsafe { real::<F>(&REAL_READ, c"read")(fd, buf, n) }
+    retrying(
+        || before_kernel_write(buf as usize, n),
+        // SAFETY: forwarded unchanged.
+        || unsafe { real::<F>(&REAL_READ, c"read")(fd, buf, n) },
+    )
 }
 
 /// `pread(2)`, as the program calls it.
@@ -54,9 +73,11 @@ pub unsafe extern "C" fn pread(
     offset: libc::off_t,
 ) -> isize {
     type F = unsafe extern "C" fn(c_int, *mut libc::c_void, usize, libc::off_t) -> isize;
-    before_kernel_write(buf as usize, n);
-    // SAFETY: forwarded unchanged.
-    unsafe { real::<F>(&REAL_PREAD, c"pread")(fd, buf, n, offset) }
+    retrying(
+        || before_kernel_write(buf as usize, n),
+        // SAFETY: forwarded unchanged.
+        || unsafe { real::<F>(&REAL_PREAD, c"pread")(fd, buf, n, offset) },
+    )
 }
 
 /// `readv(2)`, as the program calls it.
@@ -67,9 +88,11 @@ pub unsafe extern "C" fn pread(
 #[no_mangle]
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, n: c_int) -> isize {
     type F = unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> isize;
-    before_iovecs(iov, n);
-    // SAFETY: forwarded unchanged.
-    unsafe { real::<F>(&REAL_READV, c"readv")(fd, iov, n) }
+    retrying(
+        || before_iovecs(iov, n),
+        // SAFETY: forwarded unchanged.
+        || unsafe { real::<F>(&REAL_READV, c"readv")(fd, iov, n) },
+    )
 }
 
 /// `recv(2)`, as the program calls it.
@@ -80,9 +103,11 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const libc::iovec, n: c_int) -> 
 #[no_mangle]
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut libc::c_void, n: usize, flags: c_int) -> isize {
     type F = unsafe extern "C" fn(c_int, *mut libc::c_void, usize, c_int) -> isize;
-    before_kernel_write(buf as usize, n);
-    // SAFETY: forwarded unchanged.
-    unsafe { real::<F>(&REAL_RECV, c"recv")(fd, buf, n, flags) }
+    retrying(
+        || before_kernel_write(buf as usize, n),
+        // SAFETY: forwarded unchanged.
+        || unsafe { real::<F>(&REAL_RECV, c"recv")(fd, buf, n, flags) },
+    )
 }
 
 /// `recvfrom(2)`, as the program calls it.
@@ -107,13 +132,17 @@ pub unsafe extern "C" fn recvfrom(
         *mut libc::sockaddr,
         *mut libc::socklen_t,
     ) -> isize;
-    before_kernel_write(buf as usize, n);
-    if !addr.is_null() && !len.is_null() {
-        // SAFETY: `len` is readable (caller).
-        before_kernel_write(addr as usize, unsafe { *len } as usize);
-    }
+    let prepare = || {
+        before_kernel_write(buf as usize, n);
+        if !addr.is_null() && !len.is_null() {
+            // SAFETY: `len` is readable (caller).
+            before_kernel_write(addr as usize, unsafe { *len } as usize);
+        }
+    };
     // SAFETY: forwarded unchanged.
-    unsafe { real::<F>(&REAL_RECVFROM, c"recvfrom")(fd, buf, n, flags, addr, len) }
+    retrying(prepare, || unsafe {
+        real::<F>(&REAL_RECVFROM, c"recvfrom")(fd, buf, n, flags, addr, len)
+    })
 }
 
 /// `recvmsg(2)`, as the program calls it.
@@ -124,15 +153,19 @@ pub unsafe extern "C" fn recvfrom(
 #[no_mangle]
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut libc::msghdr, flags: c_int) -> isize {
     type F = unsafe extern "C" fn(c_int, *mut libc::msghdr, c_int) -> isize;
-    if !msg.is_null() {
-        // SAFETY: `msg` is valid (caller).
-        let m = unsafe { &*msg };
-        before_iovecs(m.msg_iov, m.msg_iovlen as c_int);
-        before_kernel_write(m.msg_control as usize, m.msg_controllen);
-        before_kernel_write(m.msg_name as usize, m.msg_namelen as usize);
-    }
+    let prepare = || {
+        if !msg.is_null() {
+            // SAFETY: `msg` is valid (caller).
+            let m = unsafe { &*msg };
+            before_iovecs(m.msg_iov, m.msg_iovlen as c_int);
+            before_kernel_write(m.msg_control as usize, m.msg_controllen);
+            before_kernel_write(m.msg_name as usize, m.msg_namelen as usize);
+        }
+    };
     // SAFETY: forwarded unchanged.
-    unsafe { real::<F>(&REAL_RECVMSG, c"recvmsg")(fd, msg, flags) }
+    retrying(prepare, || unsafe {
+        real::<F>(&REAL_RECVMSG, c"recvmsg")(fd, msg, flags)
+    })
 }
 
 /// Looks up every libc function this file forwards to, now: a lookup stores into this

@@ -2,15 +2,17 @@
  * A minimal Lua 5.4 interpreter (the lua-src crate ships the library, not lua.c): runs
  * SCRIPT with the global table `arg` = {ARGS...} and exits 0, or prints the error and exits 1.
  * scripts/lua builds it twice, with cowcc and with plain clang, for `cowctl bench --lmc`.
- * The script is read with read(2), not stdio: under the mprotect backend the kernel cannot
- * write into a write-protected page, and only the program's own read calls are made to
- * prepare their buffers (libc's internal ones inside fread are not).
+ * The script is read with read(2) into a stack buffer (stacks are never write-protected),
+ * not through stdio into the heap: under the mprotect backend the kernel cannot write into a
+ * write-protected page (EFAULT), and libc's reads inside fread are not prepared for it.
  * Usage: lua_run SCRIPT.lua [ARGS...]
  */
 #include <lauxlib.h>
 #include <lua.h>
 #include <lualib.h>
+#include <errno.h>
 #include <fcntl.h>
+#include <string.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -35,7 +37,13 @@ static char *slurp(const char *path, size_t *len)
 			}
 			buf = bigger;
 		}
-		ssize_t got = read(fd, buf + n, cap - 1 - n);
+		char chunk[4096];
+		size_t want = cap - 1 - n < sizeof chunk ? cap - 1 - n : sizeof chunk;
+		ssize_t got = read(fd, chunk, want);
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got > 0)
+			memcpy(buf + n, chunk, (size_t)got);
 		if (got < 0) {
 			free(buf);
 			buf = NULL;
@@ -71,7 +79,7 @@ int main(int argc, char **argv)
 	size_t len = 0;
 	char *script = slurp(argv[1], &len);
 	if (!script) {
-		fprintf(stderr, "%s: cannot read %s\n", argv[0], argv[1]);
+		fprintf(stderr, "%s: cannot read %s: %s\n", argv[0], argv[1], strerror(errno));
 		return 1;
 	}
 	char name[4096];

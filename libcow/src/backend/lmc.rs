@@ -63,75 +63,47 @@ pub extern "C" fn __cow_lmc_register() {
 #[no_mangle]
 pub static __cow_lmc_pending: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
-/// The id the last safe point took for a pending request (0: not yet; negative: an errno).
-static TAKEN: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-
 /// A safe point with a checkpoint pending: no instrumented write is between its check and its
-/// store in this thread, so a snapshot here is a consistent cut — if this is the program's only
-/// thread (with more, the request fails with `EBUSY`: safe points of every thread are not
-/// there yet).
+/// store in this thread, so it parks here until the checkpointer has gathered every thread and
+/// taken the snapshot (see `lmc_cut`).
 #[no_mangle]
 pub extern "C" fn __cow_lmc_safepoint() {
-    if __cow_lmc_pending
-        .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Relaxed)
-        .is_err()
-    {
-        return;
-    }
-    let id = if program_threads() <= 1 {
-        crate::ffi::cow_snapshot()
-    } else {
-        -(libc::EBUSY as i64)
-    };
-    TAKEN.store(
-        if id == 0 { -(libc::EIO as i64) } else { id },
-        Ordering::Release,
-    );
+    super::lmc_cut::park();
 }
 
-/// Threads of the process but libcow's checkpointer (`/proc/self/stat`, field 20).
-fn program_threads() -> usize {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after_comm = stat.rsplit(')').next().unwrap_or("");
-    let threads: usize = after_comm
-        .split_whitespace()
-        .nth(17)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(usize::MAX);
-    threads.saturating_sub(crate::checkpoint::running() as usize)
+/// Set once the program has started a thread (cowcc's `pthread_create` wrapper).
+static THREADS_STARTED: AtomicBool = AtomicBool::new(false);
+
+/// cowcc's `pthread_create` wrapper: from now on the program's own snapshots gather every
+/// thread at a safe point first.
+#[no_mangle]
+pub extern "C" fn __cow_lmc_threads_started() {
+    THREADS_STARTED.store(true, Ordering::Release);
 }
 
-/// The checkpointer's snapshot under lmc: asks for a checkpoint at the program's next safe
-/// point and waits for it, however long that takes (a program blocked in a system call
-/// reaches none, and changes no memory meanwhile); the request is withdrawn only when the
-/// checkpointer stops (`ECANCELED`, not counted as a failure).
+/// Whether lmc's lock is held (by any thread): a thread interrupted in the slow path must not
+/// park, the snapshot needs the lock.
+pub(super) fn lock_held() -> bool {
+    LOCK.load(Ordering::Acquire)
+}
+
+/// A snapshot as a consistent cut: every other thread of the program parked at a safe point or
+/// a system-call boundary first; the ranges parked wrapper calls saved are saved again in the
+/// new generation.
+fn snapshot_as_cut() -> i64 {
+    super::lmc_cut::cut(
+        || match Lmc::snapshot_now() {
+            Ok(id) => id as i64,
+            Err(e) => -(e.errno() as i64),
+        },
+        // SAFETY: the ranges a parked wrapper call is about to write: mapped and writable.
+        |start, len| unsafe { __cow_lmc_write(start as *mut u8, len as u64) },
+    )
+}
+
+/// The checkpointer's snapshot under lmc: a consistent cut of the whole program.
 fn checkpoint_at_safe_point() -> i64 {
-    TAKEN.store(0, Ordering::Release);
-    __cow_lmc_pending.store(1, Ordering::Release);
-    let t0 = crate::sys::monotonic_ns();
-    let mut nap_us = 20;
-    loop {
-        let id = TAKEN.load(Ordering::Acquire);
-        if id != 0 {
-            return id;
-        }
-        if crate::checkpoint::stopping()
-            && __cow_lmc_pending
-                .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
-            return -(libc::ECANCELED as i64);
-        }
-        // A running program reaches a safe point within microseconds: yield for the first
-        // 50 µs (a nap costs the timer slack, ≥ 50 µs), then nap longer and longer while it
-        // sits in a system call.
-        if crate::sys::monotonic_ns() - t0 < 50_000 {
-            std::thread::yield_now();
-            continue;
-        }
-        std::thread::sleep(std::time::Duration::from_micros(nap_us));
-        nap_us = (nap_us * 2).min(1_000);
-    }
+    snapshot_as_cut()
 }
 
 /// `cowctl run --backend lmc [--every MS]`: lmc from the first instruction of the program, the
@@ -534,7 +506,21 @@ impl Lmc {
             Ordering::Release,
         );
         __cow_lmc_shadow.store(shadow.cast(), Ordering::Release);
+        super::lmc_cut::install();
         Ok(Lmc)
+    }
+
+    /// The snapshot itself: a new generation and an empty log.
+    fn snapshot_now() -> Result<u64> {
+        let t = crate::sys::monotonic_ns();
+        let _held = Locked::take();
+        // SAFETY: LOCK held; the backend is open.
+        let st = unsafe { state() };
+        let id = st.next_id;
+        st.next_id += 1;
+        Self::start_epoch(st, id);
+        st.snapshot_ns += crate::sys::monotonic_ns() - t;
+        Ok(id)
     }
 
     fn position(st: &mut State, id: u64) -> Result<usize> {
@@ -644,15 +630,16 @@ impl Backend for Lmc {
     }
 
     fn snapshot(&self) -> Result<u64> {
-        let t = crate::sys::monotonic_ns();
-        let _held = Locked::take();
-        // SAFETY: LOCK held; the backend is open.
-        let st = unsafe { state() };
-        let id = st.next_id;
-        st.next_id += 1;
-        Self::start_epoch(st, id);
-        st.snapshot_ns += crate::sys::monotonic_ns() - t;
-        Ok(id)
+        if !THREADS_STARTED.load(Ordering::Acquire) {
+            return Self::snapshot_now();
+        }
+        match snapshot_as_cut() {
+            id if id > 0 => Ok(id as u64),
+            e => Err(err(
+                "snapshot: gather the threads at safe points",
+                -e as i32,
+            )),
+        }
     }
 
     fn restore(&self, id: u64) -> Result<()> {

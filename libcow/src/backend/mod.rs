@@ -15,6 +15,7 @@
 pub mod fork;
 pub mod kmod;
 pub mod lmc;
+pub mod lmc_cut;
 pub mod mprotect;
 mod pagetable;
 pub mod shadow;

@@ -1,0 +1,289 @@
+//! Consistent cuts of a multi-threaded program on lmc.
+//!
+//! lmc's snapshot is a generation bump. It is a consistent cut if, at that instant, no thread is
+//! between an instrumented write's check and the write (nor between a cowcc wrapper's save and
+//! the libc call that writes). Such a point is:
+//! - a **safe point** (function entry, loop back-edge: the pass never puts one between a check
+//!   and its store), where a thread that sees the request parks itself;
+//! - a **system-call boundary** in a thread blocked in the kernel (it would reach no safe
+//!   point): the checkpointer sends it [`signal`]; the handler parks only if the interrupted
+//!   instruction is a `syscall` or follows one and lmc's lock is free (else it returns and is
+//!   asked again). Instrumented code never makes a system call between a check and its store;
+//!   a wrapper may (`read` is the store), so every wrapper publishes the ranges it saved for
+//!   its call, and the checkpointer saves them again in the new generation before it lets the
+//!   threads go (they are unchanged: their writer is parked).
+//!
+//! The checkpointer lists `/proc/self/task` until every thread but libcow's own is parked, takes
+//! the snapshot, re-saves the published ranges and releases everyone. A thread that never
+//! parks (it blocks the signal while blocked in the kernel) makes the cut fail with
+//! `ETIMEDOUT` after [`TIMEOUT_NS`]; nothing is left parked.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+/// Most threads parked at once.
+const MAX_THREADS: usize = 1024;
+/// Most ranges the parked threads publish.
+const MAX_RANGES: usize = 4096;
+/// A cut that has not gathered every thread by then fails.
+const TIMEOUT_NS: u64 = 1_000_000_000;
+/// Parked threads spin this long before sleeping on the futex (a cut of a busy program is
+/// over within microseconds).
+const SPIN_NS: u64 = 20_000;
+
+/// The cut in progress (0: none); cuts are numbered from 1.
+static ACTIVE: AtomicU32 = AtomicU32::new(0);
+/// The last cut that is over: parked threads wait until it reaches theirs.
+static RELEASED: AtomicU32 = AtomicU32::new(0);
+/// `(cut << 32) | tid` of each parked thread; entries of older cuts are ignored.
+static PARKED: [AtomicU64; MAX_THREADS] = [const { AtomicU64::new(0) }; MAX_THREADS];
+static NEXT_PARKED: AtomicUsize = AtomicUsize::new(0);
+/// `(start, len, stack pointer of the thread)` ranges published by threads parked in the
+/// signal handler.
+static RANGES: [(AtomicUsize, AtomicUsize, AtomicUsize); MAX_RANGES] = [const {
+    (
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    )
+}; MAX_RANGES];
+static NEXT_RANGE: AtomicUsize = AtomicUsize::new(0);
+/// cowcc's wrappers: copies this thread's current `(start, len)` ranges into the buffer (at
+/// most `cap` pairs) and returns how many it has, or `usize::MAX` if they do not fit (see
+/// [`__cow_lmc_ranges_hook`]).
+static RANGES_HOOK: AtomicUsize = AtomicUsize::new(0);
+
+/// The real-time signal that asks a thread blocked in the kernel to park.
+pub fn signal() -> i32 {
+    libc::SIGRTMAX() - 4
+}
+
+/// Called by cowcc's wrappers at start-up: `hook(buf, cap)` fills `buf` with this thread's
+/// ranges saved for the libc call in progress (`[start, len]` pairs) and returns their count.
+#[no_mangle]
+pub extern "C" fn __cow_lmc_ranges_hook(hook: extern "C" fn(*mut usize, usize) -> usize) {
+    RANGES_HOOK.store(hook as usize, Ordering::Release);
+}
+
+/// Installs the handler of [`signal`] (once, when lmc opens).
+pub fn install() {
+    // SAFETY: our handler for a signal reserved for libcow. SA_RESTART: interrupted system
+    // calls go on after the cut.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART | libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(signal(), &sa, std::ptr::null_mut());
+    }
+}
+
+fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+fn futex(word: &AtomicU32, op: i32, val: u32) {
+    // SAFETY: a futex call on a live 32-bit atomic; no timeout.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            op | libc::FUTEX_PRIVATE_FLAG,
+            val,
+            std::ptr::null::<libc::timespec>(),
+        )
+    };
+}
+
+/// Parks the calling thread in the cut in progress, if any, until it is over. Async-signal-safe.
+pub fn park() {
+    let cut = ACTIVE.load(Ordering::Acquire);
+    if cut == 0 {
+        return;
+    }
+    let i = NEXT_PARKED.fetch_add(1, Ordering::AcqRel);
+    if i < MAX_THREADS {
+        PARKED[i].store(
+            (cut as u64) << 32 | gettid() as u32 as u64,
+            Ordering::Release,
+        );
+    }
+    let start = crate::sys::monotonic_ns();
+    loop {
+        let released = RELEASED.load(Ordering::Acquire);
+        if released >= cut {
+            return;
+        }
+        if crate::sys::monotonic_ns() - start < SPIN_NS {
+            std::hint::spin_loop();
+        } else {
+            futex(&RELEASED, libc::FUTEX_WAIT, released);
+        }
+    }
+}
+
+/// Whether the instruction at `pc` is a `syscall` or follows one (x86-64: `0f 05`).
+fn at_syscall(pc: usize) -> bool {
+    // SAFETY: `pc` is in mapped, readable code (the interrupted thread runs it); the bytes
+    // before it are read only when they lie in the same page.
+    unsafe {
+        let here = std::ptr::read_unaligned(pc as *const [u8; 2]);
+        let before = if pc & 0xfff >= 2 {
+            std::ptr::read_unaligned((pc - 2) as *const [u8; 2])
+        } else {
+            [0, 0]
+        };
+        here == [0x0f, 0x05] || before == [0x0f, 0x05]
+    }
+}
+
+extern "C" fn on_signal(_sig: i32, _info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: reading and restoring this thread's errno around our system calls.
+    let saved_errno = unsafe { *libc::__errno_location() };
+    // SAFETY: the kernel passes the interrupted context of this thread.
+    let regs = unsafe { &(*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs };
+    let (pc, sp) = (
+        regs[libc::REG_RIP as usize] as usize,
+        regs[libc::REG_RSP as usize] as usize,
+    );
+    if ACTIVE.load(Ordering::Acquire) != 0
+        && !super::lmc::lock_held()
+        && at_syscall(pc)
+        && publish_ranges(sp)
+    {
+        park();
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = saved_errno };
+}
+
+/// Copies the ranges this thread's wrapper call saved into [`RANGES`], with `sp`, a stack
+/// pointer of the thread. False if they do not fit: the thread must not park then.
+fn publish_ranges(sp: usize) -> bool {
+    let hook = RANGES_HOOK.load(Ordering::Acquire);
+    if hook == 0 {
+        return true;
+    }
+    // SAFETY: set by `__cow_lmc_ranges_hook` from a function of that type.
+    let hook: extern "C" fn(*mut usize, usize) -> usize = unsafe { std::mem::transmute(hook) };
+    let mut buf = [0usize; 16];
+    let n = hook(buf.as_mut_ptr(), buf.len() / 2);
+    if n > buf.len() / 2 {
+        return false;
+    }
+    for pair in buf[..2 * n].chunks(2) {
+        let i = NEXT_RANGE.fetch_add(1, Ordering::AcqRel);
+        if let Some(slot) = RANGES.get(i) {
+            slot.0.store(pair[0], Ordering::Relaxed);
+            slot.2.store(sp, Ordering::Relaxed);
+            slot.1.store(pair[1], Ordering::Release);
+        }
+    }
+    true
+}
+
+/// The mapping that holds `addr` (`/proc/self/maps`), if any.
+fn mapping_of(addr: usize) -> Option<(usize, usize)> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|line| {
+        let (a, b) = line.split_whitespace().next()?.split_once('-')?;
+        let (a, b) = (
+            usize::from_str_radix(a, 16).ok()?,
+            usize::from_str_radix(b, 16).ok()?,
+        );
+        (a <= addr && addr < b).then_some((a, b))
+    })
+}
+
+/// Threads of this process but the caller and libcow's own.
+fn program_threads(out: &mut crate::book::BookVec<i32>) -> std::io::Result<()> {
+    crate::world::list_tids(out)?;
+    let me = gettid();
+    let ours = crate::checkpoint::thread_id();
+    out.retain(|&t| t != me && Some(t) != ours);
+    Ok(())
+}
+
+/// Every thread but the caller (and libcow's own) parked at a safe point or a system-call
+/// boundary, `snapshot` taken, the published ranges saved again with `save`, everyone released.
+/// Returns `snapshot`'s result, or `-ETIMEDOUT` / `-EAGAIN` (too many threads or ranges).
+pub fn cut(snapshot: impl FnOnce() -> i64, save: impl Fn(usize, usize)) -> i64 {
+    // One cut at a time (the checkpointer's and a program thread's own cow_snapshot). A thread
+    // waiting here is at a system-call boundary: the other cut parks it.
+    static CUTTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = CUTTING.lock().unwrap_or_else(|e| e.into_inner());
+    let mut tids = crate::book::BookVec::new();
+    let mut parked = crate::book::BookVec::new();
+    let cut = RELEASED.load(Ordering::Acquire) + 1;
+    NEXT_PARKED.store(0, Ordering::Release);
+    NEXT_RANGE.store(0, Ordering::Release);
+    ACTIVE.store(cut, Ordering::Release);
+    super::lmc::__cow_lmc_pending.store(1, Ordering::Release);
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let start = crate::sys::monotonic_ns();
+    let mut last_signal = start;
+    let outcome = loop {
+        if program_threads(&mut tids).is_err() {
+            break -(libc::EAGAIN as i64);
+        }
+        parked.clear();
+        for slot in &PARKED[..NEXT_PARKED.load(Ordering::Acquire).min(MAX_THREADS)] {
+            let v = slot.load(Ordering::Acquire);
+            if (v >> 32) as u32 == cut {
+                parked.push(v as u32 as i32);
+            }
+        }
+        let missing: Vec<i32> = tids
+            .as_slice()
+            .iter()
+            .copied()
+            .filter(|t| !parked.as_slice().contains(t))
+            .collect();
+        if missing.is_empty() {
+            break if NEXT_PARKED.load(Ordering::Acquire) > MAX_THREADS
+                || NEXT_RANGE.load(Ordering::Acquire) > MAX_RANGES
+            {
+                -(libc::EAGAIN as i64)
+            } else {
+                let id = snapshot();
+                if id > 0 {
+                    let n = NEXT_RANGE.load(Ordering::Acquire).min(MAX_RANGES);
+                    for slot in &RANGES[..n] {
+                        let len = slot.1.load(Ordering::Acquire);
+                        let (start, sp) = (
+                            slot.0.load(Ordering::Relaxed),
+                            slot.2.load(Ordering::Relaxed),
+                        );
+                        // A buffer on the parked thread's own stack is not covered.
+                        let on_stack = mapping_of(sp)
+                            .is_some_and(|(a, b)| start >= a && start.saturating_add(len) <= b);
+                        if !on_stack {
+                            save(start, len);
+                        }
+                    }
+                }
+                id
+            };
+        }
+        let now = crate::sys::monotonic_ns();
+        if now - start > TIMEOUT_NS {
+            break -(libc::ETIMEDOUT as i64);
+        }
+        // Running threads reach a safe point within microseconds; the others are in the
+        // kernel: ask them (again) to park at the boundary.
+        if now - last_signal > 50_000 {
+            last_signal = now;
+            for &tid in &missing {
+                // SAFETY: tgkill to a thread of our own process.
+                unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal()) };
+            }
+        }
+        std::thread::yield_now();
+    };
+    super::lmc::__cow_lmc_pending.store(0, Ordering::Release);
+    ACTIVE.store(0, Ordering::Release);
+    RELEASED.store(cut, Ordering::Release);
+    futex(&RELEASED, libc::FUTEX_WAKE, i32::MAX as u32);
+    outcome
+}
