@@ -12,9 +12,9 @@
 //!
 //! What is covered is what instrumented code writes, wherever it is (heap, globals, mappings),
 //! except libcow's book and the writing thread's own stack. Memory that code not compiled with
-//! `cowcc` writes (libc's `read(2)`, `strcpy`, …, glibc's allocator metadata) is **not**
-//! covered yet. Snapshots are consistent cuts only for a single-threaded program or at points
-//! where no other thread is between a check and its store (safe points are not there yet).
+//! `cowcc` writes is covered where cowcc wraps the writer (`read(2)`, `strcpy`, …, and its
+//! own allocator instead of glibc's); elsewhere it is not. With several threads a snapshot is
+//! a consistent cut gathered at every thread's safe point (`lmc_cut`).
 //!
 //! Restores and reads go through `process_vm_writev`/`process_vm_readv` on this process, so a
 //! region unmapped since the snapshot is skipped (reads: `EFAULT`) instead of crashing.

@@ -182,11 +182,34 @@ fn publish_ranges(sp: usize) -> bool {
     true
 }
 
-/// The mapping that holds `addr` (`/proc/self/maps`), if any.
+/// The mapping that holds `addr` (`/proc/self/maps`), if any. Read with system calls into the
+/// book: while threads are parked, one of them may hold the allocator's lock.
 fn mapping_of(addr: usize) -> Option<(usize, usize)> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines().find_map(|line| {
-        let (a, b) = line.split_whitespace().next()?.split_once('-')?;
+    let mut text: crate::book::BookVec<u8> = crate::book::BookVec::new();
+    // SAFETY: opening a file with a NUL-terminated path; closed below.
+    let fd = unsafe {
+        libc::open(
+            c"/proc/self/maps".as_ptr(),
+            libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return None;
+    }
+    let mut chunk = [0u8; 4096];
+    loop {
+        // SAFETY: reading into our stack buffer.
+        let n = unsafe { libc::read(fd, chunk.as_mut_ptr().cast(), chunk.len()) };
+        if n <= 0 {
+            break;
+        }
+        text.extend_from_slice(&chunk[..n as usize]);
+    }
+    // SAFETY: closing our descriptor.
+    unsafe { libc::close(fd) };
+    let text = std::str::from_utf8(text.as_slice()).ok()?;
+    text.lines().find_map(|line| {
+        let (a, b) = line.split(' ').next()?.split_once('-')?;
         let (a, b) = (
             usize::from_str_radix(a, 16).ok()?,
             usize::from_str_radix(b, 16).ok()?,
@@ -214,6 +237,7 @@ pub fn cut(snapshot: impl FnOnce() -> i64, save: impl Fn(usize, usize)) -> i64 {
     let _one = CUTTING.lock().unwrap_or_else(|e| e.into_inner());
     let mut tids = crate::book::BookVec::new();
     let mut parked = crate::book::BookVec::new();
+    let mut missing = crate::book::BookVec::new();
     let cut = RELEASED.load(Ordering::Acquire) + 1;
     NEXT_PARKED.store(0, Ordering::Release);
     NEXT_RANGE.store(0, Ordering::Release);
@@ -234,12 +258,13 @@ pub fn cut(snapshot: impl FnOnce() -> i64, save: impl Fn(usize, usize)) -> i64 {
                 parked.push(v as u32 as i32);
             }
         }
-        let missing: Vec<i32> = tids
-            .as_slice()
-            .iter()
-            .copied()
-            .filter(|t| !parked.as_slice().contains(t))
-            .collect();
+        // In the book, as everything here: a parked thread may hold the allocator's lock.
+        missing.clear();
+        for &t in tids.as_slice() {
+            if !parked.as_slice().contains(&t) {
+                missing.push(t);
+            }
+        }
         if missing.is_empty() {
             break if NEXT_PARKED.load(Ordering::Acquire) > MAX_THREADS
                 || NEXT_RANGE.load(Ordering::Acquire) > MAX_RANGES
@@ -274,7 +299,7 @@ pub fn cut(snapshot: impl FnOnce() -> i64, save: impl Fn(usize, usize)) -> i64 {
         // kernel: ask them (again) to park at the boundary.
         if now - last_signal > 50_000 {
             last_signal = now;
-            for &tid in &missing {
+            for &tid in missing.as_slice() {
                 // SAFETY: tgkill to a thread of our own process.
                 unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal()) };
             }
