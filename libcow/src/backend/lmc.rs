@@ -68,7 +68,7 @@ pub static __cow_lmc_pending: std::sync::atomic::AtomicU8 = std::sync::atomic::A
 /// taken the snapshot (see `lmc_cut`).
 #[no_mangle]
 pub extern "C" fn __cow_lmc_safepoint() {
-    super::lmc_cut::park();
+    super::lmc_cut::at_safe_point();
 }
 
 /// Set once the program has started a thread (cowcc's `pthread_create` wrapper).
@@ -81,6 +81,26 @@ pub extern "C" fn __cow_lmc_threads_started() {
     THREADS_STARTED.store(true, Ordering::Release);
 }
 
+/// Whether the program has started a thread.
+pub(super) fn threads_started() -> bool {
+    THREADS_STARTED.load(Ordering::Acquire)
+}
+
+/// A snapshot for `lmc_cut` (every other thread parked or none): its id or a negative errno.
+pub(super) fn snapshot_for_cut() -> i64 {
+    match Lmc::snapshot_now() {
+        Ok(id) => id as i64,
+        Err(e) => -(e.errno() as i64),
+    }
+}
+
+/// Saves `[start, start + len)` in the current generation: a range a wrapper call saved before
+/// the generation changed under it, and is about to write.
+pub(super) fn save_again(start: usize, len: usize) {
+    // SAFETY: the range a wrapper call in progress is about to write: mapped and writable.
+    unsafe { __cow_lmc_write(start as *mut u8, len as u64) }
+}
+
 /// Whether lmc's lock is held (by any thread): a thread interrupted in the slow path must not
 /// park, the snapshot needs the lock.
 pub(super) fn lock_held() -> bool {
@@ -91,18 +111,20 @@ pub(super) fn lock_held() -> bool {
 /// a system-call boundary first; the ranges parked wrapper calls saved are saved again in the
 /// new generation.
 fn snapshot_as_cut() -> i64 {
-    super::lmc_cut::cut(
-        || match Lmc::snapshot_now() {
-            Ok(id) => id as i64,
-            Err(e) => -(e.errno() as i64),
-        },
-        // SAFETY: the ranges a parked wrapper call is about to write: mapped and writable.
-        |start, len| unsafe { __cow_lmc_write(start as *mut u8, len as u64) },
-    )
+    super::lmc_cut::cut(snapshot_for_cut, save_again)
 }
 
-/// The checkpointer's snapshot under lmc: a consistent cut of the whole program.
+/// The checkpointer's snapshot under lmc: a consistent cut of the whole program — taken by the
+/// program's thread itself when it has only one.
 fn checkpoint_at_safe_point() -> i64 {
+    if !threads_started() {
+        if let Some(tid) = super::lmc_cut::single_program_thread() {
+            let id = super::lmc_cut::take_alone(tid);
+            if id != -(libc::EAGAIN as i64) {
+                return id;
+            }
+        }
+    }
     snapshot_as_cut()
 }
 
@@ -506,6 +528,8 @@ impl Lmc {
             Ordering::Release,
         );
         __cow_lmc_shadow.store(shadow.cast(), Ordering::Release);
+        // Known before a signal handler may need it (its first lookup is not async-signal-safe).
+        own_stack();
         super::lmc_cut::install();
         Ok(Lmc)
     }

@@ -14,7 +14,14 @@
 //!   threads go (they are unchanged: their writer is parked).
 //!
 //! The checkpointer lists `/proc/self/task` until every thread but libcow's own is parked, takes
-//! the snapshot, re-saves the published ranges and releases everyone. A thread that never
+//! the snapshot, re-saves the published ranges and releases everyone. A thread parked at a safe
+//! point inside a wrapper call (qsort's comparator is instrumented code) publishes its ranges
+//! too.
+//!
+//! A program with one thread (it never called `pthread_create`, and `/proc/self/task` agrees)
+//! does not park: its thread takes the checkpoint itself, at its next safe point or in the
+//! handler at a system-call boundary, and saves its wrapper ranges again at once
+//! ([`take_alone`]); it waits for nobody. A thread that never
 //! parks (it blocks the signal while blocked in the kernel) makes the cut fail with
 //! `ETIMEDOUT` after [`TIMEOUT_NS`]; nothing is left parked.
 
@@ -47,6 +54,11 @@ static RANGES: [(AtomicUsize, AtomicUsize, AtomicUsize); MAX_RANGES] = [const {
     )
 }; MAX_RANGES];
 static NEXT_RANGE: AtomicUsize = AtomicUsize::new(0);
+/// A single-threaded checkpoint is requested ([`take_alone`]): the thread takes it itself.
+static ALONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// What the thread's own checkpoint returned (0: not yet).
+static TAKEN: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
 /// cowcc's wrappers: copies this thread's current `(start, len)` ranges into the buffer (at
 /// most `cap` pairs) and returns how many it has, or `usize::MAX` if they do not fit (see
 /// [`__cow_lmc_ranges_hook`]).
@@ -95,8 +107,94 @@ fn futex(word: &AtomicU32, op: i32, val: u32) {
     };
 }
 
+/// A safe point with a checkpoint pending: take it (single-threaded) or park in the cut.
+pub fn at_safe_point() {
+    let marker = 0u8;
+    if ALONE.load(Ordering::Acquire) {
+        take_here();
+    } else if ACTIVE.load(Ordering::Acquire) != 0 && publish_ranges(&marker as *const u8 as usize) {
+        park();
+    }
+}
+
+/// The single thread's own checkpoint, if it is still pending: a snapshot, then the ranges of
+/// its wrapper call in progress saved again (its own stack is skipped by the slow path).
+fn take_here() {
+    if super::lmc::__cow_lmc_pending
+        .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Relaxed)
+        .is_err()
+    {
+        return;
+    }
+    let id = if super::lmc::threads_started() {
+        -(libc::EAGAIN as i64) // it has just started one: the checkpointer gathers them all
+    } else {
+        let id = super::lmc::snapshot_for_cut();
+        if id > 0 {
+            let mut buf = [0usize; 16];
+            if let Some(n) = own_ranges(&mut buf) {
+                for pair in buf[..2 * n].chunks(2) {
+                    super::lmc::save_again(pair[0], pair[1]);
+                }
+            }
+        }
+        id
+    };
+    TAKEN.store(
+        if id == 0 { -(libc::EIO as i64) } else { id },
+        Ordering::Release,
+    );
+}
+
+/// The checkpointer's checkpoint of a program whose only thread is `tid`: posted, then taken
+/// by that thread itself (signalled while it sits in the kernel). `-EAGAIN` if the program
+/// started a thread meanwhile; `-ECANCELED` if the checkpointer stops first.
+pub fn take_alone(tid: i32) -> i64 {
+    TAKEN.store(0, Ordering::Release);
+    ALONE.store(true, Ordering::Release);
+    super::lmc::__cow_lmc_pending.store(1, Ordering::Release);
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let start = crate::sys::monotonic_ns();
+    let mut last_signal = start;
+    let id = loop {
+        let id = TAKEN.load(Ordering::Acquire);
+        if id != 0 {
+            break id;
+        }
+        if crate::checkpoint::stopping()
+            && super::lmc::__cow_lmc_pending
+                .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            break -(libc::ECANCELED as i64);
+        }
+        let now = crate::sys::monotonic_ns();
+        if now - last_signal > 50_000 {
+            last_signal = now;
+            // SAFETY: tgkill to a thread of our own process.
+            unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal()) };
+        }
+        std::thread::yield_now();
+    };
+    ALONE.store(false, Ordering::Release);
+    id
+}
+
+/// This thread's wrapper ranges (`[start, len]` pairs in `buf`), or None if they do not fit.
+fn own_ranges(buf: &mut [usize; 16]) -> Option<usize> {
+    let hook = RANGES_HOOK.load(Ordering::Acquire);
+    if hook == 0 {
+        return Some(0);
+    }
+    // SAFETY: set by `__cow_lmc_ranges_hook` from a function of that type.
+    let hook: extern "C" fn(*mut usize, usize) -> usize = unsafe { std::mem::transmute(hook) };
+    let n = hook(buf.as_mut_ptr(), buf.len() / 2);
+    (n <= buf.len() / 2).then_some(n)
+}
+
 /// Parks the calling thread in the cut in progress, if any, until it is over. Async-signal-safe.
-pub fn park() {
+fn park() {
     let cut = ACTIVE.load(Ordering::Acquire);
     if cut == 0 {
         return;
@@ -146,12 +244,12 @@ extern "C" fn on_signal(_sig: i32, _info: *mut libc::siginfo_t, ctx: *mut libc::
         regs[libc::REG_RIP as usize] as usize,
         regs[libc::REG_RSP as usize] as usize,
     );
-    if ACTIVE.load(Ordering::Acquire) != 0
-        && !super::lmc::lock_held()
-        && at_syscall(pc)
-        && publish_ranges(sp)
-    {
-        park();
+    if at_syscall(pc) && !super::lmc::lock_held() {
+        if ALONE.load(Ordering::Acquire) {
+            take_here();
+        } else if ACTIVE.load(Ordering::Acquire) != 0 && publish_ranges(sp) {
+            park();
+        }
     }
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = saved_errno };
@@ -160,17 +258,10 @@ extern "C" fn on_signal(_sig: i32, _info: *mut libc::siginfo_t, ctx: *mut libc::
 /// Copies the ranges this thread's wrapper call saved into [`RANGES`], with `sp`, a stack
 /// pointer of the thread. False if they do not fit: the thread must not park then.
 fn publish_ranges(sp: usize) -> bool {
-    let hook = RANGES_HOOK.load(Ordering::Acquire);
-    if hook == 0 {
-        return true;
-    }
-    // SAFETY: set by `__cow_lmc_ranges_hook` from a function of that type.
-    let hook: extern "C" fn(*mut usize, usize) -> usize = unsafe { std::mem::transmute(hook) };
     let mut buf = [0usize; 16];
-    let n = hook(buf.as_mut_ptr(), buf.len() / 2);
-    if n > buf.len() / 2 {
+    let Some(n) = own_ranges(&mut buf) else {
         return false;
-    }
+    };
     for pair in buf[..2 * n].chunks(2) {
         let i = NEXT_RANGE.fetch_add(1, Ordering::AcqRel);
         if let Some(slot) = RANGES.get(i) {
@@ -216,6 +307,13 @@ fn mapping_of(addr: usize) -> Option<(usize, usize)> {
         );
         (a <= addr && addr < b).then_some((a, b))
     })
+}
+
+/// The program's only thread, if it has one (libcow's own and the caller's not counted).
+pub fn single_program_thread() -> Option<i32> {
+    let mut tids = crate::book::BookVec::new();
+    program_threads(&mut tids).ok()?;
+    (tids.len() == 1).then(|| tids.as_slice()[0])
 }
 
 /// Threads of this process but the caller and libcow's own.
