@@ -47,10 +47,13 @@ void __real_qsort(void *, size_t, size_t, int (*)(const void *, const void *));
 int __real_vsprintf(char *, const char *, va_list);
 int __real_vsnprintf(char *, size_t, const char *, va_list);
 
-/* libcow's generation and shadow tags (one per 128-byte region; see libcow's lmc.rs). */
+/* libcow's generation and shadow tags (one per region of 2^REGION_SHIFT bytes, 128 unless
+ * COW_LMC_REGION_SHIFT was set at build time; see libcow's lmc.rs). */
 extern uint16_t __cow_lmc_gen;
 extern uint16_t *__cow_lmc_shadow;
+#ifndef REGION_SHIFT
 #define REGION_SHIFT 7
+#endif
 
 /*
  * The ranges this thread's wrapper call saved, until it returns. A checkpoint with several
@@ -341,13 +344,13 @@ int __wrap_munmap(void *addr, size_t len)
 static struct {
 	char *bump;
 	void *free[CLASSES];
-} heap __attribute__((aligned(128)));
-/* Never saved, each in a 128-byte region of its own (a restore must not rewind them): the
+} heap __attribute__((aligned(1 << REGION_SHIFT)));
+/* Never saved, each in a region of its own (a restore must not rewind them): the
  * reservation is permanent, and the lock is nobody's at a snapshot. */
 static struct {
 	char *base;
 	char lock;
-} __attribute__((aligned(128))) fixed;
+} __attribute__((aligned(1 << REGION_SHIFT))) fixed;
 #define heap_base fixed.base
 #define heap_lock fixed.lock
 

@@ -31,8 +31,32 @@ use llvm_plugin::{
     LlvmModulePass, ModuleAnalysisManager, PassBuilder, PipelineParsing, PreservedAnalyses,
 };
 
-/// log2 of the region size; must match `cow::backend::lmc::REGION_SHIFT`.
-const REGION_SHIFT: u64 = 7;
+/// log2 of the region size; `cow::backend::lmc::REGION_SHIFT`, from the same build-time
+/// variable.
+const REGION_SHIFT: u64 = match option_env!("COW_LMC_REGION_SHIFT") {
+    Some(n) => region_shift(n),
+    None => 7,
+};
+
+/// `COW_LMC_REGION_SHIFT`'s value, checked at compile time (6 to 12).
+const fn region_shift(n: &str) -> u64 {
+    let b = n.as_bytes();
+    let mut v = 0u64;
+    let mut i = 0;
+    while i < b.len() {
+        assert!(
+            b[i].is_ascii_digit(),
+            "COW_LMC_REGION_SHIFT: a number from 6 to 12"
+        );
+        v = v * 10 + (b[i] - b'0') as u64;
+        i += 1;
+    }
+    assert!(
+        v >= 6 && v <= 12,
+        "COW_LMC_REGION_SHIFT: a number from 6 to 12"
+    );
+    v
+}
 /// The inlined check the pass defines in each module.
 const CHECK: &str = "__cow_lmc_check_inline";
 

@@ -25,8 +25,33 @@ use crate::book::{self, BookVec};
 use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 
-/// log2 of the region size: one shadow tag per 128 bytes, as in LMC.
-pub const REGION_SHIFT: u32 = 7;
+/// log2 of the region size: one shadow tag per 128 bytes, as in LMC — or per 2^N bytes when
+/// `COW_LMC_REGION_SHIFT=N` (6 to 12) is set while building (libcow, the pass and cowcc's
+/// wrappers read the same variable; `cowctl bench --lmc` measures a build).
+pub const REGION_SHIFT: u32 = match option_env!("COW_LMC_REGION_SHIFT") {
+    Some(n) => region_shift(n),
+    None => 7,
+};
+
+/// `COW_LMC_REGION_SHIFT`'s value, checked at compile time.
+const fn region_shift(n: &str) -> u32 {
+    let b = n.as_bytes();
+    let mut v = 0u32;
+    let mut i = 0;
+    while i < b.len() {
+        assert!(
+            b[i].is_ascii_digit(),
+            "COW_LMC_REGION_SHIFT: a number from 6 to 12"
+        );
+        v = v * 10 + (b[i] - b'0') as u32;
+        i += 1;
+    }
+    assert!(
+        v >= 6 && v <= 12,
+        "COW_LMC_REGION_SHIFT: a number from 6 to 12"
+    );
+    v
+}
 /// Bytes per region.
 pub const REGION: usize = 1 << REGION_SHIFT;
 /// User addresses are below 2^47 on x86-64: the shadow has one `u16` per region of that.
