@@ -76,7 +76,8 @@ fn world() -> &'static World {
     })
 }
 
-fn futex(word: &AtomicU32, op: i32, val: u32) {
+/// A futex operation on `word` (private; no timeout).
+pub(crate) fn futex(word: &AtomicU32, op: i32, val: u32) {
     // SAFETY: a futex call on a live 32-bit atomic; no timeout.
     unsafe {
         libc::syscall(
@@ -119,7 +120,8 @@ pub struct Stopped {
     thread_pointers: BookVec<usize>,
 }
 
-fn gettid() -> i32 {
+/// The calling thread's id.
+pub(crate) fn gettid() -> i32 {
     // SAFETY: gettid has no preconditions.
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }

@@ -25,6 +25,7 @@
 //! parks (it blocks the signal while blocked in the kernel) makes the cut fail with
 //! `ETIMEDOUT` after [`TIMEOUT_NS`]; nothing is left parked.
 
+use crate::world::{futex, gettid};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 /// Most threads parked at once.
@@ -87,24 +88,6 @@ pub fn install() {
         libc::sigemptyset(&mut sa.sa_mask);
         libc::sigaction(signal(), &sa, std::ptr::null_mut());
     }
-}
-
-fn gettid() -> i32 {
-    // SAFETY: gettid has no preconditions.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
-}
-
-fn futex(word: &AtomicU32, op: i32, val: u32) {
-    // SAFETY: a futex call on a live 32-bit atomic; no timeout.
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            op | libc::FUTEX_PRIVATE_FLAG,
-            val,
-            std::ptr::null::<libc::timespec>(),
-        )
-    };
 }
 
 /// A safe point with a checkpoint pending: take it (single-threaded) or park in the cut.
@@ -172,8 +155,7 @@ pub fn take_alone(tid: i32) -> i64 {
         let now = crate::sys::monotonic_ns();
         if now - last_signal > 50_000 {
             last_signal = now;
-            // SAFETY: tgkill to a thread of our own process.
-            unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal()) };
+            ask_to_park(pid, tid);
         }
         std::thread::yield_now();
     };
@@ -218,6 +200,13 @@ fn park() {
             futex(&RELEASED, libc::FUTEX_WAIT, released);
         }
     }
+}
+
+/// Sends thread `tid` of process `pid` (ours) the signal that parks it at a system-call
+/// boundary.
+fn ask_to_park(pid: i32, tid: i32) {
+    // SAFETY: tgkill to a thread of our own process.
+    unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal()) };
 }
 
 /// Whether the instruction at `pc` is a `syscall` or follows one (x86-64: `0f 05`).
@@ -398,8 +387,7 @@ pub fn cut(snapshot: impl FnOnce() -> i64, save: impl Fn(usize, usize)) -> i64 {
         if now - last_signal > 50_000 {
             last_signal = now;
             for &tid in missing.as_slice() {
-                // SAFETY: tgkill to a thread of our own process.
-                unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal()) };
+                ask_to_park(pid, tid);
             }
         }
         std::thread::yield_now();
