@@ -30,10 +30,17 @@ module_param(max_held_mib, ulong, 0644);
 MODULE_PARM_DESC(max_held_mib,
 		 "Most MiB of pre-images of older snapshots a space holds by default (the newest is never evicted); COW_IOC_LIMITS may lower it, raising it needs CAP_SYS_RESOURCE");
 
+static bool batch_wrprotect = true;
+module_param(batch_wrprotect, bool, 0644);
+MODULE_PARM_DESC(batch_wrprotect,
+		 "Write-protect a snapshot's written pages in runs (one page-table walk and TLB flush per run) where the kernel can; 0: one rmap walk per page (for comparison)");
+
 unsigned int cow_param_max_snapshots(void);
 unsigned long cow_param_max_held_mib(void);
 unsigned long cow_page_to_pfn(struct page *page);
 int cow_wrprotect_page(struct address_space *mapping, pgoff_t pgoff, struct page *page);
+bool cow_can_wrprotect_range(void);
+unsigned long cow_wrprotect_range(struct address_space *mapping, pgoff_t first, pgoff_t nr);
 bool cow_page_maybe_pinned(struct page *page);
 bool cow_capable_sys_resource(void);
 void cow_cond_resched(void);
@@ -57,6 +64,30 @@ unsigned long cow_page_to_pfn(struct page *page)
 int cow_wrprotect_page(struct address_space *mapping, pgoff_t pgoff, struct page *page)
 {
 	return mapping_wrprotect_range(mapping, pgoff, page_to_pfn(page), 1);
+}
+
+/*
+ * Whether to write-protect by ranges: this kernel has wp_shared_mapping_range()
+ * (CONFIG_MAPPING_DIRTY_HELPERS, selected by vmwgfx: one page-table walk per VMA and one ranged
+ * TLB flush for a run of page offsets) and the batch_wrprotect parameter is on.
+ */
+bool cow_can_wrprotect_range(void)
+{
+	return IS_ENABLED(CONFIG_MAPPING_DIRTY_HELPERS) && READ_ONCE(batch_wrprotect);
+}
+
+/*
+ * Write-protects every writable PTE that maps a page offset in [@first, @first + @nr) of
+ * @mapping, in every process; returns how many. Without the helper it does nothing and
+ * returns 0: callers ask cow_can_wrprotect_range() first.
+ */
+unsigned long cow_wrprotect_range(struct address_space *mapping, pgoff_t first, pgoff_t nr)
+{
+#ifdef CONFIG_MAPPING_DIRTY_HELPERS
+	return wp_shared_mapping_range(mapping, first, nr);
+#else
+	return 0;
+#endif
 }
 
 /* Whether @page may be pinned for DMA (O_DIRECT, vmsplice): writes bypass its PTEs. */

@@ -114,8 +114,8 @@ impl Space {
     fn snapshot(&self, quiesced: bool) -> Result<u64> {
         let mapping = self.mapping;
         let base = self.base;
-        self.state.lock().snapshot(quiesced, |idx, page| {
-            mm::wrprotect(mapping, base + idx, page);
+        self.state.lock().snapshot(quiesced, |first, count, run| {
+            mm::wrprotect_run(mapping, base, first, count, run);
         })
     }
 

@@ -16,6 +16,12 @@ extern "C" {
         pgoff: core::ffi::c_ulong,
         page: *mut core::ffi::c_void,
     ) -> core::ffi::c_int;
+    fn cow_can_wrprotect_range() -> bool;
+    fn cow_wrprotect_range(
+        mapping: *mut core::ffi::c_void,
+        first: core::ffi::c_ulong,
+        nr: core::ffi::c_ulong,
+    ) -> core::ffi::c_ulong;
     fn cow_page_maybe_pinned(page: *mut core::ffi::c_void) -> bool;
     fn cow_capable_sys_resource() -> bool;
     fn cow_cond_resched();
@@ -39,14 +45,36 @@ pub(crate) fn copy_page(dst: *mut bindings::page, src: *mut bindings::page) {
     unsafe { bindings::folio_copy(dst.cast(), src.cast()) }
 }
 
-/// Write-protects every PTE that maps `page` at page offset `pgoff` of `mapping`.
-/// Returns how many PTEs it write-protected.
-pub(crate) fn wrprotect(mapping: *mut bindings::address_space, pgoff: usize, page: *mut bindings::page) -> i32 {
-    // SAFETY: `mapping` is the `f_mapping` of the open `/dev/cow` file, which outlives the
-    // space (the space is the file's private data). `page` is a live page owned by the space.
-    // mapping_wrprotect_range only walks the mapping's VMAs under its own locks and changes PTEs
-    // that map exactly `pfn` at `pgoff`, flushing the TLB.
-    unsafe { cow_wrprotect_page(mapping.cast(), pgoff as _, page.cast()) }
+/// Write-protects every PTE that maps the page offsets `base + [first, first + count)` of
+/// `mapping`, where `pages` (index, page) are the pages of that run that may be writable. With
+/// `wp_shared_mapping_range` in the kernel and more than one page, that is one page-table walk
+/// per VMA and one TLB flush for the run; else one rmap walk and flush per listed page.
+pub(crate) fn wrprotect_run(
+    mapping: *mut bindings::address_space,
+    base: usize,
+    first: usize,
+    count: usize,
+    pages: &[(usize, *mut bindings::page)],
+) {
+    // A lone page goes the per-page way: the range walk's fixed part (mmu-notifier range, TLB
+    // flush pending count, cache flush) costs more than one rmap walk (measured: 15% slower
+    // snapshots of 4096 pages scattered 64 apart).
+    // SAFETY: the helper only reads a compile-time constant and a module parameter.
+    if pages.len() > 1 && unsafe { cow_can_wrprotect_range() } {
+        // SAFETY: `mapping` is the `f_mapping` of the open `/dev/cow` file, which outlives the
+        // space (the space is the file's private data). wp_shared_mapping_range takes the
+        // mapping's i_mmap lock for reading, walks the page tables of every VMA mapping the
+        // range (each PTE under its lock) and flushes the TLB of what it changed. Offsets with
+        // no VMA or no page table are skipped.
+        unsafe { cow_wrprotect_range(mapping.cast(), (base + first) as _, count as _) };
+        return;
+    }
+    for &(idx, page) in pages {
+        // SAFETY: `mapping` as above; `page` is a live page owned by the space (the caller
+        // holds its lock). mapping_wrprotect_range walks the mapping's VMAs under its own locks
+        // and changes only PTEs that map exactly this page at `pgoff`, flushing the TLB.
+        unsafe { cow_wrprotect_page(mapping.cast(), (base + idx) as _, page.cast()) };
+    }
 }
 
 /// Whether `page` may be pinned for DMA (`pin_user_pages`: O_DIRECT, vmsplice): such a page

@@ -92,6 +92,36 @@ pub(crate) enum FaultPage {
     Stale,
 }
 
+/// Pages written in one epoch lying at most this many pages apart are write-protected by one
+/// walk over the read-only pages between them: visiting a few PTEs costs less than another
+/// walk of the mapping's VMAs, another mmu-notifier round and another TLB flush.
+const WP_GAP: usize = 16;
+
+/// Most pages one write-protection run spans: bounds the run's list and the time spent in one
+/// walk without a chance to reschedule.
+const WP_MAX_SPAN: usize = 1024;
+
+/// Write-protects the pages gathered in `run` (sorted page indices) as one range, then adds
+/// those that may be pinned for DMA to `pinned` (checked after the protection: a pin taken
+/// before it is seen, one taken after it needs a write fault), and empties `run`.
+fn flush_run(
+    run: &mut KVVec<(usize, *mut kernel::bindings::page)>,
+    pinned: &mut KVVec<(usize, *mut kernel::bindings::page)>,
+    wrprotect: &mut impl FnMut(usize, usize, &[(usize, *mut kernel::bindings::page)]),
+) -> Result {
+    if let (Some(&(first, _)), Some(&(last, _))) = (run.first(), run.last()) {
+        wrprotect(first, last + 1 - first, run.as_slice());
+    }
+    for &(idx, page) in run.iter() {
+        if mm::maybe_pinned(page) {
+            pinned.push((idx, page), gfp_user_sized())?;
+        }
+    }
+    run.clear();
+    mm::cond_resched();
+    Ok(())
+}
+
 fn now_ns() -> u64 {
     // SAFETY: ktime_get has no preconditions; it reads the monotonic clock.
     unsafe { kernel::bindings::ktime_get() as u64 }
@@ -197,13 +227,18 @@ impl SpaceState {
         }
     }
 
-    /// Takes a snapshot; `wrprotect(idx, page)` write-protects one page's PTEs. With
-    /// `quiesced` (nothing writes the space meanwhile), hinted pages written in the epoch that
-    /// ends are copied now and left writable, so the next epoch's writes to them do not fault.
+    /// Takes a snapshot; `wrprotect(first, count, pages)` write-protects the PTEs of the page
+    /// indices `[first, first + count)`, where `pages` lists the space's pages in that run that
+    /// may be writable (those to arm; the others in the run are read-only already). Pages
+    /// written in the epoch that ends are armed in runs that bridge gaps of up to [`WP_GAP`]
+    /// read-only pages, so a kernel that can protect a range does one page-table walk and one
+    /// TLB flush per run instead of an rmap walk and a flush per page. With `quiesced` (nothing
+    /// writes the space meanwhile), hinted pages written in the epoch that ends are copied now
+    /// and left writable, so the next epoch's writes to them do not fault; no run spans them.
     pub(crate) fn snapshot(
         &mut self,
         quiesced: bool,
-        mut wrprotect: impl FnMut(usize, *mut kernel::bindings::page),
+        mut wrprotect: impl FnMut(usize, usize, &[(usize, *mut kernel::bindings::page)]),
     ) -> Result<u64> {
         let start = now_ns();
         if self.snapshots.len() >= self.limits.max_snapshots as usize
@@ -226,20 +261,24 @@ impl SpaceState {
         // nothing can write them meanwhile; the rest are re-armed.
         // Pages that may be pinned for DMA are write-protected and copied at once: a device
         // writes them behind their PTEs, so no first-write fault would save them (as fork does).
+        // A failure part-way leaves some pages write-protected early, which only costs a fault.
         let mut keep = KVVec::new();
         let mut pinned = KVVec::new();
+        let mut run: KVVec<(usize, *mut kernel::bindings::page)> = KVVec::new();
         {
             let hint = self.hint.as_slice();
             let mut arm = |idx: usize, page: *mut kernel::bindings::page| -> Result {
                 if quiesced && hint.binary_search(&idx).is_ok() {
+                    flush_run(&mut run, &mut pinned, &mut wrprotect)?;
                     keep.push((idx, page), gfp_user_sized())?;
                 } else {
-                    wrprotect(idx, page);
-                    if mm::maybe_pinned(page) {
-                        pinned.push((idx, page), gfp_user_sized())?;
+                    let breaks = |&(last, _): &(usize, _)| idx - last > WP_GAP;
+                    let too_long = |&(first, _): &(usize, _)| idx - first >= WP_MAX_SPAN;
+                    if run.last().is_some_and(breaks) || run.first().is_some_and(too_long) {
+                        flush_run(&mut run, &mut pinned, &mut wrprotect)?;
                     }
+                    run.push((idx, page), gfp_user_sized())?;
                 }
-                mm::cond_resched();
                 Ok(())
             };
             match self.snapshots.last() {
@@ -257,6 +296,7 @@ impl SpaceState {
                 }
             }
         }
+        flush_run(&mut run, &mut pinned, &mut wrprotect)?;
         let mut snap = Snapshot {
             id: self.next_id,
             taken_ns: now_ns(),
@@ -307,7 +347,7 @@ impl SpaceState {
             } else {
                 // No memory for the copy: take the ordinary path for this page.
                 snap.saved.remove(&idx);
-                wrprotect(idx, page);
+                wrprotect(idx, 1, &[(idx, page)]);
             }
         }
         self.stats.precopy_ns += now_ns().saturating_sub(precopy_start);

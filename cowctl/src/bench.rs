@@ -1,6 +1,6 @@
-//! `cowctl bench`: snapshot latency, restore latency and first-write cost per page of each
-//! backend, with the cost of copying one page (the limit for any snapshot) measured in the same
-//! run as the baseline.
+//! `cowctl bench`: snapshot latency, restore latency, first-write cost per page and snapshots
+//! per second of each backend, with the cost of copying one page (the limit for any snapshot)
+//! measured in the same run as the baseline.
 
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -17,8 +17,16 @@ pub struct Row {
     snapshot_us: f64,
     /// Median time of one restore of `dirty_pages` written pages.
     restore_us: f64,
+    /// `restore_us` per written page.
+    restore_us_per_page: f64,
     /// Median cost of the first write to a page after a snapshot (fault + pre-image copy).
-    first_write_us: f64,
+    fault_us: f64,
+    /// What one written page costs in all, in page copies: its first write plus its share of
+    /// the next snapshot, over `memcpy_page_us` (the target: at most 2).
+    page_cost_in_memcpy: f64,
+    /// Epochs per second when each writes `dirty_pages` pages and ends with a snapshot (the
+    /// previous one dropped): writes, faults and snapshot together.
+    snapshots_per_s: f64,
     /// Median cost of copying one 4 KiB page with memcpy, measured in this run.
     memcpy_page_us: f64,
     /// Memory the backend holds for one epoch of `dirty_pages` written pages.
@@ -62,6 +70,31 @@ const MEMCPY_ENV: &str = "COW_BENCH_MEMCPY_US";
 /// Most rounds per configuration (measurements live in fixed arrays on the stack: a restore
 /// rewinds the heap under the in-process backends).
 pub const MAX_ROUNDS: usize = 64;
+
+/// The default sizes (MiB) and pages written per epoch.
+const DEFAULT_SIZES: [usize; 3] = [16, 256, 1024];
+/// The snapshots-per-second reference added to the default run: 1% of 10 MiB written per epoch.
+const RATE_REFERENCE: (usize, usize) = (10, 26);
+/// Epochs timed for `snapshots_per_s` (fewer if they take more than half a second).
+const RATE_EPOCHS: usize = 200;
+
+/// The (size MiB, dirty pages) configurations a run measures: every size with every dirty
+/// count, and with the default sizes also [`RATE_REFERENCE`].
+fn configurations(sizes: &[usize], dirty: &[usize]) -> Vec<(usize, usize)> {
+    let chosen: &[usize] = if sizes.is_empty() {
+        &DEFAULT_SIZES
+    } else {
+        sizes
+    };
+    let mut v: Vec<_> = chosen
+        .iter()
+        .flat_map(|&s| dirty.iter().map(move |&d| (s, d)))
+        .collect();
+    if sizes.is_empty() {
+        v.insert(0, RATE_REFERENCE);
+    }
+    v
+}
 
 /// Measures one backend for one size and dirty count.
 fn bench_one(
@@ -107,17 +140,37 @@ fn bench_one(
         restore[round] = us(t);
         b.drop_snapshot(id)?;
     }
+    // Snapshots per second: epochs of writes ending in a snapshot, each dropping the one before
+    // (as a fuzzer or a periodic checkpointer keeping one).
+    let mut previous = b.snapshot()?;
+    let t = Instant::now();
+    let mut epochs = 0;
+    while epochs < RATE_EPOCHS && (epochs < 3 || t.elapsed().as_secs_f64() < 0.5) {
+        touch(epochs as u8);
+        let id = b.snapshot()?;
+        b.drop_snapshot(previous)?;
+        previous = id;
+        epochs += 1;
+    }
+    let snapshots_per_s = epochs as f64 / t.elapsed().as_secs_f64();
+    b.drop_snapshot(previous)?;
     b.drop_snapshot(first)?;
     // SAFETY: unmapping the region this function mapped; nothing refers to it any more.
     unsafe { libc::munmap(base.cast(), size_mib << 20) };
+    let snapshot_us = median(snap[..rounds].to_vec());
+    let restore_us = median(restore[..rounds].to_vec());
+    let fault_us = median(write[..rounds].to_vec());
     Ok(Row {
         backend: b.name().into(),
         size_mib,
         dirty_pages: dirty,
         rounds,
-        snapshot_us: median(snap[..rounds].to_vec()),
-        restore_us: median(restore[..rounds].to_vec()),
-        first_write_us: median(write[..rounds].to_vec()),
+        snapshot_us,
+        restore_us,
+        restore_us_per_page: restore_us / dirty as f64,
+        fault_us,
+        page_cost_in_memcpy: (fault_us + snapshot_us / dirty as f64) / memcpy,
+        snapshots_per_s,
         memcpy_page_us: memcpy,
         memory_overhead_bytes: overhead,
     })
@@ -155,23 +208,22 @@ pub fn run(
         let memcpy: f64 = std::env::var(MEMCPY_ENV)?.parse()?;
         let (b, _) = cow::backend::open(&backend)?;
         let mut rows = Vec::new();
-        for &size in sizes {
-            for &d in dirty {
-                eprintln!("cowctl bench: {backend} {size} MiB, {d} dirty pages, {rounds} rounds");
-                rows.push(bench_one(b.as_ref(), size, d, rounds, memcpy)?);
-            }
+        for (size, d) in configurations(sizes, dirty) {
+            eprintln!("cowctl bench: {backend} {size} MiB, {d} dirty pages, {rounds} rounds");
+            rows.push(bench_one(b.as_ref(), size, d, rounds, memcpy)?);
         }
         println!("{}", serde_json::to_string(&rows)?);
         return Ok(());
     }
     // Refuse what cannot be measured before any work (the parser checked the rest).
-    for &size in sizes {
-        if let Some(d) = dirty.iter().find(|&&d| d > size * 256) {
-            return Err(crate::exit::usage(format!(
-                "--dirty-pages {d} does not fit in --size {size} (at most {} pages)",
-                size * 256
-            )));
-        }
+    if let Some((size, d)) = configurations(sizes, dirty)
+        .into_iter()
+        .find(|&(s, d)| d > s * 256)
+    {
+        return Err(crate::exit::usage(format!(
+            "--dirty-pages {d} does not fit in --size {size} (at most {} pages)",
+            size * 256
+        )));
     }
     if backends.iter().any(|b| b == "kmod") {
         drop(anyhow::Context::context(
@@ -206,25 +258,29 @@ pub fn run(
         return Ok(());
     }
     println!(
-        "{:<8} {:>8} {:>6} {:>12} {:>12} {:>15} {:>12} {:>10}",
+        "{:<8} {:>8} {:>6} {:>12} {:>12} {:>15} {:>10} {:>12} {:>12} {:>10}",
         "backend",
         "size MiB",
         "dirty",
         "snapshot µs",
         "restore µs",
         "1st write µs/p",
+        "page/memcpy",
+        "snapshots/s",
         "memcpy µs/p",
         "held MiB"
     );
     for r in &rows {
         println!(
-            "{:<8} {:>8} {:>6} {:>12.1} {:>12.1} {:>15.2} {:>12.3} {:>10.1}",
+            "{:<8} {:>8} {:>6} {:>12.1} {:>12.1} {:>15.2} {:>10.2} {:>12.0} {:>12.3} {:>10.1}",
             r.backend,
             r.size_mib,
             r.dirty_pages,
             r.snapshot_us,
             r.restore_us,
-            r.first_write_us,
+            r.fault_us,
+            r.page_cost_in_memcpy,
+            r.snapshots_per_s,
             r.memcpy_page_us,
             r.memory_overhead_bytes as f64 / (1 << 20) as f64
         );
