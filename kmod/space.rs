@@ -33,7 +33,7 @@ use kernel::{
     alloc::Flags,
     page::{Page, PAGE_SIZE},
     prelude::*,
-    rbtree::{RBTree, RBTreeNodeReservation},
+    rbtree::{Entry, RBTree, RBTreeNodeReservation},
 };
 
 /// Every allocation a space makes is charged to the caller's memory cgroup.
@@ -181,38 +181,46 @@ impl SpaceState {
             }
         };
         if write {
-            let newest_has = match self.snapshots.last() {
-                Some(newest) => newest.saved.get(&idx).is_some(),
-                None => true, // nothing to preserve before the first snapshot
-            };
-            if !newest_has {
-                let start = now_ns();
-                self.save_pre_image(idx, page_ptr)?;
-                self.stats.first_write_faults += 1;
-                self.stats.fault_ns += now_ns().saturating_sub(start);
-                return Ok(FaultPage::Map(page_ptr));
-            }
+            self.save_pre_image(idx, page_ptr)?;
+        } else {
+            self.stats.other_faults += 1;
         }
-        self.stats.other_faults += 1;
         Ok(FaultPage::Map(page_ptr))
     }
 
-    /// Copies the current page at `idx` into the newest snapshot. The byte budget evicts
-    /// older snapshots only: the newest one (the one a program is about to roll back to) is
-    /// never lost silently; its pre-images are bounded by the space's size (one per page).
+    /// The first-write rule: unless the newest snapshot holds an image of page `idx`, copy the
+    /// current page (`page`) into it, looking the index up once (the tree's entry is where the
+    /// copy goes). The byte budget evicts older snapshots only: the newest one (the one a
+    /// program is about to roll back to) is never lost silently; its pre-images are bounded by
+    /// the space's size (one per page).
     fn save_pre_image(&mut self, idx: usize, page: *mut kernel::bindings::page) -> Result {
-        while self.held_bytes() + PAGE_SIZE as u64 > self.limits.max_bytes && self.snapshots.len() > 1 {
-            self.evict_oldest();
+        let max_bytes = self.limits.max_bytes;
+        if self.held_bytes() + PAGE_SIZE as u64 > max_bytes
+            && self.snapshots.last().is_some_and(|newest| newest.saved.get(&idx).is_none())
+        {
+            while self.held_bytes() + PAGE_SIZE as u64 > max_bytes && self.snapshots.len() > 1 {
+                self.evict_oldest();
+            }
         }
         let Some(newest) = self.snapshots.last_mut() else {
-            return Ok(()); // no snapshot: nothing to preserve for
+            // Nothing to preserve before the first snapshot.
+            self.stats.other_faults += 1;
+            return Ok(());
         };
+        let Entry::Vacant(slot) = newest.saved.entry(idx) else {
+            self.stats.other_faults += 1;
+            return Ok(());
+        };
+        let start = now_ns();
         let copy = Page::alloc_page(GFP)?;
+        let node = RBTreeNodeReservation::new(GFP)?;
         mm::copy_page(copy.as_ptr(), page);
-        newest.saved.try_create_and_insert(idx, Some(copy), GFP)?;
+        slot.insert(Some(copy), node);
         newest.copies += 1;
         self.stats.pages_saved += 1;
         self.stats.bytes_held += PAGE_SIZE as u64;
+        self.stats.first_write_faults += 1;
+        self.stats.fault_ns += now_ns().saturating_sub(start);
         Ok(())
     }
 
