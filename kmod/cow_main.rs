@@ -148,12 +148,12 @@ impl Space {
         Ok(())
     }
 
-    fn restore(&self, id: u64) -> Result {
+    fn restore(&self, id: u64, in_place: bool) -> Result {
         let mapping = self.mapping;
         let base = self.base;
         self.state
             .lock()
-            .restore(id, |first, count| mm::zap(mapping, base + first, count))
+            .restore(id, in_place, |first, count| mm::zap(mapping, base + first, count))
     }
 
     fn discard(&self, arg: &abi::CowRange) -> Result {
@@ -338,8 +338,10 @@ impl MiscDevice for Space {
                 v.abi_version = abi::COW_ABI_VERSION;
                 v.page_size = PAGE_SIZE as u32;
                 v.reserved = 0;
-                v.features =
-                    abi::features::SNAPSHOTS | abi::features::PRECOPY | abi::features::DISCARD;
+                v.features = abi::features::SNAPSHOTS
+                    | abi::features::PRECOPY
+                    | abi::features::DISCARD
+                    | abi::features::RESTORE_IN_PLACE;
                 out.write(&v)?;
             }
             abi::nr::SNAPSHOT => {
@@ -352,11 +354,13 @@ impl MiscDevice for Space {
             }
             abi::nr::RESTORE | abi::nr::DROP => {
                 let (a, _) = uarg::read::<abi::CowId>(arg, 16)?;
-                if a.flags != 0 {
+                let restore = abi::ioc_nr(cmd) == abi::nr::RESTORE;
+                let allowed = if restore { abi::COW_RESTORE_QUIESCED } else { 0 };
+                if a.flags & !allowed != 0 {
                     return Err(EINVAL);
                 }
-                if abi::ioc_nr(cmd) == abi::nr::RESTORE {
-                    space.restore(a.id)?;
+                if restore {
+                    space.restore(a.id, a.flags & abi::COW_RESTORE_QUIESCED != 0)?;
                 } else {
                     space.state.lock().drop_snapshot(a.id)?;
                 }

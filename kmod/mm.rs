@@ -36,12 +36,15 @@ pub(crate) fn params() -> (u32, u64) {
     unsafe { (cow_param_max_snapshots(), cow_param_max_held_mib() as u64) }
 }
 
-/// Copies the contents of page `src` into page `dst`.
+/// Copies the contents of page `src` into page `dst`: a fresh page, or (an in-place restore)
+/// a current page whose user mappings nobody uses during the call.
 pub(crate) fn copy_page(dst: *mut bindings::page, src: *mut bindings::page) {
     // SAFETY: both pointers come from `Page` values the caller owns (order-0 pages from
     // `alloc_page`, so each page is its own folio: `page_folio(p) == p`, which makes the cast
-    // exactly what C's `page_folio()` computes). `folio_copy` kmaps and copies one page; the
-    // destination is a fresh page nobody else can see, so nothing races with the write.
+    // exactly what C's `page_folio()` computes). `folio_copy` kmaps and copies one page. The
+    // destination is a fresh page nobody else can see, or a mapped page the caller promised
+    // nobody touches meanwhile; had a user thread broken that promise, it would only see or
+    // leave mixed bytes of plain data (as with any copy of user memory), never kernel state.
     unsafe { bindings::folio_copy(dst.cast(), src.cast()) }
 }
 

@@ -95,6 +95,8 @@ pub mod features {
     pub const PRECOPY: u64 = 1 << 1;
     /// `COW_IOC_DISCARD`: pages of a range read as zero again (`MADV_DONTNEED`, `munmap`).
     pub const DISCARD: u64 = 1 << 2;
+    /// [`super::COW_RESTORE_QUIESCED`]: restores that copy pages back in place.
+    pub const RESTORE_IN_PLACE: u64 = 1 << 3;
 }
 
 /// [`CowId::flags`] of `COW_IOC_SNAPSHOT`: the caller guarantees that nothing writes the
@@ -102,6 +104,14 @@ pub mod features {
 /// Only then are hinted pages pre-copied and left writable: with concurrent writers that would
 /// break the snapshot's atomicity, so without the flag hints are ignored.
 pub const COW_SNAPSHOT_QUIESCED: u32 = 1;
+
+/// [`CowId::flags`] of `COW_IOC_RESTORE`: the caller guarantees that nothing reads or writes
+/// the space during the call (its other threads are stopped and no other process maps it).
+/// The module then copies each restored page's image back into the page in place and keeps
+/// the image as the snapshot's pre-image: PTEs stay (no rmap walk, no TLB flush, no refault
+/// afterwards) and a restored page written again does not fault. Without the flag, pages are
+/// swapped back and their PTEs dropped, which is atomic against concurrent writers.
+pub const COW_RESTORE_QUIESCED: u32 = 1;
 
 /// [`CowDirty::flags`]: only the pages written in the epoch right after snapshot `id` (until
 /// the next snapshot), rather than everything since `id`.
@@ -133,7 +143,7 @@ pub struct CowVersion {
 pub struct CowId {
     /// In: `size_of::<CowId>()`.
     pub size: u32,
-    /// In: zero (no flags are defined yet).
+    /// In: [`COW_SNAPSHOT_QUIESCED`] (SNAPSHOT), [`COW_RESTORE_QUIESCED`] (RESTORE), or zero.
     pub flags: u32,
     /// SNAPSHOT: out, the new snapshot's id. RESTORE, DROP: in, the snapshot's id.
     pub id: u64,

@@ -6,8 +6,10 @@ use cow_abi::{
     CowDirty, CowHint, CowId, CowLimits, CowList, CowRange, CowRead, CowSnapshotInfo, CowStats,
     CowVersion, COW_ABI_VERSION, COW_DIRTY_EPOCH, COW_IOC_DIRTY, COW_IOC_DISCARD, COW_IOC_DROP,
     COW_IOC_HINT, COW_IOC_LIMITS, COW_IOC_LIST, COW_IOC_READ, COW_IOC_RESTORE, COW_IOC_SNAPSHOT,
-    COW_IOC_STATS, COW_IOC_VERSION, COW_LIMITS_SET, COW_POLICY_FAIL, COW_SNAPSHOT_QUIESCED,
+    COW_IOC_STATS, COW_IOC_VERSION, COW_LIMITS_SET, COW_POLICY_FAIL, COW_RESTORE_QUIESCED,
+    COW_SNAPSHOT_QUIESCED,
 };
+use cow_abi::features;
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -304,6 +306,25 @@ impl Cow {
     /// ones stay. Pages created after `id` read as zero again.
     pub fn restore(&self, id: u64) -> Result<()> {
         let mut a = CowId { id, ..sized() };
+        ioctl_ptr(self.fd.as_fd(), COW_IOC_RESTORE, &mut a, "COW_IOC_RESTORE")
+            .map_err(|e| no_snapshot(e, id))?;
+        Ok(())
+    }
+
+    /// Restores to snapshot `id` in place ([`COW_RESTORE_QUIESCED`]): pages are copied back,
+    /// their mappings stay, and a restored page written again does not fault. The caller
+    /// guarantees that nothing else reads or writes the covered memory meanwhile (no other
+    /// thread runs, no other process maps it). Falls back to [`Cow::restore`] on a module
+    /// without the feature.
+    pub fn restore_in_place(&self, id: u64) -> Result<()> {
+        if self.features() & features::RESTORE_IN_PLACE == 0 {
+            return self.restore(id);
+        }
+        let mut a = CowId {
+            id,
+            flags: COW_RESTORE_QUIESCED,
+            ..sized()
+        };
         ioctl_ptr(self.fd.as_fd(), COW_IOC_RESTORE, &mut a, "COW_IOC_RESTORE")
             .map_err(|e| no_snapshot(e, id))?;
         Ok(())

@@ -221,15 +221,23 @@ impl Backend for Kmod {
 
     fn restore(&self, id: u64) -> Result<()> {
         let Some(restored) = self.restored else {
-            return self.cow.restore(id);
+            // Alone in the process, nothing else can touch the memory during the restore: copy
+            // the pages back in place (no refaults after it). Else swap them back, atomically
+            // against the other threads' writes.
+            return if crate::world::single_threaded() {
+                self.cow.restore_in_place(id)
+            } else {
+                self.cow.restore(id)
+            };
         };
         // The restored memory may describe other mappings than the process has now: the other
-        // threads must not run until they are back (the caller holds the heap already).
+        // threads must not run until they are back (the caller holds the heap already). They
+        // are stopped, so the pages go back in place.
         let _stopped = crate::world::stop_others().map_err(|e| Error::Os {
             op: "stop the other threads",
             errno: e.raw_os_error().unwrap_or(libc::EIO),
         })?;
-        self.cow.restore(id)?;
+        self.cow.restore_in_place(id)?;
         restored();
         Ok(())
     }
