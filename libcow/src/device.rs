@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::sys::ioctl_ptr;
+use cow_abi::features;
 use cow_abi::{
     CowDirty, CowHint, CowId, CowLimits, CowList, CowRange, CowRead, CowSnapshotInfo, CowStats,
     CowVersion, COW_ABI_VERSION, COW_DIRTY_EPOCH, COW_IOC_DIRTY, COW_IOC_DISCARD, COW_IOC_DROP,
@@ -9,7 +10,6 @@ use cow_abi::{
     COW_IOC_STATS, COW_IOC_VERSION, COW_LIMITS_SET, COW_POLICY_FAIL, COW_RESTORE_QUIESCED,
     COW_SNAPSHOT_QUIESCED,
 };
-use cow_abi::features;
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
