@@ -127,6 +127,9 @@ fn bench_one(
         ([0f64; MAX_ROUNDS], [0f64; MAX_ROUNDS], [0f64; MAX_ROUNDS]);
     let mut overhead = 0u64;
     for round in 0..rounds {
+        // Each round's writes are first writes: a snapshot just armed the pages (a restore
+        // may leave them writable, as cow.ko's in-place restore does).
+        let armed = b.snapshot()?;
         let t = Instant::now();
         touch(round as u8);
         write[round] = us(t) / dirty as f64;
@@ -139,6 +142,7 @@ fn bench_one(
         b.restore(id)?;
         restore[round] = us(t);
         b.drop_snapshot(id)?;
+        b.drop_snapshot(armed)?;
     }
     // Snapshots per second: epochs of writes ending in a snapshot, each dropping the one before
     // (as a fuzzer or a periodic checkpointer keeping one).
