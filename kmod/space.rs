@@ -462,15 +462,17 @@ impl SpaceState {
 
     /// Restores to snapshot `id` by copying each page's image back into the page in place,
     /// for a caller that guarantees nothing reads or writes the space during the call (its
-    /// other threads stopped, no other process mapping it). The PTEs stay: no rmap walk, no
-    /// TLB flush, and no refault afterwards. Each image stays in `S_k` as the page's pre-image,
-    /// so the page may stay writable and its next write costs nothing. Only pages that did not
-    /// exist at `S_k` are zapped and removed. Cost: one page copy per restored page.
+    /// other threads stopped, no other process mapping it). The newer snapshots' images merge
+    /// into `S_k` (the oldest image of a page wins) and stay there as the pages' pre-images, so
+    /// the PTEs stay: no rmap walk, no TLB flush, no refault afterwards, and a restored page
+    /// written again costs nothing. Pages absent at `S_k` are zapped and removed (their "absent"
+    /// marks stay). Cost: one page copy and one tree step per restored page (restoring the
+    /// newest snapshot moves no tree node).
     fn restore_in_place(&mut self, id: u64, mut zap: impl FnMut(usize, usize)) -> Result {
         let start = now_ns();
         let k = self.position(id)?;
         // Allocate first (a node for each image whose page no longer exists: it becomes the
-        // page); past this point nothing can fail.
+        // page again); past this point nothing can fail.
         let mut needed = 0usize;
         for snap in &self.snapshots[k..] {
             for (idx, image) in snap.saved.iter() {
@@ -484,27 +486,37 @@ impl SpaceState {
         for _ in 0..needed {
             nodes.push(RBTreeNodeReservation::<usize, Page>::new(GFP)?, GFP)?;
         }
-        // Every page's image as of S_k: the oldest entry of S_k..newest wins.
-        let mut images: RBTree<usize, Option<Page>> = RBTree::new();
-        let mut j = self.snapshots.len();
-        while j > k {
-            j -= 1;
-            let snap = &mut self.snapshots[j];
+        let mut moved: KVVec<usize> = KVVec::with_capacity(needed, gfp_user_sized())?;
+        // The newer snapshots' entries move into S_k unless it has the page already (its image
+        // is older); the first newer snapshot holding a page has the oldest image of it.
+        let newer = self.snapshots.len() - (k + 1);
+        for _ in 0..newer {
+            let Ok(mut snap) = self.snapshots.remove(k + 1) else { break };
             self.stats.bytes_held -= snap.copies * PAGE_SIZE as u64;
-            snap.copies = 0;
-            let mut saved = core::mem::replace(&mut snap.saved, RBTree::new());
-            while let Some(cursor) = saved.cursor_front_mut() {
+            let older = &mut self.snapshots[k];
+            while let Some(cursor) = snap.saved.cursor_front_mut() {
+                let (idx, is_copy) = {
+                    let (idx, image) = cursor.current();
+                    (*idx, image.is_some())
+                };
                 let (_, node) = cursor.remove_current();
-                // A newer image of the same page is replaced (and freed) by this older one.
-                drop(images.insert(node));
+                if older.saved.get(&idx).is_some() {
+                    continue; // dropped with its (newer) image
+                }
+                older.saved.insert(node);
+                if is_copy {
+                    older.copies += 1;
+                    self.stats.bytes_held += PAGE_SIZE as u64;
+                }
                 mm::cond_resched();
             }
         }
+        let snap = &mut self.snapshots[k];
         // Pages absent at S_k lose their PTEs first, in runs; nothing faults meanwhile (the
         // caller's promise, and faults need the lock we hold).
         let mut run: Option<(usize, usize)> = None;
-        for (&idx, image) in images.iter() {
-            if image.is_some() {
+        for (&idx, image) in snap.saved.iter() {
+            if image.is_some() || self.pages.get(&idx).is_none() {
                 continue;
             }
             run = match run {
@@ -519,45 +531,39 @@ impl SpaceState {
         if let Some((first, count)) = run {
             zap(first, count);
         }
-        let mut kept = RBTree::new();
-        let mut copies = 0u64;
-        while let Some(cursor) = images.cursor_front_mut() {
-            let (idx, image) = {
-                let (idx, image) = cursor.current();
-                (*idx, image.as_ref().map(|p| p.as_ptr()))
-            };
-            let (_, node) = cursor.remove_current();
+        // Copy every image back; note the pages discarded since S_k (unmapped: their image
+        // becomes the page) and the pages absent at S_k (removed).
+        let mut discarded = 0usize;
+        for (&idx, image) in snap.saved.iter() {
             self.stats.pages_restored += 1;
-            let current = self.pages.get(&idx).map(|p| p.as_ptr());
-            match (image, current) {
-                (Some(image), Some(page)) => {
-                    mm::copy_page(page, image);
-                    kept.insert(node);
-                    copies += 1;
+            match (image, self.pages.get(&idx)) {
+                (Some(image), Some(page)) => mm::copy_page(page.as_ptr(), image.as_ptr()),
+                (Some(_), None) => discarded += 1,
+                (None, Some(_)) => {
+                    self.pages.remove(&idx);
+                    self.stats.pages_present -= 1;
                 }
-                (Some(_), None) => {
-                    // Discarded since S_k, so unmapped: the image becomes the page. Counted
-                    // above, so a node is there; the `else` is unreachable.
-                    let (_, image) = node.to_key_value();
-                    let (Some(image), Some(slot)) = (image, nodes.pop()) else { continue };
-                    self.pages.insert(slot.into_node(idx, image));
-                    self.stats.pages_present += 1;
-                }
-                (None, _) => {
-                    // Absent at S_k: the page goes (its PTEs went above).
-                    if self.pages.remove(&idx).is_some() {
-                        self.stats.pages_present -= 1;
-                    }
-                }
+                (None, None) => {}
             }
             mm::cond_resched();
         }
-        self.snapshots.truncate(k + 1);
-        let snap = &mut self.snapshots[k];
-        snap.saved = kept;
-        snap.copies = copies;
+        if discarded > 0 {
+            for (&idx, image) in snap.saved.iter() {
+                if image.is_some() && self.pages.get(&idx).is_none() {
+                    // Room for `needed` ≥ `discarded` entries was reserved above.
+                    let _ = moved.push_within_capacity(idx);
+                }
+            }
+            for &idx in moved.iter() {
+                let Some(Some(image)) = snap.saved.remove(&idx) else { continue };
+                let Some(slot) = nodes.pop() else { break };
+                self.pages.insert(slot.into_node(idx, image));
+                self.stats.pages_present += 1;
+                snap.copies -= 1;
+                self.stats.bytes_held -= PAGE_SIZE as u64;
+            }
+        }
         snap.precopied.clear();
-        self.stats.bytes_held += copies * PAGE_SIZE as u64;
         self.stats.restores += 1;
         self.stats.restore_ns += now_ns().saturating_sub(start);
         Ok(())

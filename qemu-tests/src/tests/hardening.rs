@@ -542,14 +542,21 @@ impl FailNth {
     }
 }
 
-/// Every allocation of snapshot (with pre-copies), restore, drop, read and dirty is failed in
-/// turn (as syzkaller's fail-nth does): each call either fails and leaves the space exactly as
+/// Every allocation of snapshot (with pre-copies), restore (both kinds), drop, read and dirty
+/// is failed in turn (as syzkaller's fail-nth does): each call either fails and leaves the space exactly as
 /// it was, or succeeds with an exact result.
 fn failing_allocations_leave_space_exact() -> Result<()> {
     setup_fault_injection()?;
     let fail = FailNth::open()?;
     let mut total = 0;
-    for op in ["snapshot", "restore", "drop", "read", "dirty"] {
+    for op in [
+        "snapshot",
+        "restore",
+        "restore-in-place",
+        "drop",
+        "read",
+        "dirty",
+    ] {
         let mut injected = 0;
         for n in 1..400 {
             // A space with three epochs: A at s1, B at s2 (new pages too), C now.
@@ -589,6 +596,17 @@ fn failing_allocations_leave_space_exact() -> Result<()> {
                     ],
                 ),
                 "restore" => (abi::COW_IOC_RESTORE, [16, s1, 0, 0, 0, 0]),
+                "restore-in-place" => (
+                    abi::COW_IOC_RESTORE,
+                    [
+                        16 | (u64::from(abi::COW_RESTORE_QUIESCED) << 32),
+                        s1,
+                        0,
+                        0,
+                        0,
+                        0,
+                    ],
+                ),
                 "drop" => (abi::COW_IOC_DROP, [16, s2, 0, 0, 0, 0]),
                 "read" => (
                     abi::COW_IOC_READ,
@@ -610,7 +628,7 @@ fn failing_allocations_leave_space_exact() -> Result<()> {
                 matches!(res, Ok(()) | Err(libc::ENOMEM) | Err(libc::EFAULT)),
                 "{op} with allocation {n} failed: {res:?}, expected ENOMEM or EFAULT"
             );
-            let expect_now: &[u8] = if op == "restore" && res.is_ok() {
+            let expect_now: &[u8] = if op.starts_with("restore") && res.is_ok() {
                 &at_s1
             } else {
                 &now
@@ -637,7 +655,7 @@ fn failing_allocations_leave_space_exact() -> Result<()> {
             }
             // Every snapshot still left restores exactly (a successful restore to s1 or drop
             // of s2 has removed s2).
-            let s2_gone = res.is_ok() && (op == "restore" || op == "drop");
+            let s2_gone = res.is_ok() && (op.starts_with("restore") || op == "drop");
             if !s2_gone {
                 cow.restore(s2)?;
                 ensure!(m == &at_s2[..], "restore to s2 after {op} (allocation {n})");
