@@ -17,6 +17,10 @@
 //! - **restore to `S_k`**: for `j` from newest down to `k`, move `S_j.saved` back into `pages`
 //!   (older entries win), zapping each page's PTEs first. Pages are swapped, not copied.
 //!   Snapshots newer than `k` disappear; `S_k` stays, empty, so it can be restored again.
+//! - **restore in place** (the caller promises nothing touches the space): the newer snapshots'
+//!   entries merge into `S_k` (older entries win) and each image is copied into its current
+//!   page, staying in `S_k` as that page's pre-image; PTEs stay (the invariant holds: the page
+//!   is in the newest snapshot's `saved`). Only pages absent at `S_k` are zapped and removed.
 //! - **read `S_k`**: the first `S_j` (j ≥ k) whose `saved` has the index holds its contents at
 //!   `S_k`; if none does, the current page does.
 //! - **drop `S_j`**: its `saved` entries move into the next older snapshot unless that one already
