@@ -43,6 +43,7 @@ bool cow_can_wrprotect_range(void);
 unsigned long cow_wrprotect_range(struct address_space *mapping, pgoff_t first, pgoff_t nr);
 bool cow_page_maybe_pinned(struct page *page);
 bool cow_capable_sys_resource(void);
+bool cow_current_alone(void);
 void cow_cond_resched(void);
 
 unsigned int cow_param_max_snapshots(void)
@@ -94,6 +95,16 @@ unsigned long cow_wrprotect_range(struct address_space *mapping, pgoff_t first, 
 bool cow_page_maybe_pinned(struct page *page)
 {
 	return folio_maybe_dma_pinned(page_folio(page));
+}
+
+/*
+ * Whether the calling process is alone with its memory: one thread, and no other holder of its
+ * mm (a vfork child, a /proc or ptrace access in progress) that could write it meanwhile.
+ */
+bool cow_current_alone(void)
+{
+	return current->mm && get_nr_threads(current) == 1 &&
+	       atomic_read(&current->mm->mm_users) == 1;
 }
 
 bool cow_capable_sys_resource(void)

@@ -355,12 +355,18 @@ impl MiscDevice for Space {
             abi::nr::RESTORE | abi::nr::DROP => {
                 let (a, _) = uarg::read::<abi::CowId>(arg, 16)?;
                 let restore = abi::ioc_nr(cmd) == abi::nr::RESTORE;
-                let allowed = if restore { abi::COW_RESTORE_QUIESCED } else { 0 };
+                let allowed = if restore {
+                    abi::COW_RESTORE_QUIESCED | abi::COW_RESTORE_IN_PLACE_IF_ALONE
+                } else {
+                    0
+                };
                 if a.flags & !allowed != 0 {
                     return Err(EINVAL);
                 }
                 if restore {
-                    space.restore(a.id, a.flags & abi::COW_RESTORE_QUIESCED != 0)?;
+                    let in_place = a.flags & abi::COW_RESTORE_QUIESCED != 0
+                        || (a.flags & abi::COW_RESTORE_IN_PLACE_IF_ALONE != 0 && mm::current_alone());
+                    space.restore(a.id, in_place)?;
                 } else {
                     space.state.lock().drop_snapshot(a.id)?;
                 }

@@ -24,6 +24,7 @@ extern "C" {
     ) -> core::ffi::c_ulong;
     fn cow_page_maybe_pinned(page: *mut core::ffi::c_void) -> bool;
     fn cow_capable_sys_resource() -> bool;
+    fn cow_current_alone() -> bool;
     fn cow_cond_resched();
     fn cow_param_max_snapshots() -> core::ffi::c_uint;
     fn cow_param_max_held_mib() -> core::ffi::c_ulong;
@@ -86,6 +87,14 @@ pub(crate) fn maybe_pinned(page: *mut bindings::page) -> bool {
     // SAFETY: `page` is a live order-0 page owned by the space (caller holds its lock);
     // folio_maybe_dma_pinned only reads the folio's counters.
     unsafe { cow_page_maybe_pinned(page.cast()) }
+}
+
+/// Whether the calling process is alone with its memory: a single thread and no other holder
+/// of its address space.
+pub(crate) fn current_alone() -> bool {
+    // SAFETY: called from an ioctl, in process context; the helper only reads the current
+    // task's thread count and its mm's user count.
+    unsafe { cow_current_alone() }
 }
 
 /// Whether the calling task has `CAP_SYS_RESOURCE` (in the initial user namespace).

@@ -95,7 +95,8 @@ pub mod features {
     pub const PRECOPY: u64 = 1 << 1;
     /// `COW_IOC_DISCARD`: pages of a range read as zero again (`MADV_DONTNEED`, `munmap`).
     pub const DISCARD: u64 = 1 << 2;
-    /// [`super::COW_RESTORE_QUIESCED`]: restores that copy pages back in place.
+    /// [`super::COW_RESTORE_QUIESCED`] and [`super::COW_RESTORE_IN_PLACE_IF_ALONE`]: restores
+    /// that copy pages back in place.
     pub const RESTORE_IN_PLACE: u64 = 1 << 3;
 }
 
@@ -112,6 +113,12 @@ pub const COW_SNAPSHOT_QUIESCED: u32 = 1;
 /// afterwards) and a restored page written again does not fault. Without the flag, pages are
 /// swapped back and their PTEs dropped, which is atomic against concurrent writers.
 pub const COW_RESTORE_QUIESCED: u32 = 1;
+
+/// [`CowId::flags`] of `COW_IOC_RESTORE`: restore in place (as [`COW_RESTORE_QUIESCED`]) if the
+/// module finds the calling process alone — one thread, and nothing else holding its address
+/// space (no `/proc` reader, debugger access or vfork child) — else as without flags. Saves a
+/// single-threaded caller from finding that out with a system call of its own.
+pub const COW_RESTORE_IN_PLACE_IF_ALONE: u32 = 2;
 
 /// [`CowDirty::flags`]: only the pages written in the epoch right after snapshot `id` (until
 /// the next snapshot), rather than everything since `id`.
@@ -143,7 +150,8 @@ pub struct CowVersion {
 pub struct CowId {
     /// In: `size_of::<CowId>()`.
     pub size: u32,
-    /// In: [`COW_SNAPSHOT_QUIESCED`] (SNAPSHOT), [`COW_RESTORE_QUIESCED`] (RESTORE), or zero.
+    /// In: [`COW_SNAPSHOT_QUIESCED`] (SNAPSHOT), [`COW_RESTORE_QUIESCED`] or
+    /// [`COW_RESTORE_IN_PLACE_IF_ALONE`] (RESTORE), or zero.
     pub flags: u32,
     /// SNAPSHOT: out, the new snapshot's id. RESTORE, DROP: in, the snapshot's id.
     pub id: u64,

@@ -7,8 +7,8 @@ use cow_abi::{
     CowDirty, CowHint, CowId, CowLimits, CowList, CowRange, CowRead, CowSnapshotInfo, CowStats,
     CowVersion, COW_ABI_VERSION, COW_DIRTY_EPOCH, COW_IOC_DIRTY, COW_IOC_DISCARD, COW_IOC_DROP,
     COW_IOC_HINT, COW_IOC_LIMITS, COW_IOC_LIST, COW_IOC_READ, COW_IOC_RESTORE, COW_IOC_SNAPSHOT,
-    COW_IOC_STATS, COW_IOC_VERSION, COW_LIMITS_SET, COW_POLICY_FAIL, COW_RESTORE_QUIESCED,
-    COW_SNAPSHOT_QUIESCED,
+    COW_IOC_STATS, COW_IOC_VERSION, COW_LIMITS_SET, COW_POLICY_FAIL, COW_RESTORE_IN_PLACE_IF_ALONE,
+    COW_RESTORE_QUIESCED, COW_SNAPSHOT_QUIESCED,
 };
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -323,6 +323,24 @@ impl Cow {
         let mut a = CowId {
             id,
             flags: COW_RESTORE_QUIESCED,
+            ..sized()
+        };
+        ioctl_ptr(self.fd.as_fd(), COW_IOC_RESTORE, &mut a, "COW_IOC_RESTORE")
+            .map_err(|e| no_snapshot(e, id))?;
+        Ok(())
+    }
+
+    /// Restores to snapshot `id` in place if the module finds this process alone with its
+    /// memory (one thread, nothing else holding its address space:
+    /// [`COW_RESTORE_IN_PLACE_IF_ALONE`]), else as [`Cow::restore`]. Falls back to
+    /// [`Cow::restore`] on a module without in-place restores.
+    pub fn restore_in_place_if_alone(&self, id: u64) -> Result<()> {
+        if self.features() & features::RESTORE_IN_PLACE == 0 {
+            return self.restore(id);
+        }
+        let mut a = CowId {
+            id,
+            flags: COW_RESTORE_IN_PLACE_IF_ALONE,
             ..sized()
         };
         ioctl_ptr(self.fd.as_fd(), COW_IOC_RESTORE, &mut a, "COW_IOC_RESTORE")

@@ -126,16 +126,6 @@ pub(crate) fn gettid() -> i32 {
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }
 
-/// Whether the calling thread is the process's only thread (`/proc/self/task` links one
-/// directory per thread besides `.` and `..`); false if that cannot be told.
-pub fn single_threaded() -> bool {
-    // SAFETY: stat fills our zeroed struct from a NUL-terminated path.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        libc::stat(c"/proc/self/task".as_ptr(), &mut st) == 0 && st.st_nlink == 3
-    }
-}
-
 /// Lists the thread ids of this process.
 pub(crate) fn list_tids(out: &mut BookVec<i32>) -> std::io::Result<()> {
     out.clear();

@@ -221,14 +221,10 @@ impl Backend for Kmod {
 
     fn restore(&self, id: u64) -> Result<()> {
         let Some(restored) = self.restored else {
-            // Alone in the process, nothing else can touch the memory during the restore: copy
-            // the pages back in place (no refaults after it). Else swap them back, atomically
-            // against the other threads' writes.
-            return if crate::world::single_threaded() {
-                self.cow.restore_in_place(id)
-            } else {
-                self.cow.restore(id)
-            };
+            // Alone in the process, nothing else can touch the memory during the restore: the
+            // module copies the pages back in place (no refaults after it). Else it swaps them
+            // back, atomically against the other threads' writes.
+            return self.cow.restore_in_place_if_alone(id);
         };
         // The restored memory may describe other mappings than the process has now: the other
         // threads must not run until they are back (the caller holds the heap already). They

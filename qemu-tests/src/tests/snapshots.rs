@@ -154,6 +154,7 @@ fn basic_restore() -> Result<()> {
 /// after the restore costs no first-write fault (the images stay as their pre-images) and a
 /// second restore is exact again; a page created after the snapshot still goes. A plain
 /// restore, for contrast, drops the mappings: the same writes fault again.
+/// `COW_RESTORE_IN_PLACE_IF_ALONE` restores in place only while the process has one thread.
 fn restore_in_place_keeps_mappings() -> Result<()> {
     let cow = Cow::open()?;
     ensure!(
@@ -203,6 +204,37 @@ fn restore_in_place_keeps_mappings() -> Result<()> {
         after - before == 10,
         "after a plain restore, 10 pages written again took {} first-write faults",
         after - before
+    );
+    // COW_RESTORE_IN_PLACE_IF_ALONE: the module decides. Alone (this test's only thread), in
+    // place; with a second thread alive, swapped (the pages fault again).
+    cow.restore_in_place_if_alone(id)?;
+    ensure!(
+        first_diff(m, &reference).is_none(),
+        "restore if alone inexact"
+    );
+    let before = faults(&cow)?;
+    rewrite(m, 0x22);
+    ensure!(
+        faults(&cow)? == before,
+        "alone, the restore was not in place"
+    );
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let other = std::thread::spawn(move || rx.recv().ok());
+    let swapped = (|| -> Result<u64> {
+        cow.restore_in_place_if_alone(id)?;
+        ensure!(
+            first_diff(m, &reference).is_none(),
+            "restore with a thread inexact"
+        );
+        let before = faults(&cow)?;
+        rewrite(m, 0x33);
+        Ok(faults(&cow)? - before)
+    })();
+    drop(tx);
+    let _ = other.join();
+    ensure!(
+        swapped? == 10,
+        "with a second thread the restore must not be in place"
     );
     cow.restore_in_place(id)?;
     ensure!(first_diff(m, &reference).is_none(), "final restore inexact");
