@@ -193,7 +193,23 @@ fn kmod_record_pid_under_run() -> Result<()> {
         .args(["--pid", &pid.to_string()])
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    std::thread::sleep(std::time::Duration::from_millis(600));
+    // Until the recording holds a few checkpoints (at least one at `step`): how long that
+    // takes depends on how fast this guest runs, so wait for it rather than for a fixed time.
+    let cowctl = sibling("cowctl")?;
+    let progress = |rec: &std::path::Path| -> u64 {
+        Command::new(&cowctl)
+            .args(["recording", "info", "--json"])
+            .arg(rec)
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok())
+            .and_then(|v| v["checkpoints"].as_u64())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while progress(&rec) <= 8 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(recorder.id() as i32, libc::SIGINT) };
     let recorded = recorder.wait_with_output()?;
