@@ -73,6 +73,28 @@ impl Snapshot {
     pub(crate) fn saved_pages(&self) -> u64 {
         self.copies
     }
+
+    /// Takes over the entries of a newer snapshot's `saved` that this one lacks (its own image
+    /// of a page is older, so it wins; the newer one is freed). `bytes_held` grows by the
+    /// copies taken over: the caller has already subtracted all of the newer snapshot's.
+    fn absorb(&mut self, mut newer: RBTree<usize, Option<Page>>, bytes_held: &mut u64) {
+        while let Some(cursor) = newer.cursor_front_mut() {
+            let (idx, is_copy) = {
+                let (idx, image) = cursor.current();
+                (*idx, image.is_some())
+            };
+            let (_, node) = cursor.remove_current();
+            if self.saved.get(&idx).is_some() {
+                continue;
+            }
+            self.saved.insert(node);
+            if is_copy {
+                self.copies += 1;
+                *bytes_held += PAGE_SIZE as u64;
+            }
+            mm::cond_resched();
+        }
+    }
 }
 
 /// The mutable state of a space, behind its mutex.
@@ -124,6 +146,25 @@ fn flush_run(
     run.clear();
     mm::cond_resched();
     Ok(())
+}
+
+/// Calls `zap(first, count)` once per run of consecutive indices in `indices` (ascending):
+/// one rmap walk and one TLB flush per run instead of per page.
+fn zap_runs(indices: impl Iterator<Item = usize>, zap: &mut impl FnMut(usize, usize)) {
+    let mut run: Option<(usize, usize)> = None;
+    for idx in indices {
+        run = match run {
+            Some((first, count)) if first + count == idx => Some((first, count + 1)),
+            Some((first, count)) => {
+                zap(first, count);
+                Some((idx, 1))
+            }
+            None => Some((idx, 1)),
+        };
+    }
+    if let Some((first, count)) = run {
+        zap(first, count);
+    }
 }
 
 fn now_ns() -> u64 {
@@ -410,20 +451,7 @@ impl SpaceState {
         // one rmap walk and one TLB flush per run instead of per page. No fault can map a page
         // again before the swap below: faults need the lock we hold.
         for snap in &self.snapshots[k..] {
-            let mut run: Option<(usize, usize)> = None;
-            for (&idx, _) in snap.saved.iter() {
-                run = match run {
-                    Some((first, count)) if first + count == idx => Some((first, count + 1)),
-                    Some((first, count)) => {
-                        zap(first, count);
-                        Some((idx, 1))
-                    }
-                    None => Some((idx, 1)),
-                };
-            }
-            if let Some((first, count)) = run {
-                zap(first, count);
-            }
+            zap_runs(snap.saved.keys().copied(), &mut zap);
             mm::cond_resched();
         }
         let mut j = self.snapshots.len();
@@ -495,46 +523,20 @@ impl SpaceState {
         // is older); the first newer snapshot holding a page has the oldest image of it.
         let newer = self.snapshots.len() - (k + 1);
         for _ in 0..newer {
-            let Ok(mut snap) = self.snapshots.remove(k + 1) else { break };
+            let Ok(snap) = self.snapshots.remove(k + 1) else { break };
             self.stats.bytes_held -= snap.copies * PAGE_SIZE as u64;
-            let older = &mut self.snapshots[k];
-            while let Some(cursor) = snap.saved.cursor_front_mut() {
-                let (idx, is_copy) = {
-                    let (idx, image) = cursor.current();
-                    (*idx, image.is_some())
-                };
-                let (_, node) = cursor.remove_current();
-                if older.saved.get(&idx).is_some() {
-                    continue; // dropped with its (newer) image
-                }
-                older.saved.insert(node);
-                if is_copy {
-                    older.copies += 1;
-                    self.stats.bytes_held += PAGE_SIZE as u64;
-                }
-                mm::cond_resched();
-            }
+            self.snapshots[k].absorb(snap.saved, &mut self.stats.bytes_held);
         }
         let snap = &mut self.snapshots[k];
         // Pages absent at S_k lose their PTEs first, in runs; nothing faults meanwhile (the
         // caller's promise, and faults need the lock we hold).
-        let mut run: Option<(usize, usize)> = None;
-        for (&idx, image) in snap.saved.iter() {
-            if image.is_some() || self.pages.get(&idx).is_none() {
-                continue;
-            }
-            run = match run {
-                Some((first, count)) if first + count == idx => Some((first, count + 1)),
-                Some((first, count)) => {
-                    zap(first, count);
-                    Some((idx, 1))
-                }
-                None => Some((idx, 1)),
-            };
-        }
-        if let Some((first, count)) = run {
-            zap(first, count);
-        }
+        let pages = &self.pages;
+        let absent = snap
+            .saved
+            .iter()
+            .filter(|(idx, image)| image.is_none() && pages.get(idx).is_some())
+            .map(|(&idx, _)| idx);
+        zap_runs(absent, &mut zap);
         // Copy every image back; note the pages discarded since S_k (unmapped: their image
         // becomes the page) and the pages absent at S_k (removed).
         let mut discarded = 0usize;
@@ -632,7 +634,7 @@ impl SpaceState {
             let n = self.snapshots[j].precopied.len();
             self.snapshots[j - 1].precopied.reserve(n, gfp_user_sized())?;
         }
-        let mut gone = self.snapshots.remove(j).map_err(|_| EINVAL)?;
+        let gone = self.snapshots.remove(j).map_err(|_| EINVAL)?;
         self.stats.bytes_held -= gone.copies * PAGE_SIZE as u64;
         if j == 0 {
             return Ok(()); // nothing older: the pre-images are not needed by anyone
@@ -643,22 +645,7 @@ impl SpaceState {
             older.precopied.push_within_capacity(idx).map_err(|_| ENOMEM)?;
         }
         older.precopied.as_mut_slice().sort_unstable();
-        while let Some(cursor) = gone.saved.cursor_front_mut() {
-            let (idx, is_copy) = {
-                let (idx, image) = cursor.current();
-                (*idx, image.is_some())
-            };
-            let (_, node) = cursor.remove_current();
-            if older.saved.get(&idx).is_some() {
-                continue; // the older snapshot already holds an older image of this page
-            }
-            older.saved.insert(node);
-            if is_copy {
-                older.copies += 1;
-                self.stats.bytes_held += PAGE_SIZE as u64;
-            }
-            mm::cond_resched();
-        }
+        older.absorb(gone.saved, &mut self.stats.bytes_held);
         Ok(())
     }
 

@@ -305,7 +305,16 @@ impl Cow {
     /// Restores every region to snapshot `id`; newer snapshots are discarded, `id` and older
     /// ones stay. Pages created after `id` read as zero again.
     pub fn restore(&self, id: u64) -> Result<()> {
-        let mut a = CowId { id, ..sized() };
+        self.restore_with(id, 0)
+    }
+
+    /// `COW_IOC_RESTORE` with `flags`.
+    fn restore_with(&self, id: u64, flags: u32) -> Result<()> {
+        let mut a = CowId {
+            id,
+            flags,
+            ..sized()
+        };
         ioctl_ptr(self.fd.as_fd(), COW_IOC_RESTORE, &mut a, "COW_IOC_RESTORE")
             .map_err(|e| no_snapshot(e, id))?;
         Ok(())
@@ -320,14 +329,7 @@ impl Cow {
         if self.features() & features::RESTORE_IN_PLACE == 0 {
             return self.restore(id);
         }
-        let mut a = CowId {
-            id,
-            flags: COW_RESTORE_QUIESCED,
-            ..sized()
-        };
-        ioctl_ptr(self.fd.as_fd(), COW_IOC_RESTORE, &mut a, "COW_IOC_RESTORE")
-            .map_err(|e| no_snapshot(e, id))?;
-        Ok(())
+        self.restore_with(id, COW_RESTORE_QUIESCED)
     }
 
     /// Restores to snapshot `id` in place if the module finds this process alone with its
@@ -338,14 +340,7 @@ impl Cow {
         if self.features() & features::RESTORE_IN_PLACE == 0 {
             return self.restore(id);
         }
-        let mut a = CowId {
-            id,
-            flags: COW_RESTORE_IN_PLACE_IF_ALONE,
-            ..sized()
-        };
-        ioctl_ptr(self.fd.as_fd(), COW_IOC_RESTORE, &mut a, "COW_IOC_RESTORE")
-            .map_err(|e| no_snapshot(e, id))?;
-        Ok(())
+        self.restore_with(id, COW_RESTORE_IN_PLACE_IF_ALONE)
     }
 
     /// Drops snapshot `id` (its pre-images merge into the next older snapshot).
