@@ -10,6 +10,7 @@
 #include <linux/moduleparam.h>
 #include <linux/rmap.h>
 #include <linux/sched.h>
+#include <linux/sort.h>
 
 #ifndef CONFIG_64BIT
 #error "cow.ko needs a 64-bit kernel: a space spans 2^32 pages of file offsets"
@@ -45,6 +46,7 @@ bool cow_page_maybe_pinned(struct page *page);
 bool cow_capable_sys_resource(void);
 bool cow_current_alone(void);
 void cow_cond_resched(void);
+void cow_sort_u64(u64 *v, size_t n);
 
 unsigned int cow_param_max_snapshots(void)
 {
@@ -115,4 +117,17 @@ bool cow_capable_sys_resource(void)
 void cow_cond_resched(void)
 {
 	cond_resched();
+}
+
+static int cow_cmp_u64(const void *a, const void *b)
+{
+	u64 x = *(const u64 *)a, y = *(const u64 *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+/* Heapsort from lib/sort.c: no recursion, no allocation, nothing that can panic. */
+void cow_sort_u64(u64 *v, size_t n)
+{
+	sort(v, n, sizeof(*v), cow_cmp_u64, NULL);
 }

@@ -143,7 +143,7 @@ impl Space {
                 mm::cond_resched();
             }
         }
-        pages.as_mut_slice().sort_unstable();
+        mm::sort_indices(pages.as_mut_slice());
         self.state.lock().hint = pages;
         Ok(())
     }

@@ -26,6 +26,7 @@ extern "C" {
     fn cow_capable_sys_resource() -> bool;
     fn cow_current_alone() -> bool;
     fn cow_cond_resched();
+    fn cow_sort_u64(v: *mut u64, n: usize);
     fn cow_param_max_snapshots() -> core::ffi::c_uint;
     fn cow_param_max_held_mib() -> core::ffi::c_ulong;
 }
@@ -108,6 +109,27 @@ pub(crate) fn cond_resched() {
     // SAFETY: called from process context without spinlocks held (callers only hold mutexes,
     // or nothing), where sleeping is allowed.
     unsafe { cow_cond_resched() }
+}
+
+/// A page index: an unsigned 64-bit integer ([`sort_indices`] sorts them as `u64`).
+pub(crate) trait PageIndex: Ord + Copy {}
+impl PageIndex for u64 {}
+impl PageIndex for usize {}
+const _: () = assert!(core::mem::size_of::<usize>() == core::mem::size_of::<u64>());
+
+/// Sorts page indices ascending. Sorted input (the usual case: libcow sends hints sorted, one
+/// snapshot's pages come out of an ordered tree) costs one pass; the rest goes to the kernel's
+/// heapsort. Not core's `sort_unstable`: its ordering-violation panic path is a function that
+/// objtool of kernels built with an older rustc (Debian's 7.3, rustc 1.85) does not know
+/// never returns, so it warns that the sort "falls through".
+pub(crate) fn sort_indices<T: PageIndex>(v: &mut [T]) {
+    if v.is_sorted() {
+        return;
+    }
+    // SAFETY: `T` is `u64` or `usize` (`PageIndex` is implemented for nothing else), both 8-byte unsigned integers
+    // with `u64`'s layout; `v` is a live, exclusively borrowed slice of `v.len()` of them, which
+    // `cow_sort_u64` only permutes in place.
+    unsafe { cow_sort_u64(v.as_mut_ptr().cast(), v.len()) }
 }
 
 /// Removes every PTE that maps page offsets `[pgoff, pgoff + nr)` of `mapping`, flushing the TLB

@@ -644,7 +644,7 @@ impl SpaceState {
         for &idx in gone.precopied.iter() {
             older.precopied.push_within_capacity(idx).map_err(|_| ENOMEM)?;
         }
-        older.precopied.as_mut_slice().sort_unstable();
+        mm::sort_indices(older.precopied.as_mut_slice());
         older.absorb(gone.saved, &mut self.stats.bytes_held);
         Ok(())
     }
@@ -675,7 +675,7 @@ impl SpaceState {
             }
             mm::cond_resched();
         }
-        out.as_mut_slice().sort_unstable();
+        mm::sort_indices(out.as_mut_slice());
         let mut w = 0;
         let v = out.as_mut_slice();
         for r in 0..v.len() {
