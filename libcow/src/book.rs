@@ -90,6 +90,11 @@ fn reserve(size: usize) -> Option<&'static Book> {
     if base < 0 {
         return None;
     }
+    // Small pages only: the book is sparse, and under THP "always" (Debian's default) every
+    // first touch of 2 MiB would make a huge page of it (4 MiB resident for a few KiB used,
+    // and as much for a recorder to read at every checkpoint). Advice only: failure is fine.
+    // SAFETY: advice on the reservation just made; the raw call, as for the mmap above.
+    unsafe { libc::syscall(libc::SYS_madvise, base, size, libc::MADV_NOHUGEPAGE) };
     let base = base as usize;
     let header = base as *mut Book;
     // SAFETY: the header goes at the start of the reservation, which nothing else uses.

@@ -537,6 +537,9 @@ impl Lmc {
         if shadow == libc::MAP_FAILED {
             return Err(err("lmc: reserve the shadow tags", libc::ENOMEM));
         }
+        // Sparse tags: under THP "always" each first touch would make a 2 MiB huge page.
+        // SAFETY: advice on the reservation just made.
+        unsafe { libc::madvise(shadow, SHADOW_BYTES, libc::MADV_NOHUGEPAGE) };
         let (a, b) = book::book().range();
         BOOK_START.store(a, Ordering::Relaxed);
         BOOK_END.store(b, Ordering::Relaxed);
