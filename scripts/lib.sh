@@ -16,6 +16,10 @@ KERNEL_PKG=linux-source-7.3
 KERNEL_PKG_SUITE=trixie-backports
 BINDGEN_VERSION=0.73.2
 LIBCLANG_VERSION=18.1.1
+# Debian's own kernel (scripts/debian-kernel): its ABI name and flavour, as in
+# linux-image-<ABI>-<FLAVOUR>; the environment may name another (after a kernel update).
+DEBIAN_KERNEL_ABI=${DEBIAN_KERNEL_ABI:-7.3.4+deb13}
+DEBIAN_KERNEL_FLAVOUR=${DEBIAN_KERNEL_FLAVOUR:-amd64}
 # The debug kernel's C compiler: Debian 12's newest clang/lld/llvm (KASAN with Rust needs clang).
 DEBUG_LLVM=19
 
@@ -93,4 +97,44 @@ toolchain_env() {
   export PATH="$HOME/.cargo/bin:$PATH"
   LIBCLANG_PATH=$(echo "$LIBCLANG_VENV"/lib/python3*/site-packages/clang/native)
   export LIBCLANG_PATH
+}
+
+# The private apt state through which trixie-backports packages are fetched. Never add trixie
+# suites to the system's sources: that upgrades libc and breaks apt (see
+# ../shared/KERNEL-TOOLCHAIN.md). A private sources list + lists dir + cache dir touch nothing
+# else.
+APT_PRIVATE=$DELOREAN_CACHE/apt-private
+apt_private() {
+  apt-get -o Dir::Etc::sourcelist="$APT_PRIVATE/sources.list" -o Dir::Etc::sourceparts=- \
+    -o Dir::State::Lists="$APT_PRIVATE/lists" -o Dir::Cache="$APT_PRIVATE/cache" \
+    -o APT::Get::List-Cleanup=0 "$@"
+}
+apt_private_update() {
+  mkdir -p "$APT_PRIVATE/lists/partial" "$APT_PRIVATE/cache/archives/partial"
+  local uri
+  uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  [ -n "$uri" ] || uri=$(awk '/^deb / && !/security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+  [ -n "$uri" ] || die "cannot find this machine's Debian archive address in /etc/apt"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri $KERNEL_PKG_SUITE main" \
+    >"$APT_PRIVATE/sources.list"
+  run_with_progress "apt-get update ($KERNEL_PKG_SUITE, private state)" \
+    "$DELOREAN_CACHE/apt-private-update.log" apt_private update
+}
+# apt_private_download DIR PKG[=VERSION]...: downloads the packages' .debs into DIR through the
+# private state (its lists are fetched first if missing, and refreshed once if a package is not
+# in them: backports move on).
+apt_private_download() {
+  local dir=$1; shift
+  mkdir -p "$dir"
+  compgen -G "$APT_PRIVATE/lists/*_Packages" >/dev/null || apt_private_update
+  log "download $* into $dir"
+  if ! apt_private_fetch "$dir" "$@"; then
+    apt_private_update
+    apt_private_fetch "$dir" "$@" || { tail -n 20 "$DELOREAN_CACHE/apt-private-download.log" >&2
+      die "cannot download $* from $KERNEL_PKG_SUITE"; }
+  fi
+}
+apt_private_fetch() {
+  local dir=$1; shift
+  (cd "$dir" && apt_private download "$@") >"$DELOREAN_CACHE/apt-private-download.log" 2>&1
 }
