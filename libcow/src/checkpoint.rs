@@ -187,6 +187,10 @@ fn run(state: &'static State, cfg: Config, snapshot: fn() -> i64, drop: fn(i64) 
         let t0 = monotonic_ns();
         let id = snapshot();
         let took = monotonic_ns() - t0;
+        // However long the snapshot took (a slow machine, a huge epoch), the program runs for
+        // at least half a period before the next one: back-to-back checkpoints, each stopping
+        // every thread, would starve it (seen on a single-threaded TCG guest at --every=1).
+        next = next.max(t0 + took + period / 2);
         if id < 0 {
             if state.stop.load(Ordering::Acquire) {
                 break; // withdrawn because the program is exiting: not a failure
