@@ -516,7 +516,8 @@ fn threads(b: &'static dyn Backend) -> Result<String, String> {
 }
 
 /// Memory the program maps right below libcow's book with the book's flags (jemalloc maps with
-/// `MAP_NORESERVE`, as the book does): the kernel merges it into the book's mapping, and it must
+/// `MAP_NORESERVE`, as the book does; the book is also `MADV_NOHUGEPAGE`, as a program that
+/// turns huge pages off has it): the kernel merges it into the book's mapping, and it must
 /// still be covered.
 fn book_neighbour(b: &dyn Backend) -> Result<String, String> {
     const PAGES: usize = 16;
@@ -539,6 +540,9 @@ fn book_neighbour(b: &dyn Backend) -> Result<String, String> {
     if p as usize != want {
         return Err(format!("cannot map below the book at {want:#x}"));
     }
+    // Without THP in the kernel this fails (EINVAL), and the book's advice failed the same way.
+    // SAFETY: advice on the pages just mapped.
+    unsafe { libc::madvise(p, PAGES * PAGE, libc::MADV_NOHUGEPAGE) };
     let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| e.to_string())?;
     let merged = maps.lines().any(|l| {
         let range: Vec<usize> = l
