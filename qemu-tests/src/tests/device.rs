@@ -154,11 +154,14 @@ fn version_via_cowctl_status() -> Result<()> {
         v["kernel"]
     );
     // Soft-dirty exists where the kernel has CONFIG_MEM_SOFT_DIRTY (Debian's, not the project's
-    // guest kernels); without it clear_refs rejects "4" (clear soft-dirty bits).
-    let kernel_has_soft_dirty = std::fs::write("/proc/self/clear_refs", "4").is_ok();
+    // guest kernels); only then does smaps show the "sd" flag, which new mappings carry.
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    let kernel_has_soft_dirty = smaps
+        .lines()
+        .any(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "sd"));
     ensure!(
         v["kernel"]["soft_dirty"]["available"] == kernel_has_soft_dirty,
-        "soft-dirty (clear_refs accepts 4: {kernel_has_soft_dirty}): {}",
+        "soft-dirty (smaps shows sd: {kernel_has_soft_dirty}): {}",
         v["kernel"]
     );
     let text = std::process::Command::new(sibling("cowctl")?)
