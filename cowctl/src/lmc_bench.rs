@@ -11,8 +11,8 @@
 //! whole exit path replaced by it, see `cow::report`), and the memory the run needed beyond the
 //! plain run: peak RSS above the plain run's, plus what the backend keeps outside the process
 //! (cow.ko's saved pages, the fork backend's children). Every run's output must equal the plain
-//! run's. A run slower than [`TIMEOUT_FACTOR`]× the plain one is stopped: its slowdown is then
-//! a lower bound (`timed_out`).
+//! run's. A run slower than `--stop-after` (default 25)× the plain one is stopped: its slowdown
+//! is then a lower bound (`timed_out`).
 
 use crate::bench::median;
 use anyhow::{bail, Context, Result};
@@ -22,8 +22,6 @@ use std::time::{Duration, Instant};
 
 /// Plain runs per workload (the median is the baseline).
 const BASELINE_RUNS: usize = 3;
-/// A run is stopped once it has taken this many times the plain run.
-const TIMEOUT_FACTOR: f64 = 25.0;
 /// Checkpoints kept by the periodic checkpointer.
 const KEEP: usize = 8;
 
@@ -80,7 +78,7 @@ pub struct Row {
     pub restore_us: Option<f64>,
     /// Peak RSS above the plain run's, plus what the backend held outside the process at exit.
     pub memory_overhead_bytes: i64,
-    /// Stopped after [`TIMEOUT_FACTOR`]× the plain run: `slowdown` is a lower bound.
+    /// Stopped after `--stop-after`× the plain run: `slowdown` is a lower bound.
     pub timed_out: bool,
 }
 
@@ -92,6 +90,8 @@ pub struct Config {
     pub hz: Vec<f64>,
     /// Small workloads (tests, TCG guests).
     pub quick: bool,
+    /// A run is stopped once it has taken this many times the plain run.
+    pub stop_after: f64,
     /// Print JSON rows.
     pub json: bool,
 }
@@ -171,7 +171,14 @@ fn interpreters() -> Result<(PathBuf, PathBuf)> {
 }
 
 /// One configuration of one workload under `cowctl run`.
-fn measure(backend: &str, hz: f64, argv: &[String], dir: &Path, base: &Outcome) -> Result<Row> {
+fn measure(
+    backend: &str,
+    hz: f64,
+    argv: &[String],
+    dir: &Path,
+    base: &Outcome,
+    stop_after: f64,
+) -> Result<Row> {
     let report = dir.join("report.json");
     let _ = std::fs::remove_file(&report);
     let opts = crate::run::Options {
@@ -185,7 +192,7 @@ fn measure(backend: &str, hz: f64, argv: &[String], dir: &Path, base: &Outcome) 
     if hz > 0.0 {
         cmd.env("COW_BENCH_RESTORE_AT_EXIT", "1");
     }
-    let limit = Duration::from_secs_f64((base.seconds * TIMEOUT_FACTOR).max(5.0));
+    let limit = Duration::from_secs_f64((base.seconds * stop_after).max(5.0));
     let out = run_once(cmd, dir, limit)?;
     if !out.timed_out && out.stdout != base.stdout {
         bail!(
@@ -262,7 +269,10 @@ pub fn run(cfg: &Config) -> Result<()> {
             r.memory_overhead_bytes as f64 / (1 << 20) as f64
         );
     }
-    println!("(+: stopped after {TIMEOUT_FACTOR}× the plain run; the slowdown is a lower bound)");
+    println!(
+        "(+: stopped after {}× the plain run; the slowdown is a lower bound)",
+        cfg.stop_after
+    );
     Ok(())
 }
 
@@ -310,7 +320,7 @@ fn run_in(cfg: &Config, plain: &Path, cowcc: &Path, dir: &Path) -> Result<Vec<Ro
             let lua = if backend == "lmc" { cowcc } else { plain };
             for &hz in &cfg.hz {
                 eprintln!("cowctl bench --lmc: {} {arg}, {backend} at {hz} Hz", w.name);
-                let mut row = measure(backend, hz, &argv(lua), dir, &base)
+                let mut row = measure(backend, hz, &argv(lua), dir, &base, cfg.stop_after)
                     .with_context(|| format!("{}, {backend} at {hz} Hz", w.name))?;
                 row.workload = w.name.into();
                 rows.push(row);

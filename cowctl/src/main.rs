@@ -263,6 +263,10 @@ enum Command {
         /// With --lmc: small workloads (tests, TCG guests).
         #[arg(long, requires = "lmc")]
         quick: bool,
+        /// With --lmc: stop a run once it took this many times the plain run (its slowdown is
+        /// then a lower bound, marked timed_out).
+        #[arg(long, default_value_t = 25.0, requires = "lmc", value_name = "FACTOR")]
+        stop_after: f64,
         /// With --speculate: only these workloads, comma-separated.
         #[arg(long, value_delimiter = ',', requires = "speculate",
               value_parser = PossibleValuesParser::new(["stable", "drifting", "random", "perl-kv"]))]
@@ -626,12 +630,14 @@ fn main() -> ExitCode {
             backends,
             hz,
             quick,
+            stop_after,
             json,
             ..
         } => lmc_bench::run(&lmc_bench::Config {
             backends: bench::default_backends(backends),
             hz,
             quick,
+            stop_after,
             json,
         }),
         Command::Bench {
