@@ -131,7 +131,8 @@ fn take_here() {
 
 /// The checkpointer's checkpoint of a program whose only thread is `tid`: posted, then taken
 /// by that thread itself (signalled while it sits in the kernel). `-EAGAIN` if the program
-/// started a thread meanwhile; `-ECANCELED` if the checkpointer stops first.
+/// started a thread meanwhile; `-ECANCELED` if the checkpointer stops first; `-ETIMEDOUT` if
+/// the thread took none within [`TIMEOUT_NS`] (it blocks the signal in the kernel).
 pub fn take_alone(tid: i32) -> i64 {
     TAKEN.store(0, Ordering::Release);
     ALONE.store(true, Ordering::Release);
@@ -140,21 +141,36 @@ pub fn take_alone(tid: i32) -> i64 {
     let pid = unsafe { libc::getpid() };
     let start = crate::sys::monotonic_ns();
     let mut last_signal = start;
+    // The signal is for a thread blocked in the kernel; a running one reaches a safe point by
+    // itself. Asked at a fixed 50 µs, a thread whose signal delivery takes longer than that (a
+    // slow TCG guest) spent all its time in the handler and never reached one: the interval
+    // doubles up to 10 ms.
+    let mut interval = 50_000u64;
     let id = loop {
         let id = TAKEN.load(Ordering::Acquire);
         if id != 0 {
             break id;
         }
-        if crate::checkpoint::stopping()
-            && super::lmc::__cow_lmc_pending
+        let now = crate::sys::monotonic_ns();
+        let give_up = if crate::checkpoint::stopping() {
+            Some(libc::ECANCELED)
+        } else if now - start > TIMEOUT_NS {
+            Some(libc::ETIMEDOUT)
+        } else {
+            None
+        };
+        // Withdrawn only if the thread has not begun taking it.
+        if let Some(errno) = give_up {
+            if super::lmc::__cow_lmc_pending
                 .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
-        {
-            break -(libc::ECANCELED as i64);
+            {
+                break -(errno as i64);
+            }
         }
-        let now = crate::sys::monotonic_ns();
-        if now - last_signal > 50_000 {
+        if now - last_signal > interval {
             last_signal = now;
+            interval = (interval * 2).min(10_000_000);
             ask_to_park(pid, tid);
         }
         std::thread::yield_now();
@@ -334,6 +350,7 @@ pub fn cut(snapshot: impl FnOnce() -> i64, save: impl Fn(usize, usize)) -> i64 {
     let pid = unsafe { libc::getpid() };
     let start = crate::sys::monotonic_ns();
     let mut last_signal = start;
+    let mut interval = 50_000u64; // doubling, as in take_alone
     let outcome = loop {
         if program_threads(&mut tids).is_err() {
             break -(libc::EAGAIN as i64);
@@ -384,8 +401,9 @@ pub fn cut(snapshot: impl FnOnce() -> i64, save: impl Fn(usize, usize)) -> i64 {
         }
         // Running threads reach a safe point within microseconds; the others are in the
         // kernel: ask them (again) to park at the boundary.
-        if now - last_signal > 50_000 {
+        if now - last_signal > interval {
             last_signal = now;
+            interval = (interval * 2).min(10_000_000);
             for &tid in missing.as_slice() {
                 ask_to_park(pid, tid);
             }
