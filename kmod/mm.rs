@@ -126,9 +126,9 @@ pub(crate) fn sort_indices<T: PageIndex>(v: &mut [T]) {
     if v.is_sorted() {
         return;
     }
-    // SAFETY: `T` is `u64` or `usize` (`PageIndex` is implemented for nothing else), both 8-byte unsigned integers
-    // with `u64`'s layout; `v` is a live, exclusively borrowed slice of `v.len()` of them, which
-    // `cow_sort_u64` only permutes in place.
+    // SAFETY: `T` is `u64` or `usize` (`PageIndex` is implemented for nothing else), both
+    // 8-byte unsigned integers with `u64`'s layout (asserted above); `v` is a live, exclusively
+    // borrowed slice of `v.len()` of them, which `cow_sort_u64` only permutes in place.
     unsafe { cow_sort_u64(v.as_mut_ptr().cast(), v.len()) }
 }
 
