@@ -32,6 +32,9 @@ pub struct Options {
     pub capture: Capture,
     /// Bound on the recording's size (oldest checkpoints merged past it).
     pub max_size: Option<u64>,
+    /// False: take the same checkpoints but store nothing (the bench's baseline for what the
+    /// store costs; with cow.ko each snapshot is still dropped when the next is taken).
+    pub store: bool,
 }
 
 /// How the recorder learns which pages changed since the previous checkpoint.
@@ -84,6 +87,13 @@ pub struct Outcome {
     pub code: i32,
     /// What the writer stored.
     pub stats: store::WriterStats,
+    /// Checkpoints taken (stored or, with `Options::store` false, not).
+    pub taken: u64,
+    /// Periodic checkpoints not taken when due: the program ran half an interval first after
+    /// a checkpoint that took longer than the interval, or the store was behind.
+    pub skipped: u64,
+    /// How long the recorder waited for the store thread (the program running meanwhile).
+    pub store_wait: std::time::Duration,
 }
 
 pub(crate) use store::{parse_maps, Mapping};
@@ -127,10 +137,14 @@ struct Recorder {
     auxv_sent: bool,
     last_maps: String,
     jobs: mpsc::SyncSender<Job>,
+    /// Checkpoints handed to the store thread.
+    taken: u64,
+    /// Time spent waiting for room in the store thread's queue.
+    store_wait: std::time::Duration,
 }
 
 impl Recorder {
-    /// Captures a checkpoint with every thread stopped, and hands it to the store thread.
+    /// Captures a checkpoint with every thread stopped, for the store thread (see `send`).
     /// `event_thread` (the thread that crashed or hit a breakpoint) goes first in the
     /// checkpoint, so a debugger shows it.
     fn checkpoint(
@@ -139,7 +153,7 @@ impl Recorder {
         reason: Reason,
         signal: u32,
         event_thread: Option<i32>,
-    ) -> Result<()> {
+    ) -> Result<Job> {
         let time_ns = cow::monotonic_ns();
         // First, as it may step a thread out of a system call it was stopped in.
         if self.capture == Capture::Uffd && self.uffd.is_none() {
@@ -205,26 +219,43 @@ impl Recorder {
             .into_iter()
             .filter(|m| m.path == cow::COW_DEVICE_PATH)
             .collect();
-        self.jobs
-            .send(Job {
-                time_ns,
-                reason,
-                signal,
-                threads,
-                pages,
-                maps: maps_changed.then_some(maps_text),
-                // Needed once, by the first checkpoint (the writer's meta record).
-                auxv: if self.auxv_sent {
-                    Vec::new()
-                } else {
-                    self.auxv_sent = true;
-                    std::fs::read(format!("/proc/{}/auxv", self.pid)).unwrap_or_default()
-                },
-                space: self.space.clone(),
-                snapshot,
-                cow_maps,
-            })
-            .context("the store thread stopped")?;
+        Ok(Job {
+            time_ns,
+            reason,
+            signal,
+            threads,
+            pages,
+            maps: maps_changed.then_some(maps_text),
+            // Needed once, by the first checkpoint (the writer's meta record).
+            auxv: if self.auxv_sent {
+                Vec::new()
+            } else {
+                self.auxv_sent = true;
+                std::fs::read(format!("/proc/{}/auxv", self.pid)).unwrap_or_default()
+            },
+            space: self.space.clone(),
+            snapshot,
+            cow_maps,
+        })
+    }
+
+    /// Hands checkpoints to the store thread — after the program was resumed: when the store
+    /// falls behind, the recorder waits here (and takes the next checkpoint later), never the
+    /// program.
+    fn send(&mut self, jobs: Vec<Job>) -> Result<()> {
+        self.taken += jobs.len() as u64;
+        for job in jobs {
+            let job = match self.jobs.try_send(job) {
+                Ok(()) => continue,
+                Err(mpsc::TrySendError::Full(job)) => job,
+                Err(mpsc::TrySendError::Disconnected(_)) => {
+                    anyhow::bail!("the store thread stopped")
+                }
+            };
+            let t = std::time::Instant::now();
+            self.jobs.send(job).context("the store thread stopped")?;
+            self.store_wait += t.elapsed();
+        }
         Ok(())
     }
 }
@@ -451,6 +482,23 @@ fn store_loop(
     Ok(writer)
 }
 
+/// The store thread when nothing is stored: each cow.ko snapshot is dropped once the next
+/// one exists, as `store_loop` does after reading it.
+fn discard_loop(jobs: mpsc::Receiver<Job>) -> Result<Option<Writer>> {
+    let mut prev: Option<(u64, Arc<cow::Cow>)> = None;
+    for job in jobs {
+        if let (Some(snap), Some(space)) = (job.snapshot, job.space) {
+            if let Some((p, old)) = prev.replace((snap, space)) {
+                let _ = old.drop_snapshot(p);
+            }
+        }
+    }
+    if let Some((p, space)) = prev {
+        let _ = space.drop_snapshot(p);
+    }
+    Ok(None)
+}
+
 fn cstring(s: impl AsRef<std::ffi::OsStr>) -> Result<CString> {
     Ok(CString::new(s.as_ref().as_encoded_bytes())?)
 }
@@ -561,7 +609,11 @@ fn record_tracee(
     let pid = tracee.pid;
     let out = opts.out.clone();
     let max_size = opts.max_size;
-    let store = std::thread::spawn(move || store_loop(pid, out, meta, max_size, rx));
+    let keep = opts.store;
+    let store = std::thread::spawn(move || match keep {
+        true => store_loop(pid, out, meta, max_size, rx),
+        false => discard_loop(rx),
+    });
     let mut rec = Recorder {
         pid,
         capture: opts.capture,
@@ -571,11 +623,15 @@ fn record_tracee(
         auxv_sent: false,
         last_maps: String::new(),
         jobs: tx,
+        taken: 0,
+        store_wait: Default::default(),
     };
-    let code = run_loop(&mut tracee, &mut rec, opts.every, exe, functions, attached);
+    let mut timer = Timer::new(opts.every.unwrap_or_default())?;
+    let code = run_loop(&mut tracee, &mut rec, &mut timer, exe, functions, attached);
     if attached {
         tracee.detach()?; // the program goes on (or is gone already)
     }
+    let (taken, store_wait) = (rec.taken, rec.store_wait);
     drop(rec);
     let writer = store
         .join()
@@ -584,6 +640,9 @@ fn record_tracee(
     Ok(Outcome {
         code: code?,
         stats: writer.map(|w| w.stats()).unwrap_or_default(),
+        taken,
+        skipped: timer.skipped,
+        store_wait,
     })
 }
 
@@ -592,7 +651,7 @@ fn record_tracee(
 fn run_loop(
     tracee: &mut Tracee,
     rec: &mut Recorder,
-    every: Option<std::time::Duration>,
+    timer: &mut Timer,
     exe: &std::path::Path,
     functions: &[crate::symbols::Function],
     attached: bool,
@@ -614,24 +673,7 @@ fn run_loop(
         libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
     };
     anyhow::ensure!(sfd >= 0, "signalfd: {}", std::io::Error::last_os_error());
-    // SAFETY: creating a timer descriptor we own.
-    let tfd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC) };
-    anyhow::ensure!(
-        tfd >= 0,
-        "timerfd_create: {}",
-        std::io::Error::last_os_error()
-    );
-    let every = every.unwrap_or_default(); // zero: a disarmed timer
-    let interval = libc::timespec {
-        tv_sec: every.as_secs() as i64,
-        tv_nsec: every.subsec_nanos() as i64,
-    };
-    let spec = libc::itimerspec {
-        it_interval: interval,
-        it_value: interval,
-    };
-    // SAFETY: arming our timer.
-    unsafe { libc::timerfd_settime(tfd, 0, &spec, std::ptr::null_mut()) };
+    let tfd = timer.fd;
     let mut first = true;
     let mut crashed = false;
     // Once the program is exec'd (before it, the child is a copy of cowctl): its breakpoints
@@ -716,12 +758,8 @@ fn run_loop(
                 break Ok(0);
             }
         }
-        if pfd[0].revents != 0 {
-            let mut ticks = 0u64;
-            // SAFETY: reading the 8-byte expiration count.
-            unsafe { libc::read(tfd, (&mut ticks as *mut u64).cast(), 8) };
-            due = true;
-        }
+        let timer_fired = pfd[0].revents != 0 && timer.take();
+        due |= timer_fired;
         if !due || !execed {
             continue;
         }
@@ -753,17 +791,108 @@ fn run_loop(
         };
         // One checkpoint per function entry: threads that entered at the same instant get one
         // each (the same cut, each naming its thread), before the checkpoint of this cut.
+        let mut jobs = Vec::new();
         for tid in hits {
-            rec.checkpoint(tracee, Reason::Breakpoint, 0, Some(tid))?;
+            jobs.push(rec.checkpoint(tracee, Reason::Breakpoint, 0, Some(tid))?);
         }
-        rec.checkpoint(tracee, reason, sig, event_thread)?;
+        jobs.push(rec.checkpoint(tracee, reason, sig, event_thread)?);
         first = false;
         tracee.resume_all();
+        timer.hold_off();
+        rec.send(jobs)?;
     };
-    // SAFETY: closing our descriptors.
-    unsafe {
-        libc::close(tfd);
-        libc::close(sfd);
-    }
+    // SAFETY: closing our descriptor.
+    unsafe { libc::close(sfd) };
     result
+}
+
+/// The checkpoint timer: due every `period`, but the program always runs at least half a
+/// period between two checkpoints (the rule of libcow's checkpointer): a checkpoint that
+/// takes longer than the interval (a large heap on `scan`) must not leave the program
+/// stopped nearly all the time.
+struct Timer {
+    fd: i32,
+    period_ns: u64,
+    next_ns: u64,
+    /// Periods that passed without a checkpoint (see `hold_off`).
+    skipped: u64,
+}
+
+impl Timer {
+    /// A timer (disarmed if `period` is zero).
+    fn new(period: std::time::Duration) -> Result<Self> {
+        // SAFETY: creating a timer descriptor we own.
+        let fd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC) };
+        anyhow::ensure!(
+            fd >= 0,
+            "timerfd_create: {}",
+            std::io::Error::last_os_error()
+        );
+        let period_ns = period.as_nanos() as u64;
+        let mut t = Timer {
+            fd,
+            period_ns,
+            next_ns: cow::monotonic_ns() + period_ns,
+            skipped: 0,
+        };
+        t.arm();
+        Ok(t)
+    }
+
+    fn arm(&mut self) {
+        if self.period_ns == 0 {
+            return;
+        }
+        let at = libc::timespec {
+            tv_sec: (self.next_ns / 1_000_000_000) as i64,
+            tv_nsec: (self.next_ns % 1_000_000_000) as i64,
+        };
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: at,
+        };
+        // SAFETY: arming our timer at an absolute CLOCK_MONOTONIC time.
+        unsafe {
+            libc::timerfd_settime(
+                self.fd,
+                libc::TFD_TIMER_ABSTIME,
+                &spec,
+                std::ptr::null_mut(),
+            )
+        };
+    }
+
+    /// Whether the timer expired (its descriptor was readable); if so the next checkpoint is
+    /// due a period after this one was.
+    fn take(&mut self) -> bool {
+        let mut ticks = 0u64;
+        // SAFETY: reading the 8-byte expiration count of our (blocking) timer, known readable.
+        let fired = unsafe { libc::read(self.fd, (&mut ticks as *mut u64).cast(), 8) == 8 };
+        if fired {
+            self.next_ns += self.period_ns;
+            self.arm();
+        }
+        fired
+    }
+
+    /// After a checkpoint, once the program runs again: the next one is not due before half a
+    /// period from now.
+    fn hold_off(&mut self) {
+        let earliest = cow::monotonic_ns() + self.period_ns / 2;
+        if self.period_ns != 0 && self.next_ns < earliest {
+            self.skipped += (earliest - self.next_ns) / self.period_ns;
+            self.next_ns = earliest;
+            self.arm();
+        }
+    }
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        // SAFETY: closing our descriptor.
+        unsafe { libc::close(self.fd) };
+    }
 }

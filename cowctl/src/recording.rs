@@ -77,6 +77,7 @@ pub fn record(
         codec: codec.parse().map_err(anyhow::Error::msg)?,
         capture,
         max_size,
+        store: true,
     };
     let outcome = match pid {
         Some(pid) => crate::record::record_pid(&opts, pid)?,
@@ -92,6 +93,23 @@ pub fn record(
         s.unique_pages,
         s.log_bytes as f64 / 1048576.0
     );
+    if outcome.skipped > 0 {
+        let every = opts.every.unwrap_or_default().as_secs_f64() * 1e3;
+        let wait = outcome.store_wait.as_secs_f64();
+        let store = if wait > 0.0 {
+            format!(
+                "; the store was behind for {wait:.2} s, the program running on meanwhile \
+                 (--codec lz4 or none, or a longer --every, keeps up)"
+            )
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "cowctl record: {} periodic checkpoints of every {every} ms were not taken (the \
+             program runs at least half an interval between two checkpoints{store})",
+            outcome.skipped
+        );
+    }
     if s.merged > 0 {
         eprintln!(
             "cowctl record: --max-size reached: the oldest {} checkpoints were merged away \

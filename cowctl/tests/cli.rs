@@ -299,6 +299,8 @@ fn bench_record_reports_every_field_per_codec() {
             "checkpoints",
             "ckpt_per_s",
             "slowdown",
+            "store_overhead",
+            "checkpoints_no_store",
             "bytes_per_ckpt",
             "dedup_ratio",
             "compress_ratio",
@@ -308,7 +310,13 @@ fn bench_record_reports_every_field_per_codec() {
         ] {
             assert!(!r[field].is_null(), "{field} missing in {r}");
         }
-        assert!(r["checkpoints"].as_u64().unwrap() > 100, "{r}");
+        // How many depends on the machine's speed (a store that falls behind thins them out;
+        // the program does not wait for it): at least the start, one interval and the exit.
+        assert!(r["checkpoints"].as_u64().unwrap() >= 3, "{r}");
+        assert!(r["checkpoints_no_store"].as_u64().unwrap() >= 3, "{r}");
         assert!(r["slowdown"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["store_overhead"].as_f64().unwrap() > 0.0, "{r}");
+        // `cowctl run` has every backend but scan.
+        assert_eq!(r["run_slowdown"].is_null(), r["backend"] == "scan", "{r}");
     }
 }
