@@ -37,6 +37,16 @@ pub fn usage(message: impl Into<String>) -> anyhow::Error {
     .into()
 }
 
+/// An error whose message says all there is (no "(os error N)" after it), with the exit
+/// code `errno` maps to.
+pub fn explained(errno: i32, message: impl Into<String>) -> anyhow::Error {
+    WithCode {
+        code: code_for_errno(errno),
+        message: message.into(),
+    }
+    .into()
+}
+
 /// Maps an error chain to an exit code by the first explicit code, libcow error or errno
 /// found in it.
 pub fn code_for(err: &anyhow::Error) -> u8 {

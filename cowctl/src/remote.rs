@@ -7,9 +7,12 @@ use anyhow::{anyhow, Context, Result};
 use std::os::fd::{FromRawFd, OwnedFd};
 
 /// A failure with an errno, so that `exit::code_for` can map it to an exit code.
+/// `msg`, then what `errno` says (for messages that do not explain the cause themselves).
 fn os_err(errno: i32, msg: String) -> anyhow::Error {
     anyhow::Error::new(std::io::Error::from_raw_os_error(errno)).context(msg)
 }
+
+use crate::exit::explained;
 
 /// The one-letter state of `pid` (`R`, `S`, `T`, `Z`, …) from `/proc/PID/stat`.
 fn state_of(pid: i32) -> Option<char> {
@@ -35,7 +38,7 @@ fn tgid_of(pid: i32) -> Option<i32> {
 /// Refuses what is not a live process, with a message saying what it is.
 pub(crate) fn check_is_live_process(pid: i32) -> Result<()> {
     if state_of(pid) == Some('Z') {
-        return Err(os_err(
+        return Err(explained(
             libc::ESRCH,
             format!(
                 "process {pid} is a zombie: it has exited (its parent has not reaped it yet) \
@@ -44,7 +47,7 @@ pub(crate) fn check_is_live_process(pid: i32) -> Result<()> {
         ));
     }
     match tgid_of(pid) {
-        Some(tgid) if tgid != pid => Err(os_err(
+        Some(tgid) if tgid != pid => Err(explained(
             libc::ESRCH,
             format!("{pid} is a thread of process {tgid}, not a process: use {tgid}"),
         )),
@@ -59,7 +62,7 @@ pub fn attach(pid: i32) -> Result<cow::Cow> {
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if pidfd < 0 {
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        return Err(os_err(errno, format!("no such process {pid}")));
+        return Err(explained(errno, format!("no such process {pid}")));
     }
     // SAFETY: the kernel just gave us this descriptor.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
@@ -94,11 +97,11 @@ pub fn attach(pid: i32) -> Result<cow::Cow> {
 fn find_cow_fd(pid: i32) -> Result<i32> {
     let dir = format!("/proc/{pid}/fd");
     let entries = std::fs::read_dir(&dir).map_err(|e| match e.raw_os_error() {
-        Some(libc::EACCES) | Some(libc::EPERM) => os_err(
+        Some(libc::EACCES) | Some(libc::EPERM) => explained(
             libc::EACCES,
             format!("permission denied: cannot inspect process {pid}'s descriptors (not yours?)"),
         ),
-        Some(errno) => os_err(errno, format!("no such process {pid}")),
+        Some(errno) => explained(errno, format!("no such process {pid}")),
         None => anyhow!(e),
     })?;
     for entry in entries.flatten() {
@@ -124,7 +127,7 @@ fn find_cow_fd(pid: i32) -> Result<i32> {
             ": it does not use libcow's kmod backend (start it with `cowctl run`)".into()
         }
     };
-    Err(os_err(
+    Err(explained(
         libc::ENOENT,
         format!("process {pid} has no /dev/cow open{why}"),
     ))
