@@ -139,6 +139,13 @@ struct Recorder {
     jobs: mpsc::SyncSender<Job>,
     /// Checkpoints handed to the store thread.
     taken: u64,
+    /// Where pages are read into.
+    buf: Vec<u8>,
+    /// libcow's book in the program (its bookkeeping under the preload, not the program's
+    /// state: left out), once asked.
+    book: Option<(u64, u64)>,
+    book_asked: bool,
+    book_answer: Option<mpsc::Receiver<Option<(u64, u64)>>>,
     /// Time spent waiting for room in the store thread's queue.
     store_wait: std::time::Duration,
 }
@@ -164,7 +171,9 @@ impl Recorder {
         let threads = tracee.registers(event_thread);
         let maps_text = std::fs::read_to_string(format!("/proc/{}/maps", self.pid))?;
         let maps = parse_maps(&maps_text);
-        if self.capture == Capture::Kmod && self.space.is_none() {
+        // The space exists once the preload has mapped it (not yet while the loader runs).
+        let mapped = || maps.iter().any(|m| m.path == cow::COW_DEVICE_PATH);
+        if self.capture == Capture::Kmod && self.space.is_none() && mapped() {
             self.space = crate::remote::attach(self.pid).ok().map(Arc::new);
         }
         let snapshot = match &self.space {
@@ -202,14 +211,17 @@ impl Recorder {
                     // Written is not changed: pages rewritten with what they held (reference
                     // counts up and down) are not stored again.
                     for (lo, hi) in runs {
-                        read_pages(self.pid, lo, hi, |addr, page| {
+                        read_pages(self.pid, lo, hi, &mut self.buf, |addr, page| {
                             keep_if_changed(&mut self.hashes, &mut pages, addr, page)
                         });
                     }
                     continue;
                 }
             }
-            self.scan_hashed(stack_top.unwrap_or(m.start), m.end, false, &mut pages);
+            let start = stack_top.unwrap_or(m.start);
+            for (lo, hi) in outside(start, m.end, self.book) {
+                self.scan_hashed(lo, hi, false, &mut pages);
+            }
         }
         let maps_changed = maps_text != self.last_maps;
         if maps_changed {
@@ -273,6 +285,13 @@ impl Recorder {
     ) {
         // Only pages present (or swapped out): a 64 GiB reservation costs nothing.
         let ranges = page_ranges(self.pid, start, end, anon_only);
+        let tot: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+        if tot > 8192 {
+            eprintln!(
+                "DEBUG scan {start:#x}-{end:#x} anon_only={anon_only} bytes={tot} book={:x?}",
+                self.book
+            );
+        }
         let gone: Vec<u64> = self
             .hashes
             .range(start..end)
@@ -286,7 +305,7 @@ impl Recorder {
             pages.push((a, page));
         }
         for (lo, hi) in ranges {
-            read_pages(self.pid, lo, hi, |addr, page| {
+            read_pages(self.pid, lo, hi, &mut self.buf, |addr, page| {
                 keep_if_changed(&mut self.hashes, pages, addr, page)
             });
         }
@@ -295,6 +314,61 @@ impl Recorder {
     /// The program exec'd: a new address space, tracked anew.
     fn on_exec(&mut self) {
         self.uffd = None;
+        self.book = None;
+        self.book_asked = false;
+        self.book_answer = None;
+    }
+
+    /// Once the program's cow.ko space is found, asks its libcow where its book is. Its
+    /// control thread answers, and it may be new and held at its first ptrace stop, which only
+    /// this (the tracing) thread lets go: so another thread asks, and this one picks the answer
+    /// up at a later checkpoint.
+    fn learn_book(&mut self) {
+        if let Some(rx) = &self.book_answer {
+            if let Ok(range) = rx.try_recv() {
+                self.book = range;
+                self.book_answer = None;
+            }
+            return;
+        }
+        if self.space.is_none() || self.book.is_some() || self.book_asked {
+            return;
+        }
+        self.book_asked = true;
+        let (tx, rx) = mpsc::channel();
+        self.book_answer = Some(rx);
+        let pid = self.pid;
+        std::thread::spawn(move || {
+            // The control thread starts at the end of the preload's set-up: until then, no
+            // one listens (a second at most is worth waiting).
+            for _ in 0..100 {
+                match cow::control::request(pid, "book") {
+                    Ok(reply) => {
+                        let mut w = reply
+                            .split_whitespace()
+                            .map(|x| u64::from_str_radix(x.trim_start_matches("0x"), 16));
+                        let range = (|| Some((w.next()?.ok()?, w.next()?.ok()?)))();
+                        let _ = tx.send(range);
+                        return;
+                    }
+                    Err(e) if matches!(e.errno(), libc::ECONNREFUSED | libc::ENOENT) => {
+                        std::thread::sleep(std::time::Duration::from_millis(10))
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+}
+
+/// The parts of `[start, end)` outside `hole`.
+fn outside(start: u64, end: u64, hole: Option<(u64, u64)>) -> Vec<(u64, u64)> {
+    match hole {
+        Some((a, b)) if a < end && b > start => [(start, a.max(start)), (b.min(end), end)]
+            .into_iter()
+            .filter(|(lo, hi)| lo < hi)
+            .collect(),
+        _ => vec![(start, end)],
     }
 }
 
@@ -311,10 +385,13 @@ fn keep_if_changed(
     }
 }
 
-/// Reads the pages of `[lo, hi)` of process `pid`, in large chunks, and hands each to `page`;
-/// stops at an unreadable hole (`PROT_NONE` inside a mapping).
-fn read_pages(pid: i32, lo: u64, hi: u64, mut page: impl FnMut(u64, &[u8])) {
-    let mut buf = vec![0u8; ((hi - lo) as usize).min(1 << 20)];
+/// Reads the pages of `[lo, hi)` of process `pid`, in chunks of up to 1 MiB through `buf`
+/// (kept across calls: zeroing a fresh buffer per run cost as much as reading it), and hands
+/// each to `page`; stops at an unreadable hole (`PROT_NONE` inside a mapping).
+fn read_pages(pid: i32, lo: u64, hi: u64, buf: &mut Vec<u8>, mut page: impl FnMut(u64, &[u8])) {
+    if buf.is_empty() {
+        buf.resize(1 << 20, 0);
+    }
     let mut at = lo;
     while at < hi {
         let n = ((hi - at) as usize).min(buf.len());
@@ -625,6 +702,10 @@ fn record_tracee(
         jobs: tx,
         taken: 0,
         store_wait: Default::default(),
+        buf: Vec::new(),
+        book: None,
+        book_asked: false,
+        book_answer: None,
     };
     let mut timer = Timer::new(opts.every.unwrap_or_default())?;
     let code = run_loop(&mut tracee, &mut rec, &mut timer, exe, functions, attached);
@@ -763,6 +844,7 @@ fn run_loop(
         if !due || !execed {
             continue;
         }
+        let stopped_at = cow::monotonic_ns();
         if let Some(Event::Exited(code)) = tracee.stop_all()? {
             break Ok(code);
         }
@@ -798,18 +880,19 @@ fn run_loop(
         jobs.push(rec.checkpoint(tracee, reason, sig, event_thread)?);
         first = false;
         tracee.resume_all();
-        timer.hold_off();
+        timer.hold_off(cow::monotonic_ns() - stopped_at);
         rec.send(jobs)?;
+        rec.learn_book();
     };
     // SAFETY: closing our descriptor.
     unsafe { libc::close(sfd) };
     result
 }
 
-/// The checkpoint timer: due every `period`, but the program always runs at least half a
-/// period between two checkpoints (the rule of libcow's checkpointer): a checkpoint that
-/// takes longer than the interval (a large heap on `scan`) must not leave the program
-/// stopped nearly all the time.
+/// The checkpoint timer: due every `period`, but between two checkpoints the program always
+/// runs at least half a period (the rule of libcow's checkpointer) and at least as long as the
+/// last checkpoint stopped it: a checkpoint that takes longer than the interval must not leave
+/// the program stopped nearly all the time.
 struct Timer {
     fd: i32,
     period_ns: u64,
@@ -878,10 +961,12 @@ impl Timer {
         fired
     }
 
-    /// After a checkpoint, once the program runs again: the next one is not due before half a
-    /// period from now.
-    fn hold_off(&mut self) {
-        let earliest = cow::monotonic_ns() + self.period_ns / 2;
+    /// After a checkpoint that kept the program stopped `stopped_ns`, once it runs again: the
+    /// next one is not due before the program ran half a period, nor before it ran as long as
+    /// it was stopped (so stopping it never takes more than half its time, however costly a
+    /// checkpoint is: a large heap on `scan`, a slow guest).
+    fn hold_off(&mut self, stopped_ns: u64) {
+        let earliest = cow::monotonic_ns() + (self.period_ns / 2).max(stopped_ns);
         if self.period_ns != 0 && self.next_ns < earliest {
             self.skipped += (earliest - self.next_ns) / self.period_ns;
             self.next_ns = earliest;

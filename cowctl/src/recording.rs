@@ -105,8 +105,9 @@ pub fn record(
             String::new()
         };
         eprintln!(
-            "cowctl record: {} periodic checkpoints of every {every} ms were not taken (the \
-             program runs at least half an interval between two checkpoints{store})",
+            "cowctl record: {} periodic checkpoints of every {every} ms were not taken (between \
+             two checkpoints the program runs at least half an interval, and at least as long \
+             as the last one stopped it{store})",
             outcome.skipped
         );
     }

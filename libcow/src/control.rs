@@ -5,7 +5,8 @@
 //!
 //! One request per connection, one line each way:
 //! `snapshot` → `ok ID`; `restore ID`, `drop ID` → `ok`; `list` → `ok ID ID …`;
-//! `backend` → `ok NAME`;
+//! `backend` → `ok NAME`; `book` → `ok START END` (libcow's own bookkeeping range, which a
+//! recorder leaves out);
 //! `stats` → `ok snapshots=N write_faults=N pages_saved=N bytes_held=N snapshot_ns=N
 //! restore_ns=N` (and, under `--recover`, `recoveries=N not_recovered=N iterations=N`); any
 //! failure → `err ERRNO`.
@@ -147,6 +148,15 @@ fn answer(conn: OwnedFd) {
             }
             Some("restore") => crate::ffi::cow_restore(id(words.next())),
             Some("drop") => crate::ffi::cow_drop(id(words.next())),
+            // libcow's own bookkeeping memory: a recorder leaves it out (not the program's).
+            Some("book") => match crate::book::try_book() {
+                Ok(book) => {
+                    let (start, end) = book.range();
+                    let _ = writeln!(out, "ok {start:#x} {end:#x}");
+                    0
+                }
+                Err(e) => -e.errno(),
+            },
             Some("backend") => crate::ffi::with_ops(|b| {
                 let _ = writeln!(out, "ok {}", b.name());
                 Ok(())
