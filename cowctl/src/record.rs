@@ -92,6 +92,9 @@ pub struct Outcome {
     /// Periodic checkpoints not taken when due: the program ran half an interval first after
     /// a checkpoint that took longer than the interval, or the store was behind.
     pub skipped: u64,
+    /// How long each checkpoint kept the program stopped (stopping every thread, capturing,
+    /// resuming), ns, in the order taken.
+    pub stops_ns: Vec<u64>,
     /// How long the recorder waited for the store thread (the program running meanwhile).
     pub store_wait: std::time::Duration,
 }
@@ -285,13 +288,6 @@ impl Recorder {
     ) {
         // Only pages present (or swapped out): a 64 GiB reservation costs nothing.
         let ranges = page_ranges(self.pid, start, end, anon_only);
-        let tot: u64 = ranges.iter().map(|(a, b)| b - a).sum();
-        if tot > 8192 {
-            eprintln!(
-                "DEBUG scan {start:#x}-{end:#x} anon_only={anon_only} bytes={tot} book={:x?}",
-                self.book
-            );
-        }
         let gone: Vec<u64> = self
             .hashes
             .range(start..end)
@@ -723,6 +719,7 @@ fn record_tracee(
         stats: writer.map(|w| w.stats()).unwrap_or_default(),
         taken,
         skipped: timer.skipped,
+        stops_ns: std::mem::take(&mut timer.stops_ns),
         store_wait,
     })
 }
@@ -880,7 +877,9 @@ fn run_loop(
         jobs.push(rec.checkpoint(tracee, reason, sig, event_thread)?);
         first = false;
         tracee.resume_all();
-        timer.hold_off(cow::monotonic_ns() - stopped_at);
+        let stopped = cow::monotonic_ns() - stopped_at;
+        timer.stops_ns.push(stopped);
+        timer.hold_off(stopped);
         rec.send(jobs)?;
         rec.learn_book();
     };
@@ -899,6 +898,8 @@ struct Timer {
     next_ns: u64,
     /// Periods that passed without a checkpoint (see `hold_off`).
     skipped: u64,
+    /// How long each checkpoint stopped the program.
+    stops_ns: Vec<u64>,
 }
 
 impl Timer {
@@ -917,6 +918,7 @@ impl Timer {
             period_ns,
             next_ns: cow::monotonic_ns() + period_ns,
             skipped: 0,
+            stops_ns: Vec::new(),
         };
         t.arm();
         Ok(t)

@@ -38,6 +38,9 @@ pub struct Row {
     store_overhead: f64,
     /// Checkpoints of that run without a store.
     checkpoints_no_store: u64,
+    /// Median time a checkpoint kept the program stopped (all threads stopped, captured,
+    /// resumed), µs.
+    stop_us: f64,
     /// Slowdown of `cowctl run --backend B --every MS` (in-process checkpoints, no registers,
     /// stacks or store) on the same workload; none for `scan`, which `run` does not have.
     run_slowdown: Option<f64>,
@@ -286,7 +289,7 @@ fn measure(
                 continue;
             }
             say(&format!("{backend}, {}", codec.name()));
-            let (rec_s, _, out) = record(codec, true)?;
+            let (rec_s, outcome, out) = record(codec, true)?;
             let t = Instant::now();
             let rec = store::Recording::open(&out)?;
             let open_ms = ms(t);
@@ -303,6 +306,7 @@ fn measure(
                     slowdown: rec_s / plain_s,
                     store_overhead: rec_s / no_store_s,
                     checkpoints_no_store: no_store.taken,
+                    stop_us: median(outcome.stops_ns.iter().map(|&n| n as f64 / 1e3).collect()),
                     run_slowdown: run_s.map(|r| r / plain_s),
                     bytes_per_ckpt: info.bytes_on_disk as f64 / info.checkpoints.max(1) as f64,
                     dedup_ratio: info.dedup_ratio,

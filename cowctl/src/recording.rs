@@ -93,6 +93,18 @@ pub fn record(
         s.unique_pages,
         s.log_bytes as f64 / 1048576.0
     );
+    if !outcome.stops_ns.is_empty() {
+        let mut stops = outcome.stops_ns.clone();
+        stops.sort_unstable();
+        let at = |q: f64| stops[((stops.len() - 1) as f64 * q) as usize] as f64 / 1e3;
+        eprintln!(
+            "cowctl record: each checkpoint stopped the program {:.0} µs (median), {:.0} µs \
+             (p99), {:.0} µs (max)",
+            at(0.5),
+            at(0.99),
+            at(1.0)
+        );
+    }
     if outcome.skipped > 0 {
         let every = opts.every.unwrap_or_default().as_secs_f64() * 1e3;
         let wait = outcome.store_wait.as_secs_f64();
