@@ -334,7 +334,16 @@ pub fn run(cfg: &Config) -> Result<()> {
         return worker(&path, rounds);
     }
     let me = std::env::current_exe()?.display().to_string();
-    let dir = std::env::temp_dir().join(format!("cowctl-record-bench-{}", std::process::id()));
+    // Unique even across guests, whose pids repeat from boot to boot and share the host's /tmp
+    // (a run killed there leaves its directory behind).
+    let dir = std::env::temp_dir().join(format!(
+        "cowctl-record-bench-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+    ));
     std::fs::create_dir_all(&dir)?;
     let addr_file = dir.join("addr");
     let backends: Vec<&str> = crate::record::Capture::available()
