@@ -89,8 +89,9 @@ pub struct Outcome {
     pub stats: store::WriterStats,
     /// Checkpoints taken (stored or, with `Options::store` false, not).
     pub taken: u64,
-    /// Periodic checkpoints not taken when due: the program ran half an interval first after
-    /// a checkpoint that took longer than the interval, or the store was behind.
+    /// Periodic checkpoints not taken when due: after each checkpoint the program runs at
+    /// least half an interval and as long as the checkpoint stopped it, and the recorder
+    /// waits while the store is behind.
     pub skipped: u64,
     /// How long each checkpoint kept the program stopped (stopping every thread, capturing,
     /// resuming), ns, in the order taken.
