@@ -301,6 +301,7 @@ fn bench_record_reports_every_field_per_codec() {
             "slowdown",
             "store_overhead",
             "checkpoints_no_store",
+            "stop_us",
             "bytes_per_ckpt",
             "dedup_ratio",
             "compress_ratio",
