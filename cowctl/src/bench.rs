@@ -33,10 +33,10 @@ pub struct Row {
     memory_overhead_bytes: u64,
 }
 
-/// The median of `v` (not empty).
+/// The median of `v` (0 when empty).
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Microseconds since `since`.

@@ -145,11 +145,9 @@ struct Recorder {
     taken: u64,
     /// Where pages are read into.
     buf: Vec<u8>,
-    /// libcow's book in the program (its bookkeeping under the preload, not the program's
-    /// state: left out), once asked.
-    book: Option<(u64, u64)>,
-    book_asked: bool,
-    book_answer: Option<mpsc::Receiver<Option<(u64, u64)>>>,
+    /// Where libcow's book is in the program (its bookkeeping under the preload, not the
+    /// program's state: left out).
+    book: Book,
     /// Time spent waiting for room in the store thread's queue.
     store_wait: std::time::Duration,
 }
@@ -223,7 +221,11 @@ impl Recorder {
                 }
             }
             let start = stack_top.unwrap_or(m.start);
-            for (lo, hi) in outside(start, m.end, self.book) {
+            let book = match self.book {
+                Book::At(range) => Some(range),
+                _ => None,
+            };
+            for (lo, hi) in outside(start, m.end, book) {
                 self.scan_hashed(lo, hi, false, &mut pages);
             }
         }
@@ -311,9 +313,7 @@ impl Recorder {
     /// The program exec'd: a new address space, tracked anew.
     fn on_exec(&mut self) {
         self.uffd = None;
-        self.book = None;
-        self.book_asked = false;
-        self.book_answer = None;
+        self.book = Book::Unknown;
     }
 
     /// Once the program's cow.ko space is found, asks its libcow where its book is. Its
@@ -321,19 +321,20 @@ impl Recorder {
     /// this (the tracing) thread lets go: so another thread asks, and this one picks the answer
     /// up at a later checkpoint.
     fn learn_book(&mut self) {
-        if let Some(rx) = &self.book_answer {
-            if let Ok(range) = rx.try_recv() {
-                self.book = range;
-                self.book_answer = None;
+        match &self.book {
+            Book::Asked(rx) => {
+                match rx.try_recv() {
+                    Ok(range) => self.book = range.map_or(Book::None, Book::At),
+                    Err(mpsc::TryRecvError::Disconnected) => self.book = Book::None,
+                    Err(mpsc::TryRecvError::Empty) => {}
+                }
+                return;
             }
-            return;
+            Book::Unknown if self.space.is_some() => {}
+            _ => return,
         }
-        if self.space.is_none() || self.book.is_some() || self.book_asked {
-            return;
-        }
-        self.book_asked = true;
         let (tx, rx) = mpsc::channel();
-        self.book_answer = Some(rx);
+        self.book = Book::Asked(rx);
         let pid = self.pid;
         std::thread::spawn(move || {
             // The control thread starts at the end of the preload's set-up: until then, no
@@ -356,6 +357,18 @@ impl Recorder {
             }
         });
     }
+}
+
+/// What the recorder knows of libcow's book in the program.
+enum Book {
+    /// Not asked yet (no cow.ko space found yet).
+    Unknown,
+    /// Asked; the answer comes on this channel.
+    Asked(mpsc::Receiver<Option<(u64, u64)>>),
+    /// Its range.
+    At((u64, u64)),
+    /// The program did not say.
+    None,
 }
 
 /// The parts of `[start, end)` outside `hole`.
@@ -700,9 +713,7 @@ fn record_tracee(
         taken: 0,
         store_wait: Default::default(),
         buf: Vec::new(),
-        book: None,
-        book_asked: false,
-        book_answer: None,
+        book: Book::Unknown,
     };
     let mut timer = Timer::new(opts.every.unwrap_or_default())?;
     let code = run_loop(&mut tracee, &mut rec, &mut timer, exe, functions, attached);

@@ -8,6 +8,7 @@
 //! recording is opened and the reads a debugger does are timed: `goto` (the watched page at a
 //! random checkpoint), a bisection `search`, and `when` over the watched bytes.
 
+use crate::bench::median;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -90,11 +91,6 @@ fn worker(addr_file: &str, rounds: u64) -> Result<()> {
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// The counter's value at checkpoint `n` (0 if not recorded yet).
