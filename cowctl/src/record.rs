@@ -90,7 +90,7 @@ pub struct Outcome {
     /// Checkpoints taken (stored or, with `Options::store` false, not).
     pub taken: u64,
     /// Periodic checkpoints not taken when due: after each checkpoint the program runs at
-    /// least half an interval and as long as the checkpoint stopped it, and the recorder
+    /// least half an interval and as long as recent checkpoints stopped it, and the recorder
     /// waits while the store is behind.
     pub skipped: u64,
     /// How long each checkpoint kept the program stopped (stopping every thread, capturing,
@@ -891,7 +891,7 @@ fn run_loop(
         tracee.resume_all();
         let stopped = cow::monotonic_ns() - stopped_at;
         timer.stops_ns.push(stopped);
-        timer.hold_off(stopped);
+        timer.hold_off();
         rec.send(jobs)?;
         rec.learn_book();
     };
@@ -900,10 +900,13 @@ fn run_loop(
     result
 }
 
+/// How many recent checkpoints' stops decide how long the program runs before the next.
+const HOLD_OFF_WINDOW: usize = 9;
+
 /// The checkpoint timer: due every `period`, but between two checkpoints the program always
-/// runs at least half a period (the rule of libcow's checkpointer) and at least as long as the
-/// last checkpoint stopped it: a checkpoint that takes longer than the interval must not leave
-/// the program stopped nearly all the time.
+/// runs at least half a period (the rule of libcow's checkpointer) and at least as long as
+/// recent checkpoints stopped it: checkpoints that take longer than the interval must not
+/// leave the program stopped nearly all the time.
 struct Timer {
     fd: i32,
     period_ns: u64,
@@ -975,12 +978,18 @@ impl Timer {
         fired
     }
 
-    /// After a checkpoint that kept the program stopped `stopped_ns`, once it runs again: the
-    /// next one is not due before the program ran half a period, nor before it ran as long as
-    /// it was stopped (so stopping it never takes more than half its time, however costly a
-    /// checkpoint is: a large heap on `scan`, a slow guest).
-    fn hold_off(&mut self, stopped_ns: u64) {
-        let earliest = cow::monotonic_ns() + (self.period_ns / 2).max(stopped_ns);
+    /// After a checkpoint, once the program runs again: the next one is not due before the
+    /// program ran half a period, nor before it ran as long as recent checkpoints stopped it
+    /// (the median of the last few: so stopping it never takes more than about half its time,
+    /// however costly checkpoints are — a large heap on `scan`, a slow guest — while one
+    /// checkpoint that happened to be slow, the recorder descheduled in the middle of it, does
+    /// not leave a hole of its own length in the recording).
+    fn hold_off(&mut self) {
+        let recent = &self.stops_ns[self.stops_ns.len().saturating_sub(HOLD_OFF_WINDOW)..];
+        let mut recent = recent.to_vec();
+        recent.sort_unstable();
+        let typical = recent.get(recent.len() / 2).copied().unwrap_or(0);
+        let earliest = cow::monotonic_ns() + (self.period_ns / 2).max(typical);
         if self.period_ns != 0 && self.next_ns < earliest {
             self.skipped += (earliest - self.next_ns) / self.period_ns;
             self.next_ns = earliest;

@@ -119,7 +119,7 @@ pub fn record(
         eprintln!(
             "cowctl record: {} periodic checkpoints of every {every} ms were not taken (between \
              two checkpoints the program runs at least half an interval, and at least as long \
-             as the last one stopped it{store})",
+             as recent ones stopped it{store})",
             outcome.skipped
         );
     }
