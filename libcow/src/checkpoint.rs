@@ -141,6 +141,8 @@ fn sleep_until(ns: u64) {
         tv_sec: (ns / 1_000_000_000) as libc::time_t,
         tv_nsec: (ns % 1_000_000_000) as libc::c_long,
     };
+    // Sleeping writes nothing: snapshots (the program's own) need not signal us.
+    let wait = crate::idle::begin();
     // SAFETY: an absolute monotonic sleep on a timespec of ours; EINTR just ends it early.
     unsafe {
         libc::clock_nanosleep(
@@ -150,6 +152,7 @@ fn sleep_until(ns: u64) {
             std::ptr::null_mut(),
         )
     };
+    crate::idle::end(wait);
 }
 
 fn run(state: &'static State, cfg: Config, snapshot: fn() -> i64, drop: fn(i64) -> i32) {

@@ -79,6 +79,8 @@ pub fn serve() -> Result<()> {
             crate::world::block_process_signals();
             loop {
                 LISTENING.store(true, std::sync::atomic::Ordering::Release);
+                // Waiting for a request writes nothing: snapshots need not signal us.
+                let wait = crate::idle::begin();
                 // SAFETY: accepting on our listening socket; no peer address wanted.
                 let fd = unsafe {
                     libc::accept4(
@@ -88,6 +90,7 @@ pub fn serve() -> Result<()> {
                         libc::SOCK_CLOEXEC,
                     )
                 };
+                crate::idle::end(wait);
                 if fd >= 0 {
                     // SAFETY: a descriptor the kernel just gave us.
                     answer(unsafe { OwnedFd::from_raw_fd(fd) });

@@ -14,6 +14,7 @@ pub mod control;
 pub mod device;
 pub mod error;
 pub mod ffi;
+pub mod idle;
 pub mod maps;
 pub mod probe;
 pub mod recovery;

@@ -5,7 +5,9 @@
 //! handler records its stack pointer (so its stack is not covered), announces itself and waits
 //! on a futex until the operation is over. Threads created meanwhile are found by listing
 //! `/proc/self/task` again until the set is stable. The handler is async-signal-safe: atomics and
-//! raw futex calls only, and it preserves `errno`.
+//! raw futex calls only, and it preserves `errno`. Threads blocked in a wait that announced
+//! itself ([`crate::idle`]: libcow_preload's condition-variable waits) are held without a
+//! signal.
 
 use crate::book::{self, BookVec};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
@@ -24,6 +26,17 @@ struct World {
 
 static WORLD: OnceLock<&'static World> = OnceLock::new();
 
+/// Signals the kernel raises in a thread for what it does (a fault, a trap, `abort`): never
+/// blocked by libcow, as blocking them does not defer them but kills the process.
+const SYNCHRONOUS: [i32; 6] = [
+    libc::SIGSEGV,
+    libc::SIGBUS,
+    libc::SIGFPE,
+    libc::SIGILL,
+    libc::SIGTRAP,
+    libc::SIGABRT,
+];
+
 /// The real-time signal that stops a thread; a program must not block it (libcow_preload's
 /// `pthread_sigmask` leaves it out, as glibc leaves out its own internal signals).
 pub fn signal() -> i32 {
@@ -39,15 +52,8 @@ pub fn block_process_signals() {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut set);
-        for sig in [
-            signal(),
-            libc::SIGSEGV,
-            libc::SIGBUS,
-            libc::SIGFPE,
-            libc::SIGILL,
-            libc::SIGTRAP,
-            libc::SIGABRT,
-        ] {
+        libc::sigdelset(&mut set, signal());
+        for sig in SYNCHRONOUS {
             libc::sigdelset(&mut set, sig);
         }
         libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
@@ -64,12 +70,17 @@ fn world() -> &'static World {
             thread_pointers: [const { AtomicUsize::new(0) }; MAX_THREADS],
         });
         // SAFETY: installing our handler for a signal reserved for libcow; SA_RESTART keeps
-        // interrupted system calls going in the stopped threads.
+        // interrupted system calls going in the stopped threads. Every asynchronous signal is
+        // blocked while a thread is stopped: a program's handler (SIGTERM's, say) must not run
+        // in a thread that is meant to be still, writing memory a snapshot is reading.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_stop as *const () as usize;
             sa.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigfillset(&mut sa.sa_mask);
+            for sig in SYNCHRONOUS {
+                libc::sigdelset(&mut sa.sa_mask, sig);
+            }
             libc::sigaction(signal(), &sa, std::ptr::null_mut());
         }
         w
@@ -118,6 +129,8 @@ pub struct Stopped {
     /// Thread pointers (glibc's `struct pthread`, which holds the rseq area the kernel writes)
     /// of every thread, including the caller's.
     thread_pointers: BookVec<usize>,
+    /// Slots of the idle threads held without a signal ([`crate::idle`]).
+    held: BookVec<usize>,
 }
 
 /// The calling thread's id.
@@ -173,13 +186,23 @@ pub fn stop_others() -> std::io::Result<Stopped> {
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
     let mut signalled: BookVec<i32> = BookVec::new();
+    // Threads idle in an announced wait, held without a signal: (tid, slot, sp, tp).
+    let mut held: BookVec<(i32, usize, usize, usize)> = BookVec::new();
     let mut now: BookVec<i32> = BookVec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let stopped = loop {
         list_tids(&mut now)?;
         let mut new = 0;
         for &tid in now.as_slice() {
-            if tid == me || signalled.as_slice().contains(&tid) {
+            if tid == me
+                || signalled.as_slice().contains(&tid)
+                || held.as_slice().iter().any(|h| h.0 == tid)
+            {
+                continue;
+            }
+            if let Some((slot, sp, tp)) = crate::idle::hold(tid) {
+                held.push((tid, slot, sp, tp));
+                new += 1;
                 continue;
             }
             // SAFETY: tgkill to a thread of our own process.
@@ -191,6 +214,9 @@ pub fn stop_others() -> std::io::Result<Stopped> {
         while w.arrived.load(Ordering::Acquire) < signalled.len() {
             if std::time::Instant::now() > deadline {
                 release(w);
+                for h in held.as_slice() {
+                    crate::idle::release(h.1);
+                }
                 return Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT));
             }
             std::thread::yield_now();
@@ -210,12 +236,20 @@ pub fn stop_others() -> std::io::Result<Stopped> {
         thread_pointers.push(w.thread_pointers[i].load(Ordering::Acquire));
     }
     let mut tids = stopped;
+    let mut held_slots = BookVec::new();
+    for &(tid, slot, sp, tp) in held.as_slice() {
+        tids.push(tid);
+        held_slots.push(slot);
+        stack_pointers.push(sp);
+        thread_pointers.push(tp);
+    }
     tids.push(me);
     tids.as_mut_slice().sort_unstable();
     Ok(Stopped {
         tids,
         stack_pointers,
         thread_pointers,
+        held: held_slots,
     })
 }
 
@@ -244,5 +278,8 @@ impl Stopped {
 impl Drop for Stopped {
     fn drop(&mut self) {
         release(world());
+        for &slot in self.held.as_slice() {
+            crate::idle::release(slot);
+        }
     }
 }

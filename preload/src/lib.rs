@@ -18,6 +18,7 @@
 //! The space's descriptor is published in `COW_SPACE_FD`, so libcow's C API (`cow_init`) in the
 //! same process drives the same space, and `cowctl` finds it by pid.
 
+mod cond_waits;
 mod coverage;
 mod fork;
 mod heap;
@@ -55,10 +56,15 @@ static CONSTRUCTOR: extern "C" fn() = constructor;
 
 extern "C" fn constructor() {
     output::resolve_symbols();
+    cond_waits::resolve_symbols();
     reads::resolve_symbols();
     signals::resolve_symbols();
     waits::resolve_symbols();
     if let Some(name) = in_process_backend() {
+        if holds_idle_threads() {
+            // The program's signal handlers are wrapped from now on (signals.rs).
+            cow::idle::enable();
+        }
         init_in_process(name);
         return;
     }
@@ -101,6 +107,16 @@ fn in_process_backend() -> Option<&'static std::ffi::CStr> {
         b"fork" => Some(c"fork"),
         _ => None,
     }
+}
+
+/// Whether snapshots hold threads blocked in a condition-variable wait without a signal
+/// (`cow::idle`): under uffd and fork. Not under mprotect: a held thread whose timed wait
+/// returns during a snapshot re-locks its mutex, in covered memory, before it reaches the
+/// gate; on mprotect that write faults into libcow's handler while the snapshot re-protects
+/// pages, which only a stopped thread may not do. (On uffd the kernel records the write; a
+/// fork copies memory at one instant.)
+fn holds_idle_threads() -> bool {
+    matches!(in_process_backend(), Some(b) if b != c"mprotect")
 }
 
 /// Covers the whole process with an in-process backend and starts the checkpointer. A failure

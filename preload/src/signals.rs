@@ -3,11 +3,14 @@
 //! installing its own SIGSEGV handler — most servers do, to log a crash — gets it chained
 //! behind libcow's instead: faults that are not libcow's reach it as before. Under
 //! `--recover` the crash signals' actions are kept aside the same way (libcow's recovery
-//! handler stays first and runs the program's when it does not roll back). Every other call
-//! goes to libc unchanged.
+//! handler stays first and runs the program's when it does not roll back). Under uffd and
+//! fork the handlers of asynchronous signals are wrapped (see [`wrapped`]).
+//! Every other call goes to libc unchanged. (`sigset`, `sysv_signal` and `bsd_signal` are
+//! not interposed: handlers installed through them are not wrapped.)
 
 use crate::raw::next;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 type SigactionFn =
     unsafe extern "C" fn(i32, *const libc::sigaction, *mut libc::sigaction) -> libc::c_int;
@@ -42,6 +45,10 @@ pub unsafe extern "C" fn sigaction(
             return rc;
         }
     }
+    if wrapped(sig) {
+        // SAFETY: forwarded from our caller's contract.
+        return unsafe { wrapped_sigaction(sig, act, old) };
+    }
     let f = next(&REAL_SIGACTION, c"sigaction");
     if f == 0 {
         return -1;
@@ -73,12 +80,174 @@ pub unsafe extern "C" fn signal(sig: i32, handler: libc::sighandler_t) -> libc::
             return old.sa_sigaction;
         }
     }
+    if wrapped(sig) {
+        // glibc's `signal`: the signal blocked in its handler, interrupted calls restarted.
+        // SAFETY: an all-zero sigaction is valid; filled in below.
+        let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+        act.sa_sigaction = handler;
+        act.sa_flags = libc::SA_RESTART;
+        // SAFETY: as above.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: building the mask on our local; both point to live locals.
+        let rc = unsafe {
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaddset(&mut act.sa_mask, sig);
+            wrapped_sigaction(sig, &act, &mut old)
+        };
+        return if rc == 0 {
+            old.sa_sigaction
+        } else {
+            libc::SIG_ERR
+        };
+    }
     let f = next(&REAL_SIGNAL, c"signal");
     if f == 0 {
         return libc::SIG_ERR;
     }
     // SAFETY: libc's signal has this signature; arguments forwarded unchanged.
     unsafe { std::mem::transmute::<usize, SignalFn>(f)(sig, handler) }
+}
+
+/// A program's handler of a wrapped signal: its address and whether it takes `siginfo`.
+struct ProgramHandler {
+    handler: AtomicUsize,
+    siginfo: AtomicBool,
+}
+
+/// The program's handlers of the wrapped signals, by signal number. In the book: a restore
+/// must not rewind them, as it does not rewind the kernel's dispositions.
+static PROGRAM_HANDLERS: OnceLock<&'static [ProgramHandler; 65]> = OnceLock::new();
+
+/// Whether `sig`'s handlers are wrapped: when snapshots hold idle threads (see
+/// `holds_idle_threads`), every asynchronous signal a program may catch. A handler can run
+/// in a thread blocked in a condition-variable wait, which a snapshot holds without a signal
+/// (`cow::idle`): the wrapper first waits for the snapshot to end, as the thread would.
+fn wrapped(sig: i32) -> bool {
+    (1..=64).contains(&sig)
+        && ![
+            libc::SIGKILL,
+            libc::SIGSTOP,
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGFPE,
+            libc::SIGILL,
+            libc::SIGTRAP,
+            libc::SIGABRT,
+            cow::world::signal(),
+        ]
+        .contains(&sig)
+        && crate::holds_idle_threads()
+}
+
+fn program_handlers() -> &'static [ProgramHandler; 65] {
+    PROGRAM_HANDLERS.get_or_init(|| {
+        cow::book::leak(
+            [const {
+                ProgramHandler {
+                    handler: AtomicUsize::new(0),
+                    siginfo: AtomicBool::new(false),
+                }
+            }; 65],
+        )
+    })
+}
+
+/// Installs `act` with the program's handler replaced by [`on_program_signal`] and reports
+/// the program's own action in `old`.
+///
+/// # Safety
+///
+/// As `sigaction`, for a signal [`wrapped`] says yes to.
+unsafe fn wrapped_sigaction(
+    sig: i32,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> libc::c_int {
+    let f = next(&REAL_SIGACTION, c"sigaction");
+    if f == 0 {
+        return -1;
+    }
+    let real = |act: *const libc::sigaction, old: *mut libc::sigaction| {
+        // SAFETY: libc's sigaction has this signature; `act` is the caller's or our copy of
+        // it, `old` our local.
+        unsafe { std::mem::transmute::<usize, SigactionFn>(f)(sig, act, old) }
+    };
+    let entry = &program_handlers()[sig as usize];
+    let before = (
+        entry.handler.load(Ordering::Acquire),
+        entry.siginfo.load(Ordering::Acquire),
+    );
+    // SAFETY: an all-zero sigaction is valid.
+    let mut kernel_old: libc::sigaction = unsafe { std::mem::zeroed() };
+    let rc = if act.is_null() {
+        real(act, &mut kernel_old)
+    } else {
+        // SAFETY: `act` is valid (caller).
+        let mut ours = unsafe { *act };
+        let handler = ours.sa_sigaction;
+        if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
+            let rc = real(&ours, &mut kernel_old);
+            if rc == 0 {
+                entry.handler.store(0, Ordering::Release);
+            }
+            rc
+        } else {
+            // The record first: the wrapper may run as soon as the kernel has it.
+            entry
+                .siginfo
+                .store(ours.sa_flags & libc::SA_SIGINFO != 0, Ordering::Release);
+            entry.handler.store(handler, Ordering::Release);
+            ours.sa_sigaction = on_program_signal as *const () as usize;
+            ours.sa_flags |= libc::SA_SIGINFO;
+            let rc = real(&ours, &mut kernel_old);
+            if rc != 0 {
+                entry.handler.store(before.0, Ordering::Release);
+                entry.siginfo.store(before.1, Ordering::Release);
+            }
+            rc
+        }
+    };
+    if rc == 0 && !old.is_null() {
+        if kernel_old.sa_sigaction == on_program_signal as *const () as usize {
+            kernel_old.sa_sigaction = before.0;
+            if !before.1 {
+                kernel_old.sa_flags &= !libc::SA_SIGINFO;
+            }
+        }
+        // SAFETY: `old` is writable (caller).
+        unsafe { *old = kernel_old };
+    }
+    rc
+}
+
+/// The handler installed for a program's handler of a wrapped signal.
+extern "C" fn on_program_signal(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let Some(entry) = PROGRAM_HANDLERS.get().and_then(|h| h.get(sig as usize)) else {
+        return;
+    };
+    let handler = entry.handler.load(Ordering::Acquire);
+    if handler == 0 {
+        return; // Set back to the default or ignored meanwhile.
+    }
+    // SAFETY: reading and restoring this thread's errno around our futex calls.
+    let errno = unsafe { *libc::__errno_location() };
+    let wait = cow::idle::interrupt();
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+    if entry.siginfo.load(Ordering::Acquire) {
+        type F = extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void);
+        // SAFETY: the program installed this SA_SIGINFO handler.
+        unsafe { std::mem::transmute::<usize, F>(handler)(sig, info, ctx) };
+    } else {
+        type F = extern "C" fn(i32);
+        // SAFETY: the program installed this one-argument handler.
+        unsafe { std::mem::transmute::<usize, F>(handler)(sig) };
+    }
+    // SAFETY: as above.
+    let errno = unsafe { *libc::__errno_location() };
+    cow::idle::resume(wait);
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
 }
 
 static REAL_PTHREAD_SIGMASK: AtomicUsize = AtomicUsize::new(0);
@@ -214,6 +383,9 @@ pub unsafe extern "C" fn sigaltstack(
 /// library's own data, which the mprotect backend write-protects, and a first call may come
 /// from a signal handler, where that fault would be fatal.
 pub(crate) fn resolve_symbols() {
+    if crate::holds_idle_threads() {
+        program_handlers();
+    }
     next(&REAL_SIGACTION, c"sigaction");
     next(&REAL_SIGNAL, c"signal");
     next(&REAL_PTHREAD_SIGMASK, c"pthread_sigmask");

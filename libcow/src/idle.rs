@@ -1,0 +1,280 @@
+//! Threads blocked in a wait that announced itself: a stop holds them without a signal.
+//!
+//! Stopping a thread by signal ([`crate::world`]) wakes it twice per snapshot — to stop, then
+//! to go on — even when it sits in a condition-variable wait and would not have run at all:
+//! redis' four background threads cost ≈ 100 µs of every uffd snapshot that way. So
+//! libcow_preload's condition-variable waits announce themselves: before blocking, the thread
+//! marks its slot *idle* ([`begin`]); a stop that finds the slot idle marks it *held* (one
+//! compare-and-swap, no signal, no wake-up); a thread whose wait returns while it is held
+//! waits in [`end`] until the stop is over. A program's signal handler that runs during the
+//! wait passes the same gate first ([`interrupt`], from libcow_preload's handler wrapper).
+//!
+//! What a held thread can still write: nothing of the program's, except when its wait ends
+//! during the stop (a timed wait timing out): libc then re-locks the wait's mutex before our
+//! gate, so that one word may be seen by the snapshot either way — as when a signal stops a
+//! thread just after it took a lock.
+//!
+//! Slots live in the book (no restore rewinds them) and are found by thread id; a thread
+//! keeps its slot until it exits (a thread-specific-data destructor frees it; a child forked
+//! from a threaded parent frees every slot but its own).
+
+use crate::book;
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+/// Most threads with a slot at once; more wait the slow way (by signal).
+const SLOTS: usize = 1024;
+
+/// No thread owns the slot.
+const FREE: u32 = 0;
+/// Its thread runs (or waits unannounced): a stop signals it.
+const RUNNING: u32 = 1;
+/// Its thread is blocked in an announced wait.
+const IDLE: u32 = 2;
+/// A stop holds it; the thread, if its wait returned, waits to go on.
+const HELD: u32 = 3;
+/// As `HELD`, and the thread sleeps on the slot's futex (the stop must wake it).
+const HELD_WAITING: u32 = 4;
+
+struct Slot {
+    state: AtomicU32,
+    tid: AtomicI32,
+    /// An address on the thread's stack (so its stack is not covered).
+    stack_pointer: AtomicUsize,
+    /// Its thread pointer (glibc's `struct pthread`, not covered either).
+    thread_pointer: AtomicUsize,
+}
+
+struct Table {
+    slots: [Slot; SLOTS],
+    /// Slots ever used: `slots[..used]` is all a stop looks at.
+    used: AtomicUsize,
+    /// The thread-specific-data key whose destructor frees a thread's slot when it exits.
+    key: AtomicUsize,
+}
+
+static TABLE: OnceLock<&'static Table> = OnceLock::new();
+
+/// Whether waits announce themselves and stops hold idle threads: libcow_preload turns it on
+/// under the in-process backends, having wrapped the program's signal handlers (a handler
+/// may run in an idle thread: it must pass [`interrupt`] first).
+static ENABLED: AtomicU32 = AtomicU32::new(0);
+
+thread_local! {
+    /// This thread's slot index + 1 (0: none yet). A restore may rewind the main thread's
+    /// copy (its static TLS is covered memory): then the slot is found again by thread id.
+    static MINE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Lets waits announce themselves and stops hold idle threads from now on. The caller makes
+/// every signal handler of the program call [`interrupt`] and [`resume`] around itself.
+pub fn enable() {
+    table();
+    ENABLED.store(1, Ordering::Release);
+}
+
+fn table() -> &'static Table {
+    TABLE.get_or_init(|| {
+        let t = book::leak(Table {
+            slots: [const {
+                Slot {
+                    state: AtomicU32::new(FREE),
+                    tid: AtomicI32::new(0),
+                    stack_pointer: AtomicUsize::new(0),
+                    thread_pointer: AtomicUsize::new(0),
+                }
+            }; SLOTS],
+            used: AtomicUsize::new(0),
+            key: AtomicUsize::new(usize::MAX),
+        });
+        let mut key: libc::pthread_key_t = 0;
+        // SAFETY: creating a key whose destructor only touches the table (static).
+        if unsafe { libc::pthread_key_create(&mut key, Some(on_thread_exit)) } == 0 {
+            t.key.store(key as usize, Ordering::Release);
+        }
+        t
+    })
+}
+
+extern "C" fn on_thread_exit(value: *mut libc::c_void) {
+    let Some(t) = TABLE.get() else { return };
+    if let Some(slot) = (value as usize).checked_sub(1).and_then(|i| t.slots.get(i)) {
+        slot.tid.store(0, Ordering::Release);
+        slot.state.store(FREE, Ordering::Release);
+    }
+}
+
+/// The calling thread's slot, claimed on first use; `None` if every slot is taken.
+fn my_slot() -> Option<usize> {
+    let cached = MINE.with(|m| m.get());
+    if cached != 0 {
+        return Some(cached - 1);
+    }
+    let t = table();
+    let me = crate::world::gettid();
+    let used = t.used.load(Ordering::Acquire);
+    let found = (0..used).find(|&i| {
+        t.slots[i].state.load(Ordering::Acquire) != FREE
+            && t.slots[i].tid.load(Ordering::Acquire) == me
+    });
+    let i = match found {
+        Some(i) => i,
+        None => {
+            let i = (0..SLOTS).find(|&i| {
+                t.slots[i]
+                    .state
+                    .compare_exchange(FREE, RUNNING, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            })?;
+            t.slots[i].tid.store(me, Ordering::Release);
+            t.used.fetch_max(i + 1, Ordering::AcqRel);
+            let key = t.key.load(Ordering::Acquire);
+            if key != usize::MAX {
+                // SAFETY: setting this thread's value of our key (a small integer, no pointer).
+                unsafe {
+                    libc::pthread_setspecific(key as libc::pthread_key_t, (i + 1) as *const _)
+                };
+            }
+            i
+        }
+    };
+    MINE.with(|m| m.set(i + 1));
+    Some(i)
+}
+
+/// An announced wait: returned by [`begin`], given back to [`end`].
+#[derive(Clone, Copy, Debug)]
+pub struct Wait(Option<usize>);
+
+/// The calling thread is about to block in a wait that writes none of the program's memory
+/// until it returns: a stop may hold it instead of signalling it.
+pub fn begin() -> Wait {
+    if ENABLED.load(Ordering::Acquire) == 0 {
+        return Wait(None);
+    }
+    let Some(i) = my_slot() else {
+        return Wait(None);
+    };
+    let slot = &table().slots[i];
+    let marker = 0u8;
+    slot.stack_pointer
+        .store(&marker as *const u8 as usize, Ordering::Relaxed);
+    // SAFETY: pthread_self only reads the thread pointer.
+    slot.thread_pointer
+        .store(unsafe { libc::pthread_self() } as usize, Ordering::Relaxed);
+    // Everything this thread wrote before happens-before a stop that holds it (SeqCst pairs
+    // with the stop's compare-and-swap).
+    slot.state.store(IDLE, Ordering::SeqCst);
+    Wait(Some(i))
+}
+
+/// The announced wait returned: once no stop holds the thread, it runs again.
+pub fn end(w: Wait) {
+    if let Some(i) = w.0 {
+        run(&table().slots[i]);
+    }
+}
+
+/// Makes `slot`'s thread running, waiting while a stop holds it.
+fn run(slot: &Slot) {
+    loop {
+        match slot
+            .state
+            .compare_exchange(IDLE, RUNNING, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => return,
+            Err(HELD) => {
+                let _ = slot.state.compare_exchange(
+                    HELD,
+                    HELD_WAITING,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+            }
+            Err(HELD_WAITING) => crate::world::futex(&slot.state, libc::FUTEX_WAIT, HELD_WAITING),
+            Err(_) => return,
+        }
+    }
+}
+
+/// A signal handler of the program is about to run in this thread: if the thread was idle,
+/// it runs now (after any stop that holds it). Returns what [`resume`] needs.
+pub fn interrupt() -> Wait {
+    let cached = MINE.with(|m| m.get());
+    let Some(t) = TABLE.get() else {
+        return Wait(None);
+    };
+    let Some(slot) = cached.checked_sub(1).and_then(|i| t.slots.get(i)) else {
+        return Wait(None);
+    };
+    match slot.state.load(Ordering::SeqCst) {
+        IDLE | HELD | HELD_WAITING => {
+            run(slot);
+            Wait(Some(cached - 1))
+        }
+        _ => Wait(None),
+    }
+}
+
+/// The handler [`interrupt`] let run returned: the thread is back in its wait.
+pub fn resume(w: Wait) {
+    if let Some(i) = w.0 {
+        table().slots[i].state.store(IDLE, Ordering::SeqCst);
+    }
+}
+
+/// Holds thread `tid` if it is idle: its stack and thread pointers; `None` if it is not idle
+/// (it must be signalled).
+pub(crate) fn hold(tid: i32) -> Option<(usize, usize, usize)> {
+    let t = TABLE.get()?;
+    if ENABLED.load(Ordering::Acquire) == 0 {
+        return None;
+    }
+    let used = t.used.load(Ordering::Acquire);
+    (0..used).find_map(|i| {
+        let slot = &t.slots[i];
+        if slot.tid.load(Ordering::Acquire) != tid {
+            return None;
+        }
+        slot.state
+            .compare_exchange(IDLE, HELD, Ordering::SeqCst, Ordering::SeqCst)
+            .ok()?;
+        Some((
+            i,
+            slot.stack_pointer.load(Ordering::Relaxed),
+            slot.thread_pointer.load(Ordering::Relaxed),
+        ))
+    })
+}
+
+/// Lets the thread of slot `i`, held by [`hold`], go on.
+pub(crate) fn release(i: usize) {
+    let Some(t) = TABLE.get() else { return };
+    let slot = &t.slots[i];
+    let to_idle = |from| {
+        slot.state
+            .compare_exchange(from, IDLE, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    };
+    // Compare-and-swap, not a store: a thread that exited meanwhile (cancelled in its wait)
+    // freed its slot.
+    if !to_idle(HELD) && to_idle(HELD_WAITING) {
+        crate::world::futex(&slot.state, libc::FUTEX_WAKE, i32::MAX as u32);
+    }
+}
+
+/// In a child just forked: only the calling thread exists, every other slot is free.
+pub fn forget_other_threads() {
+    let Some(t) = TABLE.get() else { return };
+    let me = MINE.with(|m| m.get());
+    for (i, slot) in t.slots.iter().enumerate() {
+        if i + 1 != me {
+            slot.tid.store(0, Ordering::Release);
+            slot.state.store(FREE, Ordering::Release);
+        }
+    }
+    if let Some(mine) = me.checked_sub(1).and_then(|i| t.slots.get(i)) {
+        mine.tid.store(crate::world::gettid(), Ordering::Release);
+        mine.state.store(RUNNING, Ordering::Release);
+    }
+}
