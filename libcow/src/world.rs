@@ -176,9 +176,23 @@ pub(crate) fn list_tids(out: &mut BookVec<i32>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Stops every other thread of the process. Fails with `ETIMEDOUT` if some thread does not
-/// stop within 5 s (it blocks the signal, say); then nothing stays stopped.
+/// Stops every other thread of the process, holding those idle in an announced wait without
+/// a signal ([`crate::idle`]). Fails with `ETIMEDOUT` if some thread does not stop within 5 s
+/// (it blocks the signal, say); then nothing stays stopped.
 pub fn stop_others() -> std::io::Result<Stopped> {
+    stop(true)
+}
+
+/// [`stop_others`] for a restore: idle threads are signalled too, as before idle threads
+/// existed. A restore may rewind the condition variable a thread sleeps on: the interrupted
+/// futex wait, restarted after the stop, compares its word again and, if the restore changed
+/// it, returns to libc, which re-reads the condition variable; a thread held in the kernel
+/// would sleep on regardless.
+pub fn stop_others_for_restore() -> std::io::Result<Stopped> {
+    stop(false)
+}
+
+fn stop(hold_idle: bool) -> std::io::Result<Stopped> {
     let w = world();
     w.arrived.store(0, Ordering::Release);
     w.next.store(0, Ordering::Release);
@@ -200,7 +214,7 @@ pub fn stop_others() -> std::io::Result<Stopped> {
             {
                 continue;
             }
-            if let Some((slot, sp, tp)) = crate::idle::hold(tid) {
+            if let Some((slot, sp, tp)) = hold_idle.then(|| crate::idle::hold(tid)).flatten() {
                 held.push((tid, slot, sp, tp));
                 new += 1;
                 continue;

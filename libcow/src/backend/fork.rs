@@ -384,7 +384,8 @@ impl State {
     fn restore(&mut self, id: u64) -> Result<()> {
         let start = now_ns();
         let k = self.position(id)?;
-        let stopped = world::stop_others().map_err(|e| io_err("stop the other threads", e))?;
+        let stopped =
+            world::stop_others_for_restore().map_err(|e| io_err("stop the other threads", e))?;
         if stopped.tids() != self.snap(k).tids.as_slice() {
             return Err(err(
                 "restore: threads were created or ended since the snapshot",

@@ -229,7 +229,7 @@ impl Backend for Kmod {
         // The restored memory may describe other mappings than the process has now: the other
         // threads must not run until they are back (the caller holds the heap already). They
         // are stopped, so the pages go back in place.
-        let _stopped = crate::world::stop_others().map_err(|e| Error::Os {
+        let _stopped = crate::world::stop_others_for_restore().map_err(|e| Error::Os {
             op: "stop the other threads",
             errno: e.raw_os_error().unwrap_or(libc::EIO),
         })?;
