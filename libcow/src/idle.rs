@@ -70,7 +70,10 @@ thread_local! {
 /// every signal handler of the program call [`interrupt`] and [`resume`] around itself.
 pub fn enable() {
     table();
-    ENABLED.store(1, Ordering::Release);
+    if ENABLED.swap(1, Ordering::AcqRel) == 0 {
+        // SAFETY: registering a fork handler that only touches the table and this thread.
+        unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+    }
 }
 
 fn table() -> &'static Table {
@@ -263,8 +266,9 @@ pub(crate) fn release(i: usize) {
     }
 }
 
-/// In a child just forked: only the calling thread exists, every other slot is free.
-pub fn forget_other_threads() {
+/// In a child just forked: only the calling thread exists (under a new id), every other slot
+/// is free.
+extern "C" fn after_fork_in_child() {
     let Some(t) = TABLE.get() else { return };
     let me = MINE.with(|m| m.get());
     for (i, slot) in t.slots.iter().enumerate() {
