@@ -613,12 +613,11 @@ fn main() -> ExitCode {
             json,
             ..
         } => {
-            // By default the backends a server would run on: redis under mprotect resets
-            // its clients (see the README's limits), and fork has no --recover.
+            // By default the backends a server would run on (fork has no --recover).
             let backends: Vec<String> = if backends.is_empty() {
                 bench::default_backends(backends)
                     .into_iter()
-                    .filter(|b| b == "kmod" || b == "uffd")
+                    .filter(|b| b != "fork")
                     .collect()
             } else {
                 backends

@@ -25,7 +25,7 @@ fn real<F: Copy>(slot: &AtomicUsize, name: &std::ffi::CStr) -> F {
 
 /// `call` after `prepare`, again while it fails with `EFAULT` (a snapshot re-protected the
 /// buffers in between), a few times at most.
-fn retrying(prepare: impl Fn(), call: impl Fn() -> isize) -> isize {
+pub(crate) fn retrying(prepare: impl Fn(), call: impl Fn() -> isize) -> isize {
     let mut r = -1;
     for _ in 0..8 {
         prepare();

@@ -837,6 +837,29 @@ pub extern "C" fn mmap(
     fd: libc::c_int,
     offset: libc::off_t,
 ) -> *mut libc::c_void {
+    let r = mmap_covered(addr, len, prot, flags, fd, offset);
+    let private_anonymous = flags & 0x0f == libc::MAP_PRIVATE && flags & libc::MAP_ANONYMOUS != 0;
+    if r != libc::MAP_FAILED && private_anonymous && under_mprotect() {
+        cow::backend::mprotect::program_protection(r as usize, len, Some(prot));
+    }
+    r
+}
+
+/// Whether the mprotect backend covers the process (it wants to know what the program makes
+/// read-only itself).
+fn under_mprotect() -> bool {
+    crate::in_process_backend() == Some(c"mprotect")
+}
+
+/// `mmap`, covering what is to be covered under cow.ko.
+fn mmap_covered(
+    addr: *mut libc::c_void,
+    len: libc::size_t,
+    prot: libc::c_int,
+    flags: libc::c_int,
+    fd: libc::c_int,
+    offset: libc::off_t,
+) -> *mut libc::c_void {
     let private = flags & 0x0f == libc::MAP_PRIVATE;
     let anonymous = flags & libc::MAP_ANONYMOUS != 0;
     let fixed = flags & libc::MAP_FIXED != 0;
@@ -894,6 +917,9 @@ pub extern "C" fn mmap64(
 /// `munmap(2)`: covered pages are thrown away in the space (a snapshot keeps them).
 #[no_mangle]
 pub extern "C" fn munmap(addr: *mut libc::c_void, len: libc::size_t) -> libc::c_int {
+    if under_mprotect() {
+        cow::backend::mprotect::program_protection(addr as usize, len, None);
+    }
     let Some(mut t) = Tables::lock() else {
         return c_result(raw::sys_munmap(addr as usize, len)) as _;
     };
@@ -914,7 +940,11 @@ pub extern "C" fn mprotect(
     prot: libc::c_int,
 ) -> libc::c_int {
     let Some(mut t) = Tables::lock() else {
-        return c_result(raw::sys_mprotect(addr as usize, len, prot)) as _;
+        let r = raw::sys_mprotect(addr as usize, len, prot);
+        if r == 0 && under_mprotect() {
+            cow::backend::mprotect::program_protection(addr as usize, len, Some(prot));
+        }
+        return c_result(r) as _;
     };
     let r = raw::sys_mprotect(addr as usize, len, prot);
     if r == 0 {

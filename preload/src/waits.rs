@@ -8,6 +8,7 @@
 //! learn which descriptor each data value stands for.
 
 use crate::raw::next;
+use cow::backend::mprotect::before_kernel_write;
 use cow::recovery::{self, CallerRegs};
 use std::ffi::c_int;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -201,7 +202,9 @@ extern "C" fn epoll_wait_impl(
     };
     let events = events as *mut libc::epoll_event;
     // SAFETY: the program's arguments, forwarded unchanged.
-    let n = unsafe { f(epfd as c_int, events, max as c_int, timeout as c_int) };
+    let n = writing_events(events, max, || unsafe {
+        f(epfd as c_int, events, max as c_int, timeout as c_int)
+    });
     if n > 0 && recovery::enabled() {
         begin_epoll(epfd, regs, events, n);
     }
@@ -245,7 +248,7 @@ extern "C" fn epoll_pwait_impl(
     };
     let events = events as *mut libc::epoll_event;
     // SAFETY: the program's arguments, forwarded unchanged.
-    let n = unsafe {
+    let n = writing_events(events, max, || unsafe {
         f(
             epfd as c_int,
             events,
@@ -253,7 +256,7 @@ extern "C" fn epoll_pwait_impl(
             timeout as c_int,
             sigmask as *const libc::sigset_t,
         )
-    };
+    });
     if n > 0 && recovery::enabled() {
         begin_epoll(epfd, regs, events, n);
     }
@@ -297,7 +300,7 @@ extern "C" fn epoll_pwait2_impl(
     };
     let events = events as *mut libc::epoll_event;
     // SAFETY: the program's arguments, forwarded unchanged.
-    let n = unsafe {
+    let n = writing_events(events, max, || unsafe {
         f(
             epfd as c_int,
             events,
@@ -305,7 +308,7 @@ extern "C" fn epoll_pwait2_impl(
             timeout as *const libc::timespec,
             sigmask as *const libc::sigset_t,
         )
-    };
+    });
     if n > 0 && recovery::enabled() {
         begin_epoll(epfd, regs, events, n);
     }
@@ -337,7 +340,9 @@ extern "C" fn poll_impl(
     };
     let set = fds as *mut libc::pollfd;
     // SAFETY: the program's arguments, forwarded unchanged.
-    let n = unsafe { f(set, nfds as libc::nfds_t, timeout as c_int) };
+    let n = writing_pollfds(set, nfds, || unsafe {
+        f(set, nfds as libc::nfds_t, timeout as c_int)
+    });
     if n > 0 && recovery::enabled() {
         begin_poll(regs, set, nfds);
     }
@@ -379,14 +384,14 @@ extern "C" fn ppoll_impl(
     };
     let set = fds as *mut libc::pollfd;
     // SAFETY: the program's arguments, forwarded unchanged.
-    let n = unsafe {
+    let n = writing_pollfds(set, nfds, || unsafe {
         f(
             set,
             nfds as libc::nfds_t,
             timeout as *const libc::timespec,
             sigmask as *const libc::sigset_t,
         )
-    };
+    });
     if n > 0 && recovery::enabled() {
         begin_poll(regs, set, nfds);
     }
@@ -429,16 +434,47 @@ extern "C" fn select_impl(
         return no_symbol();
     };
     let sets = [readfds, writefds, exceptfds].map(|s| s as *mut libc::fd_set);
-    // SAFETY: the program's arguments, forwarded unchanged.
-    let n = unsafe {
-        f(
-            nfds as c_int,
-            sets[0],
-            sets[1],
-            sets[2],
-            timeout as *mut libc::timeval,
-        )
-    };
+    if nfds > libc::FD_SETSIZE {
+        // Sets larger than an fd_set (the program allocated them): not copied, made writable.
+        let len = (nfds.min(1 << 20)).div_ceil(8);
+        // SAFETY: the program's arguments, forwarded unchanged.
+        let n = crate::reads::retrying(
+            || {
+                sets.iter().for_each(|&s| {
+                    before_kernel_write(s as usize, if s.is_null() { 0 } else { len })
+                })
+            },
+            || unsafe {
+                f(
+                    nfds as c_int,
+                    sets[0],
+                    sets[1],
+                    sets[2],
+                    timeout as *mut libc::timeval,
+                )
+            } as isize,
+        ) as c_int;
+        if n > 0 && recovery::enabled() {
+            begin_select(regs, nfds as c_int, sets);
+        }
+        return n;
+    }
+    let mut local = LocalSets::new(sets);
+    let mut tv = (timeout != 0).then(|| {
+        // SAFETY: the program's timeout, valid when not null (select's contract).
+        unsafe { *(timeout as *const libc::timeval) }
+    });
+    let tv_ptr = tv
+        .as_mut()
+        .map_or(std::ptr::null_mut(), |t| t as *mut libc::timeval);
+    let [r, w, e] = local.pointers();
+    // SAFETY: the program's arguments, its sets and timeout replaced by our copies.
+    let n = unsafe { f(nfds as c_int, r, w, e, tv_ptr) };
+    local.copy_back(n);
+    if let Some(t) = tv {
+        // SAFETY: as above; Linux reports the time left in it.
+        unsafe { *(timeout as *mut libc::timeval) = t };
+    }
     if n > 0 && recovery::enabled() {
         begin_select(regs, nfds as c_int, sets);
     }
@@ -483,21 +519,120 @@ extern "C" fn pselect_impl(
         return no_symbol();
     };
     let sets = [readfds, writefds, exceptfds].map(|s| s as *mut libc::fd_set);
-    // SAFETY: the program's arguments, forwarded unchanged.
+    if nfds > libc::FD_SETSIZE {
+        // As in select.
+        let len = (nfds.min(1 << 20)).div_ceil(8);
+        // SAFETY: the program's arguments, forwarded unchanged.
+        let n = crate::reads::retrying(
+            || {
+                sets.iter().for_each(|&s| {
+                    before_kernel_write(s as usize, if s.is_null() { 0 } else { len })
+                })
+            },
+            || unsafe {
+                f(
+                    nfds as c_int,
+                    sets[0],
+                    sets[1],
+                    sets[2],
+                    timeout as *const libc::timespec,
+                    sigmask as *const libc::sigset_t,
+                )
+            } as isize,
+        ) as c_int;
+        if n > 0 && recovery::enabled() {
+            begin_select(regs, nfds as c_int, sets);
+        }
+        return n;
+    }
+    let mut local = LocalSets::new(sets);
+    let [r, w, e] = local.pointers();
+    // SAFETY: the program's arguments, its sets replaced by our copies.
     let n = unsafe {
         f(
             nfds as c_int,
-            sets[0],
-            sets[1],
-            sets[2],
+            r,
+            w,
+            e,
             timeout as *const libc::timespec,
             sigmask as *const libc::sigset_t,
         )
     };
+    local.copy_back(n);
     if n > 0 && recovery::enabled() {
         begin_select(regs, nfds as c_int, sets);
     }
     n
+}
+
+// The kernel writing into a write-protected page fails with `EFAULT` instead of faulting: under
+// the mprotect backend the arrays these calls fill (redis' covered `epoll_event` array) are made
+// writable first (`before_kernel_write`, a no-op under any other backend), and the call is made
+// again if a snapshot protected them in between (epoll puts events it could not copy back on
+// its ready list; poll's output is `revents` only). select's sets are input and output both: it
+// fills copies on our stack, copied back by the program's own writes.
+
+/// `call` after making `max` events at `events` writable.
+fn writing_events(events: *mut libc::epoll_event, max: usize, call: impl Fn() -> c_int) -> c_int {
+    let len = (max as c_int).max(0) as usize * std::mem::size_of::<libc::epoll_event>();
+    crate::reads::retrying(
+        || before_kernel_write(events as usize, len),
+        || call() as isize,
+    ) as c_int
+}
+
+/// `call` after making `nfds` pollfds at `set` writable.
+fn writing_pollfds(set: *mut libc::pollfd, nfds: usize, call: impl Fn() -> c_int) -> c_int {
+    let len = nfds.min(1 << 20) * std::mem::size_of::<libc::pollfd>();
+    crate::reads::retrying(
+        || before_kernel_write(set as usize, len),
+        || call() as isize,
+    ) as c_int
+}
+
+/// Copies of select's three sets, on our stack.
+struct LocalSets {
+    program: [*mut libc::fd_set; 3],
+    copies: [libc::fd_set; 3],
+}
+
+impl LocalSets {
+    fn new(program: [*mut libc::fd_set; 3]) -> Self {
+        // SAFETY: an all-zero fd_set is an empty set.
+        let mut copies: [libc::fd_set; 3] = unsafe { std::mem::zeroed() };
+        for (c, &p) in copies.iter_mut().zip(&program) {
+            if !p.is_null() {
+                // SAFETY: the program's set, valid when not null (select's contract).
+                *c = unsafe { *p };
+            }
+        }
+        LocalSets { program, copies }
+    }
+
+    /// Where select writes: our copy of each set the program passed.
+    fn pointers(&mut self) -> [*mut libc::fd_set; 3] {
+        let program = self.program;
+        let mut out = [std::ptr::null_mut(); 3];
+        for ((o, c), p) in out.iter_mut().zip(self.copies.iter_mut()).zip(program) {
+            if !p.is_null() {
+                *o = c as *mut libc::fd_set;
+            }
+        }
+        out
+    }
+
+    /// Gives the program select's results (left alone on an error, as select does).
+    fn copy_back(&self, n: c_int) {
+        if n < 0 {
+            return;
+        }
+        for (c, &p) in self.copies.iter().zip(&self.program) {
+            if !p.is_null() {
+                // SAFETY: as in `new`; a plain write, which the mprotect backend tracks.
+                unsafe { *p = *c };
+            }
+        }
+    }
 }
 
 /// Looks up every libc function this file forwards to, now: a lookup stores into this

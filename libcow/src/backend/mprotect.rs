@@ -53,9 +53,10 @@ pub struct Mprotect {
 unsafe impl Send for Mprotect {}
 
 fn protect(start: usize, end: usize, prot: i32) {
+    // The system call itself: libcow_preload's `mprotect` records what the program protects.
     // SAFETY: changing the protection of covered memory we track; a failure leaves the page
     // writable, which is only a missed optimisation for our bookkeeping, never a lost write.
-    unsafe { libc::mprotect(start as *mut libc::c_void, end - start, prot) };
+    unsafe { libc::syscall(libc::SYS_mprotect, start, end - start, prot) };
 }
 
 fn stop_signal() -> i32 {
@@ -157,9 +158,11 @@ extern "C" fn on_segv(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_vo
     }
     // Memory we protected that `mremap` moved elsewhere keeps its read-only protection but
     // leaves our table: a write fault on a private anonymous read-only mapping is taken to be
-    // that. The mapping becomes writable again (the next snapshot covers it as new memory).
+    // that — unless the program itself made that memory read-only (then the fault is its
+    // own: redis' DEBUG SEGFAULT writes into a PROT_READ mapping). The mapping becomes
+    // writable again (the next snapshot covers it as new memory).
     // SAFETY: reading si_code of the kernel's siginfo.
-    if unsafe { (*info).si_code } == SEGV_ACCERR {
+    if unsafe { (*info).si_code } == SEGV_ACCERR && !program_read_only(addr) {
         if let Some((start, end)) = moved_read_only_anon(addr) {
             protect(start, end, libc::PROT_READ | libc::PROT_WRITE);
             return;
@@ -190,6 +193,67 @@ extern "C" fn on_segv(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_vo
         dfl.sa_sigaction = libc::SIG_DFL;
         own_sigaction(&dfl, std::ptr::null_mut());
     }
+}
+
+/// Most read-only ranges of the program's own remembered ([`program_protection`]).
+const PROGRAM_READ_ONLY_MAX: usize = 256;
+
+/// The program's own read-only private anonymous ranges, `(start, end)` (0, 0: a free entry),
+/// in the book (a restore must not rewind them; the handler reads them).
+static PROGRAM_READ_ONLY: AtomicPtr<[(AtomicUsize, AtomicUsize); PROGRAM_READ_ONLY_MAX]> =
+    AtomicPtr::new(std::ptr::null_mut());
+
+/// What the program did to `[start, start + len)`, as libcow_preload's `mmap`, `mprotect` and
+/// `munmap` see it: `Some(prot)` for private anonymous memory it mapped or protected,
+/// `None` for memory it unmapped. Read-only memory is remembered, so that a write fault there
+/// goes to the program, never taken for memory of ours that `mremap` moved (see the handler).
+pub fn program_protection(start: usize, len: usize, prot: Option<i32>) {
+    let mut table = PROGRAM_READ_ONLY.load(Ordering::Acquire);
+    if table.is_null() {
+        let fresh = book::leak(
+            [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; PROGRAM_READ_ONLY_MAX],
+        ) as *mut _;
+        table = match PROGRAM_READ_ONLY.compare_exchange(
+            std::ptr::null_mut(),
+            fresh,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => fresh,
+            Err(other) => other,
+        };
+    }
+    // SAFETY: the table lives in the book for the life of the process.
+    let table = unsafe { &*table };
+    let end = start.saturating_add(len);
+    // Whatever was remembered inside the range is replaced.
+    for (s, e) in table {
+        let (a, b) = (s.load(Ordering::Acquire), e.load(Ordering::Acquire));
+        if a < b && a >= start && b <= end {
+            e.store(0, Ordering::Release);
+            s.store(0, Ordering::Release);
+        }
+    }
+    if prot.is_some_and(|p| p & libc::PROT_WRITE == 0) {
+        for (s, e) in table {
+            if s.compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                e.store(end, Ordering::Release);
+                return;
+            }
+        }
+    }
+}
+
+/// Whether `addr` lies in read-only memory the program made so itself.
+fn program_read_only(addr: usize) -> bool {
+    let table = PROGRAM_READ_ONLY.load(Ordering::Acquire);
+    // SAFETY: as in `program_protection`.
+    !table.is_null()
+        && unsafe { &*table }
+            .iter()
+            .any(|(s, e)| (s.load(Ordering::Acquire)..e.load(Ordering::Acquire)).contains(&addr))
 }
 
 /// Makes libcow's SIGSEGV handler run on the thread's alternate stack (error recovery, which
