@@ -10,8 +10,10 @@
 //!
 //! Known limit of this mechanism: the kernel writing into a protected page on the program's
 //! behalf (`read(2)` into a buffer, say) fails with `EFAULT` instead of faulting. libcow_preload
-//! makes the buffers of the read calls it interposes writable first
-//! ([`before_kernel_write`]); reads libc makes internally (`fread`'s buffer) still fail.
+//! makes the buffers of the read calls and the output of the event-loop waits it interposes
+//! writable first ([`before_kernel_write`]); reads libc makes internally (`fread`'s buffer)
+//! and other system calls that write the program's memory (`stat` into a heap buffer) still
+//! fail.
 
 use super::shadow::{Range, Tracker};
 use crate::book::{self, BookVec};
