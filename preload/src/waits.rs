@@ -434,9 +434,11 @@ extern "C" fn select_impl(
         return no_symbol();
     };
     let sets = [readfds, writefds, exceptfds].map(|s| s as *mut libc::fd_set);
-    if nfds > libc::FD_SETSIZE {
+    // A C int: the register's upper half is not the caller's.
+    let fds = (nfds as c_int).max(0) as usize;
+    if fds > libc::FD_SETSIZE {
         // Sets larger than an fd_set (the program allocated them): not copied, made writable.
-        let len = (nfds.min(1 << 20)).div_ceil(8);
+        let len = fds.min(1 << 20).div_ceil(8);
         // SAFETY: the program's arguments, forwarded unchanged.
         let n = crate::reads::retrying(
             || {
@@ -459,7 +461,7 @@ extern "C" fn select_impl(
         }
         return n;
     }
-    let mut local = LocalSets::new(sets);
+    let mut local = LocalSets::new(sets, fds);
     let mut tv = (timeout != 0).then(|| {
         // SAFETY: the program's timeout, valid when not null (select's contract).
         unsafe { *(timeout as *const libc::timeval) }
@@ -519,9 +521,11 @@ extern "C" fn pselect_impl(
         return no_symbol();
     };
     let sets = [readfds, writefds, exceptfds].map(|s| s as *mut libc::fd_set);
-    if nfds > libc::FD_SETSIZE {
+    // A C int: the register's upper half is not the caller's.
+    let fds = (nfds as c_int).max(0) as usize;
+    if fds > libc::FD_SETSIZE {
         // As in select.
-        let len = (nfds.min(1 << 20)).div_ceil(8);
+        let len = fds.min(1 << 20).div_ceil(8);
         // SAFETY: the program's arguments, forwarded unchanged.
         let n = crate::reads::retrying(
             || {
@@ -545,7 +549,7 @@ extern "C" fn pselect_impl(
         }
         return n;
     }
-    let mut local = LocalSets::new(sets);
+    let mut local = LocalSets::new(sets, fds);
     let [r, w, e] = local.pointers();
     // SAFETY: the program's arguments, its sets replaced by our copies.
     let n = unsafe {
@@ -590,23 +594,39 @@ fn writing_pollfds(set: *mut libc::pollfd, nfds: usize, call: impl Fn() -> c_int
     ) as c_int
 }
 
-/// Copies of select's three sets, on our stack.
+/// Copies of select's three sets, on our stack: only the bytes that hold the first `nfds`
+/// descriptors (a program may allocate no more: OpenSSH sizes its sets by `nfds`).
 struct LocalSets {
     program: [*mut libc::fd_set; 3],
     copies: [libc::fd_set; 3],
+    bytes: usize,
 }
 
 impl LocalSets {
-    fn new(program: [*mut libc::fd_set; 3]) -> Self {
+    fn new(program: [*mut libc::fd_set; 3], nfds: usize) -> Self {
         // SAFETY: an all-zero fd_set is an empty set.
         let mut copies: [libc::fd_set; 3] = unsafe { std::mem::zeroed() };
+        // Whole 64-bit words, as the kernel reads and writes them.
+        let bytes = nfds.div_ceil(64) * 8;
+        debug_assert!(bytes <= std::mem::size_of::<libc::fd_set>());
         for (c, &p) in copies.iter_mut().zip(&program) {
             if !p.is_null() {
-                // SAFETY: the program's set, valid when not null (select's contract).
-                *c = unsafe { *p };
+                // SAFETY: the program's set holds at least `bytes` bytes (select's contract);
+                // our copy is a whole fd_set.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        p as *const u8,
+                        c as *mut libc::fd_set as *mut u8,
+                        bytes,
+                    )
+                };
             }
         }
-        LocalSets { program, copies }
+        LocalSets {
+            program,
+            copies,
+            bytes,
+        }
     }
 
     /// Where select writes: our copy of each set the program passed.
@@ -628,8 +648,14 @@ impl LocalSets {
         }
         for (c, &p) in self.copies.iter().zip(&self.program) {
             if !p.is_null() {
-                // SAFETY: as in `new`; a plain write, which the mprotect backend tracks.
-                unsafe { *p = *c };
+                // SAFETY: as in `new`; plain writes, which the mprotect backend tracks.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        c as *const libc::fd_set as *const u8,
+                        p as *mut u8,
+                        self.bytes,
+                    )
+                };
             }
         }
     }
