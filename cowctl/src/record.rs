@@ -902,6 +902,8 @@ fn run_loop(
 
 /// How many recent checkpoints' stops decide how long the program runs before the next.
 const HOLD_OFF_WINDOW: usize = 9;
+/// Checkpoints taken before their stops count.
+const HOLD_OFF_MIN_SAMPLES: usize = 5;
 
 /// The checkpoint timer: due every `period`, but between two checkpoints the program always
 /// runs at least half a period (the rule of libcow's checkpointer) and at least as long as
@@ -988,7 +990,15 @@ impl Timer {
         let recent = &self.stops_ns[self.stops_ns.len().saturating_sub(HOLD_OFF_WINDOW)..];
         let mut recent = recent.to_vec();
         recent.sort_unstable();
-        let typical = recent.get(recent.len() / 2).copied().unwrap_or(0);
+        // Not from the first few checkpoints, and a median: the first reads the whole address
+        // space (and, on cow.ko, so does the first after the space is found), a cost the later
+        // ones do not have; one such stop of 0.5 s (Debian's single-threaded TCG) left the
+        // recording without a checkpoint for its first half second.
+        let typical = if recent.len() < HOLD_OFF_MIN_SAMPLES {
+            0
+        } else {
+            recent[recent.len() / 2]
+        };
         let earliest = cow::monotonic_ns() + (self.period_ns / 2).max(typical);
         if self.period_ns != 0 && self.next_ns < earliest {
             self.skipped += (earliest - self.next_ns) / self.period_ns;
