@@ -14,9 +14,14 @@
 //! gate, so that one word may be seen by the snapshot either way — as when a signal stops a
 //! thread just after it took a lock.
 //!
+//! Snapshots only: a restore signals idle threads too ([`crate::world::stop_others_for_restore`]),
+//! and libcow_preload turns this on under uffd and fork, not mprotect (see its
+//! `holds_idle_threads`).
+//!
 //! Slots live in the book (no restore rewinds them) and are found by thread id; a thread
 //! keeps its slot until it exits (a thread-specific-data destructor frees it; a child forked
-//! from a threaded parent frees every slot but its own).
+//! from a threaded parent frees every slot but its own). The two statics below are set before
+//! the first snapshot and never change after, so a restore that rewinds them changes nothing.
 
 use crate::book;
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicUsize, Ordering};
@@ -56,8 +61,8 @@ struct Table {
 static TABLE: OnceLock<&'static Table> = OnceLock::new();
 
 /// Whether waits announce themselves and stops hold idle threads: libcow_preload turns it on
-/// under the in-process backends, having wrapped the program's signal handlers (a handler
-/// may run in an idle thread: it must pass [`interrupt`] first).
+/// under uffd and fork, having wrapped the program's signal handlers (a handler may run in an
+/// idle thread: it must pass [`interrupt`] first).
 static ENABLED: AtomicU32 = AtomicU32::new(0);
 
 thread_local! {
