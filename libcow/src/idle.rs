@@ -231,31 +231,37 @@ pub fn resume(w: Wait) {
     }
 }
 
-/// Holds thread `tid` if it is idle: its stack and thread pointers; `None` if it is not idle
-/// (it must be signalled).
-pub(crate) fn hold(tid: i32) -> Option<(usize, usize, usize)> {
-    let t = TABLE.get()?;
+/// Holds every idle thread not in `except`, in one pass over the slots: `held(tid, slot,
+/// stack pointer, thread pointer)` for each. A slot is idle only while its thread is alive and
+/// in its wait (an exiting thread frees its slot).
+pub(crate) fn hold_all(
+    except: impl Fn(i32) -> bool,
+    mut held: impl FnMut(i32, usize, usize, usize),
+) {
+    let Some(t) = TABLE.get() else { return };
     if ENABLED.load(Ordering::Acquire) == 0 {
-        return None;
+        return;
     }
-    let used = t.used.load(Ordering::Acquire);
-    (0..used).find_map(|i| {
-        let slot = &t.slots[i];
-        if slot.tid.load(Ordering::Acquire) != tid {
-            return None;
+    for (i, slot) in t.slots[..t.used.load(Ordering::Acquire)].iter().enumerate() {
+        let tid = slot.tid.load(Ordering::Acquire);
+        if except(tid)
+            || slot
+                .state
+                .compare_exchange(IDLE, HELD, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
+            continue;
         }
-        slot.state
-            .compare_exchange(IDLE, HELD, Ordering::SeqCst, Ordering::SeqCst)
-            .ok()?;
-        Some((
+        held(
+            tid,
             i,
             slot.stack_pointer.load(Ordering::Relaxed),
             slot.thread_pointer.load(Ordering::Relaxed),
-        ))
-    })
+        );
+    }
 }
 
-/// Lets the thread of slot `i`, held by [`hold`], go on.
+/// Lets the thread of slot `i`, held by [`hold_all`], go on.
 pub(crate) fn release(i: usize) {
     let Some(t) = TABLE.get() else { return };
     let slot = &t.slots[i];

@@ -28,7 +28,7 @@ static WORLD: OnceLock<&'static World> = OnceLock::new();
 
 /// Signals the kernel raises in a thread for what it does (a fault, a trap, `abort`): never
 /// blocked by libcow, as blocking them does not defer them but kills the process.
-const SYNCHRONOUS: [i32; 6] = [
+pub const SYNCHRONOUS: [i32; 6] = [
     libc::SIGSEGV,
     libc::SIGBUS,
     libc::SIGFPE,
@@ -203,25 +203,36 @@ fn stop(hold_idle: bool) -> std::io::Result<Stopped> {
     // Threads idle in an announced wait, held without a signal: (tid, slot, sp, tp).
     let mut held: BookVec<(i32, usize, usize, usize)> = BookVec::new();
     let mut now: BookVec<i32> = BookVec::new();
+    // The threads signalled or held so far, sorted at the top of each round.
+    let mut known: BookVec<i32> = BookVec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let stopped = loop {
         list_tids(&mut now)?;
+        known.sort_dedup();
         let mut new = 0;
-        for &tid in now.as_slice() {
-            if tid == me
-                || signalled.as_slice().contains(&tid)
-                || held.as_slice().iter().any(|h| h.0 == tid)
-            {
-                continue;
-            }
-            if let Some((slot, sp, tp)) = hold_idle.then(|| crate::idle::hold(tid)).flatten() {
+        if hold_idle {
+            // Not a thread signalled already: one that marked itself idle as the signal came
+            // is stopped in the handler.
+            let signalled_or_held = known.as_slice();
+            let except = |tid| tid == me || signalled_or_held.binary_search(&tid).is_ok();
+            crate::idle::hold_all(except, |tid, slot, sp, tp| {
                 held.push((tid, slot, sp, tp));
                 new += 1;
+            });
+            for h in &held.as_slice()[held.len() - new..] {
+                known.push(h.0);
+            }
+            known.sort_dedup();
+        }
+        let settled = known.len();
+        for &tid in now.as_slice() {
+            if tid == me || known.as_slice()[..settled].binary_search(&tid).is_ok() {
                 continue;
             }
             // SAFETY: tgkill to a thread of our own process.
             if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal()) } == 0 {
                 signalled.push(tid);
+                known.push(tid);
                 new += 1;
             }
         }

@@ -838,11 +838,15 @@ pub extern "C" fn mmap(
     offset: libc::off_t,
 ) -> *mut libc::c_void {
     let r = mmap_covered(addr, len, prot, flags, fd, offset);
-    let private_anonymous = flags & 0x0f == libc::MAP_PRIVATE && flags & libc::MAP_ANONYMOUS != 0;
-    if r != libc::MAP_FAILED && private_anonymous && under_mprotect() {
+    if r != libc::MAP_FAILED && private_anonymous(flags) && under_mprotect() {
         cow::backend::mprotect::program_protection(r as usize, len, Some(prot));
     }
     r
+}
+
+/// Whether `mmap` flags ask for private anonymous memory.
+fn private_anonymous(flags: libc::c_int) -> bool {
+    flags & 0x0f == libc::MAP_PRIVATE && flags & libc::MAP_ANONYMOUS != 0
 }
 
 /// Whether the mprotect backend covers the process (it wants to know what the program makes
@@ -865,7 +869,8 @@ fn mmap_covered(
     let fixed = flags & libc::MAP_FIXED != 0;
     let stack_like = flags & (libc::MAP_GROWSDOWN | libc::MAP_STACK | libc::MAP_HUGETLB) != 0;
     let file_written = private && !anonymous && prot & libc::PROT_WRITE != 0;
-    let interesting = (private && anonymous && !stack_like) || fixed || file_written;
+    let to_space = private_anonymous(flags) && !stack_like;
+    let interesting = to_space || fixed || file_written;
     let Some(mut t) = interesting.then(Tables::lock).flatten() else {
         return c_result(raw::sys_mmap(addr as usize, len, prot, flags, fd, offset)) as _;
     };
@@ -873,7 +878,7 @@ fn mmap_covered(
         set_errno(libc::EINVAL);
         return libc::MAP_FAILED;
     };
-    if private && anonymous && !stack_like {
+    if to_space {
         if let Some(off) = t.alloc_offsets(len) {
             let keep = flags & !(0x0f | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE);
             let r = map_space(addr as usize, len, prot, keep, off);

@@ -124,18 +124,8 @@ static PROGRAM_HANDLERS: OnceLock<&'static [ProgramHandler; 65]> = OnceLock::new
 /// (`cow::idle`): the wrapper first waits for the snapshot to end, as the thread would.
 fn wrapped(sig: i32) -> bool {
     (1..=64).contains(&sig)
-        && ![
-            libc::SIGKILL,
-            libc::SIGSTOP,
-            libc::SIGSEGV,
-            libc::SIGBUS,
-            libc::SIGFPE,
-            libc::SIGILL,
-            libc::SIGTRAP,
-            libc::SIGABRT,
-            cow::world::signal(),
-        ]
-        .contains(&sig)
+        && ![libc::SIGKILL, libc::SIGSTOP, cow::world::signal()].contains(&sig)
+        && !cow::world::SYNCHRONOUS.contains(&sig)
         && crate::holds_idle_threads()
 }
 

@@ -434,34 +434,6 @@ extern "C" fn select_impl(
         return no_symbol();
     };
     let sets = [readfds, writefds, exceptfds].map(|s| s as *mut libc::fd_set);
-    // A C int: the register's upper half is not the caller's.
-    let fds = (nfds as c_int).max(0) as usize;
-    if fds > libc::FD_SETSIZE {
-        // Sets larger than an fd_set (the program allocated them): not copied, made writable.
-        let len = fds.min(1 << 20).div_ceil(8);
-        // SAFETY: the program's arguments, forwarded unchanged.
-        let n = crate::reads::retrying(
-            || {
-                sets.iter().for_each(|&s| {
-                    before_kernel_write(s as usize, if s.is_null() { 0 } else { len })
-                })
-            },
-            || unsafe {
-                f(
-                    nfds as c_int,
-                    sets[0],
-                    sets[1],
-                    sets[2],
-                    timeout as *mut libc::timeval,
-                )
-            } as isize,
-        ) as c_int;
-        if n > 0 && recovery::enabled() {
-            begin_select(regs, nfds as c_int, sets);
-        }
-        return n;
-    }
-    let mut local = LocalSets::new(sets, fds);
     let mut tv = (timeout != 0).then(|| {
         // SAFETY: the program's timeout, valid when not null (select's contract).
         unsafe { *(timeout as *const libc::timeval) }
@@ -469,16 +441,13 @@ extern "C" fn select_impl(
     let tv_ptr = tv
         .as_mut()
         .map_or(std::ptr::null_mut(), |t| t as *mut libc::timeval);
-    let [r, w, e] = local.pointers();
-    // SAFETY: the program's arguments, its sets and timeout replaced by our copies.
-    let n = unsafe { f(nfds as c_int, r, w, e, tv_ptr) };
-    local.copy_back(n);
+    let n = selecting(nfds, sets, regs, |[r, w, e]| {
+        // SAFETY: the program's arguments, its timeout replaced by our copy.
+        unsafe { f(nfds as c_int, r, w, e, tv_ptr) }
+    });
     if let Some(t) = tv {
         // SAFETY: as above; Linux reports the time left in it.
         unsafe { *(timeout as *mut libc::timeval) = t };
-    }
-    if n > 0 && recovery::enabled() {
-        begin_select(regs, nfds as c_int, sets);
     }
     n
 }
@@ -521,48 +490,48 @@ extern "C" fn pselect_impl(
         return no_symbol();
     };
     let sets = [readfds, writefds, exceptfds].map(|s| s as *mut libc::fd_set);
+    selecting(nfds, sets, regs, |[r, w, e]| {
+        // SAFETY: the program's arguments.
+        unsafe {
+            f(
+                nfds as c_int,
+                r,
+                w,
+                e,
+                timeout as *const libc::timespec,
+                sigmask as *const libc::sigset_t,
+            )
+        }
+    })
+}
+
+/// select's and pselect's common part: `call` on sets of at most `FD_SETSIZE` descriptors
+/// gets copies of the program's sets (`LocalSets`), on larger ones (the program allocated
+/// them) the program's own, made writable first. An iteration begins when it returns events.
+fn selecting(
+    nfds: usize,
+    sets: [*mut libc::fd_set; 3],
+    regs: *const CallerRegs,
+    call: impl Fn([*mut libc::fd_set; 3]) -> c_int,
+) -> c_int {
     // A C int: the register's upper half is not the caller's.
     let fds = (nfds as c_int).max(0) as usize;
-    if fds > libc::FD_SETSIZE {
-        // As in select.
+    let n = if fds > libc::FD_SETSIZE {
         let len = fds.min(1 << 20).div_ceil(8);
-        // SAFETY: the program's arguments, forwarded unchanged.
-        let n = crate::reads::retrying(
+        crate::reads::retrying(
             || {
                 sets.iter().for_each(|&s| {
                     before_kernel_write(s as usize, if s.is_null() { 0 } else { len })
                 })
             },
-            || unsafe {
-                f(
-                    nfds as c_int,
-                    sets[0],
-                    sets[1],
-                    sets[2],
-                    timeout as *const libc::timespec,
-                    sigmask as *const libc::sigset_t,
-                )
-            } as isize,
-        ) as c_int;
-        if n > 0 && recovery::enabled() {
-            begin_select(regs, nfds as c_int, sets);
-        }
-        return n;
-    }
-    let mut local = LocalSets::new(sets, fds);
-    let [r, w, e] = local.pointers();
-    // SAFETY: the program's arguments, its sets replaced by our copies.
-    let n = unsafe {
-        f(
-            nfds as c_int,
-            r,
-            w,
-            e,
-            timeout as *const libc::timespec,
-            sigmask as *const libc::sigset_t,
-        )
+            || call(sets) as isize,
+        ) as c_int
+    } else {
+        let mut local = LocalSets::new(sets, fds);
+        let n = call(local.pointers());
+        local.copy_back(n);
+        n
     };
-    local.copy_back(n);
     if n > 0 && recovery::enabled() {
         begin_select(regs, nfds as c_int, sets);
     }
