@@ -133,6 +133,54 @@ pub struct Stopped {
     held: BookVec<usize>,
 }
 
+/// Whether thread `tid` of process `pid` is gone or exiting (no longer runs user code): gone
+/// from the kernel's tables, or a zombie (`Z`), dead (`X`) or otherwise past its exit in
+/// `/proc/self/task/TID/stat`.
+fn exiting(pid: i32, tid: i32) -> bool {
+    // SAFETY: signal 0 to a thread of our own process only checks that it exists.
+    if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, 0) } != 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    // "/proc/self/task/<tid>/stat", built on the stack (no allocation in a stop).
+    let mut path = [0u8; 48];
+    let mut n = 0;
+    let mut push = |bytes: &[u8]| {
+        path[n..n + bytes.len()].copy_from_slice(bytes);
+        n += bytes.len();
+    };
+    push(b"/proc/self/task/");
+    let mut digits = [0u8; 12];
+    let mut d = digits.len();
+    let mut v = tid.unsigned_abs();
+    loop {
+        d -= 1;
+        digits[d] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    push(&digits[d..]);
+    push(b"/stat\0");
+    // SAFETY: a NUL-terminated path on our stack; the descriptor is closed below.
+    let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return true;
+    }
+    let mut buf = [0u8; 512];
+    // SAFETY: reading into our stack buffer, then closing our descriptor.
+    let len = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    // SAFETY: as above.
+    unsafe { libc::close(fd) };
+    let stat = &buf[..len.max(0) as usize];
+    // The state follows the last ')' (the name may hold any bytes).
+    let state = stat
+        .iter()
+        .rposition(|&b| b == b')')
+        .and_then(|i| stat.get(i + 2));
+    matches!(state, Some(b'Z' | b'X' | b'x'))
+}
+
 /// The calling thread's id.
 pub(crate) fn gettid() -> i32 {
     // SAFETY: gettid has no preconditions.
@@ -236,7 +284,14 @@ fn stop(hold_idle: bool) -> std::io::Result<Stopped> {
                 new += 1;
             }
         }
+        let mut spins = 0u32;
         while w.arrived.load(Ordering::Acquire) < signalled.len() {
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(256) {
+                // A thread that was exiting (just joined, say) is still listed and takes the
+                // signal, but never runs a handler again.
+                signalled.retain(|&tid| !exiting(pid, tid));
+            }
             if std::time::Instant::now() > deadline {
                 release(w);
                 for h in held.as_slice() {

@@ -178,6 +178,7 @@ extern "C" fn on_segv(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_vo
             && (*old).sa_sigaction != libc::SIG_DFL
             && (*old).sa_sigaction != libc::SIG_IGN
         {
+            program_handler_mask(&*old, ctx);
             if (*old).sa_flags & libc::SA_SIGINFO != 0 {
                 let f: extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void) =
                     std::mem::transmute((*old).sa_sigaction);
@@ -195,6 +196,40 @@ extern "C" fn on_segv(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_vo
         dfl.sa_sigaction = libc::SIG_DFL;
         own_sigaction(&dfl, std::ptr::null_mut());
     }
+}
+
+/// Sets the mask the kernel would have set for the program's own SIGSEGV action: the mask at
+/// the fault, plus the action's, plus SIGSEGV unless `SA_NODEFER` — not ours, which blocks
+/// every asynchronous signal (a handler that `longjmp`s out keeps the mask it runs with).
+///
+/// # Safety
+///
+/// `ctx` is the `ucontext_t` the kernel passed to the handler.
+unsafe fn program_handler_mask(action: &libc::sigaction, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel's ucontext for this signal (caller).
+    let mut mask = unsafe { (*(ctx as *const libc::ucontext_t)).uc_sigmask };
+    for sig in 1..=64 {
+        // SAFETY: sigismember/sigaddset on sets we own.
+        unsafe {
+            if libc::sigismember(&action.sa_mask, sig) == 1 {
+                libc::sigaddset(&mut mask, sig);
+            }
+        }
+    }
+    if action.sa_flags & libc::SA_NODEFER == 0 {
+        // SAFETY: as above.
+        unsafe { libc::sigaddset(&mut mask, libc::SIGSEGV) };
+    }
+    // SAFETY: setting this thread's mask; raw, as the interposed call is the program's.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &mask,
+            std::ptr::null_mut::<libc::sigset_t>(),
+            8,
+        )
+    };
 }
 
 /// Most read-only ranges of the program's own remembered ([`program_protection`]).
@@ -390,14 +425,19 @@ impl Mprotect {
             // SAFETY: an all-zero sigaction is a valid value to be overwritten.
             unsafe { std::mem::zeroed::<libc::sigaction>() },
         );
-        // SAFETY: installing our handler; the old action is saved for chaining. The stop
-        // signal is blocked while the handler runs so that no thread stops inside it.
+        // SAFETY: installing our handler; the old action is saved for chaining. Every
+        // asynchronous signal is blocked while the handler runs: the stop signal, so that no
+        // thread stops inside it, and the program's, whose handlers would run nested in ours
+        // with SIGSEGV blocked — their first write to a protected page (the loader's, binding a
+        // symbol lazily) would then kill the process.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_segv as *const () as usize;
             sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaddset(&mut sa.sa_mask, stop_signal());
+            libc::sigfillset(&mut sa.sa_mask);
+            for sig in crate::world::SYNCHRONOUS {
+                libc::sigdelset(&mut sa.sa_mask, sig);
+            }
             if own_sigaction(&sa, old) != 0 {
                 return Err(Error::last_os("sigaction(SIGSEGV)"));
             }

@@ -222,11 +222,46 @@ pub(super) fn covered_for(
             });
         }
     }
+    if rewrites_prot {
+        thread_stack_blocks(&maps, &mut holes);
+    }
     holes.as_mut_slice().sort_unstable_by_key(|r| r.start);
     let covered = covered_maps(&maps, armed, rewrites_prot);
     let mut out = BookVec::new();
     subtract(covered.as_slice(), holes.as_slice(), &mut out);
     Ok(out)
+}
+
+/// glibc's thread stack blocks that no running thread's stack pointer names: stacks in
+/// glibc's cache, and a stack `pthread_create` is about to start a thread on. The new thread
+/// runs with every signal blocked until glibc's `start_thread` unblocks them, so its first
+/// pushes onto a page write-protected by the mprotect backend would be a blocked SIGSEGV —
+/// fatal. glibc maps a stack block with its guard at the low end (`PROT_NONE`), then opens the
+/// rest, and on Linux ≥ 6.7 `MAP_STACK` keeps the block from merging with other mappings: a
+/// private anonymous writable mapping directly above a private anonymous inaccessible one of
+/// at most `MAX_GUARD`. A malloc arena's heap also sits above the inaccessible tail of the
+/// previous one, but always at a `HEAP_MAX` boundary: excluded.
+fn thread_stack_blocks(maps: &BookVec<maps::Mapping>, holes: &mut BookVec<Range>) {
+    const MAX_GUARD: usize = 1 << 20;
+    const HEAP_MAX: usize = 64 << 20;
+    let anonymous = |m: &maps::Mapping| !m.file && !m.shared && !m.special && !m.heap;
+    for pair in maps.as_slice().windows(2) {
+        let (guard, block) = (&pair[0], &pair[1]);
+        if anonymous(guard)
+            && anonymous(block)
+            && guard.prot == libc::PROT_NONE
+            && guard.end == block.start
+            && guard.end - guard.start <= MAX_GUARD
+            && block.is_writable()
+            && block.start % HEAP_MAX != 0
+        {
+            holes.push(Range {
+                start: block.start,
+                end: block.end,
+                prot: 0,
+            });
+        }
+    }
 }
 
 fn covered_maps(

@@ -20,6 +20,10 @@ pub fn tests() -> Vec<Test> {
             run: snapshots_under_thread_churn,
         },
         Test {
+            name: "preload::threads_start_and_take_signals_amid_snapshots",
+            run: threads_start_and_take_signals_amid_snapshots,
+        },
+        Test {
             name: "preload::fork_keeps_posix_semantics",
             run: fork_keeps_posix_semantics,
         },
@@ -102,6 +106,14 @@ fn randomized_churn_byte_exact() -> Result<()> {
 fn snapshots_under_thread_churn() -> Result<()> {
     let out = run_ok("preload_threads", &[])?;
     ensure!(out.contains("restores coherent"), "{out}");
+    Ok(())
+}
+
+/// Threads started on glibc's cached stacks after a snapshot, and a signal handler writing
+/// covered memory while its thread takes first-write faults (both once fatal on mprotect).
+fn threads_start_and_take_signals_amid_snapshots() -> Result<()> {
+    let out = run_ok("thread_starts", &["100"])?;
+    ensure!(out.contains("thread starts: ok"), "{out}");
     Ok(())
 }
 
