@@ -394,7 +394,7 @@ impl State {
         }
         let (_, missing) = {
             let snap = self.snap(k);
-            restore_layout(snap.ranges.as_slice(), snap.brk)?
+            restore_layout(snap.ranges.as_slice(), snap.brk, false)?
         };
         // Re-created memory is zero: all of it comes from the snapshot's process.
         let mut pages = BookVec::new();

@@ -62,6 +62,12 @@ pub trait Tracker: Send + 'static {
     fn peek(&mut self, out: &mut BookVec<usize>) -> Result<()>;
     /// Lets libcow itself write `page` (during a restore).
     fn open_for_write(&mut self, page: usize, prot: i32);
+    /// Forgets a restore's own writes to `pages` (sorted; no other thread wrote since the
+    /// last `collect`): re-arms them. A tracker that cannot re-arm pages one by one collects.
+    fn rearm_restored(&mut self, _pages: &[usize]) -> Result<()> {
+        let mut ignored = BookVec::new();
+        self.collect(&mut ignored)
+    }
     /// Leaves `pages` writable after a snapshot (speculation: their next writes do not fault;
     /// the next `collect` reports them as possibly written). Trackers whose writes cost no
     /// fault worth saving ignore it.
@@ -344,15 +350,32 @@ pub(super) fn map_anonymous(len: usize) -> Result<*mut u8> {
 
 /// Puts the process's layout back as it was at a snapshot, before its contents: the program
 /// break, then every covered range of the snapshot that is no longer mapped (re-created as
-/// anonymous memory, zero-filled). Returns what is mapped now (before the re-creation) and what
-/// was re-created.
+/// anonymous memory, zero-filled). Returns what is mapped now (before the re-creation; only
+/// if `want_mapped`, else empty) and what was re-created.
 pub(super) fn restore_layout(
     ranges: &[Range],
     brk: usize,
+    want_mapped: bool,
 ) -> Result<(BookVec<Range>, BookVec<Range>)> {
     if current_brk() != brk {
         // SAFETY: moving the break back to where it was at the snapshot.
         unsafe { libc::syscall(libc::SYS_brk, brk) };
+    }
+    // Usually nothing was unmapped: `msync(MS_ASYNC)` fails with ENOMEM on a range with a hole
+    // and otherwise does nothing (a walk of the mappings, no text: reading /proc/self/maps was
+    // a third of a recovery in redis).
+    let all_mapped = ranges.iter().all(|r| {
+        // SAFETY: MS_ASYNC only checks that the page-aligned range is mapped.
+        unsafe {
+            libc::msync(
+                r.start as *mut libc::c_void,
+                r.end - r.start,
+                libc::MS_ASYNC,
+            ) == 0
+        }
+    });
+    if all_mapped && !want_mapped {
+        return Ok((BookVec::new(), BookVec::new()));
     }
     let maps = maps::read().map_err(|e| io_err("read /proc/self/maps", e))?;
     let mut mapped = BookVec::new();
@@ -753,10 +776,12 @@ impl<T: Tracker> State<T> {
                 libc::EBUSY,
             ));
         }
-        // The program break and the mappings of S_k come back first.
+        // The program break and the mappings of S_k come back first. What is mapped now is
+        // only asked for when memory vanished after S_k.
+        let vanished = (k..self.snaps.len()).any(|i| !self.snap(i).vanished.is_empty());
         let (mapped, missing) = {
             let snap = self.snap(k);
-            restore_layout(snap.ranges.as_slice(), snap.brk)?
+            restore_layout(snap.ranges.as_slice(), snap.brk, vanished)?
         };
 
         // The plan: page → its image at S_k (undo entries, oldest at or after S_k win).
@@ -808,6 +833,7 @@ impl<T: Tracker> State<T> {
                 }
             }
         }
+        let mut restored = BookVec::new();
         for (page, v) in plan.iter() {
             let Some(r) = contains(ranges_k.as_slice(), page) else {
                 if v != usize::MAX && v > 1 {
@@ -819,6 +845,7 @@ impl<T: Tracker> State<T> {
                 continue;
             };
             self.tracker.open_for_write(page, r.prot);
+            restored.push(page);
             let image = if v == usize::MAX {
                 self.shadow.get(page).unwrap_or(0)
             } else {
@@ -849,8 +876,8 @@ impl<T: Tracker> State<T> {
         }
         // Forget what our own writes looked like to the tracker, and stop covering mappings
         // that did not exist at S_k.
-        dirty.clear();
-        self.tracker.collect(&mut dirty)?;
+        restored.sort_dedup();
+        self.tracker.rearm_restored(restored.as_slice())?;
         let mut newer = BookVec::new();
         subtract(self.armed.as_slice(), ranges_k.as_slice(), &mut newer);
         for &r in newer.as_slice() {

@@ -332,6 +332,55 @@ impl Tracker for Uffd {
         // WP_ASYNC: the kernel resolves our own writes; the next collect re-protects them.
     }
 
+    fn rearm_restored(&mut self, pages: &[usize]) -> Result<()> {
+        // Write-protects what the restore wrote instead of walking every range's page tables:
+        // one ioctl per cluster of pages (protecting the unwritten pages between them again is
+        // harmless). A page outside registered memory fails to protect; the next collect
+        // reports it as memory mapped anew, which is only extra work.
+        const GAP: usize = 16 * PAGE;
+        let mut i = 0;
+        while i < pages.len() {
+            let mut j = i + 1;
+            while j < pages.len() && pages[j] - pages[j - 1] <= GAP {
+                j += 1;
+            }
+            let mut wp = UffdioWriteprotect {
+                range: UffdioRange {
+                    start: pages[i] as u64,
+                    len: (pages[j - 1] + PAGE - pages[i]) as u64,
+                },
+                mode: UFFDIO_WRITEPROTECT_MODE_WP,
+            };
+            if ioctl(
+                &self.uffd,
+                UFFDIO_WRITEPROTECT,
+                &mut wp,
+                "UFFDIO_WRITEPROTECT",
+            )
+            .is_err()
+            {
+                // Part of the cluster is not registered: page by page.
+                for &p in &pages[i..j] {
+                    let mut wp = UffdioWriteprotect {
+                        range: UffdioRange {
+                            start: p as u64,
+                            len: PAGE as u64,
+                        },
+                        mode: UFFDIO_WRITEPROTECT_MODE_WP,
+                    };
+                    let _ = ioctl(
+                        &self.uffd,
+                        UFFDIO_WRITEPROTECT,
+                        &mut wp,
+                        "UFFDIO_WRITEPROTECT",
+                    );
+                }
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
     fn faults(&self) -> u64 {
         self.written
     }
