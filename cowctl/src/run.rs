@@ -288,9 +288,13 @@ pub fn run(backend: &str, opts: &Options, argv: &[String]) -> Result<u8> {
         // A process killed by its crash writes no report: nothing to say then.
         if let Some(r) = opts.report.as_ref().and_then(|p| read_report(p).ok()) {
             let t = &r["recovery"];
+            let iterations = t["iterations"].as_u64().unwrap_or(0);
+            let snapshot_us =
+                t["snapshot_ns"].as_u64().unwrap_or(0) as f64 / iterations.max(1) as f64 / 1e3;
             eprintln!(
-                "cowctl run: {} crashes recovered, {} not recovered, in {} iterations",
-                t["recoveries"], t["not_recovered"], t["iterations"]
+                "cowctl run: {} crashes recovered, {} not recovered, in {iterations} iterations \
+                 (their checkpoints took {snapshot_us:.1} µs on average)",
+                t["recoveries"], t["not_recovered"]
             );
         }
     }

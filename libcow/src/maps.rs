@@ -32,6 +32,8 @@ impl Mapping {
     }
 }
 
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+
 /// The process's mappings, in address order.
 pub fn read() -> std::io::Result<BookVec<Mapping>> {
     read_path(c"/proc/self/maps")
@@ -119,26 +121,30 @@ pub fn read_writable() -> std::io::Result<BookVec<Mapping>> {
     let mut out = BookVec::new();
     let mut name = [0u8; 512];
     let mut addr = 0u64;
+    let (start_stack, start_brk) = stack_and_heap_starts();
+    // SAFETY: brk(0) only reports the current break.
+    let brk = unsafe { libc::syscall(libc::SYS_brk, 0) } as u64;
     let result = loop {
-        let mut q = ProcmapQuery {
-            size: std::mem::size_of::<ProcmapQuery>() as u64,
-            query_flags: COVERING_OR_NEXT_VMA | VMA_WRITABLE,
-            query_addr: addr,
-            vma_name_size: name.len() as u32,
-            vma_name_addr: name.as_mut_ptr() as u64,
-            ..Default::default()
-        };
-        // SAFETY: PROCMAP_QUERY reads and fills `q` and writes at most `vma_name_size` bytes
-        // of the name into our buffer.
-        if unsafe { libc::ioctl(fd, PROCMAP_QUERY as libc::c_ulong, &mut q) } < 0 {
-            let e = std::io::Error::last_os_error();
-            break match e.raw_os_error() {
-                Some(libc::ENOENT) => Ok(()), // No writable mapping at or after `addr`.
-                // The kernel has no PROCMAP_QUERY (before 6.11) or no name this short: the text.
-                Some(libc::ENOTTY) | Some(libc::EINVAL) | Some(libc::ENAMETOOLONG) => Err(None),
-                _ => Err(Some(e)),
-            };
+        // Without the name first: the kernel formats it (a path lookup for a file), a fifth of
+        // the query's cost, and it is needed only for a shared file mapping (`/dev/cow`).
+        let mut q = query(fd, addr, None);
+        if q.as_ref()
+            .is_ok_and(|q| q.vma_flags & VMA_SHARED != 0 && q.inode != 0)
+        {
+            q = query(fd, addr, Some(&mut name));
         }
+        let q = match q {
+            Ok(q) => q,
+            Err(e) => {
+                break match e.raw_os_error() {
+                    Some(libc::ENOENT) => Ok(()), // No writable mapping at or after `addr`.
+                    // The kernel has no PROCMAP_QUERY (before 6.11) or no name this short: the
+                    // text.
+                    Some(libc::ENOTTY) | Some(libc::EINVAL) | Some(libc::ENAMETOOLONG) => Err(None),
+                    _ => Err(Some(e)),
+                };
+            }
+        };
         let name_len = (q.vma_name_size as usize).saturating_sub(1).min(name.len());
         let name = &name[..name_len];
         let mut prot = 0;
@@ -151,16 +157,20 @@ pub fn read_writable() -> std::io::Result<BookVec<Mapping>> {
                 prot |= bit;
             }
         }
+        let anonymous = q.inode == 0;
+        // The kernel's own tests for the names `[stack]` and `[heap]`.
+        let stack = anonymous && q.vma_start <= start_stack && q.vma_end >= start_stack;
+        let heap = anonymous && !stack && q.vma_start < brk && q.vma_end > start_brk;
         out.push(Mapping {
             start: q.vma_start as usize,
             end: q.vma_end as usize,
             prot,
             shared: q.vma_flags & VMA_SHARED != 0,
-            special: is_special(name),
+            special: stack || is_special(name),
             offset: q.vma_offset,
             dev_cow: name == b"/dev/cow",
-            file: q.inode != 0,
-            heap: name == b"[heap]",
+            file: !anonymous,
+            heap,
         });
         addr = q.vma_end;
     };
@@ -175,6 +185,63 @@ pub fn read_writable() -> std::io::Result<BookVec<Mapping>> {
             Ok(all)
         }
     }
+}
+
+/// The writable mapping at or after `addr` (`PROCMAP_QUERY`), its name into `name` if given.
+fn query(fd: i32, addr: u64, name: Option<&mut [u8; 512]>) -> std::io::Result<ProcmapQuery> {
+    let (name_size, name_addr) = name.map_or((0, 0), |n| (n.len() as u32, n.as_mut_ptr() as u64));
+    let mut q = ProcmapQuery {
+        size: std::mem::size_of::<ProcmapQuery>() as u64,
+        query_flags: COVERING_OR_NEXT_VMA | VMA_WRITABLE,
+        query_addr: addr,
+        vma_name_size: name_size,
+        vma_name_addr: name_addr,
+        ..Default::default()
+    };
+    // SAFETY: PROCMAP_QUERY reads and fills `q` and writes at most `vma_name_size` bytes of
+    // the name into the caller's buffer (none without one).
+    if unsafe { libc::ioctl(fd, PROCMAP_QUERY as libc::c_ulong, &mut q) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(q)
+}
+
+/// `mm->start_stack` and `mm->start_brk`, fields 28 and 47 of `/proc/self/stat` (set at exec):
+/// the kernel names the anonymous mapping holding the first `[stack]`, the one spanning
+/// `start_brk..brk` `[heap]`. Read once per process (0, 0 if unreadable: no mapping is then
+/// taken for either).
+fn stack_and_heap_starts() -> (u64, u64) {
+    // Keyed by pid: a forked child has the same values, an exec'ed program re-reads them
+    // anyway (these statics start at zero again).
+    static PID: AtomicI32 = AtomicI32::new(0);
+    static STACK: AtomicU64 = AtomicU64::new(0);
+    static BRK: AtomicU64 = AtomicU64::new(0);
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    if PID.load(Ordering::Acquire) == pid {
+        return (STACK.load(Ordering::Acquire), BRK.load(Ordering::Acquire));
+    }
+    let Ok(stat) = read_file(c"/proc/self/stat") else {
+        return (0, 0);
+    };
+    let stat = stat.as_slice();
+    // Fields from the third on follow the last ')' (the name may hold anything).
+    let Some(close) = stat.iter().rposition(|&b| b == b')') else {
+        return (0, 0);
+    };
+    let field = |n: usize| -> u64 {
+        stat[close + 1..]
+            .split(|&b| b == b' ')
+            .filter(|f| !f.is_empty())
+            .nth(n - 3)
+            .and_then(|f| std::str::from_utf8(f).ok()?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (stack, brk) = (field(28), field(47));
+    STACK.store(stack, Ordering::Release);
+    BRK.store(brk, Ordering::Release);
+    PID.store(pid, Ordering::Release);
+    (stack, brk)
 }
 
 /// Whether a mapping's name is one of the kernel's special ones (`[stack]`, `[vdso]`, …) rather
