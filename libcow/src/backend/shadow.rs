@@ -243,13 +243,18 @@ pub(super) fn covered_for(
 /// runs with every signal blocked until glibc's `start_thread` unblocks them, so its first
 /// pushes onto a page write-protected by the mprotect backend would be a blocked SIGSEGV —
 /// fatal. glibc maps a stack block with its guard at the low end (`PROT_NONE`), then opens the
-/// rest, and on Linux ≥ 6.7 `MAP_STACK` keeps the block from merging with other mappings: a
-/// private anonymous writable mapping directly above a private anonymous inaccessible one of
-/// at most `MAX_GUARD`. A malloc arena's heap also sits above the inaccessible tail of the
-/// previous one, but always at a `HEAP_MAX` boundary: excluded.
+/// rest: a private anonymous writable mapping directly above a private anonymous inaccessible
+/// one of at most `MAX_GUARD`. A malloc arena's heap also sits above the inaccessible tail of
+/// the previous one, but always at a `HEAP_MAX` boundary: excluded. Only where `MAP_STACK`
+/// keeps a stack block from merging with its neighbours (Linux ≥ 6.7 with transparent huge
+/// pages: it sets `VM_NOHUGEPAGE`); elsewhere the mapping could be a stack merged with the
+/// program's memory, which must stay covered.
 fn thread_stack_blocks(maps: &BookVec<maps::Mapping>, holes: &mut BookVec<Range>) {
     const MAX_GUARD: usize = 1 << 20;
     const HEAP_MAX: usize = 64 << 20;
+    if !stacks_kept_apart() {
+        return;
+    }
     let anonymous = |m: &maps::Mapping| !m.file && !m.shared && !m.special && !m.heap;
     for pair in maps.as_slice().windows(2) {
         let (guard, block) = (&pair[0], &pair[1]);
@@ -266,6 +271,44 @@ fn thread_stack_blocks(maps: &BookVec<maps::Mapping>, holes: &mut BookVec<Range>
                 end: block.end,
                 prot: 0,
             });
+        }
+    }
+}
+
+/// Whether this kernel keeps `MAP_STACK` mappings apart from their neighbours: Linux ≥ 6.7
+/// with transparent huge pages (then `MAP_STACK` sets `VM_NOHUGEPAGE`). Asked once.
+fn stacks_kept_apart() -> bool {
+    // 0: not asked yet, 1: yes, 2: no.
+    static KNOWN: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+    match KNOWN.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            // SAFETY: uname fills a local struct.
+            let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let release = if unsafe { libc::uname(&mut u) } == 0 {
+                // SAFETY: the kernel NUL-terminates the release string.
+                unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }.to_bytes()
+            } else {
+                b""
+            };
+            let mut numbers = release.split(|b| !b.is_ascii_digit()).map(|d| {
+                std::str::from_utf8(d)
+                    .ok()
+                    .and_then(|d| d.parse::<u32>().ok())
+            });
+            let version = (
+                numbers.next().flatten().unwrap_or(0),
+                numbers.next().flatten().unwrap_or(0),
+            );
+            // SAFETY: access with a NUL-terminated path.
+            let thp = version >= (6, 7)
+                && unsafe {
+                    libc::access(c"/sys/kernel/mm/transparent_hugepage".as_ptr(), libc::F_OK)
+                } == 0;
+            KNOWN.store(if thp { 1 } else { 2 }, Ordering::Relaxed);
+            thp
         }
     }
 }
