@@ -6,7 +6,7 @@
 
 use super::{child_of, sibling};
 use crate::Test;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::process::Command;
 
 /// This file's tests.
@@ -304,7 +304,7 @@ fn list_state(text: &str, label: &str) -> Result<(i64, i64, i64)> {
 /// program is not disturbed (its log stays the unbroken sequence it prints unobserved).
 fn kmod_debug_live_pid() -> Result<()> {
     // Long enough to outlive gdb's start in a slow guest; stopped with SIGTERM at the end.
-    let run = Command::new(sibling("cowctl")?)
+    let mut run = Command::new(sibling("cowctl")?)
         .args(["run", "--"])
         .arg(sibling("buggy_list")?)
         .args(["9", "100000"])
@@ -315,7 +315,25 @@ fn kmod_debug_live_pid() -> Result<()> {
     let mut pid = 0;
     for _ in 0..2 {
         std::thread::sleep(std::time::Duration::from_millis(800));
-        pid = child_of(run.id() as i32).context("cowctl run started no program")?;
+        // A slow guest may take longer to start the program: wait for it (and if cowctl run
+        // ended instead, say how).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        pid = loop {
+            if let Some(p) = child_of(run.id() as i32) {
+                break p;
+            }
+            if run.try_wait()?.is_some() || std::time::Instant::now() > deadline {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+                let out = run.wait_with_output()?;
+                bail!(
+                    "cowctl run started no program: {:?} {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
         let out = Command::new(sibling("cowctl")?)
             .args(["snapshot", &pid.to_string()])
             .output()?;
