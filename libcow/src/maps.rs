@@ -107,17 +107,9 @@ const COVERING_OR_NEXT_VMA: u64 = 0x10;
 /// the others and formats no text (a third of the cost of reading redis' 131-line maps); the
 /// text is read instead where the kernel lacks it.
 pub fn read_writable() -> std::io::Result<BookVec<Mapping>> {
-    // SAFETY: open with a NUL-terminated path; closed below. (Opened each time: a descriptor
-    // kept across fork would name the parent.)
-    let fd = unsafe {
-        libc::open(
-            c"/proc/self/maps".as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // Opened each time: a descriptor kept across fork would name the parent.
+    let maps = crate::sys::RawFile::open(c"/proc/self/maps", libc::O_RDONLY)?;
+    let fd = maps.fd();
     let mut out = BookVec::new();
     let mut name = [0u8; 512];
     let mut addr = 0u64;
@@ -174,8 +166,7 @@ pub fn read_writable() -> std::io::Result<BookVec<Mapping>> {
         });
         addr = q.vma_end;
     };
-    // SAFETY: closing our descriptor.
-    unsafe { libc::close(fd) };
+    drop(maps);
     match result {
         Ok(()) => Ok(out),
         Err(Some(e)) => Err(e),
@@ -250,34 +241,17 @@ fn is_special(name: &[u8]) -> bool {
     name.first() == Some(&b'[') && !name.starts_with(b"[heap]") && !name.starts_with(b"[anon")
 }
 
-fn read_file(path: &std::ffi::CStr) -> std::io::Result<BookVec<u8>> {
-    // SAFETY: open with a NUL-terminated path; the descriptor is closed below.
-    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+pub(crate) fn read_file(path: &std::ffi::CStr) -> std::io::Result<BookVec<u8>> {
+    let file = crate::sys::RawFile::open(path, libc::O_RDONLY)?;
     let mut buf: BookVec<u8> = BookVec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        // SAFETY: reading into a stack buffer of its own size.
-        let n = unsafe { libc::read(fd, chunk.as_mut_ptr().cast(), chunk.len()) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            // SAFETY: closing our descriptor.
-            unsafe { libc::close(fd) };
-            return Err(e);
-        }
+        let n = file.read(&mut chunk)?;
         if n == 0 {
-            break;
+            return Ok(buf);
         }
-        buf.extend_from_slice(&chunk[..n as usize]);
+        buf.extend_from_slice(&chunk[..n]);
     }
-    // SAFETY: closing our descriptor.
-    unsafe { libc::close(fd) };
-    Ok(buf)
 }
 
 fn hex(s: &[u8]) -> Option<usize> {

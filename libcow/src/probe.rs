@@ -54,15 +54,32 @@ pub fn kernel_features() -> KernelFeatures {
 }
 
 fn kernel_release() -> String {
-    // SAFETY: `utsname` is plain old data; uname fills it and we read NUL-terminated fields.
+    with_release(|r| String::from_utf8_lossy(r).into_owned())
+}
+
+/// The running kernel's `(major, minor)` version, from `uname` (no allocation); `(0, 0)` if
+/// unreadable.
+pub(crate) fn kernel_version() -> (u32, u32) {
+    with_release(|release| {
+        let mut numbers = release
+            .split(|b| !b.is_ascii_digit())
+            .map(|d| std::str::from_utf8(d).ok().and_then(|d| d.parse().ok()));
+        (
+            numbers.next().flatten().unwrap_or(0),
+            numbers.next().flatten().unwrap_or(0),
+        )
+    })
+}
+
+/// Calls `f` with `uname`'s release string (`"unknown"` if uname fails).
+fn with_release<R>(f: impl FnOnce(&[u8]) -> R) -> R {
+    // SAFETY: `utsname` is plain old data; uname fills it and NUL-terminates its fields.
     unsafe {
         let mut u: libc::utsname = std::mem::zeroed();
         if libc::uname(&mut u) != 0 {
-            return "unknown".into();
+            return f(b"unknown");
         }
-        std::ffi::CStr::from_ptr(u.release.as_ptr())
-            .to_string_lossy()
-            .into_owned()
+        f(std::ffi::CStr::from_ptr(u.release.as_ptr()).to_bytes())
     }
 }
 

@@ -25,6 +25,7 @@
 //! iterations between.
 
 use crate::book;
+use crate::sys;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 /// What the caller of a recovery point expects to find intact when the call returns (x86-64
@@ -654,20 +655,7 @@ extern "C" fn on_crash(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_v
     // some of it (errno in the thread's TLS, the loader's lock in dladdr): those first writes
     // fault into libcow's handler, which must not find SIGSEGV blocked. sigreturn puts the
     // thread's own mask back.
-    // SAFETY: unblocking one signal in this thread, raw (the interposed call is the
-    // program's).
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGSEGV);
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_UNBLOCK,
-            &set,
-            std::ptr::null_mut::<libc::sigset_t>(),
-            8,
-        );
-    }
+    sys::sigprocmask_raw(libc::SIG_UNBLOCK, &sys::sigset_of(&[libc::SIGSEGV]));
     // SAFETY: the saved bytes are the thread's stack above the recovery point's return
     // address as they were when the iteration began; we run on the alternate stack.
     unsafe { std::ptr::copy_nonoverlapping(st.stack, st.regs.rsp as *mut u8, st.stack_len) };

@@ -84,3 +84,100 @@ pub fn read_process(pid: i32, addr: usize, buf: &mut [u8]) -> isize {
     // read by the kernel, which checks it against `pid`'s mappings.
     unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) }
 }
+
+/// Sets this thread's signal mask with the raw `rt_sigprocmask` system call (`how`:
+/// `SIG_BLOCK`, `SIG_UNBLOCK` or `SIG_SETMASK`), returning the previous mask. Raw because
+/// libcow_preload interposes `pthread_sigmask` and `sigprocmask` for the program (to keep
+/// libcow's stop signal deliverable), and libcow's own masks must not be edited that way.
+pub(crate) fn sigprocmask_raw(how: i32, set: &libc::sigset_t) -> libc::sigset_t {
+    // SAFETY: an all-zero sigset_t is an empty set.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both sets are live locals; 8 is the kernel's signal set size on x86-64.
+    unsafe { libc::syscall(libc::SYS_rt_sigprocmask, how, set, &mut old, 8) };
+    old
+}
+
+/// A signal set holding `signals`.
+pub(crate) fn sigset_of(signals: &[i32]) -> libc::sigset_t {
+    // SAFETY: building a set in a local: zeroed is empty, then sigaddset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &sig in signals {
+            libc::sigaddset(&mut set, sig);
+        }
+        set
+    }
+}
+
+/// A file descriptor opened with the raw call and closed on drop; no allocation, so usable
+/// while other threads are stopped.
+pub(crate) struct RawFile(i32);
+
+impl RawFile {
+    /// `open(path, flags | O_CLOEXEC)`.
+    pub(crate) fn open(path: &std::ffi::CStr, flags: i32) -> std::io::Result<Self> {
+        // SAFETY: open with a NUL-terminated path; the descriptor is owned by the result.
+        let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC) };
+        if fd < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(Self(fd))
+        }
+    }
+
+    /// The descriptor, for calls such as `getdents64`.
+    pub(crate) fn fd(&self) -> i32 {
+        self.0
+    }
+
+    /// One `read` into `buf` (retried on `EINTR`): the bytes read, 0 at the end.
+    pub(crate) fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            // SAFETY: reading into a buffer we hold exclusively, of its own length.
+            let n = unsafe { libc::read(self.0, buf.as_mut_ptr().cast(), buf.len()) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+impl Drop for RawFile {
+    fn drop(&mut self) {
+        // SAFETY: closing the descriptor this value owns, once.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+/// `prefix`, `n` in decimal, `suffix` and a NUL, built in `buf` without allocating
+/// (`/proc/self/task/TID/stat` while other threads are stopped).
+pub(crate) fn path_with_number<'a>(
+    buf: &'a mut [u8; 64],
+    prefix: &[u8],
+    n: u64,
+    suffix: &[u8],
+) -> &'a std::ffi::CStr {
+    let mut digits = [0u8; 20];
+    let mut d = digits.len();
+    let mut v = n;
+    loop {
+        d -= 1;
+        digits[d] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let mut w = 0;
+    for &c in prefix.iter().chain(&digits[d..]).chain(suffix) {
+        buf[w] = c;
+        w += 1;
+    }
+    buf[w] = 0;
+    std::ffi::CStr::from_bytes_until_nul(&buf[..=w]).expect("a NUL ends the path")
+}

@@ -10,6 +10,7 @@
 //! signal.
 
 use crate::book::{self, BookVec};
+use crate::sys;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
@@ -141,38 +142,14 @@ fn exiting(pid: i32, tid: i32) -> bool {
     if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, 0) } != 0 {
         return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
     }
-    // "/proc/self/task/<tid>/stat", built on the stack (no allocation in a stop).
-    let mut path = [0u8; 48];
-    let mut n = 0;
-    let mut push = |bytes: &[u8]| {
-        path[n..n + bytes.len()].copy_from_slice(bytes);
-        n += bytes.len();
-    };
-    push(b"/proc/self/task/");
-    let mut digits = [0u8; 12];
-    let mut d = digits.len();
-    let mut v = tid.unsigned_abs();
-    loop {
-        d -= 1;
-        digits[d] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    push(&digits[d..]);
-    push(b"/stat\0");
-    // SAFETY: a NUL-terminated path on our stack; the descriptor is closed below.
-    let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
+    let mut path = [0u8; 64];
+    let path = sys::path_with_number(&mut path, b"/proc/self/task/", tid as u64, b"/stat");
+    let Ok(file) = sys::RawFile::open(path, libc::O_RDONLY) else {
         return true;
-    }
+    };
     let mut buf = [0u8; 512];
-    // SAFETY: reading into our stack buffer, then closing our descriptor.
-    let len = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-    // SAFETY: as above.
-    unsafe { libc::close(fd) };
-    let stat = &buf[..len.max(0) as usize];
+    let len = file.read(&mut buf).unwrap_or(0);
+    let stat = &buf[..len];
     // The state follows the last ')' (the name may hold any bytes).
     let state = stat
         .iter()
@@ -190,20 +167,12 @@ pub(crate) fn gettid() -> i32 {
 /// Lists the thread ids of this process.
 pub(crate) fn list_tids(out: &mut BookVec<i32>) -> std::io::Result<()> {
     out.clear();
-    // SAFETY: opening a directory with a NUL-terminated path; closed below.
-    let fd = unsafe {
-        libc::open(
-            c"/proc/self/task".as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let dir = sys::RawFile::open(c"/proc/self/task", libc::O_RDONLY | libc::O_DIRECTORY)?;
     let mut buf = [0u8; 4096];
     loop {
         // SAFETY: getdents64 fills our stack buffer with linux_dirent64 records.
-        let n = unsafe { libc::syscall(libc::SYS_getdents64, fd, buf.as_mut_ptr(), buf.len()) };
+        let n =
+            unsafe { libc::syscall(libc::SYS_getdents64, dir.fd(), buf.as_mut_ptr(), buf.len()) };
         if n <= 0 {
             break;
         }
@@ -219,8 +188,6 @@ pub(crate) fn list_tids(out: &mut BookVec<i32>) -> std::io::Result<()> {
             off += reclen;
         }
     }
-    // SAFETY: closing our descriptor.
-    unsafe { libc::close(fd) };
     Ok(())
 }
 

@@ -22,6 +22,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "wait_equal.h"
+
 #define WORKERS 4
 #define PAGES 64
 
@@ -112,15 +114,6 @@ static void *signaller(void *arg)
 	return NULL;
 }
 
-static void wait_for(atomic_int *a, atomic_int *b, const char *what)
-{
-	for (int spins = 0; atomic_load(a) != atomic_load(b); spins++) {
-		if (spins > 10 * 1000 * 100)
-			fail(what);
-		usleep(10);
-	}
-}
-
 int main(int argc, char **argv)
 {
 	int rounds = argc > 1 ? atoi(argv[1]) : 200;
@@ -171,8 +164,8 @@ int main(int argc, char **argv)
 	atomic_store(&c->stop_signalling, 1);
 	pthread_join(sig_thread, NULL);
 	for (int w = 0; w < WORKERS; w++)
-		wait_for(&c->usr1_seen[w], &c->usr1_sent[w], "a SIGUSR1 was not handled");
-	wait_for(&c->usr2_seen, &c->usr2_sent, "a SIGUSR2 was not handled");
+		WAIT_EQUAL(&c->usr1_seen[w], &c->usr1_sent[w], "a SIGUSR1 was not handled");
+	WAIT_EQUAL(&c->usr2_seen, &c->usr2_sent, "a SIGUSR2 was not handled");
 	if (atomic_load(&c->bad))
 		fail("a handler got the wrong arguments");
 	int sent = 0;

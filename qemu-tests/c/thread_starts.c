@@ -28,6 +28,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "wait_equal.h"
+
 #define PAGES 256
 
 static unsigned char state[PAGES * 4096], ref[PAGES * 4096];
@@ -175,11 +177,7 @@ int main(int argc, char **argv)
 	atomic_store(&c->stop, 1);
 	pthread_join(s, NULL);
 	pthread_join(w, NULL);
-	for (int spins = 0; atomic_load(&c->seen) != atomic_load(&c->sent); spins++) {
-		if (spins > 1000000)
-			fail("a SIGUSR1 was not handled");
-		usleep(10);
-	}
+	WAIT_EQUAL(&c->seen, &c->sent, "a SIGUSR1 was not handled");
 	if (handled_in_covered != atomic_load(&c->seen))
 		fail("the handler's writes to covered memory were lost");
 

@@ -20,6 +20,7 @@ use super::shadow::{
 use super::{Backend, Stats};
 use crate::book::{self, BookVec};
 use crate::error::{Error, Result};
+use crate::sys::{self, RawFile};
 use crate::world;
 use std::sync::Mutex;
 
@@ -64,16 +65,9 @@ pub struct Fork {
 fn zero_pages(r: Range, out: &mut BookVec<usize>) {
     use crate::probe::{PageRegion, PmScanArg, PAGEMAP_SCAN};
     const PAGE_IS_PFNZERO: u64 = 1 << 5;
-    // SAFETY: opening pagemap read-only; closed below.
-    let fd = unsafe {
-        libc::open(
-            c"/proc/self/pagemap".as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
+    let Ok(pagemap) = RawFile::open(c"/proc/self/pagemap", libc::O_RDONLY) else {
         return;
-    }
+    };
     let mut regions = [PageRegion::default(); 256];
     let mut start = r.start as u64;
     while start < r.end as u64 {
@@ -88,7 +82,7 @@ fn zero_pages(r: Range, out: &mut BookVec<usize>) {
             ..Default::default()
         };
         // SAFETY: a valid pm_scan_arg whose vec points at `regions`.
-        let n = unsafe { libc::ioctl(fd, PAGEMAP_SCAN as libc::c_ulong, &mut arg) };
+        let n = unsafe { libc::ioctl(pagemap.fd(), PAGEMAP_SCAN as libc::c_ulong, &mut arg) };
         if n < 0 {
             break;
         }
@@ -102,8 +96,6 @@ fn zero_pages(r: Range, out: &mut BookVec<usize>) {
         }
         start = arg.walk_end;
     }
-    // SAFETY: closing our descriptor.
-    unsafe { libc::close(fd) };
 }
 
 /// Pages of `r` that may differ between us and the snapshot process `child`: pages we map
@@ -114,24 +106,17 @@ fn changed_pages(r: Range, child: i32, out: &mut BookVec<usize>) -> Result<()> {
     let mut zero = BookVec::new();
     zero_pages(r, &mut zero);
     let zero = zero.as_slice();
-    let open = |path: &[u8]| -> Result<i32> {
-        // SAFETY: opening a NUL-terminated pagemap path read-only; closed below.
-        let fd = unsafe { libc::open(path.as_ptr().cast(), libc::O_RDONLY | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(Error::last_os("open pagemap"));
-        }
-        Ok(fd)
+    let open = |path: &std::ffi::CStr| {
+        RawFile::open(path, libc::O_RDONLY).map_err(|_| Error::last_os("open pagemap"))
     };
-    let mine = open(b"/proc/self/pagemap\0")?;
-    let mut path = [0u8; 40];
-    let theirs = match open(format_child_pagemap(child, &mut path)) {
-        Ok(fd) => fd,
-        Err(e) => {
-            // SAFETY: closing our descriptor.
-            unsafe { libc::close(mine) };
-            return Err(e);
-        }
-    };
+    let mine = open(c"/proc/self/pagemap")?;
+    let mut path = [0u8; 64];
+    let theirs = open(sys::path_with_number(
+        &mut path,
+        b"/proc/",
+        child as u64,
+        b"/pagemap",
+    ))?;
     let (mut a, mut b) = ([0u64; 512], [0u64; 512]);
     let mut page = r.start;
     while page < r.end {
@@ -140,8 +125,8 @@ fn changed_pages(r: Range, child: i32, out: &mut BookVec<usize>) -> Result<()> {
         // SAFETY: reading n entries of each pagemap into our stack buffers.
         let (ga, gb) = unsafe {
             (
-                libc::pread(mine, a.as_mut_ptr().cast(), n * 8, off),
-                libc::pread(theirs, b.as_mut_ptr().cast(), n * 8, off),
+                libc::pread(mine.fd(), a.as_mut_ptr().cast(), n * 8, off),
+                libc::pread(theirs.fd(), b.as_mut_ptr().cast(), n * 8, off),
             )
         };
         if ga <= 0 {
@@ -158,32 +143,7 @@ fn changed_pages(r: Range, child: i32, out: &mut BookVec<usize>) -> Result<()> {
         }
         page += got * PAGE;
     }
-    // SAFETY: closing our descriptors.
-    unsafe {
-        libc::close(mine);
-        libc::close(theirs);
-    }
     Ok(())
-}
-
-/// `/proc/<child>/pagemap` with a NUL, into `buf`, without allocating.
-fn format_child_pagemap(child: i32, buf: &mut [u8; 40]) -> &[u8] {
-    let mut digits = [0u8; 12];
-    let (mut n, mut d) = (child as u32, digits.len());
-    loop {
-        d -= 1;
-        digits[d] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    let mut w = 0;
-    for &c in b"/proc/".iter().chain(&digits[d..]).chain(b"/pagemap\0") {
-        buf[w] = c;
-        w += 1;
-    }
-    &buf[..w]
 }
 
 /// Copies `pages` (sorted page addresses) from `child`'s memory into ours, a run at a time.
@@ -264,14 +224,9 @@ impl State {
         if pid == 0 {
             // SAFETY: raw system calls only, in the child.
             unsafe {
-                let all: [u64; 1] = [!0];
-                libc::syscall(
-                    libc::SYS_rt_sigprocmask,
-                    libc::SIG_BLOCK,
-                    all.as_ptr(),
-                    0,
-                    8,
-                );
+                let mut all: libc::sigset_t = std::mem::zeroed();
+                libc::sigfillset(&mut all);
+                sys::sigprocmask_raw(libc::SIG_BLOCK, &all);
                 libc::syscall(libc::SYS_close, self.pipe_write);
                 let mut b = 0u8;
                 loop {

@@ -281,28 +281,7 @@ fn publish_ranges(sp: usize) -> bool {
 /// The mapping that holds `addr` (`/proc/self/maps`), if any. Read with system calls into the
 /// book: while threads are parked, one of them may hold the allocator's lock.
 fn mapping_of(addr: usize) -> Option<(usize, usize)> {
-    let mut text: crate::book::BookVec<u8> = crate::book::BookVec::new();
-    // SAFETY: opening a file with a NUL-terminated path; closed below.
-    let fd = unsafe {
-        libc::open(
-            c"/proc/self/maps".as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return None;
-    }
-    let mut chunk = [0u8; 4096];
-    loop {
-        // SAFETY: reading into our stack buffer.
-        let n = unsafe { libc::read(fd, chunk.as_mut_ptr().cast(), chunk.len()) };
-        if n <= 0 {
-            break;
-        }
-        text.extend_from_slice(&chunk[..n as usize]);
-    }
-    // SAFETY: closing our descriptor.
-    unsafe { libc::close(fd) };
+    let text = crate::maps::read_file(c"/proc/self/maps").ok()?;
     let text = std::str::from_utf8(text.as_slice()).ok()?;
     text.lines().find_map(|line| {
         let (a, b) = line.split(' ').next()?.split_once('-')?;

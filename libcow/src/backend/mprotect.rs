@@ -18,6 +18,7 @@
 use super::shadow::{Range, Tracker};
 use crate::book::{self, BookVec};
 use crate::error::{Error, Result};
+use crate::sys;
 use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 const PAGE: usize = 4096;
@@ -76,22 +77,7 @@ pub fn before_kernel_write(addr: usize, len: usize) {
     // The table changes only while every other thread waits in the stop signal's handler:
     // keep that signal out while reading it (raw call: the preload's pthread_sigmask would
     // leave it unblocked).
-    // SAFETY: building a signal set in a local.
-    let mut block: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: a set on our stack; rt_sigprocmask with the kernel's 8-byte set size.
-    unsafe {
-        libc::sigemptyset(&mut block);
-        libc::sigaddset(&mut block, stop_signal());
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_BLOCK,
-            &block,
-            &mut old,
-            8,
-        );
-    }
+    let old = sys::sigprocmask_raw(libc::SIG_BLOCK, &sys::sigset_of(&[stop_signal()]));
     let table = TABLE.load(Ordering::Acquire);
     // SAFETY: the table and its entries live in the book and cannot change while the stop
     // signal is blocked in this thread.
@@ -121,16 +107,7 @@ pub fn before_kernel_write(addr: usize, len: usize) {
         }
         page += PAGE;
     }
-    // SAFETY: restoring the mask saved above.
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &old,
-            std::ptr::null_mut::<libc::sigset_t>(),
-            8,
-        )
-    };
+    sys::sigprocmask_raw(libc::SIG_SETMASK, &old);
 }
 
 extern "C" fn on_segv(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
@@ -220,16 +197,7 @@ unsafe fn program_handler_mask(action: &libc::sigaction, ctx: *mut libc::c_void)
         // SAFETY: as above.
         unsafe { libc::sigaddset(&mut mask, libc::SIGSEGV) };
     }
-    // SAFETY: setting this thread's mask; raw, as the interposed call is the program's.
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &mask,
-            std::ptr::null_mut::<libc::sigset_t>(),
-            8,
-        )
-    };
+    sys::sigprocmask_raw(libc::SIG_SETMASK, &mask);
 }
 
 /// Most read-only ranges of the program's own remembered ([`program_protection`]).
@@ -357,26 +325,17 @@ pub unsafe fn program_sigaction(
 /// (`r--p`, no name or an `[anon:…]`/`[heap]` name). Async-signal-safe: raw open/read on a
 /// stack buffer.
 fn moved_read_only_anon(addr: usize) -> Option<(usize, usize)> {
-    // SAFETY: open/read/close are async-signal-safe; the buffer is on this stack.
-    let fd = unsafe {
-        libc::open(
-            c"/proc/self/maps".as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return None;
-    }
+    // open/read/close are async-signal-safe; the buffers are on this stack.
+    let maps = sys::RawFile::open(c"/proc/self/maps", libc::O_RDONLY).ok()?;
     let mut buf = [0u8; 4096];
     let mut line = [0u8; 512];
     let (mut len, mut found) = (0usize, None);
     'read: loop {
-        // SAFETY: reading into our stack buffer.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n <= 0 {
+        let n = maps.read(&mut buf).unwrap_or(0);
+        if n == 0 {
             break;
         }
-        for &b in &buf[..n as usize] {
+        for &b in &buf[..n] {
             if b != b'\n' {
                 if len < line.len() {
                     line[len] = b;
@@ -391,8 +350,6 @@ fn moved_read_only_anon(addr: usize) -> Option<(usize, usize)> {
             len = 0;
         }
     }
-    // SAFETY: closing our descriptor.
-    unsafe { libc::close(fd) };
     found
 }
 

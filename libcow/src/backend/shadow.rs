@@ -284,26 +284,8 @@ fn stacks_kept_apart() -> bool {
         1 => true,
         2 => false,
         _ => {
-            // SAFETY: uname fills a local struct.
-            let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-            // SAFETY: as above.
-            let release = if unsafe { libc::uname(&mut u) } == 0 {
-                // SAFETY: the kernel NUL-terminates the release string.
-                unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }.to_bytes()
-            } else {
-                b""
-            };
-            let mut numbers = release.split(|b| !b.is_ascii_digit()).map(|d| {
-                std::str::from_utf8(d)
-                    .ok()
-                    .and_then(|d| d.parse::<u32>().ok())
-            });
-            let version = (
-                numbers.next().flatten().unwrap_or(0),
-                numbers.next().flatten().unwrap_or(0),
-            );
             // SAFETY: access with a NUL-terminated path.
-            let thp = version >= (6, 7)
+            let thp = crate::probe::kernel_version() >= (6, 7)
                 && unsafe {
                     libc::access(c"/sys/kernel/mm/transparent_hugepage".as_ptr(), libc::F_OK)
                 } == 0;
@@ -503,16 +485,8 @@ fn maybe_zapped_pages(r: Range, out: &mut BookVec<usize>) -> Result<()> {
 }
 
 fn pagemap_filter(r: Range, keep: impl Fn(u64) -> bool, out: &mut BookVec<usize>) -> Result<()> {
-    // SAFETY: opening pagemap read-only; closed below.
-    let fd = unsafe {
-        libc::open(
-            c"/proc/self/pagemap".as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(Error::last_os("open /proc/self/pagemap"));
-    }
+    let pagemap = crate::sys::RawFile::open(c"/proc/self/pagemap", libc::O_RDONLY)
+        .map_err(|_| Error::last_os("open /proc/self/pagemap"))?;
     let mut entries = [0u64; 512];
     let mut page = r.start;
     while page < r.end {
@@ -520,7 +494,7 @@ fn pagemap_filter(r: Range, keep: impl Fn(u64) -> bool, out: &mut BookVec<usize>
         // SAFETY: reading n entries into our stack buffer at the page's pagemap offset.
         let got = unsafe {
             libc::pread(
-                fd,
+                pagemap.fd(),
                 entries.as_mut_ptr().cast(),
                 n * 8,
                 (page / PAGE * 8) as libc::off_t,
@@ -536,8 +510,6 @@ fn pagemap_filter(r: Range, keep: impl Fn(u64) -> bool, out: &mut BookVec<usize>
         }
         page += got as usize / 8 * PAGE;
     }
-    // SAFETY: closing our descriptor.
-    unsafe { libc::close(fd) };
     Ok(())
 }
 
