@@ -220,7 +220,7 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Instead: benchmark speculative pre-copy with this policy or `all`, on stable,
-        /// drifting and random workloads (kmod and mprotect, or those of --backends) and a real
+        /// drifting and random workloads (kmod, uffd and mprotect, or those of --backends) and a real
         /// program (perl, kmod).
         #[arg(long, value_parser = PossibleValuesParser::new(policy_names().chain(["all"])))]
         speculate: Option<String>,

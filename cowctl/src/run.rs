@@ -225,12 +225,6 @@ pub fn run(backend: &str, opts: &Options, argv: &[String]) -> Result<u8> {
     }
     let mut opts = opts.clone();
     let backend = choose_backend(backend)?;
-    if opts.speculate.is_some() && backend == "uffd" {
-        bail!(
-            "--speculate: the uffd backend has no pre-copy (its first writes are resolved in the \
-             kernel, there is no fault to save); use kmod or mprotect"
-        );
-    }
     if backend == "lmc" {
         if !crate::program::compiled_with_cowcc(&exe) {
             bail!(

@@ -218,6 +218,7 @@ fn worker(spec: &str) -> Result<()> {
     let mut it = spec.split(',');
     let backend: &'static str = match it.next() {
         Some("kmod") => "kmod",
+        Some("uffd") => "uffd",
         Some("mprotect") => "mprotect",
         other => bail!("bad worker backend {other:?}"),
     };
@@ -372,8 +373,11 @@ pub fn run(policies: &[Policy], only: &[String], workloads: &[String], json: boo
     }
     let runs = |w: Workload| chosen.is_empty() || chosen.contains(&w);
     let wanted = |b: &str| only.is_empty() || only.iter().any(|o| o == b);
-    if let Some(other) = only.iter().find(|o| *o != "kmod" && *o != "mprotect") {
-        bail!("speculation runs on kmod and mprotect, not {other:?}");
+    if let Some(other) = only
+        .iter()
+        .find(|o| !["kmod", "uffd", "mprotect"].contains(&o.as_str()))
+    {
+        bail!("speculation runs on kmod, uffd and mprotect, not {other:?}");
     }
     let mut backends = vec![];
     if wanted("kmod") {
@@ -381,6 +385,14 @@ pub fn run(policies: &[Policy], only: &[String], workloads: &[String], json: boo
             backends.push("kmod");
         } else if !only.is_empty() {
             cow::Cow::open()?;
+        }
+    }
+    if wanted("uffd") {
+        let k = cow::probe::kernel_features();
+        if k.uffd_wp_async.available && k.pagemap_scan.available {
+            backends.push("uffd");
+        } else if !only.is_empty() {
+            bail!("--backends uffd: {}", k.uffd_wp_async.detail);
         }
     }
     if wanted("mprotect") {

@@ -14,6 +14,7 @@
 //!   exponential back-off before it tries again.
 //! - `oracle` (evaluation only): replays the write sets recorded in a previous run.
 
+use crate::book::BookVec;
 use std::str::FromStr;
 
 /// Epochs a page may go unwritten before `stable` forgets it.
@@ -246,8 +247,10 @@ pub struct PrecopyCost {
 pub struct Speculator {
     policy: Policy,
     costs: Costs,
-    /// Predicted pages, sorted, with their unwritten-epoch counts.
-    set: Vec<(u64, u32)>,
+    /// Predicted pages, sorted, with their unwritten-epoch counts. In the book: under uffd and
+    /// mprotect glibc's heap is covered memory, and a restore would rewind a `Vec` there
+    /// under our feet (`free(): invalid pointer`).
+    set: BookVec<(u64, u32)>,
     /// `active`: capacity of the set.
     cap: usize,
     rng: u64,
@@ -279,7 +282,7 @@ impl Speculator {
         Speculator {
             policy,
             costs,
-            set: Vec::new(),
+            set: BookVec::new(),
             cap: 64,
             rng: 0x9E37_79B9_7F4A_7C15,
             off_for: 0,
@@ -328,30 +331,36 @@ impl Speculator {
 
     /// The hint for the epoch that the next snapshot starts.
     pub fn hint(&self) -> Vec<u64> {
+        let mut out = BookVec::new();
+        self.hint_into(&mut out);
+        out.as_slice().to_vec()
+    }
+
+    /// [`Speculator::hint`] into a book vector: no allocator call while threads are stopped,
+    /// nothing in covered memory.
+    pub fn hint_into(&self, out: &mut BookVec<u64>) {
+        out.clear();
+        let set = self.set.as_slice();
         match self.policy {
-            Policy::None => Vec::new(),
+            Policy::None => {}
             Policy::Oracle => match self.progress {
                 Some(clock) if !self.recorded.starts.is_empty() => {
                     // The coming epoch will cover about as much progress as the last one did.
                     let now = clock();
                     let span = now.saturating_sub(self.epoch_start).max(1);
-                    self.recorded.written_between(now, now + span)
+                    out.extend_from_slice(&self.recorded.written_between(now, now + span));
                 }
-                _ => self
-                    .recorded
-                    .epochs
-                    .get(self.epoch)
-                    .cloned()
-                    .unwrap_or_default(),
+                _ => out
+                    .extend_from_slice(self.recorded.epochs.get(self.epoch).map_or(&[][..], |v| v)),
             },
-            Policy::Adaptive if self.off_for > 0 => Vec::new(),
+            Policy::Adaptive if self.off_for > 0 => {}
             Policy::Adaptive if self.probing => {
                 // An evenly spread sample of the set: enough to measure precision and cost,
                 // cheap when the answer is no.
-                let step = self.set.len().div_ceil(PROBE_PAGES).max(1);
-                self.set.iter().step_by(step).map(|e| e.0).collect()
+                let step = set.len().div_ceil(PROBE_PAGES).max(1);
+                set.iter().step_by(step).for_each(|e| out.push(e.0));
             }
-            _ => self.set.iter().map(|e| e.0).collect(),
+            _ => set.iter().for_each(|e| out.push(e.0)),
         }
     }
 
@@ -427,23 +436,25 @@ impl Speculator {
 
     /// Adds the pages of `written` (sorted) not in the set yet, in one merge; returns how many.
     fn merge_new(&mut self, written: &[u64]) -> usize {
-        let mut merged = Vec::with_capacity(self.set.len() + written.len());
+        let set = self.set.as_slice();
+        let mut merged = BookVec::new();
+        merged.reserve(set.len() + written.len());
         let (mut i, mut added) = (0, 0);
         for &p in written {
-            while i < self.set.len() && self.set[i].0 < p {
-                merged.push(self.set[i]);
+            while i < set.len() && set[i].0 < p {
+                merged.push(set[i]);
                 i += 1;
             }
-            if i < self.set.len() && self.set[i].0 == p {
+            if i < set.len() && set[i].0 == p {
                 continue;
             }
-            if merged.last().is_some_and(|e: &(u64, u32)| e.0 == p) {
+            if merged.as_slice().last().is_some_and(|e| e.0 == p) {
                 continue;
             }
             merged.push((p, 0));
             added += 1;
         }
-        merged.extend_from_slice(&self.set[i..]);
+        merged.extend_from_slice(&set[i..]);
         self.set = merged;
         added
     }
@@ -460,15 +471,17 @@ impl Speculator {
         // Shrink by random eviction, preferring pages this epoch did not write.
         while self.set.len() > self.cap {
             let i = (self.random() % self.set.len() as u64) as usize;
-            let p = self.set[i].0;
+            let p = self.set.as_slice()[i].0;
             if written.binary_search(&p).is_err() || self.random().is_multiple_of(4) {
-                self.set.remove(i);
+                let n = self.set.len();
+                self.set.as_mut_slice().copy_within(i + 1.., i);
+                self.set.truncate(n - 1);
             }
         }
     }
 
     fn observe_stable(&mut self, written: &[u64]) {
-        for e in &mut self.set {
+        for e in self.set.as_mut_slice() {
             if written.binary_search(&e.0).is_ok() {
                 e.1 = 0;
             } else {

@@ -581,7 +581,9 @@ impl<T: Tracker> State<T> {
         let precopied = self.left_open.len() as u64;
         let mut hint: BookVec<usize> = BookVec::new();
         if let Some(s) = self.speculator.as_mut() {
-            let w: Vec<u64> = written.iter().map(|&p| p as u64).collect();
+            let mut w: BookVec<u64> = BookVec::new();
+            w.reserve(written.len());
+            written.iter().for_each(|&p| w.push(p as u64));
             // Charged to speculation: last time's hinting (unprotecting), and this snapshot's
             // comparisons of the pages it left writable that were not written (written ones
             // are compared and copied with or without speculation).
@@ -593,9 +595,17 @@ impl<T: Tracker> State<T> {
                 per_pages_ns: extra,
                 probe: self.left_open_probe,
             };
-            s.observe(&w, precopied, useful, faults - self.faults_at_last, cost);
+            s.observe(
+                w.as_slice(),
+                precopied,
+                useful,
+                faults - self.faults_at_last,
+                cost,
+            );
             self.left_open_probe = s.hint_is_probe();
-            for p in s.hint() {
+            let mut predicted = BookVec::new();
+            s.hint_into(&mut predicted);
+            for &p in predicted.as_slice() {
                 hint.push(p as usize);
             }
         } else {
