@@ -243,14 +243,78 @@ pub struct PrecopyCost {
     pub probe: bool,
 }
 
+/// The predicted pages, `(page, epochs unwritten)`, sorted: in the allocator's heap or in
+/// libcow's book, wherever the speculator itself lives ([`Speculator::kept_in_book`]).
+enum PageSet {
+    Heap(Vec<(u64, u32)>),
+    Book(BookVec<(u64, u32)>),
+}
+
+impl PageSet {
+    fn as_slice(&self) -> &[(u64, u32)] {
+        match self {
+            PageSet::Heap(v) => v,
+            PageSet::Book(v) => v.as_slice(),
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [(u64, u32)] {
+        match self {
+            PageSet::Heap(v) => v,
+            PageSet::Book(v) => v.as_mut_slice(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    /// An empty set kept where this one is, with room for `capacity`.
+    fn empty_like(&self, capacity: usize) -> PageSet {
+        match self {
+            PageSet::Heap(_) => PageSet::Heap(Vec::with_capacity(capacity)),
+            PageSet::Book(_) => {
+                let mut v = BookVec::new();
+                v.reserve(capacity);
+                PageSet::Book(v)
+            }
+        }
+    }
+
+    fn push(&mut self, e: (u64, u32)) {
+        match self {
+            PageSet::Heap(v) => v.push(e),
+            PageSet::Book(v) => v.push(e),
+        }
+    }
+
+    fn remove(&mut self, i: usize) {
+        match self {
+            PageSet::Heap(v) => {
+                v.remove(i);
+            }
+            PageSet::Book(v) => {
+                let n = v.len();
+                v.as_mut_slice().copy_within(i + 1.., i);
+                v.truncate(n - 1);
+            }
+        }
+    }
+
+    fn retain_unwritten_for_less_than(&mut self, epochs: u32) {
+        match self {
+            PageSet::Heap(v) => v.retain(|e| e.1 < epochs),
+            PageSet::Book(v) => v.retain(|e| e.1 < epochs),
+        }
+    }
+}
+
 /// A policy's state.
 pub struct Speculator {
     policy: Policy,
     costs: Costs,
-    /// Predicted pages, sorted, with their unwritten-epoch counts. In the book: under uffd and
-    /// mprotect glibc's heap is covered memory, and a restore would rewind a `Vec` there
-    /// under our feet (`free(): invalid pointer`).
-    set: BookVec<(u64, u32)>,
+    /// Predicted pages, sorted, with their unwritten-epoch counts.
+    set: PageSet,
     /// `active`: capacity of the set.
     cap: usize,
     rng: u64,
@@ -282,7 +346,7 @@ impl Speculator {
         Speculator {
             policy,
             costs,
-            set: BookVec::new(),
+            set: PageSet::Heap(Vec::new()),
             cap: 64,
             rng: 0x9E37_79B9_7F4A_7C15,
             off_for: 0,
@@ -329,17 +393,31 @@ impl Speculator {
         self.off_for > 0
     }
 
-    /// The hint for the epoch that the next snapshot starts.
-    pub fn hint(&self) -> Vec<u64> {
-        let mut out = BookVec::new();
-        self.hint_into(&mut out);
-        out.as_slice().to_vec()
+    /// Keeps the policy's state in libcow's book instead of the allocator's heap: for an owner
+    /// that lives in the book itself (the uffd and mprotect backends' state). What a restore
+    /// of the program's memory rewinds must be all or none of the speculator: under uffd and
+    /// mprotect glibc's heap is covered, and a `Vec` there under a header in the book was
+    /// rewound under the checkpointer (`free(): invalid pointer`); under cow.ko the backend
+    /// itself is in covered memory, and a book vector under a rewound header was freed twice.
+    pub fn kept_in_book(mut self) -> Self {
+        self.set = PageSet::Book(BookVec::new());
+        self
     }
 
-    /// [`Speculator::hint`] into a book vector: no allocator call while threads are stopped,
-    /// nothing in covered memory.
+    /// The hint for the epoch that the next snapshot starts.
+    pub fn hint(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        self.hint_each(|p| out.push(p));
+        out
+    }
+
+    /// [`Speculator::hint`] into a book vector (no allocator call while threads are stopped).
     pub fn hint_into(&self, out: &mut BookVec<u64>) {
         out.clear();
+        self.hint_each(|p| out.push(p));
+    }
+
+    fn hint_each(&self, mut out: impl FnMut(u64)) {
         let set = self.set.as_slice();
         match self.policy {
             Policy::None => {}
@@ -348,19 +426,27 @@ impl Speculator {
                     // The coming epoch will cover about as much progress as the last one did.
                     let now = clock();
                     let span = now.saturating_sub(self.epoch_start).max(1);
-                    out.extend_from_slice(&self.recorded.written_between(now, now + span));
+                    self.recorded
+                        .written_between(now, now + span)
+                        .into_iter()
+                        .for_each(out);
                 }
-                _ => out
-                    .extend_from_slice(self.recorded.epochs.get(self.epoch).map_or(&[][..], |v| v)),
+                _ => self
+                    .recorded
+                    .epochs
+                    .get(self.epoch)
+                    .map_or(&[][..], |v| v)
+                    .iter()
+                    .for_each(|&p| out(p)),
             },
             Policy::Adaptive if self.off_for > 0 => {}
             Policy::Adaptive if self.probing => {
                 // An evenly spread sample of the set: enough to measure precision and cost,
                 // cheap when the answer is no.
                 let step = set.len().div_ceil(PROBE_PAGES).max(1);
-                set.iter().step_by(step).for_each(|e| out.push(e.0));
+                set.iter().step_by(step).for_each(|e| out(e.0));
             }
-            _ => set.iter().for_each(|e| out.push(e.0)),
+            _ => set.iter().for_each(|e| out(e.0)),
         }
     }
 
@@ -437,8 +523,7 @@ impl Speculator {
     /// Adds the pages of `written` (sorted) not in the set yet, in one merge; returns how many.
     fn merge_new(&mut self, written: &[u64]) -> usize {
         let set = self.set.as_slice();
-        let mut merged = BookVec::new();
-        merged.reserve(set.len() + written.len());
+        let mut merged = self.set.empty_like(set.len() + written.len());
         let (mut i, mut added) = (0, 0);
         for &p in written {
             while i < set.len() && set[i].0 < p {
@@ -448,13 +533,17 @@ impl Speculator {
             if i < set.len() && set[i].0 == p {
                 continue;
             }
-            if merged.as_slice().last().is_some_and(|e| e.0 == p) {
+            if merged
+                .as_slice()
+                .last()
+                .is_some_and(|e: &(u64, u32)| e.0 == p)
+            {
                 continue;
             }
             merged.push((p, 0));
             added += 1;
         }
-        merged.extend_from_slice(&set[i..]);
+        set[i..].iter().for_each(|&e| merged.push(e));
         self.set = merged;
         added
     }
@@ -473,9 +562,7 @@ impl Speculator {
             let i = (self.random() % self.set.len() as u64) as usize;
             let p = self.set.as_slice()[i].0;
             if written.binary_search(&p).is_err() || self.random().is_multiple_of(4) {
-                let n = self.set.len();
-                self.set.as_mut_slice().copy_within(i + 1.., i);
-                self.set.truncate(n - 1);
+                self.set.remove(i);
             }
         }
     }
@@ -488,7 +575,7 @@ impl Speculator {
                 e.1 += 1;
             }
         }
-        self.set.retain(|e| e.1 < STABLE_EPOCHS);
+        self.set.retain_unwritten_for_less_than(STABLE_EPOCHS);
         self.merge_new(written);
     }
 

@@ -1136,7 +1136,8 @@ impl<T: Tracker> Backend for Shadow<T> {
                 crate::speculate::Speculator::oracle(r, costs)
             }
             (p, _) => crate::speculate::Speculator::new(p, costs),
-        };
+        }
+        .kept_in_book();
         self.lock().speculator = Some(s);
         Ok(())
     }
