@@ -225,6 +225,12 @@ pub fn run(backend: &str, opts: &Options, argv: &[String]) -> Result<u8> {
     }
     let mut opts = opts.clone();
     let backend = choose_backend(backend)?;
+    if opts.speculate.is_some() && backend == "fork" {
+        bail!(
+            "--speculate: the fork backend takes no first-write faults to save (a snapshot is a \
+             forked process); use kmod, uffd or mprotect"
+        );
+    }
     if backend == "lmc" {
         if !crate::program::compiled_with_cowcc(&exe) {
             bail!(
