@@ -21,6 +21,8 @@ pub mod recovery;
 pub mod report;
 pub mod speculate;
 mod sys;
+/// A number in decimal into a stack buffer, without allocating.
+pub use sys::format_decimal;
 /// CLOCK_MONOTONIC in nanoseconds (the clock cow.ko's snapshot times use).
 pub use sys::monotonic_ns;
 pub use sys::read_process;

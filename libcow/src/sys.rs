@@ -154,6 +154,20 @@ impl Drop for RawFile {
     }
 }
 
+/// `v` in decimal at the end of `buf`, returning the digits (no allocation: usable inside
+/// `malloc` and while other threads are stopped).
+pub fn format_decimal(mut v: u64, buf: &mut [u8; 24]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
 /// `prefix`, `n` in decimal, `suffix` and a NUL, built in `buf` without allocating
 /// (`/proc/self/task/TID/stat` while other threads are stopped).
 pub(crate) fn path_with_number<'a>(
@@ -162,19 +176,10 @@ pub(crate) fn path_with_number<'a>(
     n: u64,
     suffix: &[u8],
 ) -> &'a std::ffi::CStr {
-    let mut digits = [0u8; 20];
-    let mut d = digits.len();
-    let mut v = n;
-    loop {
-        d -= 1;
-        digits[d] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
+    let mut digits = [0u8; 24];
+    let digits = format_decimal(n, &mut digits);
     let mut w = 0;
-    for &c in prefix.iter().chain(&digits[d..]).chain(suffix) {
+    for &c in prefix.iter().chain(digits).chain(suffix) {
         buf[w] = c;
         w += 1;
     }

@@ -265,7 +265,7 @@ fn publish_fd() {
     use std::os::fd::{AsFd, AsRawFd};
     if let Some(cow) = space() {
         let mut buf = [0u8; 24];
-        let text = raw::format_decimal(cow.as_fd().as_raw_fd() as u64, &mut buf);
+        let text = cow::format_decimal(cow.as_fd().as_raw_fd() as u64, &mut buf);
         let mut cstr = [0u8; 24];
         cstr[..text.len()].copy_from_slice(text);
         // SAFETY: both strings are NUL-terminated and outlive the call; setenv copies them.

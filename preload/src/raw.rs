@@ -6,20 +6,6 @@ pub(crate) fn write_stderr(bytes: &[u8]) {
     unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
 }
 
-/// Formats `v` in decimal into `buf`, returning the digits.
-pub(crate) fn format_decimal(mut v: u64, buf: &mut [u8; 24]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    &buf[i..]
-}
-
 extern "C" {
     static environ: *const *const std::ffi::c_char;
 }

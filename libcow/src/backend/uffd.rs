@@ -72,7 +72,6 @@ pub struct Uffd {
     uffd: OwnedFd,
     pagemap: OwnedFd,
     ranges: BookVec<Range>,
-    written: u64,
     /// Pages written that had been write-protected: the faults the kernel resolved (pages
     /// left writable by speculation are reported without one).
     faults: u64,
@@ -140,7 +139,6 @@ impl Uffd {
             uffd,
             pagemap,
             ranges: BookVec::new(),
-            written: 0,
             faults: 0,
             left_writable: BookVec::new(),
             own: false,
@@ -342,12 +340,16 @@ impl Tracker for Uffd {
             }
         }
         out.as_mut_slice()[before..].sort_unstable();
-        self.written += (out.len() - before) as u64;
+        let reported = &out.as_slice()[before..];
         let left = self.left_writable.as_slice();
-        self.faults += out.as_slice()[before..]
-            .iter()
-            .filter(|p| left.binary_search(p).is_err())
-            .count() as u64;
+        self.faults += if left.is_empty() {
+            reported.len() as u64
+        } else {
+            reported
+                .iter()
+                .filter(|p| left.binary_search(p).is_err())
+                .count() as u64
+        };
         self.left_writable.clear();
         Ok(())
     }
