@@ -36,7 +36,14 @@ module_param(batch_wrprotect, bool, 0644);
 MODULE_PARM_DESC(batch_wrprotect,
 		 "Write-protect a snapshot's written pages in runs (one page-table walk and TLB flush per run) where the kernel can; 0: one rmap walk per page (for comparison)");
 
+static unsigned int fault_around = 16;
+module_param(fault_around, uint, 0644);
+MODULE_PARM_DESC(fault_around,
+		 "Most pages a first write in a sequential run also saves and maps writable ahead of the writer (capped at 32); 0: off (for comparison)");
+
 unsigned int cow_param_max_snapshots(void);
+unsigned int cow_param_fault_around(void);
+vm_fault_t cow_map_writable_at(struct vm_fault *vmf, unsigned long ahead, struct page *page);
 unsigned long cow_param_max_held_mib(void);
 unsigned long cow_page_to_pfn(struct page *page);
 int cow_wrprotect_page(struct address_space *mapping, pgoff_t pgoff, struct page *page);
@@ -51,6 +58,31 @@ void cow_sort_u64(u64 *v, size_t n);
 unsigned int cow_param_max_snapshots(void)
 {
 	return READ_ONCE(max_snapshots);
+}
+
+unsigned int cow_param_fault_around(void)
+{
+	return READ_ONCE(fault_around);
+}
+
+/*
+ * Maps @page writable @ahead pages past the address of @vmf, a write fault in progress on one
+ * of our VMAs (its lock held): the same call the fault itself ends with, for a neighbour the
+ * caller has already saved. An existing read-only PTE of @page is upgraded, a missing one
+ * installed. The caller keeps the address inside the VMA.
+ */
+vm_fault_t cow_map_writable_at(struct vm_fault *vmf, unsigned long ahead, struct page *page)
+{
+	struct vm_fault at = {
+		.vma = vmf->vma,
+		.gfp_mask = vmf->gfp_mask,
+		.pgoff = vmf->pgoff + ahead,
+		.address = vmf->address + ahead * PAGE_SIZE,
+		.real_address = vmf->address + ahead * PAGE_SIZE,
+		.flags = vmf->flags,
+	};
+
+	return vmf_insert_page_mkwrite(&at, page, true);
 }
 
 unsigned long cow_param_max_held_mib(void)

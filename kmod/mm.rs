@@ -29,6 +29,12 @@ extern "C" {
     fn cow_sort_u64(v: *mut u64, n: usize);
     fn cow_param_max_snapshots() -> core::ffi::c_uint;
     fn cow_param_max_held_mib() -> core::ffi::c_ulong;
+    fn cow_param_fault_around() -> core::ffi::c_uint;
+    fn cow_map_writable_at(
+        vmf: *mut core::ffi::c_void,
+        ahead: core::ffi::c_ulong,
+        page: *mut core::ffi::c_void,
+    ) -> core::ffi::c_uint;
 }
 
 /// The `max_snapshots` and `max_held_mib` module parameters (sysfs-visible, defined in
@@ -36,6 +42,13 @@ extern "C" {
 pub(crate) fn params() -> (u32, u64) {
     // SAFETY: both helpers only READ_ONCE a module-lifetime static.
     unsafe { (cow_param_max_snapshots(), cow_param_max_held_mib() as u64) }
+}
+
+/// The `fault_around` module parameter: most pages a sequential first write saves ahead of
+/// the writer.
+pub(crate) fn fault_around_param() -> usize {
+    // SAFETY: the helper only READ_ONCEs a module-lifetime static.
+    unsafe { cow_param_fault_around() as usize }
 }
 
 /// Copies the contents of page `src` into page `dst`: a fresh page, or (an in-place restore)
@@ -152,6 +165,20 @@ pub(crate) unsafe fn insert(vmf: *mut bindings::vm_fault, page: *mut bindings::p
     // SAFETY: guaranteed by the caller; vmf_insert_page_mkwrite takes its own page reference
     // and the PTE lock, and returns VM_FAULT_NOPAGE on success.
     unsafe { bindings::vmf_insert_page_mkwrite(vmf, page, write) }
+}
+
+/// Maps `page` writable `ahead` pages past the faulting address of `vmf` (fault-around of a
+/// first write). Returns the fault code (`VM_FAULT_NOPAGE` on success).
+///
+/// # Safety
+///
+/// As for [`insert`], and the address `ahead` pages on must lie inside the faulting VMA, at
+/// the page offset whose current page is `page`.
+pub(crate) unsafe fn insert_ahead(vmf: *mut bindings::vm_fault, ahead: usize, page: *mut bindings::page) -> bindings::vm_fault_t {
+    // SAFETY: guaranteed by the caller: the VMA's lock is held for the fault in progress, the
+    // address is inside it, and the page is the current one at that offset, so the helper's
+    // vmf_insert_page_mkwrite either upgrades a read-only PTE of this very page or installs it.
+    unsafe { cow_map_writable_at(vmf.cast(), ahead as _, page.cast()) }
 }
 
 /// Copies a whole page into `dst` (at least a page long).

@@ -67,6 +67,9 @@ pub(crate) struct Snapshot {
     /// Pages pre-copied into `saved` at this snapshot and left writable (sorted): at the next
     /// snapshot the unchanged ones are dropped again.
     precopied: KVVec<usize>,
+    /// Pages saved ahead of a sequential writer at a first write and made writable with it
+    /// (fault-around): at the next snapshot the unchanged ones are dropped again.
+    around: KVVec<usize>,
 }
 
 impl Snapshot {
@@ -108,6 +111,66 @@ pub(crate) struct SpaceState {
     pub(crate) stats: abi::CowStats,
     /// Page indices to pre-copy at quiesced snapshots (sorted).
     pub(crate) hint: KVVec<usize>,
+    /// The sequential run the first writes of this epoch are following, for fault-around.
+    sequence: Sequence,
+}
+
+/// Most pages one first write saves ahead of the writer (the `fault_around` parameter is capped
+/// here): bounds the copies made in one fault and the list the fault hook keeps on its stack.
+pub(crate) const MAX_AROUND: usize = 32;
+
+/// A sequential writer detected by its first writes, as readahead detects a sequential reader:
+/// a first write at `next` (the page right after what the previous first write made writable)
+/// continues the run and doubles the window saved ahead of it; any other resets it.
+#[derive(Clone, Copy)]
+struct Sequence {
+    next: usize,
+    window: usize,
+    /// Pages the previous first write saved ahead (the newest snapshot's last `around` entries).
+    saved: usize,
+}
+
+impl Sequence {
+    const NONE: Sequence = Sequence { next: usize::MAX, window: 0, saved: 0 };
+}
+
+/// Pages a first write saved ahead of the writer: the current pages at `idx + 1 ..`, for the
+/// fault hook to map writable with the faulting page.
+pub(crate) struct Ahead {
+    pub(crate) pages: [*mut kernel::bindings::page; MAX_AROUND],
+    pub(crate) len: usize,
+}
+
+impl Ahead {
+    pub(crate) fn new() -> Self {
+        Ahead { pages: [core::ptr::null_mut(); MAX_AROUND], len: 0 }
+    }
+}
+
+/// Drops the images in `snap` of the pages listed in `list` (copied ahead of any write and
+/// left writable, now write-protected or quiesced) whose current page still equals the image:
+/// nothing wrote them, so the image is the page itself. Returns how many were written.
+fn drop_unwritten(
+    list: &[usize],
+    snap: &mut Snapshot,
+    pages: &RBTree<usize, Page>,
+    bytes_held: &mut u64,
+) -> u64 {
+    let mut written = 0;
+    for &idx in list {
+        let unchanged = match (snap.saved.get(&idx), pages.get(&idx)) {
+            (Some(Some(copy)), Some(page)) => mm::same_page(copy.as_ptr(), page.as_ptr()),
+            _ => false,
+        };
+        if unchanged {
+            snap.saved.remove(&idx);
+            snap.copies -= 1;
+            *bytes_held -= PAGE_SIZE as u64;
+        } else {
+            written += 1;
+        }
+    }
+    written
 }
 
 /// What a fault found, for the caller to install.
@@ -181,6 +244,7 @@ impl SpaceState {
             limits,
             stats: abi::CowStats::default(),
             hint: KVVec::new(),
+            sequence: Sequence::NONE,
         }
     }
 
@@ -190,12 +254,16 @@ impl SpaceState {
 
     /// Looks up (or creates, zeroed) the current page at `idx` for a fault, and applies the
     /// first-write rule when `write` is set. `expected` is the page the faulting PTE mapped, for
-    /// write-protect faults (`page_mkwrite`).
+    /// write-protect faults (`page_mkwrite`). A first write that continues a sequential run
+    /// also saves up to `room` pages after `idx` (those the faulting VMA maps) into `ahead`,
+    /// for the caller to map writable with the faulting page.
     pub(crate) fn fault(
         &mut self,
         idx: usize,
         write: bool,
         expected: Option<*mut kernel::bindings::page>,
+        room: usize,
+        ahead: &mut Ahead,
     ) -> Result<FaultPage> {
         let present = self.pages.get(&idx).map(|p| p.as_ptr());
         let page_ptr = match (present, expected) {
@@ -226,7 +294,9 @@ impl SpaceState {
             }
         };
         if write {
-            self.save_pre_image(idx, page_ptr)?;
+            if self.save_pre_image(idx, page_ptr)? {
+                self.save_ahead(idx, room, ahead);
+            }
         } else {
             self.stats.other_faults += 1;
         }
@@ -238,7 +308,8 @@ impl SpaceState {
     /// copy goes). The byte budget evicts older snapshots only: the newest one (the one a
     /// program is about to roll back to) is never lost silently; its pre-images are bounded by
     /// the space's size (one per page).
-    fn save_pre_image(&mut self, idx: usize, page: *mut kernel::bindings::page) -> Result {
+    /// Returns whether it copied (a true first write).
+    fn save_pre_image(&mut self, idx: usize, page: *mut kernel::bindings::page) -> Result<bool> {
         let max_bytes = self.limits.max_bytes;
         if self.held_bytes() + PAGE_SIZE as u64 > max_bytes
             && self.snapshots.last().is_some_and(|newest| newest.saved.get(&idx).is_none())
@@ -250,11 +321,11 @@ impl SpaceState {
         let Some(newest) = self.snapshots.last_mut() else {
             // Nothing to preserve before the first snapshot.
             self.stats.other_faults += 1;
-            return Ok(());
+            return Ok(false);
         };
         let Entry::Vacant(slot) = newest.saved.entry(idx) else {
             self.stats.other_faults += 1;
-            return Ok(());
+            return Ok(false);
         };
         let start = now_ns();
         let copy = Page::alloc_page(GFP)?;
@@ -266,7 +337,62 @@ impl SpaceState {
         self.stats.bytes_held += PAGE_SIZE as u64;
         self.stats.first_write_faults += 1;
         self.stats.fault_ns += now_ns().saturating_sub(start);
-        Ok(())
+        Ok(true)
+    }
+
+    /// Fault-around: after a first write at `idx` that continues a sequential run, saves the
+    /// next pages (at most the window, `room` and [`MAX_AROUND`]) into the newest snapshot as
+    /// if they had been written, and lists them in `ahead` to be mapped writable now, so the
+    /// writer's next pages cost no fault. A window grows by doubling while the writer keeps
+    /// reaching its end; a random writer continues a run only by chance, and then wastes one
+    /// copy. Stops at the first page that is absent, already saved, or over the byte budget
+    /// (fault-around never evicts a snapshot); a failed allocation just ends it.
+    fn save_ahead(&mut self, idx: usize, room: usize, ahead: &mut Ahead) {
+        let max = mm::fault_around_param().min(MAX_AROUND);
+        let continues = idx == self.sequence.next;
+        let window = if max > 0 && continues {
+            (self.sequence.window * 2).clamp(1, max)
+        } else {
+            0
+        };
+        let start = now_ns();
+        if let Some(newest) = self.snapshots.last_mut() {
+            if continues {
+                // The writer ran through the previous window to its end: count it written, so
+                // the next snapshot compares only the last window of a run (a window the writer
+                // skipped part of only keeps an image equal to its page, which restores the same).
+                let len = newest.around.len();
+                let confirmed = self.sequence.saved.min(len);
+                newest.around.truncate(len - confirmed);
+                self.stats.around_useful += confirmed as u64;
+            }
+            for j in idx + 1..=idx + window.min(room) {
+                let Some(page) = self.pages.get(&j).map(|p| p.as_ptr()) else { break };
+                let held = self.stats.bytes_held + (ahead.len as u64 + 1) * PAGE_SIZE as u64;
+                if held > self.limits.max_bytes {
+                    break;
+                }
+                let Entry::Vacant(slot) = newest.saved.entry(j) else { break };
+                let (Ok(copy), Ok(node)) = (Page::alloc_page(GFP), RBTreeNodeReservation::new(GFP))
+                else {
+                    break;
+                };
+                if newest.around.push(j, GFP).is_err() {
+                    break;
+                }
+                mm::copy_page(copy.as_ptr(), page);
+                slot.insert(Some(copy), node);
+                newest.copies += 1;
+                ahead.pages[ahead.len] = page;
+                ahead.len += 1;
+            }
+        }
+        let saved = ahead.len as u64;
+        self.stats.pages_saved += saved;
+        self.stats.bytes_held += saved * PAGE_SIZE as u64;
+        self.stats.around_pages += saved;
+        self.stats.fault_ns += now_ns().saturating_sub(start);
+        self.sequence = Sequence { next: idx + 1 + ahead.len, window, saved: ahead.len };
     }
 
     /// Merges the oldest snapshot away (nothing older needs its pre-images).
@@ -356,6 +482,7 @@ impl SpaceState {
             saved: RBTree::new(),
             copies: 0,
             precopied: KVVec::new(),
+            around: KVVec::new(),
         };
         // Pinned pages: without their copies the snapshot would not be exact, so a failure here
         // fails the snapshot. Nothing has changed yet but write-protected PTEs, which only
@@ -367,24 +494,17 @@ impl SpaceState {
             snap.copies += 1;
         }
         let precopy_start = now_ns();
-        // Pre-copies of the epoch that ends that were never written: their image is the page
-        // itself, so drop them (every such page is write-protected or quiesced now).
+        // Pre-copies and fault-around copies of the epoch that ends that were never written:
+        // their image is the page itself, so drop them (every such page is write-protected or
+        // quiesced now).
         if let Some(newest) = self.snapshots.last_mut() {
             let precopied = core::mem::take(&mut newest.precopied);
-            for &idx in precopied.iter() {
-                let unchanged = match (newest.saved.get(&idx), self.pages.get(&idx)) {
-                    (Some(Some(copy)), Some(page)) => mm::same_page(copy.as_ptr(), page.as_ptr()),
-                    _ => false,
-                };
-                if unchanged {
-                    newest.saved.remove(&idx);
-                    newest.copies -= 1;
-                    self.stats.bytes_held -= PAGE_SIZE as u64;
-                } else {
-                    self.stats.precopy_useful += 1;
-                }
-            }
+            let around = core::mem::take(&mut newest.around);
+            let held = &mut self.stats.bytes_held;
+            self.stats.precopy_useful += drop_unwritten(&precopied, newest, &self.pages, held);
+            self.stats.around_useful += drop_unwritten(&around, newest, &self.pages, held);
         }
+        self.sequence = Sequence::NONE;
         self.stats.bytes_held += snap.copies * PAGE_SIZE as u64;
         self.stats.pages_saved += snap.copies;
         for &(idx, page) in keep.iter() {
@@ -487,6 +607,8 @@ impl SpaceState {
         }
         self.snapshots.truncate(k + 1);
         self.snapshots[k].precopied.clear();
+        self.snapshots[k].around.clear();
+        self.sequence = Sequence::NONE;
         self.stats.restores += 1;
         self.stats.restore_ns += now_ns().saturating_sub(start);
         Ok(())
@@ -570,6 +692,8 @@ impl SpaceState {
             }
         }
         snap.precopied.clear();
+        snap.around.clear();
+        self.sequence = Sequence::NONE;
         self.stats.restores += 1;
         self.stats.restore_ns += now_ns().saturating_sub(start);
         Ok(())
@@ -631,10 +755,12 @@ impl SpaceState {
         // The only allocation comes first: the dropped snapshot's pre-copies join the older
         // one's list. After `remove` nothing can fail.
         if j > 0 {
-            let n = self.snapshots[j].precopied.len();
+            let (n, m) = (self.snapshots[j].precopied.len(), self.snapshots[j].around.len());
             self.snapshots[j - 1].precopied.reserve(n, gfp_user_sized())?;
+            self.snapshots[j - 1].around.reserve(m, gfp_user_sized())?;
         }
         let gone = self.snapshots.remove(j).map_err(|_| EINVAL)?;
+        self.sequence = Sequence::NONE;
         self.stats.bytes_held -= gone.copies * PAGE_SIZE as u64;
         if j == 0 {
             return Ok(()); // nothing older: the pre-images are not needed by anyone
@@ -645,6 +771,9 @@ impl SpaceState {
             older.precopied.push_within_capacity(idx).map_err(|_| ENOMEM)?;
         }
         mm::sort_indices(older.precopied.as_mut_slice());
+        for &idx in gone.around.iter() {
+            older.around.push_within_capacity(idx).map_err(|_| ENOMEM)?;
+        }
         older.absorb(gone.saved, &mut self.stats.bytes_held);
         Ok(())
     }
@@ -668,9 +797,26 @@ impl SpaceState {
     pub(crate) fn dirty_since(&self, id: u64, epoch_only: bool) -> Result<KVVec<u64>> {
         let k = self.position(id)?;
         let end = if epoch_only { k + 1 } else { self.snapshots.len() };
+        // Pages the open epoch copied ahead of any write (pre-copies, fault-around) and that
+        // still equal their image were not written: they are not reported.
+        let mut unwritten = KVVec::new();
+        if let Some(newest) = self.snapshots[k..end].last().filter(|_| end == self.snapshots.len()) {
+            for &idx in Iterator::chain(newest.precopied.iter(), newest.around.iter()) {
+                if let (Some(Some(copy)), Some(page)) = (newest.saved.get(&idx), self.pages.get(&idx)) {
+                    if mm::same_page(copy.as_ptr(), page.as_ptr()) {
+                        unwritten.push(idx, gfp_user_sized())?;
+                    }
+                }
+            }
+            mm::sort_indices(unwritten.as_mut_slice());
+        }
         let mut out = KVVec::new();
-        for snap in &self.snapshots[k..end] {
+        for (i, snap) in self.snapshots[k..end].iter().enumerate() {
+            let newest = k + i + 1 == self.snapshots.len();
             for (idx, _) in snap.saved.iter() {
+                if newest && unwritten.binary_search(idx).is_ok() {
+                    continue;
+                }
                 out.push(*idx as u64, gfp_user_sized())?;
             }
             mm::cond_resched();

@@ -6,9 +6,13 @@
 //! install the PTE with the space's mutex held, so snapshots and restores never race a PTE.
 
 use crate::mm;
-use crate::space::FaultPage;
+use crate::space::{Ahead, FaultPage};
 use crate::Space;
-use kernel::{bindings, mm::virt::VmaNew, prelude::*};
+use kernel::{
+    bindings,
+    mm::virt::{VmaNew, VmaRef},
+    prelude::*,
+};
 
 /// The space's vm operations. `page_mkwrite` being set also makes the core map shared pages
 /// read-only until written (`vma_wants_writenotify`), which is what arms the first-write hook.
@@ -64,9 +68,15 @@ pub(crate) fn mmap(space: &Space, vma: &VmaNew) -> Result {
 unsafe fn handle(vmf: *mut bindings::vm_fault, write: bool, expected: Option<*mut bindings::page>) -> bindings::vm_fault_t {
     // SAFETY: the caller passes a live vm_fault whose VMA was set up by `mmap`, so
     // vm_private_data points at the space, alive while the VMA holds the file.
-    let (space, pgoff) = unsafe {
-        let vma = (*vmf).__bindgen_anon_1.vma;
-        (&*((*vma).vm_private_data as *const Space), (*vmf).__bindgen_anon_1.pgoff as usize)
+    // The VMA is locked for the fault in progress (mmap or per-VMA read lock), as `VmaRef`
+    // requires.
+    let (space, pgoff, room) = unsafe {
+        let raw = (*vmf).__bindgen_anon_1.vma;
+        let vma = VmaRef::from_raw(raw);
+        // Pages the VMA maps after the faulting one: how far fault-around may go.
+        let address = (*vmf).__bindgen_anon_1.address as usize;
+        let room = ((vma.end() - address) >> bindings::PAGE_SHIFT).saturating_sub(1);
+        (&*((*raw).vm_private_data as *const Space), (*vmf).__bindgen_anon_1.pgoff as usize, room)
     };
     // Defence in depth: the offset was checked in `mmap`, and VM_DONTEXPAND keeps it so, but a
     // VMA the driver never saw must get SIGBUS, never an underflow.
@@ -74,11 +84,24 @@ unsafe fn handle(vmf: *mut bindings::vm_fault, write: bool, expected: Option<*mu
     let Some(idx) = pgoff.checked_sub(space.base).filter(|&i| i < limit) else {
         return bindings::vm_fault_reason_VM_FAULT_SIGBUS;
     };
+    let mut ahead = Ahead::new();
     let mut state = space.state.lock();
-    match state.fault(idx, write, expected) {
-        // SAFETY: live vm_fault (caller); the page is owned by the space, which keeps it until
-        // it zaps this PTE under the same mutex we hold now.
-        Ok(FaultPage::Map(page)) => unsafe { mm::insert(vmf, page, write) },
+    match state.fault(idx, write, expected, room, &mut ahead) {
+        Ok(FaultPage::Map(page)) => {
+            // SAFETY: live vm_fault (caller); the page is owned by the space, which keeps it
+            // until it zaps this PTE under the same mutex we hold now.
+            let code = unsafe { mm::insert(vmf, page, write) };
+            // Fault-around: the pages saved ahead of the writer become writable too, still
+            // under the mutex. A failure only leaves a page read-only: its next write faults
+            // and finds its image already saved.
+            for (i, &next) in ahead.pages[..ahead.len].iter().enumerate() {
+                // SAFETY: live vm_fault of this VMA; `space.fault` kept `i + 1 <= room`, so the
+                // address is inside the VMA, and `next` is the current page at `pgoff + i + 1`,
+                // owned by the space until it zaps the PTE under the mutex held here.
+                unsafe { mm::insert_ahead(vmf, i + 1, next) };
+            }
+            code
+        }
         Ok(FaultPage::Stale) => bindings::vm_fault_reason_VM_FAULT_NOPAGE,
         Err(e) if e == ENOMEM => bindings::vm_fault_reason_VM_FAULT_OOM,
         Err(_) => bindings::vm_fault_reason_VM_FAULT_SIGBUS,

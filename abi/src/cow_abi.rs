@@ -225,6 +225,11 @@ pub struct CowStats {
     pub precopy_useful: u64,
     /// Nanoseconds spent pre-copying and checking pre-copies at snapshots.
     pub precopy_ns: u64,
+    /// Pages saved and made writable ahead of a sequential writer at its first writes
+    /// (fault-around; counted in `pages_saved` too).
+    pub around_pages: u64,
+    /// Of those, pages that were then written before the next snapshot.
+    pub around_useful: u64,
 }
 
 /// Argument of [`COW_IOC_READ`]: bytes of covered memory as they were at a snapshot.
@@ -358,7 +363,7 @@ const _: () = assert!(core::mem::size_of::<CowVersion>() == COW_VERSION_SIZE_V1 
 const _: () = assert!(core::mem::size_of::<CowId>() == 16);
 const _: () = assert!(core::mem::size_of::<CowSnapshotInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<CowList>() == 24);
-const _: () = assert!(core::mem::size_of::<CowStats>() == 128);
+const _: () = assert!(core::mem::size_of::<CowStats>() == 144);
 const _: () = assert!(core::mem::size_of::<CowHint>() == 24);
 const _: () = assert!(core::mem::size_of::<CowRead>() == 40);
 const _: () = assert!(core::mem::size_of::<CowDirty>() == 40);

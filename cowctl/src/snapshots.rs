@@ -272,6 +272,8 @@ pub fn stats(pid: i32, json: bool) -> Result<()> {
             s.precopy_useful as f64 / (s.precopy_useful + s.first_write_faults) as f64
         },
         "faults_avoided": s.precopy_useful,
+        "around_pages": s.around_pages,
+        "around_useful": s.around_useful,
     });
     print_stats(&v, json)
 }

@@ -365,6 +365,8 @@ impl Backend for Kmod {
             restore_ns: s.restore_ns,
             precopied: s.precopied_pages,
             precopy_useful: s.precopy_useful,
+            around_pages: s.around_pages,
+            around_useful: s.around_useful,
         }
     }
 }

@@ -815,6 +815,8 @@ impl Backend for Lmc {
             restore_ns: st.restore_ns,
             precopied: 0,
             precopy_useful: 0,
+            around_pages: 0,
+            around_useful: 0,
         }
     }
 }

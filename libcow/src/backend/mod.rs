@@ -44,6 +44,10 @@ pub struct Stats {
     pub precopied: u64,
     /// Pre-copied pages that were then written (kmod).
     pub precopy_useful: u64,
+    /// Pages saved ahead of a sequential writer at its first writes (kmod's fault-around).
+    pub around_pages: u64,
+    /// Of those, pages that were then written (kmod).
+    pub around_useful: u64,
 }
 
 /// A way of taking copy-on-write snapshots of this process's memory.

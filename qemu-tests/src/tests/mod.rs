@@ -1,5 +1,6 @@
 //! Every in-guest test, in the order the runner executes them.
 
+mod around;
 mod backends;
 mod checkpoint;
 mod device;
@@ -26,6 +27,7 @@ pub fn all() -> Vec<Test> {
     v.extend(mappings::tests());
     v.extend(backends::tests());
     v.extend(speculate::tests());
+    v.extend(around::tests());
     v.extend(checkpoint::tests());
     v.extend(timetravel::tests());
     v.extend(recover::tests());

@@ -113,12 +113,19 @@ fn basic_restore() -> Result<()> {
     m[..4096 * 10].fill(0xAA);
     m[4096 * 63 + 17] = 1;
     let s = cow.stats()?;
+    // Pages 1..9 continue a sequential run: some are saved ahead of the writer (fault-around)
+    // instead of faulting, page 10 too (saved ahead, never written: not dirty below).
     ensure!(
-        s.first_write_faults == 11,
-        "first-write faults {}",
-        s.first_write_faults
+        (11..=12).contains(&(s.first_write_faults + s.around_pages)) && s.first_write_faults < 11,
+        "first-write faults {} + pages saved ahead {}",
+        s.first_write_faults,
+        s.around_pages
     );
-    ensure!(s.pages_saved == 11, "pages saved {}", s.pages_saved);
+    ensure!(
+        s.pages_saved == s.first_write_faults + s.around_pages,
+        "pages saved {}",
+        s.pages_saved
+    );
     // Reading the old image does not restore.
     let mut old = vec![0u8; 4096 * 2];
     cow.read(id, r.offset + 4096 * 9, &mut old)?;
