@@ -341,15 +341,19 @@ impl MiscDevice for Space {
                 v.features = abi::features::SNAPSHOTS
                     | abi::features::PRECOPY
                     | abi::features::DISCARD
-                    | abi::features::RESTORE_IN_PLACE;
+                    | abi::features::RESTORE_IN_PLACE
+                    | abi::features::SNAPSHOT_IF_ALONE;
                 out.write(&v)?;
             }
             abi::nr::SNAPSHOT => {
                 let (mut a, out) = uarg::read::<abi::CowId>(arg, 16)?;
-                if a.flags & !abi::COW_SNAPSHOT_QUIESCED != 0 {
+                if a.flags & !(abi::COW_SNAPSHOT_QUIESCED | abi::COW_SNAPSHOT_QUIESCED_IF_ALONE) != 0 {
                     return Err(EINVAL);
                 }
-                a.id = space.snapshot(a.flags & abi::COW_SNAPSHOT_QUIESCED != 0)?;
+                let quiesced = a.flags & abi::COW_SNAPSHOT_QUIESCED != 0
+                    || (a.flags & abi::COW_SNAPSHOT_QUIESCED_IF_ALONE != 0 && mm::current_alone());
+                a.id = space.snapshot(quiesced)?;
+                a.flags = if quiesced { abi::COW_SNAPSHOT_QUIESCED } else { 0 };
                 out.write(&a)?;
             }
             abi::nr::RESTORE | abi::nr::DROP => {

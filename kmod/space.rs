@@ -807,6 +807,7 @@ impl SpaceState {
                         unwritten.push(idx, gfp_user_sized())?;
                     }
                 }
+                mm::cond_resched();
             }
             mm::sort_indices(unwritten.as_mut_slice());
         }

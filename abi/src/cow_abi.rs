@@ -98,6 +98,8 @@ pub mod features {
     /// [`super::COW_RESTORE_QUIESCED`] and [`super::COW_RESTORE_IN_PLACE_IF_ALONE`]: restores
     /// that copy pages back in place.
     pub const RESTORE_IN_PLACE: u64 = 1 << 3;
+    /// [`super::COW_SNAPSHOT_QUIESCED_IF_ALONE`].
+    pub const SNAPSHOT_IF_ALONE: u64 = 1 << 4;
 }
 
 /// [`CowId::flags`] of `COW_IOC_SNAPSHOT`: the caller guarantees that nothing writes the
@@ -105,6 +107,13 @@ pub mod features {
 /// Only then are hinted pages pre-copied and left writable: with concurrent writers that would
 /// break the snapshot's atomicity, so without the flag hints are ignored.
 pub const COW_SNAPSHOT_QUIESCED: u32 = 1;
+
+/// [`CowId::flags`] of `COW_IOC_SNAPSHOT`: quiesced (as [`COW_SNAPSHOT_QUIESCED`]) if the module
+/// finds the calling process alone (as for [`COW_RESTORE_IN_PLACE_IF_ALONE`]), else an ordinary
+/// snapshot that ignores the hint. On return `flags` is [`COW_SNAPSHOT_QUIESCED`] if the
+/// snapshot was taken quiesced, else zero. Saves a single-threaded caller (a fuzzer's loop) from
+/// stopping threads it does not have.
+pub const COW_SNAPSHOT_QUIESCED_IF_ALONE: u32 = 2;
 
 /// [`CowId::flags`] of `COW_IOC_RESTORE`: the caller guarantees that nothing reads or writes
 /// the space during the call (its other threads are stopped and no other process maps it).
@@ -150,8 +159,9 @@ pub struct CowVersion {
 pub struct CowId {
     /// In: `size_of::<CowId>()`.
     pub size: u32,
-    /// In: [`COW_SNAPSHOT_QUIESCED`] (SNAPSHOT), [`COW_RESTORE_QUIESCED`] or
-    /// [`COW_RESTORE_IN_PLACE_IF_ALONE`] (RESTORE), or zero.
+    /// In: [`COW_SNAPSHOT_QUIESCED`] or [`COW_SNAPSHOT_QUIESCED_IF_ALONE`] (SNAPSHOT; out:
+    /// whether it was quiesced), [`COW_RESTORE_QUIESCED`] or [`COW_RESTORE_IN_PLACE_IF_ALONE`]
+    /// (RESTORE), or zero.
     pub flags: u32,
     /// SNAPSHOT: out, the new snapshot's id. RESTORE, DROP: in, the snapshot's id.
     pub id: u64,

@@ -8,7 +8,7 @@ use cow_abi::{
     CowVersion, COW_ABI_VERSION, COW_DIRTY_EPOCH, COW_IOC_DIRTY, COW_IOC_DISCARD, COW_IOC_DROP,
     COW_IOC_HINT, COW_IOC_LIMITS, COW_IOC_LIST, COW_IOC_READ, COW_IOC_RESTORE, COW_IOC_SNAPSHOT,
     COW_IOC_STATS, COW_IOC_VERSION, COW_LIMITS_SET, COW_POLICY_FAIL, COW_RESTORE_IN_PLACE_IF_ALONE,
-    COW_RESTORE_QUIESCED, COW_SNAPSHOT_QUIESCED,
+    COW_RESTORE_QUIESCED, COW_SNAPSHOT_QUIESCED, COW_SNAPSHOT_QUIESCED_IF_ALONE,
 };
 use std::fs::OpenOptions;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -237,6 +237,28 @@ impl Cow {
             };
         }
         e
+    }
+
+    /// Takes a snapshot, quiesced (hinted pages pre-copied, see [`Self::snapshot_quiesced`]) if
+    /// the module finds this process alone, else an ordinary one; returns its id and whether it
+    /// was quiesced. `None` if the module cannot tell (an older cow.ko).
+    pub fn snapshot_quiesced_if_alone(&self) -> Option<Result<(u64, bool)>> {
+        if self.features() & features::SNAPSHOT_IF_ALONE == 0 {
+            return None;
+        }
+        let mut a = CowId {
+            flags: COW_SNAPSHOT_QUIESCED_IF_ALONE,
+            ..sized()
+        };
+        let r = ioctl_ptr(
+            self.fd.as_fd(),
+            COW_IOC_SNAPSHOT,
+            &mut a,
+            "COW_IOC_SNAPSHOT",
+        )
+        .map_err(|e| self.explain_snapshot_failure(e))
+        .map(|_| (a.id, a.flags & COW_SNAPSHOT_QUIESCED != 0));
+        Some(r)
     }
 
     /// Takes a snapshot, promising that nothing writes the space during the call (the caller

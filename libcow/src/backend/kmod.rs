@@ -38,6 +38,10 @@ pub struct Kmod {
     /// it lies in covered memory, and taking the lock would write a page there at every
     /// snapshot (a first-write fault plus its re-protection, ≈ 10 µs in TCG).
     hinting: AtomicBool,
+    /// A pre-copying snapshot found other threads in the process: stop them from now on rather
+    /// than ask the module whether the caller is alone (written once, so it costs a covered
+    /// page nothing at later snapshots).
+    others_seen: AtomicBool,
     spec: Mutex<Spec>,
     /// `(hold, release)`: make the covered heap quiescent around the snapshot ioctl itself
     /// (libcow_preload's allocator locks; nothing may allocate while they are held).
@@ -76,6 +80,7 @@ impl Kmod {
         Kmod {
             cow,
             hinting: AtomicBool::new(false),
+            others_seen: AtomicBool::new(false),
             spec: Mutex::new(Spec::default()),
             quiesce: None,
             progress: None,
@@ -165,6 +170,18 @@ impl Backend for Kmod {
             // inside malloc would otherwise keep its shard locked for good. (Stopping
             // allocates nothing: its state is in the book.)
             self.quiesced(|| {
+                // Alone (a fuzzer's loop, a single-threaded program), nothing else can write:
+                // the module checks that itself, which costs far less than listing threads.
+                if !self.others_seen.load(Ordering::Relaxed) {
+                    if let Some(taken) = self.cow.snapshot_quiesced_if_alone() {
+                        let (id, quiesced) = taken?;
+                        if !quiesced {
+                            // Taken as an ordinary snapshot (the hint unused this time).
+                            self.others_seen.store(true, Ordering::Relaxed);
+                        }
+                        return Ok(id);
+                    }
+                }
                 let stopped = crate::world::stop_others().map_err(|e| Error::Os {
                     op: "stop the other threads",
                     errno: e.raw_os_error().unwrap_or(libc::EIO),

@@ -28,6 +28,10 @@ pub fn tests() -> Vec<Test> {
             name: "speculate::bad_hints_rejected",
             run: bad_hints_rejected,
         },
+        Test {
+            name: "speculate::quiesced_if_alone",
+            run: quiesced_if_alone,
+        },
     ]
 }
 
@@ -214,6 +218,62 @@ fn cowctl_run_speculate_and_stats() -> Result<()> {
     ensure!(
         useful > 5 * faults,
         "useful pre-copies {useful} vs faults {faults}: {v}"
+    );
+    Ok(())
+}
+
+/// `COW_SNAPSHOT_QUIESCED_IF_ALONE`: this test's process has one thread, so the module takes the
+/// snapshot quiesced and pre-copies the hint; with a second thread alive it takes an ordinary
+/// one (the hint unused) and says so. Both snapshots restore exactly.
+fn quiesced_if_alone() -> Result<()> {
+    let (cow, r, hint) = setup()?;
+    cow.hint(&hint)?;
+    let Some(taken) = cow.snapshot_quiesced_if_alone() else {
+        anyhow::bail!("the module does not offer COW_SNAPSHOT_QUIESCED_IF_ALONE");
+    };
+    let (s1, quiesced) = taken?;
+    let st = cow.stats()?;
+    ensure!(quiesced, "a single-threaded caller was not found alone");
+    ensure!(
+        st.precopied_pages == PAGES as u64,
+        "alone: precopied {}",
+        st.precopied_pages
+    );
+    write_pages(&r, PAGES, 2);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let other = std::thread::spawn(move || {
+        let _ = rx.recv();
+    });
+    let taken = cow.snapshot_quiesced_if_alone().expect("offered above");
+    let _ = tx.send(());
+    other
+        .join()
+        .map_err(|_| anyhow::anyhow!("the second thread panicked"))?;
+    let (s2, quiesced) = taken?;
+    let after = cow.stats()?;
+    ensure!(!quiesced, "a caller with a second thread was found alone");
+    ensure!(
+        after.precopied_pages == st.precopied_pages,
+        "with a second thread, {} pages pre-copied",
+        after.precopied_pages - st.precopied_pages
+    );
+    write_pages(&r, PAGES, 3);
+    cow.restore(s2)?;
+    ensure!((0..PAGES).all(|p| read_page(&r, p) == 2), "restore to s2");
+    cow.restore(s1)?;
+    ensure!((0..PAGES).all(|p| read_page(&r, p) == 1), "restore to s1");
+    // Unknown snapshot flags are refused.
+    let mut a = cow::abi::CowId {
+        size: std::mem::size_of::<cow::abi::CowId>() as u32,
+        flags: 4,
+        id: 0,
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&cow));
+    // SAFETY: a valid, sized argument struct for the ioctl on the space's descriptor.
+    let rc = unsafe { libc::ioctl(fd, cow::abi::COW_IOC_SNAPSHOT as _, &mut a) };
+    ensure!(
+        rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL),
+        "snapshot flag 4: {rc}"
     );
     Ok(())
 }
