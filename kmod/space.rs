@@ -183,12 +183,15 @@ pub(crate) enum FaultPage {
 
 /// Pages written in one epoch lying at most this many pages apart are write-protected by one
 /// walk over the read-only pages between them: visiting a few PTEs costs less than another
-/// walk of the mapping's VMAs, another mmu-notifier round and another TLB flush.
-const WP_GAP: usize = 16;
+/// walk of the mapping's VMAs, another mmu-notifier round and another TLB flush. Measured in
+/// TCG, 4096 written pages 16 or 64 apart: bridging 64 instead of 16 (and spans of 4096
+/// instead of 1024) took their snapshot from 5.3 to 2.9 ms and from 13.4 to 7.8 ms; bridging
+/// 256 gained nothing more.
+const WP_GAP: usize = 64;
 
 /// Most pages one write-protection run spans: bounds the run's list and the time spent in one
 /// walk without a chance to reschedule.
-const WP_MAX_SPAN: usize = 1024;
+const WP_MAX_SPAN: usize = 4096;
 
 /// Write-protects the pages gathered in `run` (sorted page indices) as one range, then adds
 /// those that may be pinned for DMA to `pinned` (checked after the protection: a pin taken
