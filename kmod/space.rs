@@ -351,24 +351,23 @@ impl SpaceState {
     /// copy. Stops at the first page that is absent, already saved, or over the byte budget
     /// (fault-around never evicts a snapshot); a failed allocation just ends it.
     fn save_ahead(&mut self, idx: usize, room: usize, ahead: &mut Ahead) {
+        if idx != self.sequence.next {
+            // Not a continuation (the common case of a scattered writer): nothing to save, and
+            // no clock read on the fault path.
+            self.sequence = Sequence { next: idx + 1, window: 0, saved: 0 };
+            return;
+        }
         let max = mm::fault_around_param().min(MAX_AROUND);
-        let continues = idx == self.sequence.next;
-        let window = if max > 0 && continues {
-            (self.sequence.window * 2).clamp(1, max)
-        } else {
-            0
-        };
+        let window = if max > 0 { (self.sequence.window * 2).clamp(1, max) } else { 0 };
         let start = now_ns();
         if let Some(newest) = self.snapshots.last_mut() {
-            if continues {
-                // The writer ran through the previous window to its end: count it written, so
-                // the next snapshot compares only the last window of a run (a window the writer
-                // skipped part of only keeps an image equal to its page, which restores the same).
-                let len = newest.around.len();
-                let confirmed = self.sequence.saved.min(len);
-                newest.around.truncate(len - confirmed);
-                self.stats.around_useful += confirmed as u64;
-            }
+            // The writer ran through the previous window to its end: count it written, so the
+            // next snapshot compares only the last window of a run (a window the writer skipped
+            // part of only keeps an image equal to its page, which restores the same).
+            let len = newest.around.len();
+            let confirmed = self.sequence.saved.min(len);
+            newest.around.truncate(len - confirmed);
+            self.stats.around_useful += confirmed as u64;
             for j in idx + 1..=idx + window.min(room) {
                 let Some(page) = self.pages.get(&j).map(|p| p.as_ptr()) else { break };
                 let held = self.stats.bytes_held + (ahead.len as u64 + 1) * PAGE_SIZE as u64;

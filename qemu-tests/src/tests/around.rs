@@ -115,17 +115,26 @@ fn setup(pages: usize) -> Result<(Cow, Region, u64)> {
     Ok((cow, r, s1))
 }
 
+/// Writes generation `gen` into pages `0..pages` of `r`, front to back; returns the first-write
+/// faults and the pages saved ahead that it took.
+fn rewrite(cow: &Cow, r: &Region, pages: usize, gen: u64) -> Result<(u64, u64)> {
+    let before = cow.stats()?;
+    for p in 0..pages {
+        fill(r, p, gen);
+    }
+    let after = cow.stats()?;
+    Ok((
+        after.first_write_faults - before.first_write_faults,
+        after.around_pages - before.around_pages,
+    ))
+}
+
 fn sequential_writer_faults_less() -> Result<()> {
     const PAGES: usize = 512;
     let _default = Parameter::set("16")?;
     let (cow, r, s1) = setup(PAGES)?;
     let before = cow.stats()?;
-    for p in 0..PAGES {
-        fill(&r, p, 2);
-    }
-    let mid = cow.stats()?;
-    let faults = mid.first_write_faults - before.first_write_faults;
-    let around = mid.around_pages - before.around_pages;
+    let (faults, around) = rewrite(&cow, &r, PAGES, 2)?;
     ensure!(
         faults + around == PAGES as u64,
         "{faults} first-write faults + {around} pages saved ahead != {PAGES} pages written"
@@ -207,13 +216,7 @@ fn window_stays_in_vma() -> Result<()> {
     // SAFETY: the upper half of the test's own mapping; nothing refers to it afterwards.
     let rc = unsafe { libc::munmap(r.addr.add(PAGES / 2 * PAGE).cast(), PAGES / 2 * PAGE) };
     ensure!(rc == 0, "munmap: {}", std::io::Error::last_os_error());
-    let before = cow.stats()?;
-    for p in 0..PAGES / 2 {
-        fill(&r, p, 2);
-    }
-    let mid = cow.stats()?;
-    let faults = mid.first_write_faults - before.first_write_faults;
-    let around = mid.around_pages - before.around_pages;
+    let (faults, around) = rewrite(&cow, &r, PAGES / 2, 2)?;
     ensure!(
         faults + around == (PAGES / 2) as u64,
         "{faults} faults + {around} saved ahead for {} pages: a window left the VMA",
@@ -320,17 +323,10 @@ fn parameter_zero_turns_it_off() -> Result<()> {
     const PAGES: usize = 64;
     let _off = Parameter::set("0")?;
     let (cow, r, s1) = setup(PAGES)?;
-    let before = cow.stats()?;
-    for p in 0..PAGES {
-        fill(&r, p, 2);
-    }
-    let after = cow.stats()?;
+    let (faults, around) = rewrite(&cow, &r, PAGES, 2)?;
     ensure!(
-        after.first_write_faults - before.first_write_faults == PAGES as u64
-            && after.around_pages == before.around_pages,
-        "with fault_around=0: {} faults, {} saved ahead",
-        after.first_write_faults - before.first_write_faults,
-        after.around_pages - before.around_pages
+        faults == PAGES as u64 && around == 0,
+        "with fault_around=0: {faults} faults, {around} saved ahead"
     );
     cow.restore(s1)?;
     check(&cow, &r, None, &[1; PAGES], "after restore")
