@@ -22,6 +22,7 @@ use kernel::{
 #[allow(unreachable_pub, dead_code)]
 #[path = "../abi/src/cow_abi.rs"]
 mod abi;
+mod held_page;
 mod mm;
 mod space;
 mod uarg;
@@ -391,6 +392,7 @@ impl MiscDevice for Space {
                     s.snapshots = state.snapshots.len() as u32;
                     s
                 };
+                s.module_pages = held_page::module_pages();
                 s.size = core::mem::size_of::<abi::CowStats>() as u32;
                 out.write(&s)?;
             }

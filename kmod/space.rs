@@ -31,11 +31,12 @@
 //! faults during one waits for it.
 
 use crate::abi;
+use crate::held_page::HeldPage;
 use crate::mm;
 use kernel::{
     alloc::flags::{GFP_KERNEL_ACCOUNT, __GFP_NOWARN, __GFP_ZERO},
     alloc::Flags,
-    page::{Page, PAGE_SIZE},
+    page::PAGE_SIZE,
     prelude::*,
     rbtree::{Entry, RBTree, RBTreeNodeReservation},
 };
@@ -61,7 +62,7 @@ pub(crate) struct Snapshot {
     pub(crate) id: u64,
     pub(crate) taken_ns: u64,
     /// Page index → its contents at this snapshot (`None`: the page did not exist yet).
-    saved: RBTree<usize, Option<Page>>,
+    saved: RBTree<usize, Option<HeldPage>>,
     /// Number of `Some` entries in `saved`.
     copies: u64,
     /// Pages pre-copied into `saved` at this snapshot and left writable (sorted): at the next
@@ -80,7 +81,7 @@ impl Snapshot {
     /// Takes over the entries of a newer snapshot's `saved` that this one lacks (its own image
     /// of a page is older, so it wins; the newer one is freed). `bytes_held` grows by the
     /// copies taken over: the caller has already subtracted all of the newer snapshot's.
-    fn absorb(&mut self, mut newer: RBTree<usize, Option<Page>>, bytes_held: &mut u64) {
+    fn absorb(&mut self, mut newer: RBTree<usize, Option<HeldPage>>, bytes_held: &mut u64) {
         while let Some(cursor) = newer.cursor_front_mut() {
             let (idx, is_copy) = {
                 let (idx, image) = cursor.current();
@@ -103,7 +104,7 @@ impl Snapshot {
 /// The mutable state of a space, behind its mutex.
 pub(crate) struct SpaceState {
     /// Current page of every page index touched so far.
-    pages: RBTree<usize, Page>,
+    pages: RBTree<usize, HeldPage>,
     /// Snapshots, oldest first; the last one is the newest.
     pub(crate) snapshots: KVVec<Snapshot>,
     next_id: u64,
@@ -153,7 +154,7 @@ impl Ahead {
 fn drop_unwritten(
     list: &[usize],
     snap: &mut Snapshot,
-    pages: &RBTree<usize, Page>,
+    pages: &RBTree<usize, HeldPage>,
     bytes_held: &mut u64,
 ) -> u64 {
     let mut written = 0;
@@ -276,7 +277,7 @@ impl SpaceState {
             (None, None) => {
                 // Allocate everything first: a page created without its "did not exist" mark
                 // would survive a restore.
-                let page = Page::alloc_page(GFP | __GFP_ZERO)?;
+                let page = HeldPage::alloc(GFP | __GFP_ZERO)?;
                 let node = RBTreeNodeReservation::new(GFP)?;
                 let mark = match self.snapshots.last() {
                     Some(_) => Some(RBTreeNodeReservation::new(GFP)?),
@@ -331,7 +332,7 @@ impl SpaceState {
             return Ok(false);
         };
         let start = now_ns();
-        let copy = Page::alloc_page(GFP)?;
+        let copy = HeldPage::alloc(GFP)?;
         let node = RBTreeNodeReservation::new(GFP)?;
         mm::copy_page(copy.as_ptr(), page);
         slot.insert(Some(copy), node);
@@ -375,7 +376,7 @@ impl SpaceState {
                     break;
                 }
                 let Entry::Vacant(slot) = newest.saved.entry(j) else { break };
-                let (Ok(copy), Ok(node)) = (Page::alloc_page(GFP), RBTreeNodeReservation::new(GFP))
+                let (Ok(copy), Ok(node)) = (HeldPage::alloc(GFP), RBTreeNodeReservation::new(GFP))
                 else {
                     break;
                 };
@@ -490,7 +491,7 @@ impl SpaceState {
         // fails the snapshot. Nothing has changed yet but write-protected PTEs, which only
         // cost a fault.
         for &(idx, page) in pinned.iter() {
-            let copy = Page::alloc_page(GFP)?;
+            let copy = HeldPage::alloc(GFP)?;
             mm::copy_page(copy.as_ptr(), page);
             snap.saved.try_create_and_insert(idx, Some(copy), GFP)?;
             snap.copies += 1;
@@ -510,7 +511,7 @@ impl SpaceState {
         self.stats.bytes_held += snap.copies * PAGE_SIZE as u64;
         self.stats.pages_saved += snap.copies;
         for &(idx, page) in keep.iter() {
-            let copied = Page::alloc_page(GFP).ok().and_then(|copy| {
+            let copied = HeldPage::alloc(GFP).ok().and_then(|copy| {
                 mm::copy_page(copy.as_ptr(), page);
                 snap.saved.try_create_and_insert(idx, Some(copy), GFP).ok()
             });
@@ -567,7 +568,7 @@ impl SpaceState {
         }
         let mut nodes = KVVec::with_capacity(needed, gfp_user_sized())?;
         for _ in 0..needed {
-            nodes.push(RBTreeNodeReservation::<usize, Page>::new(GFP)?, GFP)?;
+            nodes.push(RBTreeNodeReservation::<usize, HeldPage>::new(GFP)?, GFP)?;
         }
         // First drop the PTEs of every page about to be swapped, in runs of consecutive indices:
         // one rmap walk and one TLB flush per run instead of per page. No fault can map a page
@@ -640,7 +641,7 @@ impl SpaceState {
         }
         let mut nodes = KVVec::with_capacity(needed, gfp_user_sized())?;
         for _ in 0..needed {
-            nodes.push(RBTreeNodeReservation::<usize, Page>::new(GFP)?, GFP)?;
+            nodes.push(RBTreeNodeReservation::<usize, HeldPage>::new(GFP)?, GFP)?;
         }
         let mut moved: KVVec<usize> = KVVec::with_capacity(needed, gfp_user_sized())?;
         // The newer snapshots' entries move into S_k unless it has the page already (its image
@@ -726,7 +727,7 @@ impl SpaceState {
         }
         let mut nodes = KVVec::with_capacity(needed, gfp_user_sized())?;
         for _ in 0..needed {
-            nodes.push(RBTreeNodeReservation::<usize, Option<Page>>::new(GFP)?, GFP)?;
+            nodes.push(RBTreeNodeReservation::<usize, Option<HeldPage>>::new(GFP)?, GFP)?;
         }
         // No fault can map a page of the range again before it is gone: faults need our lock.
         zap(first, count);

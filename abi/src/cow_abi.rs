@@ -240,6 +240,9 @@ pub struct CowStats {
     pub around_pages: u64,
     /// Of those, pages that were then written before the next snapshot.
     pub around_useful: u64,
+    /// Pages the module holds now for all spaces of all processes (current pages and
+    /// pre-images): what it costs the system, and zero once every space is gone.
+    pub module_pages: u64,
 }
 
 /// Argument of [`COW_IOC_READ`]: bytes of covered memory as they were at a snapshot.
@@ -373,7 +376,7 @@ const _: () = assert!(core::mem::size_of::<CowVersion>() == COW_VERSION_SIZE_V1 
 const _: () = assert!(core::mem::size_of::<CowId>() == 16);
 const _: () = assert!(core::mem::size_of::<CowSnapshotInfo>() == 32);
 const _: () = assert!(core::mem::size_of::<CowList>() == 24);
-const _: () = assert!(core::mem::size_of::<CowStats>() == 144);
+const _: () = assert!(core::mem::size_of::<CowStats>() == 152);
 const _: () = assert!(core::mem::size_of::<CowHint>() == 24);
 const _: () = assert!(core::mem::size_of::<CowRead>() == 40);
 const _: () = assert!(core::mem::size_of::<CowDirty>() == 40);

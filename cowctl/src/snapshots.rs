@@ -274,6 +274,7 @@ pub fn stats(pid: i32, json: bool) -> Result<()> {
         "faults_avoided": s.precopy_useful,
         "around_pages": s.around_pages,
         "around_useful": s.around_useful,
+        "module_pages": s.module_pages,
     });
     print_stats(&v, json)
 }

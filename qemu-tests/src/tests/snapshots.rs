@@ -794,50 +794,86 @@ fn mem_available_kib() -> Result<i64> {
     Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
 }
 
-/// Runs a child that covers 32 MiB, snapshots, rewrites it all (32 MiB of pre-images) and exits.
-fn child_with_64_mib() -> Result<()> {
+/// Runs a child that covers 32 MiB, snapshots, rewrites it all (32 MiB of pre-images) and
+/// exits; returns how many pages the module held for all spaces while the child's was alive.
+fn child_with_64_mib() -> Result<u64> {
+    let mut pipe = [0; 2];
+    // SAFETY: `pipe` is a two-descriptor array.
+    ensure!(unsafe { libc::pipe(pipe.as_mut_ptr()) } == 0, "pipe");
     // SAFETY: the test process is single-threaded here; the child only runs this closure and
     // leaves with _exit.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        let ok = (|| -> Result<()> {
+        let held = (|| -> Result<u64> {
             let cow = Cow::open()?;
             let r = cow.map_region(8192 * 4096)?;
             bytes(&r).fill(1);
             cow.snapshot()?;
             bytes(&r).fill(2);
             cow.snapshot()?;
-            Ok(())
+            Ok(cow.stats()?.module_pages)
         })();
+        let ok = match held {
+            Ok(n) => {
+                // SAFETY: writing 8 bytes from a live u64 into the pipe's write end.
+                unsafe { libc::write(pipe[1], (&n as *const u64).cast(), 8) == 8 }
+            }
+            Err(_) => false,
+        };
         // SAFETY: leaving the child without running the parent's destructors.
-        unsafe { libc::_exit(if ok.is_ok() { 0 } else { 1 }) };
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
     }
+    let mut held = 0u64;
+    // SAFETY: closing our copy of the write end, then reading 8 bytes into a live u64 from the
+    // read end (the child writes them before it exits), then closing it.
+    let n = unsafe {
+        libc::close(pipe[1]);
+        let n = libc::read(pipe[0], (&mut held as *mut u64).cast(), 8);
+        libc::close(pipe[0]);
+        n
+    };
     let mut status = 0;
     // SAFETY: waiting for our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
     ensure!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        n == 8 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "child failed"
     );
-    Ok(())
+    Ok(held)
+}
+
+fn module_pages() -> Result<u64> {
+    Ok(Cow::open()?.stats()?.module_pages)
 }
 
 fn exit_frees_everything() -> Result<()> {
-    // The first big frees fill the page allocator's per-CPU caches, which MemAvailable does not
-    // count; measure from there. Six children hold 384 MiB of current pages and pre-images in
-    // all; the slack allowed is one child's 64 MiB: MemAvailable also moves with slab, per-CPU
-    // lists and the 9p page cache (the debug kernel once measured 22 MiB less after a long
-    // run), while a leak of the module's pages grows with every child.
-    child_with_64_mib()?;
-    child_with_64_mib()?;
+    // Exact: the module counts the pages it holds for all spaces. Each child holds 8192 current
+    // pages and 8192 pre-images; once it exited, the count is back where it was. (MemAvailable
+    // proved too noisy a witness: it moves with slab, per-CPU lists and the 9p page cache by
+    // tens of MiB on a long run.)
+    let before = module_pages()?;
+    for i in 0..4 {
+        let during = child_with_64_mib()?;
+        ensure!(
+            during >= before + 16384,
+            "child {i}: the module counted {during} pages with 16384 of the child's and {before} before"
+        );
+        let after = module_pages()?;
+        ensure!(
+            after == before,
+            "the module holds {after} pages after child {i} exited, {before} before it ran"
+        );
+    }
+    // Coarse, for what the count does not see (the nodes indexing the pages, the space): four
+    // more children must not take memory with them. Their 256 MiB would, if it leaked whole.
     let baseline = mem_available_kib()?;
-    for _ in 0..6 {
+    for _ in 0..4 {
         child_with_64_mib()?;
     }
     let after = mem_available_kib()?;
     ensure!(
-        after > baseline - 65536,
-        "MemAvailable {baseline} kB after two warm-up children, {after} kB after 6 more"
+        after > baseline - 160 * 1024,
+        "MemAvailable {baseline} kB before four children, {after} kB after"
     );
     Ok(())
 }
