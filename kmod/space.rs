@@ -71,6 +71,9 @@ pub(crate) struct Snapshot {
     /// Pages saved ahead of a sequential writer at a first write and made writable with it
     /// (fault-around): at the next snapshot the unchanged ones are dropped again.
     around: KVVec<usize>,
+    /// The space's `removals` when this snapshot was taken (or last restored): while they are
+    /// equal, every page this snapshot or a newer one holds an image of is still present.
+    removals_at: u64,
 }
 
 impl Snapshot {
@@ -114,6 +117,10 @@ pub(crate) struct SpaceState {
     pub(crate) hint: KVVec<usize>,
     /// The sequential run the first writes of this epoch are following, for fault-around.
     sequence: Sequence,
+    /// Pages removed from `pages` so far (discards, restores to before a page existed). A page
+    /// leaves `pages` no other way, so an in-place restore to a snapshot with no removal since
+    /// it was taken has no image without a page and need not look for one.
+    removals: u64,
 }
 
 /// Most pages one first write saves ahead of the writer (the `fault_around` parameter is capped
@@ -249,6 +256,7 @@ impl SpaceState {
             stats: abi::CowStats::default(),
             hint: KVVec::new(),
             sequence: Sequence::NONE,
+            removals: 0,
         }
     }
 
@@ -486,6 +494,7 @@ impl SpaceState {
             copies: 0,
             precopied: KVVec::new(),
             around: KVVec::new(),
+            removals_at: self.removals,
         };
         // Pinned pages: without their copies the snapshot would not be exact, so a failure here
         // fails the snapshot. Nothing has changed yet but write-protected PTEs, which only
@@ -602,6 +611,7 @@ impl SpaceState {
                     None => {
                         if self.pages.remove(&idx).is_some() {
                             self.stats.pages_present -= 1;
+                            self.removals += 1;
                         }
                     }
                 }
@@ -611,6 +621,7 @@ impl SpaceState {
         self.snapshots.truncate(k + 1);
         self.snapshots[k].precopied.clear();
         self.snapshots[k].around.clear();
+        self.snapshots[k].removals_at = self.removals;
         self.sequence = Sequence::NONE;
         self.stats.restores += 1;
         self.stats.restore_ns += now_ns().saturating_sub(start);
@@ -629,15 +640,18 @@ impl SpaceState {
         let start = now_ns();
         let k = self.position(id)?;
         // Allocate first (a node for each image whose page no longer exists: it becomes the
-        // page again); past this point nothing can fail.
+        // page again); past this point nothing can fail. Without a removal since S_k was taken
+        // there is no such image, and no tree lookup per image to find one.
         let mut needed = 0usize;
-        for snap in &self.snapshots[k..] {
-            for (idx, image) in snap.saved.iter() {
-                if image.is_some() && self.pages.get(idx).is_none() {
-                    needed += 1;
+        if self.removals != self.snapshots[k].removals_at {
+            for snap in &self.snapshots[k..] {
+                for (idx, image) in snap.saved.iter() {
+                    if image.is_some() && self.pages.get(idx).is_none() {
+                        needed += 1;
+                    }
                 }
+                mm::cond_resched();
             }
-            mm::cond_resched();
         }
         let mut nodes = KVVec::with_capacity(needed, gfp_user_sized())?;
         for _ in 0..needed {
@@ -673,6 +687,7 @@ impl SpaceState {
                 (None, Some(_)) => {
                     self.pages.remove(&idx);
                     self.stats.pages_present -= 1;
+                    self.removals += 1;
                 }
                 (None, None) => {}
             }
@@ -696,6 +711,8 @@ impl SpaceState {
         }
         snap.precopied.clear();
         snap.around.clear();
+        // Every image S_k holds has its page now.
+        snap.removals_at = self.removals;
         self.sequence = Sequence::NONE;
         self.stats.restores += 1;
         self.stats.restore_ns += now_ns().saturating_sub(start);
@@ -738,6 +755,7 @@ impl SpaceState {
             let (_, node) = cursor.remove_current();
             let (idx, page) = node.to_key_value();
             self.stats.pages_present -= 1;
+            self.removals += 1;
             if let Some(newest) = self.snapshots.last_mut() {
                 if newest.saved.get(&idx).is_none() {
                     // Counted above, so there is one; the `else` is unreachable.

@@ -296,6 +296,33 @@ fn discard_reads_zero_and_restores() -> Result<()> {
         "image lost after discard + re-creation: {:#x}",
         m[0]
     );
+    // In place: the discarded pages' images become pages again, a page created anew after
+    // its discard is overwritten; then the same snapshot again after a second discard, and
+    // once more with nothing discarded (the restore need not look for missing pages).
+    m.fill(0x44);
+    let reference = m.to_vec();
+    let id = cow.snapshot()?;
+    cow.discard(r.offset + 2 * 4096, 3 * 4096)?;
+    m[2 * 4096 + 5] = 9;
+    m[10 * 4096] = 9;
+    cow.restore_in_place(id)?;
+    ensure!(
+        first_diff(m, &reference).is_none(),
+        "in-place restore after a discard"
+    );
+    cow.discard(r.offset, 4096)?;
+    m[3 * 4096] = 1;
+    cow.restore_in_place(id)?;
+    ensure!(
+        first_diff(m, &reference).is_none(),
+        "second in-place restore after a discard"
+    );
+    m[4096..6 * 4096].fill(2);
+    cow.restore_in_place(id)?;
+    ensure!(
+        first_diff(m, &reference).is_none(),
+        "in-place restore without a discard"
+    );
     for (offset, len) in [(1, 4096), (r.offset, 4095), (1 << 60, 4096)] {
         let got = cow.discard(offset, len).map_err(errno_of);
         ensure!(
