@@ -19,8 +19,9 @@ struct Spec {
     after_last: cow_abi::CowStats,
     /// Pages pre-copied at the last snapshot (for the epoch it started).
     precopied_last: u64,
-    /// The kernel holds a non-empty hint.
-    hint_set: bool,
+    /// The hint the kernel holds, as this backend last set it (a snapshot resends it only
+    /// when the policy's changes: an ioctl less per epoch of a stable write set).
+    hint_sent: Vec<u64>,
     /// What the last snapshot's pre-copies cost, to be weighed when the next one judges them
     /// (the cost belongs with them, not with the ones that one makes).
     cost_last: PrecopyCost,
@@ -141,27 +142,38 @@ impl Backend for Kmod {
         if !self.hinting.load(Ordering::Relaxed) {
             return self.quiesced(|| self.cow.snapshot());
         }
-        let (hint, probe, observe, hinted_before) = {
+        let (hint, probe, observe, counters_before) = {
             let spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
             let s = spec.speculator.as_ref();
+            // Without a speculator the hint is the caller's own (`hint_addrs`): left alone.
+            let hint = s.map(|s| s.hint()).filter(|h| *h != spec.hint_sent);
             (
-                s.map(|s| s.hint()),
+                hint,
                 s.is_some_and(|s| s.hint_is_probe()),
                 s.is_some_and(|s| s.wants_observation()),
-                spec.precopied_last > 0 || spec.hint_set,
+                // Counters only move in snapshots, faults and restores: those right after the
+                // last observed snapshot are those right before this one, save for the
+                // faults of the epoch (counted apart). Read them only when there is no such
+                // snapshot.
+                spec.last_id.is_some().then_some(spec.after_last),
             )
         };
         let t0 = std::time::Instant::now();
-        let hint = hint.unwrap_or_default();
-        if !hint.is_empty() || hinted_before {
-            self.cow.hint(&hint)?;
+        if let Some(hint) = &hint {
+            self.cow.hint(hint)?;
         }
-        let before = if observe {
-            Some(self.cow.stats()?)
-        } else {
-            None
+        let before = match (observe, counters_before) {
+            (false, _) => None,
+            (true, Some(last)) => Some(last),
+            (true, None) => Some(self.cow.stats()?),
         };
-        let id = if hint.is_empty() {
+        let mut spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hint) = hint {
+            spec.hint_sent = hint;
+        }
+        let hint_empty = spec.hint_sent.is_empty();
+        drop(spec);
+        let id = if hint_empty {
             // Nothing to pre-copy: an ordinary snapshot.
             self.quiesced(|| self.cow.snapshot())
         } else {
@@ -193,8 +205,6 @@ impl Backend for Kmod {
         };
         let id = id?;
         let mut spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
-        spec.hint_set = !hint.is_empty();
-
         match before {
             Some(before) => {
                 let after = self.cow.stats()?;
@@ -204,7 +214,7 @@ impl Backend for Kmod {
                     // did for it.
                     let written = self.cow.dirty_in_epoch(last).unwrap_or_default();
                     let useful = after.precopy_useful - before.precopy_useful;
-                    let faults = before.first_write_faults - spec.after_last.first_write_faults;
+                    let faults = after.first_write_faults - spec.after_last.first_write_faults;
                     let precopied = spec.precopied_last;
                     if let Some(s) = spec.speculator.as_mut() {
                         s.observe(&written, precopied, useful, faults, cost_last);
@@ -327,6 +337,7 @@ impl Backend for Kmod {
             .store(policy != Policy::None, Ordering::Relaxed);
         spec.speculator = Some(speculator);
         spec.last_id = None;
+        spec.hint_sent.clear();
         self.cow.hint(&[])
     }
 
@@ -368,6 +379,10 @@ impl Backend for Kmod {
             .collect();
         self.cow.hint(&pages)?;
         self.hinting.store(!pages.is_empty(), Ordering::Relaxed);
+        self.spec
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .hint_sent = pages;
         Ok(())
     }
 
