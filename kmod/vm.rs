@@ -16,10 +16,14 @@ use kernel::{
 
 /// The space's vm operations. `page_mkwrite` being set also makes the core map shared pages
 /// read-only until written (`vma_wants_writenotify`), which is what arms the first-write hook.
+/// `map_pages` being set tells the core that the hooks need no `mmap_lock` (the kernel's own
+/// convention, `vmf_can_call_fault`): without it every fault taken under the per-VMA lock is
+/// given up and retried under `mmap_lock`, twice the work and contention with `mmap` callers.
 static COW_VM_OPS: VmOps = VmOps({
     let mut ops: bindings::vm_operations_struct = pin_init::zeroed();
     ops.fault = Some(cow_fault);
     ops.page_mkwrite = Some(cow_page_mkwrite);
+    ops.map_pages = Some(cow_map_pages);
     ops
 });
 
@@ -106,6 +110,20 @@ unsafe fn handle(vmf: *mut bindings::vm_fault, write: bool, expected: Option<*mu
         Err(e) if e == ENOMEM => bindings::vm_fault_reason_VM_FAULT_OOM,
         Err(_) => bindings::vm_fault_reason_VM_FAULT_SIGBUS,
     }
+}
+
+/// `vm_ops->map_pages`: read fault-around, called under RCU before `fault`, where the space's
+/// mutex cannot be taken: it maps nothing, and the core then calls `fault` for the faulting
+/// page. Its presence is what lets the hooks run under the per-VMA lock: they never needed
+/// `mmap_lock` — every PTE they install is serialised by the space's mutex and the PTE lock,
+/// the VMA cannot go away under its read lock, and snapshots and restores reach the PTEs
+/// through the file's rmap (`i_mmap` lock), never through the mm.
+unsafe extern "C" fn cow_map_pages(
+    _vmf: *mut bindings::vm_fault,
+    _start: usize,
+    _end: usize,
+) -> bindings::vm_fault_t {
+    0
 }
 
 /// `vm_ops->fault`: no PTE at the address.
