@@ -20,7 +20,7 @@ struct Spec {
     /// Pages pre-copied at the last snapshot (for the epoch it started).
     precopied_last: u64,
     /// The hint the kernel holds, as this backend last set it (a snapshot resends it only
-    /// when the policy's changes: an ioctl less per epoch of a stable write set).
+    /// when the policy changes it: an ioctl less per epoch of a stable write set).
     hint_sent: Vec<u64>,
     /// What the last snapshot's pre-copies cost, to be weighed when the next one judges them
     /// (the cost belongs with them, not with the ones that one makes).
@@ -142,7 +142,7 @@ impl Backend for Kmod {
         if !self.hinting.load(Ordering::Relaxed) {
             return self.quiesced(|| self.cow.snapshot());
         }
-        let (hint, probe, observe, counters_before) = {
+        let (hint, probe, observe, counters_before, own_hint) = {
             let spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
             let s = spec.speculator.as_ref();
             // Without a speculator the hint is the caller's own (`hint_addrs`): left alone.
@@ -156,6 +156,7 @@ impl Backend for Kmod {
                 // faults of the epoch (counted apart). Read them only when there is no such
                 // snapshot.
                 spec.last_id.is_some().then_some(spec.after_last),
+                s.is_none(),
             )
         };
         let t0 = std::time::Instant::now();
@@ -182,6 +183,16 @@ impl Backend for Kmod {
             // inside malloc would otherwise keep its shard locked for good. (Stopping
             // allocates nothing: its state is in the book.)
             self.quiesced(|| {
+                if own_hint {
+                    // The caller's own hint acts where the module finds the caller alone;
+                    // libcow stops other threads only for its own policies (a program that
+                    // links libcow under `cowctl run` has two, and the other's threads are
+                    // not this one's to stop).
+                    return match self.cow.snapshot_quiesced_if_alone() {
+                        Some(taken) => taken.map(|(id, _)| id),
+                        None => self.cow.snapshot(),
+                    };
+                }
                 // Alone (a fuzzer's loop, a single-threaded program), nothing else can write:
                 // the module checks that itself, which costs far less than listing threads.
                 if !self.others_seen.load(Ordering::Relaxed) {
