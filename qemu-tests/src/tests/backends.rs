@@ -78,6 +78,8 @@ fn churn(backend: &str) -> Result<()> {
 }
 
 /// The kmod suite with random pre-copy hints before every snapshot: results must not change.
+/// (Under `cowctl run` the process is not alone — libcow's control thread — so the module takes
+/// these snapshots the ordinary way; pre-copies at random are `snap::randomized_byte_exact`'s.)
 fn kmod_churn_random_hints() -> Result<()> {
     std::env::set_var("COW_SUITE_RANDOM_HINTS", "1");
     for seed in ["33", "44"] {
