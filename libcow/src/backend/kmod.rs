@@ -142,13 +142,18 @@ impl Backend for Kmod {
         if !self.hinting.load(Ordering::Relaxed) {
             return self.quiesced(|| self.cow.snapshot());
         }
-        let (hint, probe, observe, counters_before, own_hint) = {
+        let (hint, hint_empty, probe, observe, counters_before, own_hint) = {
             let spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
             let s = spec.speculator.as_ref();
             // Without a speculator the hint is the caller's own (`hint_addrs`): left alone.
             let hint = s.map(|s| s.hint()).filter(|h| *h != spec.hint_sent);
+            // What the kernel will hold once the hint (if any) is sent.
+            let hint_empty = hint
+                .as_ref()
+                .map_or(spec.hint_sent.is_empty(), |h| h.is_empty());
             (
                 hint,
+                hint_empty,
                 s.is_some_and(|s| s.hint_is_probe()),
                 s.is_some_and(|s| s.wants_observation()),
                 // Counters only move in snapshots, faults and restores: those right after the
@@ -168,12 +173,6 @@ impl Backend for Kmod {
             (true, Some(last)) => Some(last),
             (true, None) => Some(self.cow.stats()?),
         };
-        let mut spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(hint) = hint {
-            spec.hint_sent = hint;
-        }
-        let hint_empty = spec.hint_sent.is_empty();
-        drop(spec);
         let id = if hint_empty {
             // Nothing to pre-copy: an ordinary snapshot.
             self.quiesced(|| self.cow.snapshot())
@@ -216,6 +215,10 @@ impl Backend for Kmod {
         };
         let id = id?;
         let mut spec = self.spec.lock().unwrap_or_else(|e| e.into_inner());
+        // Recorded once the snapshot succeeded (after a failure the next one resends it).
+        if let Some(hint) = hint {
+            spec.hint_sent = hint;
+        }
         match before {
             Some(before) => {
                 let after = self.cow.stats()?;
