@@ -357,8 +357,10 @@ pub fn run(
             r.memory_overhead_bytes as f64 / (1 << 20) as f64
         );
     }
-    if let Some(r) = rows.iter().find(|r| r.write_fault_floor_us.is_some()) {
-        let floor = r.write_fault_floor_us.unwrap_or_default();
+    if let Some((r, floor)) = rows
+        .iter()
+        .find_map(|r| r.write_fault_floor_us.map(|f| (r, f)))
+    {
         println!(
             "kmod: a write fault with nothing to save costs {floor:.2} µs ({:.2} memcpy): the trap and the PTE upgrade under every first write",
             floor / r.memcpy_page_us
