@@ -33,8 +33,9 @@ of cowcc itself, cargo's target/release).";
 /// (`-Wl,--wrap`), and the wrappers in `src/wrappers.c` save the bytes first.
 /// (The heap functions: the wrappers' allocator saves its own metadata too; `mmap`/`munmap`:
 /// shared mappings are not covered; `pthread_create`: a program with threads gathers them at
-/// safe points for its own snapshots.)
-const WRAPPED: [&str; 36] = [
+/// safe points for its own snapshots; `sigaction`/`signal`: safe points fault into libcow's
+/// `SIGSEGV` handler, which passes other faults to the program's.)
+const WRAPPED: [&str; 38] = [
     "read",
     "pread",
     "readv",
@@ -71,6 +72,8 @@ const WRAPPED: [&str; 36] = [
     "mmap",
     "munmap",
     "pthread_create",
+    "sigaction",
+    "signal",
 ];
 
 /// The wrappers' static library, built by build.rs.

@@ -8,6 +8,7 @@
  */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -91,20 +92,22 @@ __attribute__((constructor)) static void register_call_ranges(void)
 	__cow_lmc_ranges_hook(call_ranges);
 }
 
+/* Whether writes are being saved (a snapshot is held): wrappers that must measure what they
+ * will write do so only then. */
+static inline int saving(void)
+{
+	return __atomic_load_n(&__cow_lmc_gen, __ATOMIC_ACQUIRE) != 0;
+}
+
 /* Saves [p, p + n) before libc writes it: the slow path only if some region of it is not
  * tagged with the current generation yet (the pass's own inlined check, for ranges). */
-static void save(void *p, size_t n)
+static inline void save_now(void *p, size_t n)
 {
-	if (!p || !n)
-		return;
-	if (call.n < MAX_CALL_RANGES) {
-		call.range[2 * call.n] = (uintptr_t)p;
-		call.range[2 * call.n + 1] = n;
-	}
-	__atomic_store_n(&call.n, call.n + 1, __ATOMIC_RELAXED);
 	uint16_t gen = __atomic_load_n(&__cow_lmc_gen, __ATOMIC_ACQUIRE);
+	if (gen == 0 || !p || !n)
+		return;
 	uint16_t *tags = __atomic_load_n(&__cow_lmc_shadow, __ATOMIC_ACQUIRE);
-	if (gen == 0 || !tags)
+	if (!tags)
 		return;
 	uintptr_t first = (uintptr_t)p >> REGION_SHIFT, last = ((uintptr_t)p + n - 1) >> REGION_SHIFT;
 	if (last - first < 64) {
@@ -115,6 +118,20 @@ static void save(void *p, size_t n)
 	}
 slow:
 	__cow_lmc_write(p, n);
+}
+
+/* The same for a call a checkpoint may park this thread in (one that blocks in a system call or
+ * calls back into the program): the range is remembered until the call returns. */
+static void save(void *p, size_t n)
+{
+	if (!p || !n)
+		return;
+	if (call.n < MAX_CALL_RANGES) {
+		call.range[2 * call.n] = (uintptr_t)p;
+		call.range[2 * call.n + 1] = n;
+	}
+	__atomic_store_n(&call.n, call.n + 1, __ATOMIC_RELAXED);
+	save_now(p, n);
 }
 
 static void save_iov(const struct iovec *iov, int n)
@@ -200,57 +217,53 @@ char *__wrap_fgets(char *s, int n, FILE *f)
 
 char *__wrap_strcpy(char *d, const char *s)
 {
-	CALL_SCOPE;
-	save(d, strlen(s) + 1);
+	if (saving())
+		save_now(d, strlen(s) + 1);
 	return __real_strcpy(d, s);
 }
 
 char *__wrap_stpcpy(char *d, const char *s)
 {
-	CALL_SCOPE;
-	save(d, strlen(s) + 1);
+	if (saving())
+		save_now(d, strlen(s) + 1);
 	return __real_stpcpy(d, s);
 }
 
 char *__wrap_strncpy(char *d, const char *s, size_t n)
 {
-	CALL_SCOPE;
-	save(d, n);
+	save_now(d, n);
 	return __real_strncpy(d, s, n);
 }
 
 char *__wrap_strcat(char *d, const char *s)
 {
-	CALL_SCOPE;
-	save(d, strlen(d) + strlen(s) + 1);
+	if (saving())
+		save_now(d, strlen(d) + strlen(s) + 1);
 	return __real_strcat(d, s);
 }
 
 char *__wrap_strncat(char *d, const char *s, size_t n)
 {
-	CALL_SCOPE;
-	save(d, strlen(d) + strnlen(s, n) + 1);
+	if (saving())
+		save_now(d, strlen(d) + strnlen(s, n) + 1);
 	return __real_strncat(d, s, n);
 }
 
 void *__wrap_memcpy(void *d, const void *s, size_t n)
 {
-	CALL_SCOPE;
-	save(d, n);
+	save_now(d, n);
 	return __real_memcpy(d, s, n);
 }
 
 void *__wrap_memmove(void *d, const void *s, size_t n)
 {
-	CALL_SCOPE;
-	save(d, n);
+	save_now(d, n);
 	return __real_memmove(d, s, n);
 }
 
 void *__wrap_memset(void *d, int c, size_t n)
 {
-	CALL_SCOPE;
-	save(d, n);
+	save_now(d, n);
 	return __real_memset(d, c, n);
 }
 
@@ -262,33 +275,42 @@ void __wrap_qsort(void *base, size_t n, size_t size, int (*cmp)(const void *, co
 	__real_qsort(base, n, size, cmp);
 }
 
+/* Formatting neither blocks nor calls back: nothing to remember for a parked thread. What it
+ * will write is measured only while saving, and not at all when the bound is small. */
 int __wrap_vsprintf(char *buf, const char *fmt, va_list ap)
 {
-	CALL_SCOPE;
-	va_list probe;
-	va_copy(probe, ap);
-	int need = __real_vsnprintf(NULL, 0, fmt, probe);
-	va_end(probe);
-	if (need >= 0)
-		save(buf, (size_t)need + 1);
+	if (saving()) {
+		va_list probe;
+		va_copy(probe, ap);
+		int need = __real_vsnprintf(NULL, 0, fmt, probe);
+		va_end(probe);
+		if (need >= 0)
+			save_now(buf, (size_t)need + 1);
+	}
 	return __real_vsprintf(buf, fmt, ap);
 }
 
+/* A bound up to this many bytes is saved whole rather than measured by formatting twice. */
+#define SAVE_WHOLE_BOUND 4096
+
 int __wrap_vsnprintf(char *buf, size_t n, const char *fmt, va_list ap)
 {
-	CALL_SCOPE;
-	va_list probe;
-	va_copy(probe, ap);
-	int need = __real_vsnprintf(NULL, 0, fmt, probe);
-	va_end(probe);
-	if (need >= 0)
-		save(buf, (size_t)need + 1 < n ? (size_t)need + 1 : n);
+	if (saving() && n > 0) {
+		size_t len = n;
+		if (n > SAVE_WHOLE_BOUND) {
+			va_list probe;
+			va_copy(probe, ap);
+			int need = __real_vsnprintf(NULL, 0, fmt, probe);
+			va_end(probe);
+			len = need < 0 ? 0 : (size_t)need + 1 < n ? (size_t)need + 1 : n;
+		}
+		save_now(buf, len);
+	}
 	return __real_vsnprintf(buf, n, fmt, ap);
 }
 
 int __wrap_sprintf(char *buf, const char *fmt, ...)
 {
-	CALL_SCOPE;
 	va_list ap;
 	va_start(ap, fmt);
 	int r = __wrap_vsprintf(buf, fmt, ap);
@@ -298,7 +320,6 @@ int __wrap_sprintf(char *buf, const char *fmt, ...)
 
 int __wrap_snprintf(char *buf, size_t n, const char *fmt, ...)
 {
-	CALL_SCOPE;
 	va_list ap;
 	va_start(ap, fmt);
 	int r = __wrap_vsnprintf(buf, n, fmt, ap);
@@ -572,4 +593,32 @@ int __wrap_pthread_create(pthread_t *t, const pthread_attr_t *attr, void *(*fn)(
 {
 	__cow_lmc_threads_started();
 	return __real_pthread_create(t, attr, fn, arg);
+}
+
+/*
+ * Safe points fault on the poll page while a checkpoint is requested: lmc's SIGSEGV handler
+ * takes those and passes every other fault to the action the program set, which libcow keeps
+ * for it while its handler is installed (the program's sigaction would otherwise replace it).
+ */
+int __real_sigaction(int, const struct sigaction *, struct sigaction *);
+void (*__real_signal(int, void (*)(int)))(int);
+int __cow_lmc_sigsegv_action(const struct sigaction *act, struct sigaction *old);
+
+int __wrap_sigaction(int sig, const struct sigaction *act, struct sigaction *old)
+{
+	if (sig == SIGSEGV && __cow_lmc_sigsegv_action(act, old))
+		return 0;
+	return __real_sigaction(sig, act, old);
+}
+
+void (*__wrap_signal(int sig, void (*handler)(int)))(int)
+{
+	if (sig != SIGSEGV)
+		return __real_signal(sig, handler);
+	/* glibc's signal(): BSD semantics. */
+	struct sigaction act = { .sa_handler = handler, .sa_flags = SA_RESTART }, old;
+	sigemptyset(&act.sa_mask);
+	if (__wrap_sigaction(sig, &act, &old) != 0)
+		return SIG_ERR;
+	return old.sa_handler;
 }

@@ -71,11 +71,13 @@ pub static __cow_lmc_shadow: AtomicPtr<u16> = AtomicPtr::new(std::ptr::null_mut(
 static MODULES: AtomicUsize = AtomicUsize::new(0);
 
 /// Called once per instrumented object file at load time (an `.init_array` entry `cowcc`'s
-/// pass adds), so that `cow_init("lmc")` can refuse a program that was not compiled with it.
-/// Under `cowctl run --backend lmc` (`COW_BACKEND=lmc`) the first call initialises lmc and,
-/// with `--every`, starts the periodic checkpoints.
+/// pass adds) with the poll page of the executable or library it was linked into (its safe
+/// points read it, see `lmc_cut`), so that `cow_init("lmc")` can refuse a program that was not
+/// compiled with it. Under `cowctl run --backend lmc` (`COW_BACKEND=lmc`) the first call
+/// initialises lmc and, with `--every`, starts the periodic checkpoints.
 #[no_mangle]
-pub extern "C" fn __cow_lmc_register() {
+pub extern "C" fn __cow_lmc_register(poll_page: *mut u8) {
+    super::lmc_cut::register_poll_page(poll_page as usize);
     if MODULES.fetch_add(1, Ordering::Relaxed) == 0
         && crate::sys::env_var("COW_BACKEND").as_deref() == Some("lmc")
     {
@@ -83,17 +85,20 @@ pub extern "C" fn __cow_lmc_register() {
     }
 }
 
-/// Set by the checkpointer: take a checkpoint at the next safe point. Read by the inlined
-/// safe points the pass puts at function entries and loop back-edges.
+/// cowcc's `sigaction`/`signal` wrappers, for `SIGSEGV`: while lmc's handler is installed
+/// (safe points fault to take a checkpoint), the program's action is kept as the one that
+/// handler passes every other fault to. Returns 1 if it did so (`old`, if not null, receives
+/// the program's previous action), 0 if the wrapper is to call libc's `sigaction` itself.
+///
+/// # Safety
+/// `act` and `old` are null or valid, as for `sigaction(2)`.
 #[no_mangle]
-pub static __cow_lmc_pending: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// A safe point with a checkpoint pending: no instrumented write is between its check and its
-/// store in this thread, so it parks here until the checkpointer has gathered every thread and
-/// taken the snapshot (see `lmc_cut`).
-#[no_mangle]
-pub extern "C" fn __cow_lmc_safepoint() {
-    super::lmc_cut::at_safe_point();
+pub unsafe extern "C" fn __cow_lmc_sigsegv_action(
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> i32 {
+    // SAFETY: the caller's pointers, as documented.
+    unsafe { super::lmc_cut::program_segv_action(act.as_ref(), old.as_mut()) as i32 }
 }
 
 /// Set once the program has started a thread (cowcc's `pthread_create` wrapper).

@@ -4,7 +4,10 @@
 //! between an instrumented write's check and the write (nor between a cowcc wrapper's save and
 //! the libc call that writes). Such a point is:
 //! - a **safe point** (function entry, loop back-edge: the pass never puts one between a check
-//!   and its store), where a thread that sees the request parks itself;
+//!   and its store). A safe point reads a page of its object (cowcc's wrappers register one
+//!   per linked object); a request makes those pages inaccessible, and the `SIGSEGV` handler
+//!   parks the thread that faulted there. Every other fault goes to the program's own action
+//!   (cowcc wraps `sigaction` and `signal` for `SIGSEGV`), or the default one;
 //! - a **system-call boundary** in a thread blocked in the kernel (it would reach no safe
 //!   point): the checkpointer sends it [`signal`]; the handler parks only if the interrupted
 //!   instruction is a `syscall` or follows one and lmc's lock is free (else it returns and is
@@ -26,7 +29,9 @@
 //! `ETIMEDOUT` after [`TIMEOUT_NS`]; nothing is left parked.
 
 use crate::world::{futex, gettid};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 
 /// Most threads parked at once.
 const MAX_THREADS: usize = 1024;
@@ -60,6 +65,21 @@ static ALONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new
 /// What the thread's own checkpoint returned (0: not yet).
 static TAKEN: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
+/// A checkpoint is requested (1): the next safe point takes it.
+static PENDING: AtomicU8 = AtomicU8::new(0);
+
+/// Most instrumented objects (executable and libraries) with a poll page.
+const MAX_POLL_PAGES: usize = 64;
+/// The poll pages registered so far (addresses; 0: free slot).
+static POLL_PAGES: [AtomicUsize; MAX_POLL_PAGES] = [const { AtomicUsize::new(0) }; MAX_POLL_PAGES];
+/// The poll pages are inaccessible: safe points fault.
+static POLL_ARMED: AtomicBool = AtomicBool::new(false);
+/// The program's own `SIGSEGV` action, which lmc's handler passes every fault but a safe
+/// point's to (null: the default). Replaced, never freed: a handler may be reading the old one.
+static PROGRAM_SEGV: AtomicPtr<libc::sigaction> = AtomicPtr::new(std::ptr::null_mut());
+/// lmc's `SIGSEGV` handler is installed.
+static SEGV_INSTALLED: AtomicBool = AtomicBool::new(false);
+
 /// cowcc's wrappers: copies this thread's current `(start, len)` ranges into the buffer (at
 /// most `cap` pairs) and returns how many it has, or `usize::MAX` if they do not fit (see
 /// [`__cow_lmc_ranges_hook`]).
@@ -77,33 +97,210 @@ pub extern "C" fn __cow_lmc_ranges_hook(hook: extern "C" fn(*mut usize, usize) -
     RANGES_HOOK.store(hook as usize, Ordering::Release);
 }
 
-/// Installs the handler of [`signal`] (once, when lmc opens).
+/// Installs the handler of [`signal`] and the one of `SIGSEGV` that safe points fault into
+/// (once, when lmc opens); the program's `SIGSEGV` action is kept for every other fault.
 pub fn install() {
-    // SAFETY: our handler for a signal reserved for libcow. SA_RESTART: interrupted system
-    // calls go on after the cut.
+    // SAFETY: our handlers, installed with sigaction; `previous` receives the program's.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_signal as *const () as usize;
+        // SA_RESTART: interrupted system calls go on after the cut.
         sa.sa_flags = libc::SA_RESTART | libc::SA_SIGINFO;
         libc::sigemptyset(&mut sa.sa_mask);
         libc::sigaction(signal(), &sa, std::ptr::null_mut());
+
+        if SEGV_INSTALLED.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut previous: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_segv as *const () as usize;
+        // SA_ONSTACK: a program's handler for stack overflows runs on its alternate stack.
+        sa.sa_flags = libc::SA_RESTART | libc::SA_SIGINFO | libc::SA_ONSTACK;
+        libc::sigaction(libc::SIGSEGV, &sa, &mut previous);
+        keep_program_segv(previous);
     }
 }
 
-/// A safe point with a checkpoint pending: take it (single-threaded) or park in the cut.
-pub fn at_safe_point() {
-    let marker = 0u8;
+/// Registers an object's poll page (inaccessible at once if a checkpoint is requested).
+pub fn register_poll_page(page: usize) {
+    for slot in &POLL_PAGES {
+        match slot.compare_exchange(0, page, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                if POLL_ARMED.load(Ordering::Acquire) {
+                    protect(page, libc::PROT_NONE);
+                }
+                return;
+            }
+            Err(p) if p == page => return,
+            Err(_) => {}
+        }
+    }
+    // More objects than slots: theirs stay accessible, their threads are parked at a
+    // system-call boundary or the cut times out (reported as ETIMEDOUT).
+}
+
+fn protect(page: usize, prot: i32) {
+    // SAFETY: a page-aligned page of an object's .bss that holds nothing else.
+    unsafe { libc::mprotect(page as *mut libc::c_void, 4096, prot) };
+}
+
+/// Asks every thread for a checkpoint at its next safe point.
+fn request() {
+    PENDING.store(1, Ordering::Release);
+    POLL_ARMED.store(true, Ordering::Release);
+    for slot in &POLL_PAGES {
+        match slot.load(Ordering::Acquire) {
+            0 => break,
+            page => protect(page, libc::PROT_NONE),
+        }
+    }
+}
+
+/// Makes the poll pages accessible again. Always before the request's outcome is published,
+/// so that the next request's pages are never opened by this one.
+fn disarm() {
+    POLL_ARMED.store(false, Ordering::Release);
+    for slot in &POLL_PAGES {
+        match slot.load(Ordering::Acquire) {
+            0 => break,
+            page => protect(page, libc::PROT_READ | libc::PROT_WRITE),
+        }
+    }
+}
+
+/// A safe point with a checkpoint pending (a thread whose stack pointer is `sp` faulted on its
+/// poll page): take it (single-threaded) or park in the cut.
+fn at_safe_point(sp: usize) {
     if ALONE.load(Ordering::Acquire) {
         take_here();
-    } else if ACTIVE.load(Ordering::Acquire) != 0 && publish_ranges(&marker as *const u8 as usize) {
+    } else if ACTIVE.load(Ordering::Acquire) != 0 && publish_ranges(sp) {
         park();
+    } else {
+        // The request is being withdrawn: its pages open within microseconds.
+        // SAFETY: sched_yield has no preconditions.
+        unsafe { libc::sched_yield() };
     }
+}
+
+/// Whether `addr` lies in a registered poll page.
+fn in_poll_page(addr: usize) -> bool {
+    POLL_PAGES
+        .iter()
+        .map(|slot| slot.load(Ordering::Acquire))
+        .take_while(|&page| page != 0)
+        .any(|page| (page..page + 4096).contains(&addr))
+}
+
+extern "C" fn on_segv(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes this fault's siginfo.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    if !in_poll_page(addr) {
+        // SAFETY: the arguments of this very signal.
+        unsafe { pass_to_program(sig, info, ctx) };
+        return;
+    }
+    // SAFETY: reading and restoring this thread's errno around our system calls.
+    let saved_errno = unsafe { *libc::__errno_location() };
+    // SAFETY: the kernel passes the interrupted context of this thread.
+    let sp =
+        unsafe { (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_RSP as usize] };
+    at_safe_point(sp as usize);
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = saved_errno };
+}
+
+/// A fault that is not a safe point's: what the program asked for. Its handler is called as
+/// the kernel would (its mask added, `SA_RESETHAND` honoured); with no handler, the default
+/// action is restored and the faulting instruction runs again, so the process ends as it
+/// would have without lmc.
+///
+/// # Safety
+/// The arguments of a `SIGSEGV` being handled.
+unsafe fn pass_to_program(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let action = PROGRAM_SEGV.load(Ordering::Acquire);
+    // SAFETY: set by keep_program_segv from a leaked box, never freed.
+    let Some(action) = (unsafe { action.as_ref() }) else {
+        return default_action();
+    };
+    let handler = action.sa_sigaction;
+    if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
+        return default_action();
+    }
+    if action.sa_flags & libc::SA_RESETHAND != 0 {
+        // SAFETY: a zeroed sigaction is SIG_DFL.
+        keep_program_segv(unsafe { std::mem::zeroed() });
+    }
+    // SAFETY: signal masks of this thread; the program's handler, called with the arguments
+    // the kernel gave us, in the form its flags declare.
+    unsafe {
+        let mut mask = action.sa_mask;
+        if action.sa_flags & libc::SA_NODEFER == 0 {
+            libc::sigaddset(&mut mask, sig);
+        } else {
+            libc::sigdelset(&mut mask, sig);
+        }
+        let mut before: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, &mask, &mut before);
+        if action.sa_flags & libc::SA_NODEFER != 0 {
+            let mut unblock: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut unblock);
+            libc::sigaddset(&mut unblock, sig);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &unblock, std::ptr::null_mut());
+        }
+        if action.sa_flags & libc::SA_SIGINFO != 0 {
+            let f: extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void) =
+                std::mem::transmute(handler);
+            f(sig, info, ctx);
+        } else {
+            let f: extern "C" fn(i32) = std::mem::transmute(handler);
+            f(sig);
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
+    }
+}
+
+/// Restores `SIGSEGV`'s default action; the faulting instruction, run again, ends the process.
+fn default_action() {
+    // SAFETY: a zeroed sigaction is SIG_DFL with an empty mask.
+    unsafe {
+        let sa: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut());
+    }
+}
+
+fn keep_program_segv(action: libc::sigaction) {
+    PROGRAM_SEGV.store(Box::into_raw(Box::new(action)), Ordering::Release);
+}
+
+/// The program sets or reads its `SIGSEGV` action (cowcc's wrappers): kept for
+/// [`pass_to_program`] while lmc's handler is installed. False if it is not: the wrapper calls
+/// `sigaction` itself.
+pub fn program_segv_action(
+    act: Option<&libc::sigaction>,
+    old: Option<&mut libc::sigaction>,
+) -> bool {
+    if !SEGV_INSTALLED.load(Ordering::Acquire) {
+        return false;
+    }
+    let current = PROGRAM_SEGV.load(Ordering::Acquire);
+    if let Some(old) = old {
+        // SAFETY: null or a leaked box, never freed.
+        *old = match unsafe { current.as_ref() } {
+            Some(a) => *a,
+            // SAFETY: a zeroed sigaction is SIG_DFL.
+            None => unsafe { std::mem::zeroed() },
+        };
+    }
+    if let Some(act) = act {
+        keep_program_segv(*act);
+    }
+    true
 }
 
 /// The single thread's own checkpoint, if it is still pending: a snapshot, then the ranges of
 /// its wrapper call in progress saved again (its own stack is skipped by the slow path).
 fn take_here() {
-    if super::lmc::__cow_lmc_pending
+    if PENDING
         .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Relaxed)
         .is_err()
     {
@@ -123,6 +320,7 @@ fn take_here() {
         }
         id
     };
+    disarm();
     TAKEN.store(
         if id == 0 { -(libc::EIO as i64) } else { id },
         Ordering::Release,
@@ -136,7 +334,7 @@ fn take_here() {
 pub fn take_alone(tid: i32) -> i64 {
     TAKEN.store(0, Ordering::Release);
     ALONE.store(true, Ordering::Release);
-    super::lmc::__cow_lmc_pending.store(1, Ordering::Release);
+    request();
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
     let start = crate::sys::monotonic_ns();
@@ -161,10 +359,11 @@ pub fn take_alone(tid: i32) -> i64 {
         };
         // Withdrawn only if the thread has not begun taking it.
         if let Some(errno) = give_up {
-            if super::lmc::__cow_lmc_pending
+            if PENDING
                 .compare_exchange(1, 0, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
+                disarm();
                 break -(errno as i64);
             }
         }
@@ -324,7 +523,7 @@ pub fn cut(snapshot: impl FnOnce() -> i64, save: impl Fn(usize, usize)) -> i64 {
     NEXT_PARKED.store(0, Ordering::Release);
     NEXT_RANGE.store(0, Ordering::Release);
     ACTIVE.store(cut, Ordering::Release);
-    super::lmc::__cow_lmc_pending.store(1, Ordering::Release);
+    request();
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
     let start = crate::sys::monotonic_ns();
@@ -389,7 +588,8 @@ pub fn cut(snapshot: impl FnOnce() -> i64, save: impl Fn(usize, usize)) -> i64 {
         }
         std::thread::yield_now();
     };
-    super::lmc::__cow_lmc_pending.store(0, Ordering::Release);
+    disarm();
+    PENDING.store(0, Ordering::Release);
     ACTIVE.store(0, Ordering::Release);
     RELEASED.store(cut, Ordering::Release);
     futex(&RELEASED, libc::FUTEX_WAKE, i32::MAX as u32);
