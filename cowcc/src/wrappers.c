@@ -354,7 +354,9 @@ int __wrap_munmap(void *addr, size_t len)
  * powers of two above: power-of-two classes alone doubled a Lua heap's footprint and its cache
  * misses) carved from one MAP_NORESERVE reservation (never unmapped, so a restore never writes into a hole), a free
  * list per class whose links live in the free blocks. Blocks from libc's own allocations
- * (strdup inside libc, fopen, getline) stay glibc's and are handed back to it.
+ * (strdup inside libc, fopen, getline) stay glibc's and are handed back to it. The allocator
+ * makes no system call between saving and writing (nor calls back into the program), so a
+ * checkpoint never parks a thread in between: it saves without remembering ranges.
  */
 #define HEAP_BYTES (64ull << 30)
 #define SMALL_CLASSES 32 /* 16, 32, ..., 512 bytes */
@@ -425,12 +427,12 @@ static void *carve(size_t size, size_t align)
 		heap_base = b;
 	}
 	if (!heap.bump) {
-		save(&heap.bump, sizeof heap.bump);
+		save_now(&heap.bump, sizeof heap.bump);
 		heap.bump = heap_base;
 	}
 	char *blk = heap.free[cls];
 	if (blk) {
-		save(&heap.free[cls], sizeof heap.free[cls]);
+		save_now(&heap.free[cls], sizeof heap.free[cls]);
 		heap.free[cls] = *(void **)blk;
 	} else {
 		/* 16-aligned; larger blocks at their power of two (up to a page) */
@@ -440,7 +442,7 @@ static void *carve(size_t size, size_t align)
 			unlock();
 			return NULL;
 		}
-		save(&heap.bump, sizeof heap.bump);
+		save_now(&heap.bump, sizeof heap.bump);
 		heap.bump = start + bytes;
 		blk = start;
 	}
@@ -448,7 +450,7 @@ static void *carve(size_t size, size_t align)
 	size_t a = align > 16 ? align : 16;
 	char *user = (char *)(((uintptr_t)blk + 16 + a - 1) & ~(uintptr_t)(a - 1));
 	uint64_t *h = (uint64_t *)(user - 16);
-	save(h, 16);
+	save_now(h, 16);
 	h[0] = MAGIC | (uint64_t)cls;
 	h[1] = (uint64_t)(uintptr_t)blk;
 	return user;
@@ -463,13 +465,11 @@ static size_t usable(const void *p)
 
 void *__wrap_malloc(size_t n)
 {
-	CALL_SCOPE;
 	return carve(n, 16);
 }
 
 void __wrap_free(void *p)
 {
-	CALL_SCOPE;
 	if (!p)
 		return;
 	if (!ours(p)) {
@@ -480,21 +480,20 @@ void __wrap_free(void *p)
 	int cls = (int)(h[0] & 0xff);
 	void **blk = (void **)(uintptr_t)h[1];
 	lock();
-	save(blk, sizeof *blk);
+	save_now(blk, sizeof *blk);
 	*blk = heap.free[cls];
-	save(&heap.free[cls], sizeof heap.free[cls]);
+	save_now(&heap.free[cls], sizeof heap.free[cls]);
 	heap.free[cls] = blk;
 	unlock();
 }
 
 void *__wrap_calloc(size_t n, size_t size)
 {
-	CALL_SCOPE;
 	if (size && n > SIZE_MAX / size)
 		return NULL;
 	void *p = carve(n * size, 16);
 	if (p) {
-		save(p, n * size);
+		save_now(p, n * size);
 		__real_memset(p, 0, n * size);
 	}
 	return p;
@@ -502,7 +501,6 @@ void *__wrap_calloc(size_t n, size_t size)
 
 void *__wrap_realloc(void *p, size_t n)
 {
-	CALL_SCOPE;
 	if (!p)
 		return carve(n, 16);
 	size_t old = ours(p) ? usable(p) : __real_malloc_usable_size(p);
@@ -512,7 +510,7 @@ void *__wrap_realloc(void *p, size_t n)
 	if (!q)
 		return NULL;
 	size_t keep = old < n ? old : n;
-	save(q, keep);
+	save_now(q, keep);
 	__real_memcpy(q, p, keep);
 	__wrap_free(p);
 	return q;
@@ -520,7 +518,6 @@ void *__wrap_realloc(void *p, size_t n)
 
 void *__wrap_reallocarray(void *p, size_t n, size_t size)
 {
-	CALL_SCOPE;
 	if (size && n > SIZE_MAX / size)
 		return NULL;
 	return __wrap_realloc(p, n * size);
@@ -528,42 +525,37 @@ void *__wrap_reallocarray(void *p, size_t n, size_t size)
 
 int __wrap_posix_memalign(void **out, size_t align, size_t n)
 {
-	CALL_SCOPE;
 	if (align < sizeof(void *) || (align & (align - 1)))
 		return 22; /* EINVAL */
 	void *p = carve(n, align);
 	if (!p)
 		return 12; /* ENOMEM */
-	save(out, sizeof *out);
+	save_now(out, sizeof *out);
 	*out = p;
 	return 0;
 }
 
 void *__wrap_aligned_alloc(size_t align, size_t n)
 {
-	CALL_SCOPE;
 	return (align & (align - 1)) ? NULL : carve(n, align);
 }
 
 void *__wrap_memalign(size_t align, size_t n)
 {
-	CALL_SCOPE;
 	return (align & (align - 1)) ? NULL : carve(n, align);
 }
 
 size_t __wrap_malloc_usable_size(void *p)
 {
-	CALL_SCOPE;
 	return !p ? 0 : ours(p) ? usable(p) : __real_malloc_usable_size(p);
 }
 
 char *__wrap_strdup(const char *s)
 {
-	CALL_SCOPE;
 	size_t n = strlen(s) + 1;
 	char *p = carve(n, 16);
 	if (p) {
-		save(p, n);
+		save_now(p, n);
 		__real_memcpy(p, s, n);
 	}
 	return p;
@@ -571,11 +563,10 @@ char *__wrap_strdup(const char *s)
 
 char *__wrap_strndup(const char *s, size_t max)
 {
-	CALL_SCOPE;
 	size_t n = strnlen(s, max);
 	char *p = carve(n + 1, 16);
 	if (p) {
-		save(p, n + 1);
+		save_now(p, n + 1);
 		__real_memcpy(p, s, n);
 		p[n] = 0;
 	}

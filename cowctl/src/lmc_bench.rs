@@ -6,7 +6,8 @@
 //! page-granular backends run under the preload, and the baseline). Each workload runs plainly
 //! (the median of [`BASELINE_RUNS`]), then under `cowctl run --backend B --every 1000/HZ --keep 8`
 //! for every backend and frequency (0: covered, never checkpointed — for lmc the cost of the
-//! instrumentation alone). A row gives the slowdown against the plain run, the checkpoints
+//! instrumentation alone; the median of [`BASELINE_RUNS`] runs, as short and noisy as the plain
+//! ones). A row gives the slowdown against the plain run, the checkpoints
 //! taken and their median latency, a restore of the newest checkpoint at exit (the program's
 //! whole exit path replaced by it, see `cow::report`), and the memory the run needed beyond the
 //! plain run: peak RSS above the plain run's, plus what the backend keeps outside the process
@@ -320,8 +321,15 @@ fn run_in(cfg: &Config, plain: &Path, cowcc: &Path, dir: &Path) -> Result<Vec<Ro
             let lua = if backend == "lmc" { cowcc } else { plain };
             for &hz in &cfg.hz {
                 eprintln!("cowctl bench --lmc: {} {arg}, {backend} at {hz} Hz", w.name);
-                let mut row = measure(backend, hz, &argv(lua), dir, &base, cfg.stop_after)
+                // Without checkpoints a run is as short as the plain one, and as noisy: the
+                // median of as many runs (for lmc this row is the instrumentation's cost).
+                let runs = if hz == 0.0 { BASELINE_RUNS } else { 1 };
+                let mut measured = (0..runs)
+                    .map(|_| measure(backend, hz, &argv(lua), dir, &base, cfg.stop_after))
+                    .collect::<Result<Vec<Row>>>()
                     .with_context(|| format!("{}, {backend} at {hz} Hz", w.name))?;
+                measured.sort_by(|a, b| a.slowdown.total_cmp(&b.slowdown));
+                let mut row = measured.swap_remove(runs / 2);
                 row.workload = w.name.into();
                 rows.push(row);
             }
