@@ -35,6 +35,7 @@ use llvm_plugin::inkwell::{AddressSpace, AtomicOrdering, GlobalVisibility, IntPr
 use llvm_plugin::{
     LlvmModulePass, ModuleAnalysisManager, PassBuilder, PipelineParsing, PreservedAnalyses,
 };
+use std::collections::{HashMap, HashSet};
 
 /// log2 of the region size; `cow::backend::lmc::REGION_SHIFT`, from the same build-time
 /// variable.
@@ -518,12 +519,14 @@ fn insert_safe_points<'ctx>(module: &Module<'ctx>, ctx: &ContextRef<'ctx>) {
 /// through a function another module or a pointer can call (external linkage, or its address
 /// taken). Those get one; a static helper called directly and not recursively (`singlematch`
 /// in Lua's pattern matcher, called per character) does not.
-fn entries_to_poll<'ctx>(module: &Module<'ctx>) -> Vec<FunctionValue<'ctx>> {
+fn entries_to_poll<'ctx>(module: &Module<'ctx>) -> HashSet<FunctionValue<'ctx>> {
     let functions: Vec<FunctionValue> = module
         .get_functions()
         .filter(|f| f.count_basic_blocks() > 0)
         .collect();
-    let index = |f: FunctionValue<'ctx>| functions.iter().position(|g| *g == f);
+    let positions: HashMap<FunctionValue, usize> =
+        functions.iter().enumerate().map(|(k, f)| (*f, k)).collect();
+    let index = |f: FunctionValue<'ctx>| positions.get(&f).copied();
     // The direct callees (within the module) of each function with a body.
     let callees: Vec<Vec<usize>> = functions
         .iter()

@@ -259,8 +259,10 @@ unsafe fn pass_to_program(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::
     }
 }
 
-/// Restores `SIGSEGV`'s default action; the faulting instruction, run again, ends the process.
+/// Restores `SIGSEGV`'s default action; the faulting instruction, run again, ends the process
+/// (from then on the program's own `sigaction` calls go to the kernel again).
 fn default_action() {
+    SEGV_INSTALLED.store(false, Ordering::Release);
     // SAFETY: a zeroed sigaction is SIG_DFL with an empty mask.
     unsafe {
         let sa: libc::sigaction = std::mem::zeroed();
