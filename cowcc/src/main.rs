@@ -18,7 +18,7 @@ Usage: cowcc [CLANG ARGUMENTS]...
 
 Every argument goes to clang-16; cowcc adds -fpass-plugin=libcow_lmc_pass.so and, when it
 links, wrappers for libc functions that write the program's memory (read, recv*, fread, fgets,
-str*cpy/cat, mem*, qsort, *sprintf: -Wl,--wrap) and -lcow (with an rpath to it). The program then calls cow_init(\"lmc\") (cow.h) or runs
+str*cpy/cat, mem*, qsort, *sprintf, the heap functions, sigaction/signal for SIGSEGV: -Wl,--wrap) and -lcow (with an rpath to it). The program then calls cow_init(\"lmc\") (cow.h) or runs
 under `cowctl run --backend lmc`.
 
 Examples:

@@ -4,8 +4,9 @@
 //! between an instrumented write's check and the write (nor between a cowcc wrapper's save and
 //! the libc call that writes). Such a point is:
 //! - a **safe point** (function entry, loop back-edge: the pass never puts one between a check
-//!   and its store). A safe point reads a page of its object (cowcc's wrappers register one
-//!   per linked object); a request makes those pages inaccessible, and the `SIGSEGV` handler
+//!   and its store). A safe point reads a page of its object (the pass defines one per
+//!   executable or library, registered from `.init_array`); a request makes those pages
+//!   inaccessible, and the `SIGSEGV` handler
 //!   parks the thread that faulted there. Every other fault goes to the program's own action
 //!   (cowcc wraps `sigaction` and `signal` for `SIGSEGV`), or the default one;
 //! - a **system-call boundary** in a thread blocked in the kernel (it would reach no safe
@@ -61,7 +62,7 @@ static RANGES: [(AtomicUsize, AtomicUsize, AtomicUsize); MAX_RANGES] = [const {
 }; MAX_RANGES];
 static NEXT_RANGE: AtomicUsize = AtomicUsize::new(0);
 /// A single-threaded checkpoint is requested ([`take_alone`]): the thread takes it itself.
-static ALONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static ALONE: AtomicBool = AtomicBool::new(false);
 /// What the thread's own checkpoint returned (0: not yet).
 static TAKEN: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
 
