@@ -186,3 +186,54 @@ pub(crate) fn path_with_number<'a>(
     buf[w] = 0;
     std::ffi::CStr::from_bytes_until_nul(&buf[..=w]).expect("a NUL ends the path")
 }
+
+/// Runs the program's own handler `action` for a synchronous `sig` that one of libcow's
+/// handlers received and is not its own, as the kernel would have: with the mask at the fault
+/// plus the action's, plus `sig` unless `SA_NODEFER` (a handler that `longjmp`s out keeps the
+/// mask it runs with; returning restores the fault's through `sigreturn`), and with the
+/// arguments its `SA_SIGINFO` flag declares. False if the action is the default or ignore:
+/// the caller restores the default, and the faulting instruction runs again.
+///
+/// # Safety
+///
+/// `info` and `ctx` are the arguments the kernel passed to the handler for `sig`; `action`'s
+/// handler is a function of the kind its flags say.
+pub(crate) unsafe fn run_program_handler(
+    action: &libc::sigaction,
+    sig: i32,
+    info: *mut libc::siginfo_t,
+    ctx: *mut libc::c_void,
+) -> bool {
+    let handler = action.sa_sigaction;
+    if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
+        return false;
+    }
+    // SAFETY: the kernel's ucontext for this signal (caller).
+    let mut mask = unsafe { (*(ctx as *const libc::ucontext_t)).uc_sigmask };
+    for s in 1..=64 {
+        // SAFETY: sigismember/sigaddset on sets we own.
+        unsafe {
+            if libc::sigismember(&action.sa_mask, s) == 1 {
+                libc::sigaddset(&mut mask, s);
+            }
+        }
+    }
+    if action.sa_flags & libc::SA_NODEFER == 0 {
+        // SAFETY: as above.
+        unsafe { libc::sigaddset(&mut mask, sig) };
+    }
+    sigprocmask_raw(libc::SIG_SETMASK, &mask);
+    // SAFETY: the program's handler, of the kind its flags declare (caller), called with the
+    // kernel's arguments.
+    unsafe {
+        if action.sa_flags & libc::SA_SIGINFO != 0 {
+            let f: extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void) =
+                std::mem::transmute(handler);
+            f(sig, info, ctx);
+        } else {
+            let f: extern "C" fn(i32) = std::mem::transmute(handler);
+            f(sig);
+        }
+    }
+    true
+}

@@ -225,7 +225,7 @@ fn site<'ctx>(td: &TargetData, inst: InstructionValue<'ctx>) -> Option<Site<'ctx
             len: size(value(inst.get_operand(1))?),
         }),
         InstructionOpcode::Call => {
-            let callee = pointer(inst.get_operand(inst.get_num_operands().checked_sub(1)?))?;
+            let callee = called(inst)?;
             let name = callee.get_name().to_bytes();
             let intrinsic = [&b"llvm.memcpy"[..], b"llvm.memmove", b"llvm.memset"]
                 .iter()
@@ -262,12 +262,7 @@ fn lower_small_copies(module: &Module, ctx: &ContextRef) {
             let mut next = bb.get_first_instruction();
             while let Some(inst) = next {
                 next = inst.get_next_instruction();
-                if inst.get_opcode() != InstructionOpcode::Call {
-                    continue;
-                }
-                let Some(callee) =
-                    pointer(inst.get_operand(inst.get_num_operands().saturating_sub(1)))
-                else {
+                let Some(callee) = called(inst) else {
                     continue;
                 };
                 let name = callee.get_name().to_bytes();
@@ -556,18 +551,23 @@ fn entries_to_poll<'ctx>(module: &Module<'ctx>) -> HashSet<FunctionValue<'ctx>> 
         .collect()
 }
 
-/// The function of `module` a call or invoke instruction calls directly, if any.
-fn direct_callee<'ctx>(
-    module: &Module<'ctx>,
-    inst: InstructionValue<'ctx>,
-) -> Option<FunctionValue<'ctx>> {
+/// What a call or invoke instruction calls (its last operand), if it is one.
+fn called(inst: InstructionValue) -> Option<PointerValue> {
     if !matches!(
         inst.get_opcode(),
         InstructionOpcode::Call | InstructionOpcode::Invoke
     ) {
         return None;
     }
-    let callee = pointer(inst.get_operand(inst.get_num_operands().checked_sub(1)?))?;
+    pointer(inst.get_operand(inst.get_num_operands().checked_sub(1)?))
+}
+
+/// The function of `module` a call or invoke instruction calls directly, if any.
+fn direct_callee<'ctx>(
+    module: &Module<'ctx>,
+    inst: InstructionValue<'ctx>,
+) -> Option<FunctionValue<'ctx>> {
+    let callee = called(inst)?;
     let f = module.get_function(callee.get_name().to_str().ok()?)?;
     (f.as_global_value().as_pointer_value() == callee).then_some(f)
 }

@@ -145,28 +145,26 @@ fn protect(page: usize, prot: i32) {
     unsafe { libc::mprotect(page as *mut libc::c_void, 4096, prot) };
 }
 
+/// The poll pages registered so far.
+fn poll_pages() -> impl Iterator<Item = usize> {
+    POLL_PAGES
+        .iter()
+        .map(|slot| slot.load(Ordering::Acquire))
+        .take_while(|&page| page != 0)
+}
+
 /// Asks every thread for a checkpoint at its next safe point.
 fn request() {
     PENDING.store(1, Ordering::Release);
     POLL_ARMED.store(true, Ordering::Release);
-    for slot in &POLL_PAGES {
-        match slot.load(Ordering::Acquire) {
-            0 => break,
-            page => protect(page, libc::PROT_NONE),
-        }
-    }
+    poll_pages().for_each(|page| protect(page, libc::PROT_NONE));
 }
 
 /// Makes the poll pages accessible again. Always before the request's outcome is published,
 /// so that the next request's pages are never opened by this one.
 fn disarm() {
     POLL_ARMED.store(false, Ordering::Release);
-    for slot in &POLL_PAGES {
-        match slot.load(Ordering::Acquire) {
-            0 => break,
-            page => protect(page, libc::PROT_READ | libc::PROT_WRITE),
-        }
-    }
+    poll_pages().for_each(|page| protect(page, libc::PROT_READ | libc::PROT_WRITE));
 }
 
 /// A safe point with a checkpoint pending (a thread whose stack pointer is `sp` faulted on its
@@ -185,11 +183,7 @@ fn at_safe_point(sp: usize) {
 
 /// Whether `addr` lies in a registered poll page.
 fn in_poll_page(addr: usize) -> bool {
-    POLL_PAGES
-        .iter()
-        .map(|slot| slot.load(Ordering::Acquire))
-        .take_while(|&page| page != 0)
-        .any(|page| (page..page + 4096).contains(&addr))
+    poll_pages().any(|page| (page..page + 4096).contains(&addr))
 }
 
 extern "C" fn on_segv(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
@@ -211,9 +205,9 @@ extern "C" fn on_segv(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_vo
 }
 
 /// A fault that is not a safe point's: what the program asked for. Its handler is called as
-/// the kernel would (its mask added, `SA_RESETHAND` honoured); with no handler, the default
-/// action is restored and the faulting instruction runs again, so the process ends as it
-/// would have without lmc.
+/// the kernel would (see `sys::run_program_handler`; `SA_RESETHAND` honoured); with no handler,
+/// the default action is restored and the faulting instruction runs again, so the process ends
+/// as it would have without lmc.
 ///
 /// # Safety
 /// The arguments of a `SIGSEGV` being handled.
@@ -223,40 +217,13 @@ unsafe fn pass_to_program(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::
     let Some(action) = (unsafe { action.as_ref() }) else {
         return default_action();
     };
-    let handler = action.sa_sigaction;
-    if handler == libc::SIG_DFL || handler == libc::SIG_IGN {
-        return default_action();
-    }
     if action.sa_flags & libc::SA_RESETHAND != 0 {
         // SAFETY: a zeroed sigaction is SIG_DFL.
         keep_program_segv(unsafe { std::mem::zeroed() });
     }
-    // SAFETY: signal masks of this thread; the program's handler, called with the arguments
-    // the kernel gave us, in the form its flags declare.
-    unsafe {
-        let mut mask = action.sa_mask;
-        if action.sa_flags & libc::SA_NODEFER == 0 {
-            libc::sigaddset(&mut mask, sig);
-        } else {
-            libc::sigdelset(&mut mask, sig);
-        }
-        let mut before: libc::sigset_t = std::mem::zeroed();
-        libc::pthread_sigmask(libc::SIG_BLOCK, &mask, &mut before);
-        if action.sa_flags & libc::SA_NODEFER != 0 {
-            let mut unblock: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut unblock);
-            libc::sigaddset(&mut unblock, sig);
-            libc::pthread_sigmask(libc::SIG_UNBLOCK, &unblock, std::ptr::null_mut());
-        }
-        if action.sa_flags & libc::SA_SIGINFO != 0 {
-            let f: extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void) =
-                std::mem::transmute(handler);
-            f(sig, info, ctx);
-        } else {
-            let f: extern "C" fn(i32) = std::mem::transmute(handler);
-            f(sig);
-        }
-        libc::pthread_sigmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
+    // SAFETY: the program's own action (kept from sigaction) and this signal's arguments.
+    if !unsafe { crate::sys::run_program_handler(action, sig, info, ctx) } {
+        default_action();
     }
 }
 

@@ -149,55 +149,17 @@ extern "C" fn on_segv(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_vo
     }
     // Not ours: hand it to whoever had SIGSEGV before us.
     let old = OLD_ACTION.load(Ordering::Acquire);
-    // SAFETY: `old` is the sigaction saved at install time (or null).
+    // SAFETY: `old` is the sigaction saved at install time (or null); our handler's arguments.
     unsafe {
-        if !old.is_null()
-            && (*old).sa_sigaction != libc::SIG_DFL
-            && (*old).sa_sigaction != libc::SIG_IGN
-        {
-            program_handler_mask(&*old, ctx);
-            if (*old).sa_flags & libc::SA_SIGINFO != 0 {
-                let f: extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void) =
-                    std::mem::transmute((*old).sa_sigaction);
-                f(sig, info, ctx);
-            } else {
-                let f: extern "C" fn(i32) = std::mem::transmute((*old).sa_sigaction);
-                f(sig);
-            }
+        if !old.is_null() && sys::run_program_handler(&*old, sig, info, ctx) {
             return;
         }
         // Default action: restore it and return; the faulting instruction runs again and the
         // process dies of SIGSEGV as it would have without us.
-
         let mut dfl: libc::sigaction = std::mem::zeroed();
         dfl.sa_sigaction = libc::SIG_DFL;
         own_sigaction(&dfl, std::ptr::null_mut());
     }
-}
-
-/// Sets the mask the kernel would have set for the program's own SIGSEGV action: the mask at
-/// the fault, plus the action's, plus SIGSEGV unless `SA_NODEFER` — not ours, which blocks
-/// every asynchronous signal (a handler that `longjmp`s out keeps the mask it runs with).
-///
-/// # Safety
-///
-/// `ctx` is the `ucontext_t` the kernel passed to the handler.
-unsafe fn program_handler_mask(action: &libc::sigaction, ctx: *mut libc::c_void) {
-    // SAFETY: the kernel's ucontext for this signal (caller).
-    let mut mask = unsafe { (*(ctx as *const libc::ucontext_t)).uc_sigmask };
-    for sig in 1..=64 {
-        // SAFETY: sigismember/sigaddset on sets we own.
-        unsafe {
-            if libc::sigismember(&action.sa_mask, sig) == 1 {
-                libc::sigaddset(&mut mask, sig);
-            }
-        }
-    }
-    if action.sa_flags & libc::SA_NODEFER == 0 {
-        // SAFETY: as above.
-        unsafe { libc::sigaddset(&mut mask, libc::SIGSEGV) };
-    }
-    sys::sigprocmask_raw(libc::SIG_SETMASK, &mask);
 }
 
 /// Most read-only ranges of the program's own remembered ([`program_protection`]).
