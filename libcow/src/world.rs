@@ -70,22 +70,78 @@ fn world() -> &'static World {
             stack_pointers: [const { AtomicUsize::new(0) }; MAX_THREADS],
             thread_pointers: [const { AtomicUsize::new(0) }; MAX_THREADS],
         });
-        // SAFETY: installing our handler for a signal reserved for libcow; SA_RESTART keeps
-        // interrupted system calls going in the stopped threads. Every asynchronous signal is
-        // blocked while a thread is stopped: a program's handler (SIGTERM's, say) must not run
-        // in a thread that is meant to be still, writing memory a snapshot is reading.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_stop as *const () as usize;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigfillset(&mut sa.sa_mask);
-            for sig in SYNCHRONOUS {
-                libc::sigdelset(&mut sa.sa_mask, sig);
-            }
-            libc::sigaction(signal(), &sa, std::ptr::null_mut());
-        }
+        install_handler();
         w
     })
+}
+
+/// Installs the stop signal's handler (once).
+fn install_handler() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    // SAFETY: installing our handler for a signal reserved for libcow; SA_RESTART keeps
+    // interrupted system calls going in the stopped threads. Every asynchronous signal is
+    // blocked while a thread is stopped: a program's handler (SIGTERM's, say) must not run in
+    // a thread that is meant to be still, writing memory a snapshot is reading.
+    INSTALLED.call_once(|| unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_stop as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigfillset(&mut sa.sa_mask);
+        for sig in SYNCHRONOUS {
+            libc::sigdelset(&mut sa.sa_mask, sig);
+        }
+        libc::sigaction(signal(), &sa, std::ptr::null_mut());
+    });
+}
+
+/// Changes the calling thread's mask for the stop signal alone with `how` (`SIG_BLOCK` or
+/// `SIG_UNBLOCK`) and returns the mask before. The system call itself: libcow_preload's
+/// `pthread_sigmask` never blocks the stop signal, by design.
+fn mask_stop_signal(how: i32) -> libc::sigset_t {
+    // SAFETY: building a one-signal set on the stack and changing this thread's mask with
+    // rt_sigprocmask (kernel sigset size 8 bytes on Linux).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signal());
+        libc::syscall(libc::SYS_rt_sigprocmask, how, &set, &mut old, 8usize);
+        old
+    }
+}
+
+/// Blocks the stop signal in the calling thread, which is about to exec; returns the mask to
+/// put back with [`restore_mask`] if the exec fails. A stop signal sent to a thread that execs
+/// stays pending in the new process image, where no handler catches it any more: unblocked,
+/// its default action ends the process (seen: `cowctl run --every 10` of a shell script that
+/// execs, killed by signal 61). Blocked, it waits for the new image's libcow, which installs
+/// its handler first ([`adopt_after_exec`]); a stopper waiting for this thread either dies
+/// with the exec or sees it arrive once the mask is put back.
+pub fn block_for_exec() -> libc::sigset_t {
+    mask_stop_signal(libc::SIG_BLOCK)
+}
+
+/// Puts back the mask [`block_for_exec`] returned (the exec failed).
+pub fn restore_mask(old: &libc::sigset_t) {
+    // SAFETY: setting this thread's mask to one it had.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            old as *const libc::sigset_t,
+            std::ptr::null_mut::<libc::sigset_t>(),
+            8usize,
+        )
+    };
+}
+
+/// At the start of a process image: installs the stop signal's handler, then unblocks the
+/// signal, which an exec under libcow left blocked ([`block_for_exec`]). A stop signal still
+/// pending from the image before then reaches the handler, which returns at once: this image
+/// has stopped nothing.
+pub fn adopt_after_exec() {
+    install_handler();
+    mask_stop_signal(libc::SIG_UNBLOCK);
 }
 
 /// A futex operation on `word` (private; no timeout).
@@ -105,6 +161,8 @@ pub(crate) fn futex(word: &AtomicU32, op: i32, val: u32) {
 extern "C" fn on_stop(_sig: i32) {
     // SAFETY: reading and restoring this thread's errno around our system calls.
     let saved_errno = unsafe { *libc::__errno_location() };
+    // Nothing stopped yet in this process image: a signal left pending by the image before an
+    // exec (see `block_for_exec`).
     let Some(w) = WORLD.get() else { return };
     let marker = 0u8;
     let gen = w.generation.load(Ordering::Acquire);

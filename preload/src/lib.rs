@@ -20,6 +20,7 @@
 
 mod cond_waits;
 mod coverage;
+mod exec;
 mod fork;
 mod heap;
 mod malloc_api;
@@ -55,6 +56,8 @@ static SPACE: std::sync::OnceLock<cow::Cow> = std::sync::OnceLock::new();
 static CONSTRUCTOR: extern "C" fn() = constructor;
 
 extern "C" fn constructor() {
+    // First: an exec under libcow may have left the stop signal blocked and pending.
+    cow::world::adopt_after_exec();
     output::resolve_symbols();
     cond_waits::resolve_symbols();
     reads::resolve_symbols();
