@@ -27,6 +27,10 @@ pub fn tests() -> Vec<Test> {
             run: threads_with_speculation,
         },
         Test {
+            name: "checkpoint::execs_survive_the_stop_signal",
+            run: execs_survive_the_stop_signal,
+        },
+        Test {
             name: "checkpoint::oracle_replays_a_recording",
             run: oracle_replays_a_recording,
         },
@@ -131,6 +135,20 @@ fn own_restores_stress() -> Result<()> {
             got.contains("zero differences"),
             "{policy} seed {seed}: {got}"
         );
+    }
+    Ok(())
+}
+
+/// A program that execs itself 30 times under a pre-copying checkpointer (which stops the
+/// program's thread with a signal at every snapshot): no image may die of a stop signal sent
+/// to the one before (exit 189 before the preload wrapped the exec family).
+fn execs_survive_the_stop_signal() -> Result<()> {
+    let chain = sibling("exec_chain")?;
+    let chain = chain.to_str().unwrap_or_default();
+    for round in 1..=3 {
+        let out = cowctl_run(&["--every=1", "--speculate=stable"], &[chain, "30"])?;
+        let got = super::stdout_of_success(&out, &format!("exec_chain round {round}"))?;
+        ensure!(got.contains("exec chain: ok"), "round {round}: {got}");
     }
     Ok(())
 }
