@@ -5,7 +5,9 @@
  * its default action ends the process (seen as exit 189, signal 61). Each image writes some
  * heap, then execs the next through execve, execv, execvp, execvpe, fexecve and execveat in
  * turn. The last checks that the stop signal is not left blocked and prints "exec chain: ok".
- * Usage: exec_chain N
+ * Usage: exec_chain N [ROUNDS]: each image rewrites 64 KiB of heap ROUNDS times (default 300),
+ * the same pages each round, so a speculation policy learns them and pre-copies (cow.ko stops
+ * the thread for that).
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -34,11 +36,16 @@ static int blocked_now(int sig)
 int main(int argc, char **argv)
 {
 	int n = argc > 1 ? atoi(argv[1]) : 0;
-	/* Work the checkpointer can snapshot: a few ms of heap writes. */
-	size_t len = 1 << 20;
+	const char *rounds_arg = argc > 2 ? argv[2] : "300";
+	int rounds = atoi(rounds_arg);
+	/* Work the checkpointer can snapshot: the same heap pages rewritten, with pauses. */
+	size_t len = 64 << 10;
 	char *heap = malloc(len);
-	for (int round = 0; round < 20; round++)
+	for (int round = 0; round < rounds; round++) {
 		memset(heap, round + n, len);
+		if (round % 10 == 0)
+			usleep(100);
+	}
 	free(heap);
 	if (n == 0) {
 		if (blocked_now(SIGRTMAX - 3)) {
@@ -50,7 +57,7 @@ int main(int argc, char **argv)
 	}
 	char next[16];
 	snprintf(next, sizeof next, "%d", n - 1);
-	char *args[] = {argv[0], next, NULL};
+	char *args[] = {argv[0], next, (char *)rounds_arg, NULL};
 	char self[4096];
 	ssize_t got = readlink("/proc/self/exe", self, sizeof self - 1);
 	if (got < 0) {
