@@ -11,7 +11,8 @@ use std::ffi::{c_char, c_int};
 use std::sync::atomic::AtomicUsize;
 
 /// Runs `exec` (libc's exec function named `name`, cached in `slot`) with the stop signal
-/// blocked in this thread; on failure the mask and `errno` are as the call left them.
+/// blocked in this thread; if it returns (a failure), the mask is put back and `errno` is the
+/// call's.
 fn around_exec(
     slot: &AtomicUsize,
     name: &std::ffi::CStr,
