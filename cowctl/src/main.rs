@@ -8,6 +8,7 @@ mod gdbserver;
 mod inject;
 mod live;
 mod lmc_bench;
+mod periodic_bench;
 mod program;
 mod program_bench;
 mod record;
@@ -246,8 +247,9 @@ enum Command {
         recover: bool,
         /// Instead: what covering a real program's memory costs per backend: a workload
         /// allocating through jemalloc (epoch slowdown, snapshot, one-page snapshot, restore,
-        /// every restore checked) and the start-up of python3, perl and redis-server under
-        /// `cowctl run` against without it.
+        /// every restore checked), the start-up of python3, perl and redis-server under
+        /// `cowctl run` against without it, and perl and python3 workloads checkpointed every
+        /// 10 ms against the same under `cowctl run` (wall, user and system time).
         #[arg(long, conflicts_with_all = ["speculate", "record", "recover"])]
         programs: bool,
         /// Instead: compiler-instrumented checkpoints (lmc: Lua 5.4 built with cowcc) against

@@ -1,6 +1,6 @@
 //! `cowctl bench --programs`: what covering a real program's memory costs, per backend.
 //!
-//! Two measurements, each plain and under `cowctl run --backend B` in the same run:
+//! Three measurements, in one run (the first two also without libcow as the baseline):
 //! - **jemalloc**: a workload that allocates through Debian's `libjemalloc.so.2` (its own
 //!   `mmap`ed extents, purged with `madvise`), so every byte it keeps lives in memory the program
 //!   mapped itself. Per epoch it replaces [`OPS_PER_EPOCH`] objects of mixed sizes; it measures
@@ -11,6 +11,8 @@
 //! - **start-up**: `python3 -c pass`, `perl -e 1` and `redis-server` until it answers `PING`,
 //!   the preload's whole start-up (moving every loaded object's data into cow.ko, the control
 //!   thread, …) against the same program without it.
+//! - **at 100 Hz**: perl and python3 workloads under `cowctl run --every 10` against the same
+//!   under `cowctl run` (see `periodic_bench`).
 //!
 //! The workload runs as this very binary in a worker mode (`COW_BENCH_JEMALLOC`), started under
 //! `cowctl run` with jemalloc preloaded after libcow_preload (whose `malloc` comes first, so
@@ -88,6 +90,8 @@ pub struct Report {
     pub jemalloc: Vec<JemallocRow>,
     /// Start-up costs, per program `none` first.
     pub startup: Vec<StartupRow>,
+    /// Real programs checkpointed every 10 ms against the same without checkpoints.
+    pub periodic: Vec<crate::periodic_bench::PeriodicRow>,
 }
 
 /// `cowctl run`'s options for `backend` (`none`: not under cowctl run).
@@ -592,6 +596,7 @@ pub fn run(backends: &[String], json: bool) -> Result<()> {
             None => eprintln!("cowctl bench --programs: {}: not installed; no row", p.name),
         }
     }
+    report.periodic = crate::periodic_bench::rows(&backends)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -623,6 +628,26 @@ pub fn run(backends: &[String], json: bool) -> Result<()> {
         println!(
             "{:<24} {:<9} {:>10.1} {:>7.2}",
             r.program, r.backend, r.ms, r.ratio
+        );
+    }
+    println!(
+        "\nat 100 Hz (cowctl run --every 10 against cowctl run):\n{:<13} {:<9} {:>8} {:>8} {:>6} {:>15} {:>15} {:>11} {:>13} {:>12}",
+        "program", "backend", "plain s", "100Hz s", "ratio", "user s", "sys s", "checkpoints",
+        "writes/ckpt", "snapshot µs"
+    );
+    for r in &report.periodic {
+        println!(
+            "{:<13} {:<9} {:>8.2} {:>8.2} {:>6.2} {:>15} {:>15} {:>11} {:>13.0} {:>12.0}",
+            r.program,
+            r.backend,
+            r.covered_s,
+            r.checkpointed_s,
+            r.ratio,
+            format!("{:.2} → {:.2}", r.covered_user_s, r.checkpointed_user_s),
+            format!("{:.2} → {:.2}", r.covered_sys_s, r.checkpointed_sys_s),
+            r.checkpoints,
+            r.first_writes_per_checkpoint,
+            r.snapshot_median_us
         );
     }
     Ok(())

@@ -416,8 +416,9 @@ fn coverage_of_python_redis_perl() -> Result<()> {
 }
 
 /// `cowctl bench --programs` on cow.ko: the jemalloc workload with everything covered, every
-/// restore checked against a digest of every live object (the bench fails otherwise), and the
-/// start-up of python3, perl and redis under `cowctl run`. No timing is judged here.
+/// restore checked against a digest of every live object (the bench fails otherwise), the
+/// start-up of python3, perl and redis under `cowctl run`, and perl and python3 checkpointed
+/// at 100 Hz. No timing is judged here.
 fn bench_programs_on_kmod() -> Result<()> {
     let text = cowctl(&["bench", "--programs", "--backends", "kmod", "--json"])?;
     println!("{text}");
@@ -436,6 +437,18 @@ fn bench_programs_on_kmod() -> Result<()> {
                 .any(|x| x["program"] == program && x["backend"] == "kmod")),
             "no kmod start-up row for {program}: {}",
             r["startup"]
+        );
+    }
+    for program in ["perl-kv", "python3-dict"] {
+        ensure!(
+            r["periodic"]
+                .as_array()
+                .is_some_and(|v| v.iter().any(|x| x["program"] == program
+                    && x["backend"] == "kmod"
+                    && x["checkpoints"].as_u64() > Some(0)
+                    && x["first_writes_per_checkpoint"].as_f64() > Some(0.0))),
+            "no kmod 100 Hz row for {program}: {}",
+            r["periodic"]
         );
     }
     Ok(())
