@@ -146,11 +146,10 @@ fn own_restores_stress() -> Result<()> {
 fn execs_survive_the_stop_signal() -> Result<()> {
     let chain = sibling("exec_chain")?;
     let chain = chain.to_str().unwrap_or_default();
-    for round in 1..=3 {
-        let out = cowctl_run(&["--every=1", "--speculate=stable"], &[chain, "20"])?;
-        let got = super::stdout_of_success(&out, &format!("exec_chain round {round}"))?;
-        ensure!(got.contains("exec chain: ok"), "round {round}: {got}");
-    }
+    // One run: the old preload died in every one (74 s for three on the debug kernel).
+    let out = cowctl_run(&["--every=1", "--speculate=stable"], &[chain, "20"])?;
+    let got = super::stdout_of_success(&out, "exec_chain")?;
+    ensure!(got.contains("exec chain: ok"), "{got}");
     Ok(())
 }
 
