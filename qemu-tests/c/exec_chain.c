@@ -3,8 +3,9 @@
  * stop signal, sent to the program's thread at every snapshot (uffd, mprotect; cow.ko with
  * speculation), must never outlive a process image — the new image has no handler for it and
  * its default action ends the process (seen as exit 189, signal 61). Each image writes some
- * heap, then execs the next through execve, execv, execvp, execvpe, fexecve and execveat in
- * turn. The last checks that the stop signal is not left blocked and prints "exec chain: ok".
+ * heap, then execs the next through execve, execv, execvp, execvpe, fexecve, execveat, execl,
+ * execlp and execle in turn, passing its arguments on. The last checks that they arrived and
+ * that the stop signal is not left blocked, and prints "exec chain: ok".
  * Usage: exec_chain N [ROUNDS]: each image rewrites 64 KiB of heap ROUNDS times (default 300),
  * the same pages each round, so a speculation policy learns them and pre-copies (cow.ko stops
  * the thread for that).
@@ -48,6 +49,10 @@ int main(int argc, char **argv)
 	}
 	free(heap);
 	if (n == 0) {
+		if (argc != 3 || atoi(argv[2]) != rounds) {
+			fprintf(stderr, "exec chain: arguments lost on the way (argc %d)\n", argc);
+			return 1;
+		}
 		if (blocked_now(SIGRTMAX - 3)) {
 			fprintf(stderr, "exec chain: the stop signal is still blocked\n");
 			return 1;
@@ -65,7 +70,7 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	self[got] = '\0';
-	switch (n % 6) {
+	switch (n % 9) {
 	case 0:
 		execve(self, args, environ);
 		break;
@@ -84,8 +89,17 @@ int main(int argc, char **argv)
 			fexecve(fd, args, environ);
 		break;
 	}
-	default:
+	case 5:
 		execveat(AT_FDCWD, self, args, environ, 0);
+		break;
+	case 6:
+		execl(self, argv[0], next, rounds_arg, (char *)NULL);
+		break;
+	case 7:
+		execlp(self, argv[0], next, rounds_arg, (char *)NULL);
+		break;
+	default:
+		execle(self, argv[0], next, rounds_arg, (char *)NULL, environ);
 		break;
 	}
 	perror("exec chain: exec");
