@@ -219,6 +219,9 @@ macro_rules! variadic_exec {
         $(#[$doc])*
         #[cfg(target_arch = "x86_64")]
         #[unsafe(no_mangle)]
+        // SAFETY: the trampoline keeps to the System V ABI: the stack stays 16-byte aligned at
+        // the call, it uses only caller-saved registers, and `exec_list` reads only the list
+        // the variadic caller passed (see its contract).
         #[unsafe(naked)]
         pub extern "C" fn $name() {
             // At entry rsp ≡ 8 (mod 16): 56 bytes keep the call aligned; the caller's stack
