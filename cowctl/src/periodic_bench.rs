@@ -64,14 +64,14 @@ struct Run {
 }
 
 /// Runs `argv` under `cowctl run --backend backend` (with `--every 10` if `checkpointed`).
-fn run_once(argv: &[String], backend: &'static str, checkpointed: bool) -> Result<Run> {
+fn run_once(argv: &[String], backend: &str, checkpointed: bool) -> Result<Run> {
     let report = std::env::temp_dir().join(format!("cowctl-periodic-{}.json", std::process::id()));
     let _ = std::fs::remove_file(&report);
     let opts = crate::run::Options {
-        backend: Some(backend),
         every_ms: checkpointed.then_some(EVERY_MS),
         report: checkpointed.then(|| report.clone()),
-        ..Default::default()
+        ..crate::program_bench::run_options(backend)
+            .with_context(|| format!("cowctl run has no backend {backend}"))?
     };
     let mut cmd = crate::run::command(&opts, argv)?;
     let (user0, sys0) = children_cpu();
@@ -107,38 +107,28 @@ fn run_once(argv: &[String], backend: &'static str, checkpointed: bool) -> Resul
 /// The rows for `backends` (those `cowctl run` offers); a program that is not installed is
 /// said and skipped.
 pub fn rows(backends: &[String]) -> Result<Vec<PeriodicRow>> {
-    let mut programs: Vec<(&str, Vec<String>)> = Vec::new();
-    match find("perl") {
-        Ok(perl) => programs.push((
+    let candidates = [
+        (
             "perl-kv",
-            vec![
-                perl.display().to_string(),
-                "-e".into(),
-                crate::speculate_bench::KV_SCRIPT.into(),
-            ],
-        )),
-        Err(e) => eprintln!("cowctl bench --programs: {e}; no perl-kv row"),
-    }
-    match find("python3") {
-        Ok(python) => programs.push((
-            "python3-dict",
-            vec![
-                python.display().to_string(),
-                "-c".into(),
-                DICT_SCRIPT.into(),
-                DICT_OPS.into(),
-            ],
-        )),
-        Err(e) => eprintln!("cowctl bench --programs: {e}; no python3-dict row"),
+            "perl",
+            vec!["-e", crate::speculate_bench::KV_SCRIPT],
+        ),
+        ("python3-dict", "python3", vec!["-c", DICT_SCRIPT, DICT_OPS]),
+    ];
+    let mut programs: Vec<(&str, Vec<String>)> = Vec::new();
+    for (name, binary, args) in candidates {
+        match find(binary) {
+            Ok(path) => programs.push((
+                name,
+                std::iter::once(path.display().to_string())
+                    .chain(args.iter().map(|a| a.to_string()))
+                    .collect(),
+            )),
+            Err(e) => eprintln!("cowctl bench --programs: {e}; no {name} row"),
+        }
     }
     let mut rows = Vec::new();
     for backend in backends {
-        let backend: &'static str = match backend.as_str() {
-            "kmod" => "kmod",
-            "uffd" => "uffd",
-            "mprotect" => "mprotect",
-            _ => continue,
-        };
         for (name, argv) in &programs {
             eprintln!("cowctl bench --programs: {name} at 100 Hz, backend {backend}");
             let covered = run_once(argv, backend, false)?;
@@ -148,7 +138,7 @@ pub fn rows(backends: &[String]) -> Result<Vec<PeriodicRow>> {
             let faults = r["stats"]["write_faults"].as_u64().unwrap_or(0);
             rows.push(PeriodicRow {
                 program: name.to_string(),
-                backend: backend.into(),
+                backend: backend.clone(),
                 covered_s: covered.wall_s,
                 checkpointed_s: checkpointed.wall_s,
                 ratio: checkpointed.wall_s / covered.wall_s,

@@ -95,7 +95,7 @@ pub struct Report {
 }
 
 /// `cowctl run`'s options for `backend` (`none`: not under cowctl run).
-fn run_options(backend: &str) -> Option<crate::run::Options> {
+pub(crate) fn run_options(backend: &str) -> Option<crate::run::Options> {
     let backend: &'static str = match backend {
         "kmod" => "kmod",
         "uffd" => "uffd",

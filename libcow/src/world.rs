@@ -94,20 +94,29 @@ fn install_handler() {
     });
 }
 
-/// Changes the calling thread's mask for the stop signal alone with `how` (`SIG_BLOCK` or
-/// `SIG_UNBLOCK`) and returns the mask before. The system call itself: libcow_preload's
-/// `pthread_sigmask` never blocks the stop signal, by design.
-fn mask_stop_signal(how: i32) -> libc::sigset_t {
-    // SAFETY: building a one-signal set on the stack and changing this thread's mask with
-    // rt_sigprocmask (kernel sigset size 8 bytes on Linux).
+/// `rt_sigprocmask(how, set)` for the calling thread; returns the mask before. The system call
+/// itself: libcow_preload's `pthread_sigmask` never blocks the stop signal, by design.
+fn rt_sigprocmask(how: i32, set: &libc::sigset_t) -> libc::sigset_t {
+    // SAFETY: both sets are valid for the call (the kernel's sigset is 8 bytes on Linux); the
+    // call changes only this thread's mask.
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, signal());
-        libc::syscall(libc::SYS_rt_sigprocmask, how, &set, &mut old, 8usize);
+        libc::syscall(libc::SYS_rt_sigprocmask, how, set, &mut old, 8usize);
         old
     }
+}
+
+/// Changes the calling thread's mask for the stop signal alone with `how` (`SIG_BLOCK` or
+/// `SIG_UNBLOCK`) and returns the mask before.
+fn mask_stop_signal(how: i32) -> libc::sigset_t {
+    // SAFETY: building a one-signal set on the stack.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, signal());
+        set
+    };
+    rt_sigprocmask(how, &set)
 }
 
 /// Blocks the stop signal in the calling thread, which is about to exec; returns the mask to
@@ -123,16 +132,7 @@ pub fn block_for_exec() -> libc::sigset_t {
 
 /// Puts back the mask [`block_for_exec`] returned (the exec failed).
 pub fn restore_mask(old: &libc::sigset_t) {
-    // SAFETY: setting this thread's mask to one it had.
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            old as *const libc::sigset_t,
-            std::ptr::null_mut::<libc::sigset_t>(),
-            8usize,
-        )
-    };
+    rt_sigprocmask(libc::SIG_SETMASK, old);
 }
 
 /// At the start of a process image: installs the stop signal's handler, then unblocks the

@@ -37,116 +37,57 @@ fn around_exec(
 
 type Argv = *const *const c_char;
 
-/// `execve(2)`.
-///
-/// # Safety
-///
-/// As `execve`.
-#[no_mangle]
-pub unsafe extern "C" fn execve(path: *const c_char, argv: Argv, envp: Argv) -> c_int {
-    static REAL: AtomicUsize = AtomicUsize::new(0);
-    around_exec(&REAL, c"execve", |f| {
-        // SAFETY: libc's execve has this signature; arguments forwarded.
-        unsafe {
-            std::mem::transmute::<usize, unsafe extern "C" fn(*const c_char, Argv, Argv) -> c_int>(
-                f,
-            )(path, argv, envp)
+/// Defines the exec function `name`, with libc's signature, as libc's run by [`around_exec`].
+macro_rules! wrapped_exec {
+    ($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*)) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        ///
+        /// As libc's function of the same name.
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> c_int {
+            static REAL: AtomicUsize = AtomicUsize::new(0);
+            const NAME: &std::ffi::CStr =
+                match std::ffi::CStr::from_bytes_with_nul(concat!(stringify!($name), "\0").as_bytes()) {
+                    Ok(name) => name,
+                    Err(_) => panic!("a function name has no NUL"),
+                };
+            around_exec(&REAL, NAME, |f| {
+                // SAFETY: libc's function of this name has this signature; the caller's
+                // arguments are forwarded unchanged.
+                unsafe {
+                    std::mem::transmute::<usize, unsafe extern "C" fn($($ty),*) -> c_int>(f)($($arg),*)
+                }
+            })
         }
-    })
+    };
 }
 
-/// `execv(3)`.
-///
-/// # Safety
-///
-/// As `execv`.
-#[no_mangle]
-pub unsafe extern "C" fn execv(path: *const c_char, argv: Argv) -> c_int {
-    static REAL: AtomicUsize = AtomicUsize::new(0);
-    around_exec(&REAL, c"execv", |f| {
-        // SAFETY: libc's execv has this signature; arguments forwarded.
-        unsafe {
-            std::mem::transmute::<usize, unsafe extern "C" fn(*const c_char, Argv) -> c_int>(f)(
-                path, argv,
-            )
-        }
-    })
-}
-
-/// `execvp(3)`.
-///
-/// # Safety
-///
-/// As `execvp`.
-#[no_mangle]
-pub unsafe extern "C" fn execvp(file: *const c_char, argv: Argv) -> c_int {
-    static REAL: AtomicUsize = AtomicUsize::new(0);
-    around_exec(&REAL, c"execvp", |f| {
-        // SAFETY: libc's execvp has this signature; arguments forwarded.
-        unsafe {
-            std::mem::transmute::<usize, unsafe extern "C" fn(*const c_char, Argv) -> c_int>(f)(
-                file, argv,
-            )
-        }
-    })
-}
-
-/// `execvpe(3)`.
-///
-/// # Safety
-///
-/// As `execvpe`.
-#[no_mangle]
-pub unsafe extern "C" fn execvpe(file: *const c_char, argv: Argv, envp: Argv) -> c_int {
-    static REAL: AtomicUsize = AtomicUsize::new(0);
-    around_exec(&REAL, c"execvpe", |f| {
-        // SAFETY: libc's execvpe has this signature; arguments forwarded.
-        unsafe {
-            std::mem::transmute::<usize, unsafe extern "C" fn(*const c_char, Argv, Argv) -> c_int>(
-                f,
-            )(file, argv, envp)
-        }
-    })
-}
-
-/// `fexecve(3)`.
-///
-/// # Safety
-///
-/// As `fexecve`.
-#[no_mangle]
-pub unsafe extern "C" fn fexecve(fd: c_int, argv: Argv, envp: Argv) -> c_int {
-    static REAL: AtomicUsize = AtomicUsize::new(0);
-    around_exec(&REAL, c"fexecve", |f| {
-        // SAFETY: libc's fexecve has this signature; arguments forwarded.
-        unsafe {
-            std::mem::transmute::<usize, unsafe extern "C" fn(c_int, Argv, Argv) -> c_int>(f)(
-                fd, argv, envp,
-            )
-        }
-    })
-}
-
-/// `execveat(2)` (glibc ≥ 2.34).
-///
-/// # Safety
-///
-/// As `execveat`.
-#[no_mangle]
-pub unsafe extern "C" fn execveat(
-    dirfd: c_int,
-    path: *const c_char,
-    argv: Argv,
-    envp: Argv,
-    flags: c_int,
-) -> c_int {
-    static REAL: AtomicUsize = AtomicUsize::new(0);
-    around_exec(&REAL, c"execveat", |f| {
-        type Execveat = unsafe extern "C" fn(c_int, *const c_char, Argv, Argv, c_int) -> c_int;
-        // SAFETY: libc's execveat has this signature; arguments forwarded.
-        unsafe { std::mem::transmute::<usize, Execveat>(f)(dirfd, path, argv, envp, flags) }
-    })
-}
+wrapped_exec!(
+    /// `execve(2)`.
+    execve(path: *const c_char, argv: Argv, envp: Argv)
+);
+wrapped_exec!(
+    /// `execv(3)`.
+    execv(path: *const c_char, argv: Argv)
+);
+wrapped_exec!(
+    /// `execvp(3)`.
+    execvp(file: *const c_char, argv: Argv)
+);
+wrapped_exec!(
+    /// `execvpe(3)`.
+    execvpe(file: *const c_char, argv: Argv, envp: Argv)
+);
+wrapped_exec!(
+    /// `fexecve(3)`.
+    fexecve(fd: c_int, argv: Argv, envp: Argv)
+);
+wrapped_exec!(
+    /// `execveat(2)` (glibc ≥ 2.34).
+    execveat(dirfd: c_int, path: *const c_char, argv: Argv, envp: Argv, flags: c_int)
+);
 
 /// Most arguments `execl`, `execle` and `execlp` take here (their list is gathered on the
 /// stack); more is `E2BIG`.
