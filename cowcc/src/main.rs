@@ -18,7 +18,7 @@ Usage: cowcc [CLANG ARGUMENTS]...
 
 Every argument goes to clang-16; cowcc adds -fpass-plugin=libcow_lmc_pass.so and, when it
 links, wrappers for libc functions that write the program's memory (read, recv*, fread, fgets,
-str*cpy/cat, mem*, qsort, *sprintf, the heap functions, sigaction/signal for SIGSEGV: -Wl,--wrap) and -lcow (with an rpath to it). The program then calls cow_init(\"lmc\") (cow.h) or runs
+str*cpy/cat, mem*, qsort, *sprintf, the heap functions, sigaction/signal and the signal-mask functions: -Wl,--wrap) and -lcow (with an rpath to it). The program then calls cow_init(\"lmc\") (cow.h) or runs
 under `cowctl run --backend lmc`.
 
 Examples:
@@ -34,8 +34,9 @@ of cowcc itself, cargo's target/release).";
 /// (The heap functions: the wrappers' allocator saves its own metadata too; `mmap`/`munmap`:
 /// shared mappings are not covered; `pthread_create`: a program with threads gathers them at
 /// safe points for its own snapshots; `sigaction`/`signal`: safe points fault into libcow's
-/// `SIGSEGV` handler, which passes other faults to the program's.)
-const WRAPPED: [&str; 38] = [
+/// `SIGSEGV` handler, which passes other faults to the program's; the functions that take a
+/// signal mask: `SIGSEGV` is never really blocked, see libcow's `segv_mask.rs`.)
+const WRAPPED: [&str; 45] = [
     "read",
     "pread",
     "readv",
@@ -74,6 +75,13 @@ const WRAPPED: [&str; 38] = [
     "pthread_create",
     "sigaction",
     "signal",
+    "sigprocmask",
+    "pthread_sigmask",
+    "sigsuspend",
+    "ppoll",
+    "pselect",
+    "epoll_pwait",
+    "epoll_pwait2",
 ];
 
 /// The wrappers' static library, built by build.rs.

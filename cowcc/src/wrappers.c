@@ -14,7 +14,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
+#include <sys/select.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -590,16 +593,100 @@ int __wrap_pthread_create(pthread_t *t, const pthread_attr_t *attr, void *(*fn)(
  * Safe points fault on the poll page while a checkpoint is requested: lmc's SIGSEGV handler
  * takes those and passes every other fault to the action the program set, which libcow keeps
  * for it while its handler is installed (the program's sigaction would otherwise replace it).
+ * A fault with SIGSEGV blocked would end the process before any handler ran, so every mask the
+ * program hands the kernel has SIGSEGV replaced by libcow's stand-in, and every mask it reads
+ * back the reverse (libcow's segv_mask.rs): the program sees its own view.
  */
 int __real_sigaction(int, const struct sigaction *, struct sigaction *);
 void (*__real_signal(int, void (*)(int)))(int);
+int __real_sigprocmask(int, const sigset_t *, sigset_t *);
+int __real_pthread_sigmask(int, const sigset_t *, sigset_t *);
+int __real_sigsuspend(const sigset_t *);
+int __real_ppoll(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *);
+int __real_pselect(int, fd_set *, fd_set *, fd_set *, const struct timespec *, const sigset_t *);
+int __real_epoll_pwait(int, struct epoll_event *, int, int, const sigset_t *);
+int __real_epoll_pwait2(int, struct epoll_event *, int, const struct timespec *, const sigset_t *);
 int __cow_lmc_sigsegv_action(const struct sigaction *act, struct sigaction *old);
+void __cow_sigmask_to_kernel(sigset_t *set);
+void __cow_sigmask_to_program(sigset_t *set);
+
+/* The program's mask `set` as the kernel must see it (a copy in `buf`), or null. */
+static const sigset_t *kernel_mask(const sigset_t *set, sigset_t *buf)
+{
+	if (!set)
+		return NULL;
+	*buf = *set;
+	__cow_sigmask_to_kernel(buf);
+	return buf;
+}
 
 int __wrap_sigaction(int sig, const struct sigaction *act, struct sigaction *old)
 {
 	if (sig == SIGSEGV && __cow_lmc_sigsegv_action(act, old))
 		return 0;
-	return __real_sigaction(sig, act, old);
+	struct sigaction copy;
+	if (act) {
+		copy = *act;
+		__cow_sigmask_to_kernel(&copy.sa_mask);
+		act = &copy;
+	}
+	int rc = __real_sigaction(sig, act, old);
+	if (rc == 0 && old)
+		__cow_sigmask_to_program(&old->sa_mask);
+	return rc;
+}
+
+static int set_mask(int (*real)(int, const sigset_t *, sigset_t *), int how, const sigset_t *set,
+		    sigset_t *old)
+{
+	sigset_t buf;
+	int rc = real(how, kernel_mask(set, &buf), old);
+	if (rc == 0 && old)
+		__cow_sigmask_to_program(old);
+	return rc;
+}
+
+int __wrap_sigprocmask(int how, const sigset_t *set, sigset_t *old)
+{
+	return set_mask(__real_sigprocmask, how, set, old);
+}
+
+int __wrap_pthread_sigmask(int how, const sigset_t *set, sigset_t *old)
+{
+	return set_mask(__real_pthread_sigmask, how, set, old);
+}
+
+int __wrap_sigsuspend(const sigset_t *set)
+{
+	sigset_t buf;
+	return __real_sigsuspend(kernel_mask(set, &buf));
+}
+
+int __wrap_ppoll(struct pollfd *fds, nfds_t n, const struct timespec *timeout, const sigset_t *set)
+{
+	sigset_t buf;
+	return __real_ppoll(fds, n, timeout, kernel_mask(set, &buf));
+}
+
+int __wrap_pselect(int n, fd_set *r, fd_set *w, fd_set *e, const struct timespec *timeout,
+		   const sigset_t *set)
+{
+	sigset_t buf;
+	return __real_pselect(n, r, w, e, timeout, kernel_mask(set, &buf));
+}
+
+int __wrap_epoll_pwait(int epfd, struct epoll_event *events, int max, int timeout,
+		       const sigset_t *set)
+{
+	sigset_t buf;
+	return __real_epoll_pwait(epfd, events, max, timeout, kernel_mask(set, &buf));
+}
+
+int __wrap_epoll_pwait2(int epfd, struct epoll_event *events, int max,
+			const struct timespec *timeout, const sigset_t *set)
+{
+	sigset_t buf;
+	return __real_epoll_pwait2(epfd, events, max, timeout, kernel_mask(set, &buf));
 }
 
 void (*__wrap_signal(int sig, void (*handler)(int)))(int)

@@ -19,6 +19,7 @@ pub mod maps;
 pub mod probe;
 pub mod recovery;
 pub mod report;
+pub mod segv_mask;
 pub mod speculate;
 mod sys;
 /// A number in decimal into a stack buffer, without allocating.

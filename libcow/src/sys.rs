@@ -191,8 +191,9 @@ pub(crate) fn path_with_number<'a>(
 /// handlers received and is not its own, as the kernel would have: with the mask at the fault
 /// plus the action's, plus `sig` unless `SA_NODEFER` (a handler that `longjmp`s out keeps the
 /// mask it runs with; returning restores the fault's through `sigreturn`), and with the
-/// arguments its `SA_SIGINFO` flag declares. False if the action is the default or ignore:
-/// the caller restores the default, and the faulting instruction runs again.
+/// arguments its `SA_SIGINFO` flag declares (SIGSEGV stays deliverable in it: see
+/// [`crate::segv_mask`]). False if the action is the default or ignore, or if the program had
+/// SIGSEGV blocked: the caller restores the default, and the faulting instruction runs again.
 ///
 /// # Safety
 ///
@@ -209,6 +210,10 @@ pub(crate) unsafe fn run_program_handler(
         return false;
     }
     // SAFETY: the kernel's ucontext for this signal (caller).
+    if sig == libc::SIGSEGV && unsafe { crate::segv_mask::blocked_by_program(ctx) } {
+        return false; // the kernel would not have run it: blocked, the fault ends the process
+    }
+    // SAFETY: the kernel's ucontext for this signal (caller).
     let mut mask = unsafe { (*(ctx as *const libc::ucontext_t)).uc_sigmask };
     for s in 1..=64 {
         // SAFETY: sigismember/sigaddset on sets we own.
@@ -222,6 +227,7 @@ pub(crate) unsafe fn run_program_handler(
         // SAFETY: as above.
         unsafe { libc::sigaddset(&mut mask, sig) };
     }
+    crate::segv_mask::to_kernel(&mut mask);
     sigprocmask_raw(libc::SIG_SETMASK, &mask);
     // SAFETY: the program's handler, of the kind its flags declare (caller), called with the
     // kernel's arguments.

@@ -94,29 +94,11 @@ fn install_handler() {
     });
 }
 
-/// `rt_sigprocmask(how, set)` for the calling thread; returns the mask before. The system call
-/// itself: libcow_preload's `pthread_sigmask` never blocks the stop signal, by design.
-fn rt_sigprocmask(how: i32, set: &libc::sigset_t) -> libc::sigset_t {
-    // SAFETY: both sets are valid for the call (the kernel's sigset is 8 bytes on Linux); the
-    // call changes only this thread's mask.
-    unsafe {
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::syscall(libc::SYS_rt_sigprocmask, how, set, &mut old, 8usize);
-        old
-    }
-}
-
 /// Changes the calling thread's mask for the stop signal alone with `how` (`SIG_BLOCK` or
-/// `SIG_UNBLOCK`) and returns the mask before.
+/// `SIG_UNBLOCK`) and returns the mask before. The system call itself: libcow_preload's
+/// `pthread_sigmask` never blocks the stop signal, by design.
 fn mask_stop_signal(how: i32) -> libc::sigset_t {
-    // SAFETY: building a one-signal set on the stack.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, signal());
-        set
-    };
-    rt_sigprocmask(how, &set)
+    crate::sys::sigprocmask_raw(how, &crate::sys::sigset_of(&[signal()]))
 }
 
 /// Blocks the stop signal in the calling thread, which is about to exec; returns the mask to
@@ -132,7 +114,7 @@ pub fn block_for_exec() -> libc::sigset_t {
 
 /// Puts back the mask [`block_for_exec`] returned (the exec failed).
 pub fn restore_mask(old: &libc::sigset_t) {
-    rt_sigprocmask(libc::SIG_SETMASK, old);
+    crate::sys::sigprocmask_raw(libc::SIG_SETMASK, old);
 }
 
 /// At the start of a process image: installs the stop signal's handler, then unblocks the

@@ -5,8 +5,9 @@
 //! `--recover` the crash signals' actions are kept aside the same way (libcow's recovery
 //! handler stays first and runs the program's when it does not roll back). Under uffd and
 //! fork the handlers of asynchronous signals are wrapped (see [`wrapped`]).
-//! Every other call goes to libc unchanged. (`sigset`, `sysv_signal` and `bsd_signal` are
-//! not interposed: handlers installed through them are not wrapped.)
+//! Masks go to the kernel without libcow's stop signal and with SIGSEGV's stand-in
+//! ([`to_kernel`]). Every other call goes to libc unchanged. (`sigset`, `sysv_signal` and
+//! `bsd_signal` are not interposed: handlers installed through them are not wrapped.)
 
 use crate::raw::next;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -24,13 +25,44 @@ fn ours(sig: i32) -> bool {
     sig == libc::SIGSEGV && crate::in_process_backend() == Some(c"mprotect")
 }
 
-/// `sigaction(2)`, as the program calls it.
+/// `sigaction(2)`, as the program calls it: the action's mask in the kernel's terms both ways
+/// ([`cow::segv_mask`]), the action itself kept by libcow where it must be (see
+/// [`route_sigaction`]).
 ///
 /// # Safety
 ///
 /// As `sigaction`: `act` null or valid, `old` null or writable.
 #[no_mangle]
 pub unsafe extern "C" fn sigaction(
+    sig: i32,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> libc::c_int {
+    let mut copy;
+    let act = if act.is_null() {
+        act
+    } else {
+        // SAFETY: `act` is valid (caller).
+        copy = unsafe { *act };
+        to_kernel(&mut copy.sa_mask);
+        &copy as *const libc::sigaction
+    };
+    // SAFETY: forwarded from our caller's contract (`act` maybe our copy).
+    let rc = unsafe { route_sigaction(sig, act, old) };
+    if rc == 0 && !old.is_null() {
+        // SAFETY: `old` is writable (caller) and now filled in.
+        cow::segv_mask::to_program(unsafe { &mut (*old).sa_mask });
+    }
+    rc
+}
+
+/// Who answers a `sigaction`: libcow's recovery or mprotect backend (which keep the program's
+/// action aside), the wrapper of asynchronous handlers, or libc.
+///
+/// # Safety
+///
+/// As `sigaction`.
+unsafe fn route_sigaction(
     sig: i32,
     act: *const libc::sigaction,
     old: *mut libc::sigaction,
@@ -246,14 +278,42 @@ static REAL_SIGPROCMASK: AtomicUsize = AtomicUsize::new(0);
 type SigmaskFn =
     unsafe extern "C" fn(i32, *const libc::sigset_t, *mut libc::sigset_t) -> libc::c_int;
 
-/// Calls libc's `name` (`pthread_sigmask` or `sigprocmask`) with `set` minus libcow's stop
-/// signal: a thread that blocks every signal (jemalloc's background thread does) must still
-/// stop for a snapshot, or every snapshot would wait for it in vain.
+/// A mask the program hands the kernel (to block, unblock, set, wait with or block in a
+/// handler), made what the kernel must see: without libcow's stop signal — a thread that blocks
+/// every signal (jemalloc's background thread does), or a handler with every signal in its
+/// mask, must still stop for a snapshot, or the snapshot would wait for it — and with SIGSEGV's
+/// stand-in for SIGSEGV ([`cow::segv_mask`]).
+fn to_kernel(set: &mut libc::sigset_t) {
+    // SAFETY: removing one signal from a set we hold exclusively.
+    unsafe { libc::sigdelset(set, cow::world::signal()) };
+    cow::segv_mask::to_kernel(set);
+}
+
+/// [`to_kernel`] of the program's mask `set`, copied into `buf`; `set` itself if null.
+///
+/// # Safety
+///
+/// `set` is null or points to a valid mask.
+pub(crate) unsafe fn kernel_mask(
+    set: *const libc::sigset_t,
+    buf: &mut libc::sigset_t,
+) -> *const libc::sigset_t {
+    if set.is_null() {
+        return set;
+    }
+    // SAFETY: `set` is valid (caller).
+    *buf = unsafe { *set };
+    to_kernel(buf);
+    buf
+}
+
+/// Calls libc's `name` (`pthread_sigmask` or `sigprocmask`) with `set` in the kernel's terms
+/// ([`kernel_mask`]), and reports the mask before in the program's.
 ///
 /// # Safety
 ///
 /// As `pthread_sigmask`.
-unsafe fn mask_without_stop_signal(
+unsafe fn set_mask(
     slot: &AtomicUsize,
     name: &std::ffi::CStr,
     how: i32,
@@ -264,23 +324,20 @@ unsafe fn mask_without_stop_signal(
     if f == 0 {
         return libc::ENOSYS;
     }
-    let copy;
-    let set = if !set.is_null() && how != libc::SIG_UNBLOCK {
-        // SAFETY: `set` is valid (caller); removing one signal from our copy.
-        copy = unsafe {
-            let mut c = *set;
-            libc::sigdelset(&mut c, cow::world::signal());
-            c
-        };
-        &copy as *const libc::sigset_t
-    } else {
-        set
-    };
+    // SAFETY: an all-zero sigset_t is valid.
+    let mut buf = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` null or valid (caller).
+    let set = unsafe { kernel_mask(set, &mut buf) };
     // SAFETY: libc's function has this signature; arguments forwarded (`set` maybe our copy).
-    unsafe { std::mem::transmute::<usize, SigmaskFn>(f)(how, set, old) }
+    let rc = unsafe { std::mem::transmute::<usize, SigmaskFn>(f)(how, set, old) };
+    if rc == 0 && !old.is_null() {
+        // SAFETY: `old` is writable (caller) and now filled in.
+        cow::segv_mask::to_program(unsafe { &mut *old });
+    }
+    rc
 }
 
-/// `pthread_sigmask(3)`, as the program calls it (libcow's stop signal stays unblocked).
+/// `pthread_sigmask(3)`, as the program calls it (masks in the kernel's terms: [`kernel_mask`]).
 ///
 /// # Safety
 ///
@@ -292,10 +349,10 @@ pub unsafe extern "C" fn pthread_sigmask(
     old: *mut libc::sigset_t,
 ) -> libc::c_int {
     // SAFETY: forwarded from our caller's contract.
-    unsafe { mask_without_stop_signal(&REAL_PTHREAD_SIGMASK, c"pthread_sigmask", how, set, old) }
+    unsafe { set_mask(&REAL_PTHREAD_SIGMASK, c"pthread_sigmask", how, set, old) }
 }
 
-/// `sigprocmask(2)`, as the program calls it (libcow's stop signal stays unblocked).
+/// `sigprocmask(2)`, as the program calls it (as [`pthread_sigmask`]).
 ///
 /// # Safety
 ///
@@ -307,7 +364,7 @@ pub unsafe extern "C" fn sigprocmask(
     old: *mut libc::sigset_t,
 ) -> libc::c_int {
     // SAFETY: forwarded from our caller's contract.
-    let rc = unsafe { mask_without_stop_signal(&REAL_SIGPROCMASK, c"sigprocmask", how, set, old) };
+    let rc = unsafe { set_mask(&REAL_SIGPROCMASK, c"sigprocmask", how, set, old) };
     // sigprocmask reports failure through errno, pthread_sigmask through its result.
     if rc == libc::ENOSYS {
         // SAFETY: writing this thread's errno.
@@ -315,6 +372,26 @@ pub unsafe extern "C" fn sigprocmask(
         return -1;
     }
     rc
+}
+
+static REAL_SIGSUSPEND: AtomicUsize = AtomicUsize::new(0);
+
+/// `sigsuspend(2)`, as the program calls it (its mask in the kernel's terms: [`kernel_mask`]).
+///
+/// # Safety
+///
+/// As `sigsuspend`.
+#[no_mangle]
+pub unsafe extern "C" fn sigsuspend(set: *const libc::sigset_t) -> libc::c_int {
+    let f = next(&REAL_SIGSUSPEND, c"sigsuspend");
+    if f == 0 {
+        return -1;
+    }
+    // SAFETY: an all-zero sigset_t is valid.
+    let mut buf = unsafe { std::mem::zeroed() };
+    type F = unsafe extern "C" fn(*const libc::sigset_t) -> libc::c_int;
+    // SAFETY: libc's sigsuspend has this signature; `set` valid (caller) or our copy of it.
+    unsafe { std::mem::transmute::<usize, F>(f)(kernel_mask(set, &mut buf)) }
 }
 
 static REAL_SIGALTSTACK: AtomicUsize = AtomicUsize::new(0);
@@ -381,4 +458,5 @@ pub(crate) fn resolve_symbols() {
     next(&REAL_PTHREAD_SIGMASK, c"pthread_sigmask");
     next(&REAL_SIGPROCMASK, c"sigprocmask");
     next(&REAL_SIGALTSTACK, c"sigaltstack");
+    next(&REAL_SIGSUSPEND, c"sigsuspend");
 }

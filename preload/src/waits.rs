@@ -46,6 +46,12 @@ fn real<F: Copy>(slot: &AtomicUsize, name: &std::ffi::CStr) -> Option<F> {
     (f != 0).then(|| unsafe { std::mem::transmute_copy::<usize, F>(&f) })
 }
 
+/// An empty signal set to copy a program's mask into (see `signals::kernel_mask`).
+fn zeroed_set() -> libc::sigset_t {
+    // SAFETY: an all-zero sigset_t is valid.
+    unsafe { std::mem::zeroed() }
+}
+
 fn no_symbol() -> c_int {
     // SAFETY: writing this thread's errno.
     unsafe { *libc::__errno_location() = libc::ENOSYS };
@@ -246,15 +252,19 @@ extern "C" fn epoll_pwait_impl(
     let Some(f) = real::<F>(&REAL_EPOLL_PWAIT, c"epoll_pwait") else {
         return no_symbol();
     };
+    let mut buf = zeroed_set();
+    // SAFETY: the program's mask, null or valid.
+    let sigmask =
+        unsafe { crate::signals::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let events = events as *mut libc::epoll_event;
-    // SAFETY: the program's arguments, forwarded unchanged.
+    // SAFETY: the program's arguments, forwarded (the mask maybe our copy).
     let n = writing_events(events, max, || unsafe {
         f(
             epfd as c_int,
             events,
             max as c_int,
             timeout as c_int,
-            sigmask as *const libc::sigset_t,
+            sigmask,
         )
     });
     if n > 0 && recovery::enabled() {
@@ -298,15 +308,19 @@ extern "C" fn epoll_pwait2_impl(
     let Some(f) = real::<F>(&REAL_EPOLL_PWAIT2, c"epoll_pwait2") else {
         return no_symbol();
     };
+    let mut buf = zeroed_set();
+    // SAFETY: the program's mask, null or valid.
+    let sigmask =
+        unsafe { crate::signals::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let events = events as *mut libc::epoll_event;
-    // SAFETY: the program's arguments, forwarded unchanged.
+    // SAFETY: the program's arguments, forwarded (the mask maybe our copy).
     let n = writing_events(events, max, || unsafe {
         f(
             epfd as c_int,
             events,
             max as c_int,
             timeout as *const libc::timespec,
-            sigmask as *const libc::sigset_t,
+            sigmask,
         )
     });
     if n > 0 && recovery::enabled() {
@@ -382,14 +396,18 @@ extern "C" fn ppoll_impl(
     let Some(f) = real::<F>(&REAL_PPOLL, c"ppoll") else {
         return no_symbol();
     };
+    let mut buf = zeroed_set();
+    // SAFETY: the program's mask, null or valid.
+    let sigmask =
+        unsafe { crate::signals::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let set = fds as *mut libc::pollfd;
-    // SAFETY: the program's arguments, forwarded unchanged.
+    // SAFETY: the program's arguments, forwarded (the mask maybe our copy).
     let n = writing_pollfds(set, nfds, || unsafe {
         f(
             set,
             nfds as libc::nfds_t,
             timeout as *const libc::timespec,
-            sigmask as *const libc::sigset_t,
+            sigmask,
         )
     });
     if n > 0 && recovery::enabled() {
@@ -489,6 +507,10 @@ extern "C" fn pselect_impl(
     let Some(f) = real::<F>(&REAL_PSELECT, c"pselect") else {
         return no_symbol();
     };
+    let mut buf = zeroed_set();
+    // SAFETY: the program's mask, null or valid.
+    let sigmask =
+        unsafe { crate::signals::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let sets = [readfds, writefds, exceptfds].map(|s| s as *mut libc::fd_set);
     selecting(nfds, sets, regs, |[r, w, e]| {
         // SAFETY: the program's arguments.
@@ -499,7 +521,7 @@ extern "C" fn pselect_impl(
                 w,
                 e,
                 timeout as *const libc::timespec,
-                sigmask as *const libc::sigset_t,
+                sigmask,
             )
         }
     })

@@ -120,6 +120,7 @@ pub fn install() {
         libc::sigaction(libc::SIGSEGV, &sa, &mut previous);
         keep_program_segv(previous);
     }
+    crate::segv_mask::activate();
 }
 
 /// Registers an object's poll page (inaccessible at once if a checkpoint is requested).

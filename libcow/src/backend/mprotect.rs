@@ -362,6 +362,7 @@ impl Mprotect {
             }
         }
         OLD_ACTION.store(old, Ordering::Release);
+        crate::segv_mask::activate();
         FAULTS.store(book::leak(AtomicUsize::new(0)), Ordering::Release);
         let table = book::leak(Table {
             entries: std::ptr::null(),

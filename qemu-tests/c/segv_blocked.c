@@ -1,0 +1,179 @@
+/*
+ * A program that blocks SIGSEGV, run under a checkpointer that takes SIGSEGV as events (the
+ * mprotect backend's first writes, lmc's safe points). The kernel ends a process whose thread
+ * faults with SIGSEGV blocked before any handler runs, so libcow keeps SIGSEGV deliverable and
+ * shows the program its own masks. Run under `cowctl run --every 1`:
+ *
+ *   segv_blocked          works (writes globals and the heap, loops) for a while in each place
+ *                         SIGSEGV is blocked: a thread that blocked every signal, a handler
+ *                         installed with a full sa_mask, the program's own SIGSEGV handler
+ *                         (left with siglongjmp); checks the masks it reads back (SIGSEGV
+ *                         blocked where it blocked it; in its SIGSEGV handler, SIGSEGV alone)
+ *                         and the bytes it wrote. Prints "segv_blocked: ok".
+ *   segv_blocked crash    blocks SIGSEGV, installs a handler, writes to a read-only page: the
+ *                         process ends by SIGSEGV (139), its handler never runs — as without
+ *                         libcow.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+static uint64_t table[8192];
+static uint64_t *heap;
+static char *readonly;
+static sigjmp_buf back;
+static volatile sig_atomic_t usr1_ok, segv_ok;
+
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* Writes every page of `table` and `heap` for about `seconds` (loops: lmc's safe points). */
+static uint64_t work(double seconds, uint64_t seed)
+{
+	double end = now() + seconds;
+	uint64_t n = 0;
+	while (now() < end)
+		for (int i = 0; i < 8192; i += 64, n++) {
+			table[i] = seed + n;
+			heap[i] = ~(seed + n);
+		}
+	return n;
+}
+
+static int check(const char *where, uint64_t seed)
+{
+	for (int i = 0; i < 8192; i += 64)
+		if (heap[i] != ~table[i] || table[i] < seed) {
+			fprintf(stderr, "segv_blocked: %s: word %d is %#lx / %#lx\n", where, i,
+				(unsigned long)table[i], (unsigned long)heap[i]);
+			return 1;
+		}
+	return 0;
+}
+
+/* The calling thread's mask as the program reads it: 1 if SIGSEGV is in it, 0 if not; with
+ * `only`, -1 if any other signal is. */
+static int segv_blocked_now(int only)
+{
+	sigset_t now;
+	pthread_sigmask(SIG_BLOCK, NULL, &now);
+	for (int s = 1; only && s <= SIGRTMAX; s++)
+		if (s != SIGSEGV && sigismember(&now, s) == 1)
+			return -1;
+	return sigismember(&now, SIGSEGV);
+}
+
+static void on_usr1(int sig)
+{
+	(void)sig;
+	work(0.02, 3000);
+	usr1_ok += segv_blocked_now(0) == 1 && check("SIGUSR1 handler", 3000) == 0;
+}
+
+static void on_segv(int sig, siginfo_t *info, void *ctx)
+{
+	(void)sig;
+	(void)ctx;
+	if ((char *)info->si_addr == readonly) {
+		work(0.02, 4000);
+		segv_ok += segv_blocked_now(1) == 1 && check("SIGSEGV handler", 4000) == 0;
+	}
+	siglongjmp(back, 1);
+}
+
+static void on_segv_never(int sig)
+{
+	(void)sig;
+	static const char msg[] = "segv_blocked: the handler ran with SIGSEGV blocked\n";
+	write(2, msg, sizeof msg - 1);
+	_exit(3);
+}
+
+int main(int argc, char **argv)
+{
+	heap = calloc(8192, sizeof *heap);
+	readonly = mmap(NULL, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (!heap || readonly == MAP_FAILED)
+		return 2;
+	work(0.01, 1);
+
+	if (argc > 1 && strcmp(argv[1], "crash") == 0) {
+		signal(SIGSEGV, on_segv_never);
+		sigset_t segv;
+		sigemptyset(&segv);
+		sigaddset(&segv, SIGSEGV);
+		sigprocmask(SIG_BLOCK, &segv, NULL);
+		work(0.05, 2);
+		readonly[0] = 1;
+		return 0; /* not reached */
+	}
+
+	/* 1. Every signal blocked (as threads that leave signals to another one do). */
+	sigset_t all, before;
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &before);
+	if (segv_blocked_now(0) != 1) {
+		fprintf(stderr, "segv_blocked: sigfillset: SIGSEGV does not read back as blocked\n");
+		return 1;
+	}
+	work(0.3, 1000);
+	if (check("all signals blocked", 1000))
+		return 1;
+	pthread_sigmask(SIG_SETMASK, &before, NULL);
+	if (segv_blocked_now(0) != 0) {
+		fprintf(stderr, "segv_blocked: SIGSEGV still reads back as blocked\n");
+		return 1;
+	}
+
+	/* 2. A handler installed with every signal in its mask. */
+	struct sigaction sa, old;
+	memset(&sa, 0, sizeof sa);
+	sa.sa_handler = on_usr1;
+	sigfillset(&sa.sa_mask);
+	if (sigaction(SIGUSR1, &sa, NULL) || sigaction(SIGUSR1, NULL, &old) ||
+	    sigismember(&old.sa_mask, SIGSEGV) != 1) {
+		fprintf(stderr, "segv_blocked: SIGUSR1's mask does not read back as set\n");
+		return 1;
+	}
+	for (int i = 0; i < 10; i++)
+		raise(SIGUSR1);
+	if (usr1_ok != 10) {
+		fprintf(stderr, "segv_blocked: %d of 10 SIGUSR1 handlers saw their mask and bytes\n",
+			usr1_ok);
+		return 1;
+	}
+
+	/* 3. The program's own SIGSEGV handler (SIGSEGV blocked while it runs), left with
+	 *    siglongjmp, which restores the mask. */
+	memset(&sa, 0, sizeof sa);
+	sa.sa_sigaction = on_segv;
+	sa.sa_flags = SA_SIGINFO;
+	sigemptyset(&sa.sa_mask);
+	if (sigaction(SIGSEGV, &sa, NULL))
+		return 1;
+	for (int i = 0; i < 10; i++)
+		if (sigsetjmp(back, 1) == 0)
+			readonly[0] = 1;
+	if (segv_ok != 10 || segv_blocked_now(0) != 0) {
+		fprintf(stderr, "segv_blocked: %d of 10 SIGSEGV handlers saw their mask (SIGSEGV "
+				"alone) and bytes, SIGSEGV blocked after: %d\n", segv_ok,
+			segv_blocked_now(0));
+		return 1;
+	}
+	if (check("the end", 4000))
+		return 1;
+	printf("segv_blocked: ok\n");
+	return 0;
+}
