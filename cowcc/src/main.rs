@@ -35,7 +35,8 @@ of cowcc itself, cargo's target/release).";
 /// shared mappings are not covered; `pthread_create`: a program with threads gathers them at
 /// safe points for its own snapshots; `sigaction`/`signal`: safe points fault into libcow's
 /// `SIGSEGV` handler, which passes other faults to the program's; the functions that take a
-/// signal mask: `SIGSEGV` is never really blocked, see libcow's `segv_mask.rs`.)
+/// signal mask: `SIGSEGV` and lmc's park signal are never really blocked, see libcow's
+/// `segv_mask.rs`.)
 const WRAPPED: [&str; 45] = [
     "read",
     "pread",

@@ -595,7 +595,8 @@ int __wrap_pthread_create(pthread_t *t, const pthread_attr_t *attr, void *(*fn)(
  * for it while its handler is installed (the program's sigaction would otherwise replace it).
  * A fault with SIGSEGV blocked would end the process before any handler ran, so every mask the
  * program hands the kernel has SIGSEGV replaced by libcow's stand-in, and every mask it reads
- * back the reverse (libcow's segv_mask.rs): the program sees its own view.
+ * back the reverse (libcow's segv_mask.rs): the program sees its own view. Those masks never
+ * block lmc's park signal either: a thread blocked in the kernel must be able to park.
  */
 int __real_sigaction(int, const struct sigaction *, struct sigaction *);
 void (*__real_signal(int, void (*)(int)))(int);
@@ -607,8 +608,8 @@ int __real_pselect(int, fd_set *, fd_set *, fd_set *, const struct timespec *, c
 int __real_epoll_pwait(int, struct epoll_event *, int, int, const sigset_t *);
 int __real_epoll_pwait2(int, struct epoll_event *, int, const struct timespec *, const sigset_t *);
 int __cow_lmc_sigsegv_action(const struct sigaction *act, struct sigaction *old);
-void __cow_sigmask_to_kernel(sigset_t *set);
-void __cow_sigmask_to_program(sigset_t *set);
+void __cow_lmc_mask_to_kernel(sigset_t *set);
+void __cow_lmc_mask_to_program(sigset_t *set);
 
 /* The program's mask `set` as the kernel must see it (a copy in `buf`), or null. */
 static const sigset_t *kernel_mask(const sigset_t *set, sigset_t *buf)
@@ -616,7 +617,7 @@ static const sigset_t *kernel_mask(const sigset_t *set, sigset_t *buf)
 	if (!set)
 		return NULL;
 	*buf = *set;
-	__cow_sigmask_to_kernel(buf);
+	__cow_lmc_mask_to_kernel(buf);
 	return buf;
 }
 
@@ -627,12 +628,12 @@ int __wrap_sigaction(int sig, const struct sigaction *act, struct sigaction *old
 	struct sigaction copy;
 	if (act) {
 		copy = *act;
-		__cow_sigmask_to_kernel(&copy.sa_mask);
+		__cow_lmc_mask_to_kernel(&copy.sa_mask);
 		act = &copy;
 	}
 	int rc = __real_sigaction(sig, act, old);
 	if (rc == 0 && old)
-		__cow_sigmask_to_program(&old->sa_mask);
+		__cow_lmc_mask_to_program(&old->sa_mask);
 	return rc;
 }
 
@@ -642,7 +643,7 @@ static int set_mask(int (*real)(int, const sigset_t *, sigset_t *), int how, con
 	sigset_t buf;
 	int rc = real(how, kernel_mask(set, &buf), old);
 	if (rc == 0 && old)
-		__cow_sigmask_to_program(old);
+		__cow_lmc_mask_to_program(old);
 	return rc;
 }
 

@@ -9,7 +9,7 @@
 //! stand-in (a real-time signal libcow reserves and never sends), and every mask it reads back
 //! the reverse ([`to_kernel`], [`to_program`]: the wrappers of `sigprocmask`,
 //! `pthread_sigmask`, `sigaction`, `sigsuspend`, `ppoll`, `pselect`, `epoll_pwait(2)` in
-//! libcow_preload and cowcc). The kernel itself then carries the program's view through
+//! libcow_preload and cowcc, which also keep libcow's own signals unblocked). The kernel itself then carries the program's view through
 //! handler entries and returns, `siglongjmp` and thread creation. A fault that is the program's
 //! own while the stand-in is blocked ends the process, as the kernel would have
 //! ([`blocked_by_program`]).
@@ -99,26 +99,4 @@ pub unsafe fn blocked_by_program(ctx: *const libc::c_void) -> bool {
         unsafe { &(*(ctx as *const libc::ucontext_t)).uc_sigmask },
         stand_in(),
     )
-}
-
-/// [`to_kernel`] for C callers (cowcc's wrappers). `set` is a valid mask.
-///
-/// # Safety
-///
-/// `set` points to a valid, writable mask.
-#[no_mangle]
-pub unsafe extern "C" fn __cow_sigmask_to_kernel(set: *mut libc::sigset_t) {
-    // SAFETY: valid and writable (caller).
-    to_kernel(unsafe { &mut *set });
-}
-
-/// [`to_program`] for C callers (cowcc's wrappers).
-///
-/// # Safety
-///
-/// `set` points to a valid, writable mask.
-#[no_mangle]
-pub unsafe extern "C" fn __cow_sigmask_to_program(set: *mut libc::sigset_t) {
-    // SAFETY: valid and writable (caller).
-    to_program(unsafe { &mut *set });
 }

@@ -7,6 +7,8 @@
  *   segv_blocked          works (writes globals and the heap, loops) for a while in each place
  *                         SIGSEGV is blocked: a thread that blocked every signal, a handler
  *                         installed with a full sa_mask, the program's own SIGSEGV handler
+ *                         — while a second thread with every signal blocked waits in read(2)
+ *                         (it must still stop or park for each checkpoint)
  *                         (left with siglongjmp); checks the masks it reads back (SIGSEGV
  *                         blocked where it blocked it; in its SIGSEGV handler, SIGSEGV alone)
  *                         and the bytes it wrote. Prints "segv_blocked: ok".
@@ -31,6 +33,16 @@ static uint64_t *heap;
 static char *readonly;
 static sigjmp_buf back;
 static volatile sig_atomic_t usr1_ok, segv_ok;
+
+static int pipefd[2];
+
+/* Waits in read(2), every signal blocked (inherited), until main is done. */
+static void *waiter(void *arg)
+{
+	(void)arg;
+	char c;
+	return read(pipefd[0], &c, 1) == 1 ? NULL : (void *)1;
+}
 
 static double now(void)
 {
@@ -120,10 +132,14 @@ int main(int argc, char **argv)
 		return 0; /* not reached */
 	}
 
-	/* 1. Every signal blocked (as threads that leave signals to another one do). */
+	/* 1. Every signal blocked (as threads that leave signals to another one do); a thread
+	 *    started meanwhile inherits that mask. */
 	sigset_t all, before;
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &before);
+	pthread_t thread;
+	if (pipe(pipefd) || pthread_create(&thread, NULL, waiter, NULL))
+		return 2;
 	if (segv_blocked_now(0) != 1) {
 		fprintf(stderr, "segv_blocked: sigfillset: SIGSEGV does not read back as blocked\n");
 		return 1;
@@ -174,6 +190,11 @@ int main(int argc, char **argv)
 	}
 	if (check("the end", 4000))
 		return 1;
+	void *waited;
+	if (write(pipefd[1], "x", 1) != 1 || pthread_join(thread, &waited) || waited) {
+		fprintf(stderr, "segv_blocked: the waiting thread did not end well\n");
+		return 1;
+	}
 	printf("segv_blocked: ok\n");
 	return 0;
 }

@@ -91,6 +91,36 @@ pub fn signal() -> i32 {
     libc::SIGRTMAX() - 4
 }
 
+/// cowcc's wrappers: a mask the program hands the kernel (to block, unblock, set, wait with or
+/// block in a handler), made what the kernel must see. Without [`signal`]: a thread that
+/// blocks every signal and waits in the kernel (for a pipe, in `sigwait`) must still park, or
+/// every checkpoint would time out waiting for it. With SIGSEGV's stand-in for SIGSEGV
+/// ([`crate::segv_mask`]): a safe point reached with SIGSEGV blocked would end the process.
+///
+/// # Safety
+///
+/// `set` points to a valid, writable mask.
+#[no_mangle]
+pub unsafe extern "C" fn __cow_lmc_mask_to_kernel(set: *mut libc::sigset_t) {
+    // SAFETY: valid and writable (caller).
+    let set = unsafe { &mut *set };
+    // SAFETY: removing one signal from a set we hold exclusively.
+    unsafe { libc::sigdelset(set, signal()) };
+    crate::segv_mask::to_kernel(set);
+}
+
+/// cowcc's wrappers: a mask read back from the kernel, as the program set it
+/// ([`crate::segv_mask::to_program`]).
+///
+/// # Safety
+///
+/// `set` points to a valid, writable mask.
+#[no_mangle]
+pub unsafe extern "C" fn __cow_lmc_mask_to_program(set: *mut libc::sigset_t) {
+    // SAFETY: valid and writable (caller).
+    crate::segv_mask::to_program(unsafe { &mut *set });
+}
+
 /// Called by cowcc's wrappers at start-up: `hook(buf, cap)` fills `buf` with this thread's
 /// ranges saved for the libc call in progress (`[start, len]` pairs) and returns their count.
 #[no_mangle]
