@@ -36,8 +36,8 @@ of cowcc itself, cargo's target/release).";
 /// safe points for its own snapshots; `sigaction`/`signal`: safe points fault into libcow's
 /// `SIGSEGV` handler, which passes other faults to the program's; the functions that take a
 /// signal mask: `SIGSEGV` and lmc's park signal are never really blocked, see libcow's
-/// `segv_mask.rs`.)
-const WRAPPED: [&str; 45] = [
+/// `segv_mask.rs`; `sigwait` and its kin: they never wait for the park signal.)
+const WRAPPED: [&str; 48] = [
     "read",
     "pread",
     "readv",
@@ -83,6 +83,9 @@ const WRAPPED: [&str; 45] = [
     "pselect",
     "epoll_pwait",
     "epoll_pwait2",
+    "sigwait",
+    "sigwaitinfo",
+    "sigtimedwait",
 ];
 
 /// The wrappers' static library, built by build.rs.

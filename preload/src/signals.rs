@@ -6,7 +6,7 @@
 //! handler stays first and runs the program's when it does not roll back). Under uffd and
 //! fork the handlers of asynchronous signals are wrapped (see [`wrapped`]).
 //! Masks go to the kernel without libcow's stop signal and with SIGSEGV's stand-in
-//! ([`to_kernel`]). Every other call goes to libc unchanged. (`sigset`, `sysv_signal` and
+//! ([`to_kernel`]); `sigwait` and its kin never wait for the stop signal ([`wait_set`]). Every other call goes to libc unchanged. (`sigset`, `sysv_signal` and
 //! `bsd_signal` are not interposed: handlers installed through them are not wrapped.)
 
 use crate::raw::next;
@@ -394,6 +394,95 @@ pub unsafe extern "C" fn sigsuspend(set: *const libc::sigset_t) -> libc::c_int {
     unsafe { std::mem::transmute::<usize, F>(f)(kernel_mask(set, &mut buf)) }
 }
 
+static REAL_SIGWAIT: AtomicUsize = AtomicUsize::new(0);
+static REAL_SIGWAITINFO: AtomicUsize = AtomicUsize::new(0);
+static REAL_SIGTIMEDWAIT: AtomicUsize = AtomicUsize::new(0);
+
+/// The set a `sigwait` family call waits for, in `buf`, without libcow's stop signal: a
+/// program's signal thread waiting for every signal (the POSIX idiom: `sigfillset`, `sigwait`
+/// in a loop) took it for its own — the program received signal 61, and the snapshot waited
+/// for that thread in vain and failed.
+///
+/// # Safety
+///
+/// `set` is null or points to a valid set.
+unsafe fn wait_set(set: *const libc::sigset_t, buf: &mut libc::sigset_t) -> *const libc::sigset_t {
+    if set.is_null() {
+        return set;
+    }
+    // SAFETY: `set` is valid (caller); removing one signal from our copy.
+    unsafe {
+        *buf = *set;
+        libc::sigdelset(buf, cow::world::signal());
+    }
+    buf
+}
+
+/// `sigwait(3)`, as the program calls it (see [`wait_set`]).
+///
+/// # Safety
+///
+/// As `sigwait`.
+#[no_mangle]
+pub unsafe extern "C" fn sigwait(set: *const libc::sigset_t, sig: *mut i32) -> libc::c_int {
+    let f = next(&REAL_SIGWAIT, c"sigwait");
+    if f == 0 {
+        return libc::ENOSYS;
+    }
+    // SAFETY: an all-zero sigset_t is valid.
+    let mut buf = unsafe { std::mem::zeroed() };
+    type F = unsafe extern "C" fn(*const libc::sigset_t, *mut i32) -> libc::c_int;
+    // SAFETY: libc's sigwait has this signature; `set` valid (caller) or our copy of it.
+    unsafe { std::mem::transmute::<usize, F>(f)(wait_set(set, &mut buf), sig) }
+}
+
+/// `sigwaitinfo(2)`, as the program calls it (see [`wait_set`]).
+///
+/// # Safety
+///
+/// As `sigwaitinfo`.
+#[no_mangle]
+pub unsafe extern "C" fn sigwaitinfo(
+    set: *const libc::sigset_t,
+    info: *mut libc::siginfo_t,
+) -> libc::c_int {
+    let f = next(&REAL_SIGWAITINFO, c"sigwaitinfo");
+    if f == 0 {
+        return -1;
+    }
+    // SAFETY: an all-zero sigset_t is valid.
+    let mut buf = unsafe { std::mem::zeroed() };
+    type F = unsafe extern "C" fn(*const libc::sigset_t, *mut libc::siginfo_t) -> libc::c_int;
+    // SAFETY: libc's sigwaitinfo has this signature; `set` valid (caller) or our copy of it.
+    unsafe { std::mem::transmute::<usize, F>(f)(wait_set(set, &mut buf), info) }
+}
+
+/// `sigtimedwait(2)`, as the program calls it (see [`wait_set`]).
+///
+/// # Safety
+///
+/// As `sigtimedwait`.
+#[no_mangle]
+pub unsafe extern "C" fn sigtimedwait(
+    set: *const libc::sigset_t,
+    info: *mut libc::siginfo_t,
+    timeout: *const libc::timespec,
+) -> libc::c_int {
+    let f = next(&REAL_SIGTIMEDWAIT, c"sigtimedwait");
+    if f == 0 {
+        return -1;
+    }
+    // SAFETY: an all-zero sigset_t is valid.
+    let mut buf = unsafe { std::mem::zeroed() };
+    type F = unsafe extern "C" fn(
+        *const libc::sigset_t,
+        *mut libc::siginfo_t,
+        *const libc::timespec,
+    ) -> libc::c_int;
+    // SAFETY: libc's sigtimedwait has this signature; `set` valid (caller) or our copy of it.
+    unsafe { std::mem::transmute::<usize, F>(f)(wait_set(set, &mut buf), info, timeout) }
+}
+
 static REAL_SIGALTSTACK: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
@@ -459,4 +548,7 @@ pub(crate) fn resolve_symbols() {
     next(&REAL_SIGPROCMASK, c"sigprocmask");
     next(&REAL_SIGALTSTACK, c"sigaltstack");
     next(&REAL_SIGSUSPEND, c"sigsuspend");
+    next(&REAL_SIGWAIT, c"sigwait");
+    next(&REAL_SIGWAITINFO, c"sigwaitinfo");
+    next(&REAL_SIGTIMEDWAIT, c"sigtimedwait");
 }

@@ -31,6 +31,10 @@ pub fn tests() -> Vec<Test> {
             run: execs_survive_the_stop_signal,
         },
         Test {
+            name: "checkpoint::blocked_signals_still_stop",
+            run: blocked_signals_still_stop,
+        },
+        Test {
             name: "checkpoint::oracle_replays_a_recording",
             run: oracle_replays_a_recording,
         },
@@ -150,6 +154,23 @@ fn execs_survive_the_stop_signal() -> Result<()> {
     let out = cowctl_run(&["--every=1", "--speculate=stable"], &[chain, "20"])?;
     let got = super::stdout_of_success(&out, "exec_chain")?;
     ensure!(got.contains("exec chain: ok"), "{got}");
+    Ok(())
+}
+
+/// A program that blocks every signal in its threads (one reading a pipe, one in `sigwait` for
+/// every signal) and SIGSEGV in its handlers, under a pre-copying checkpointer that stops
+/// every thread with libcow's signal: each is stopped for every snapshot, the signal thread's
+/// `sigwait` never returns libcow's signal, and the masks read back as the program set them.
+fn blocked_signals_still_stop() -> Result<()> {
+    let program = sibling("blocked_signals")?;
+    let out = cowctl_run(
+        &["--every=1", "--speculate=stable"],
+        &[program.to_str().unwrap_or_default()],
+    )?;
+    let got = super::stdout_of_success(&out, "blocked_signals")?;
+    ensure!(got.contains("blocked_signals: ok"), "{got}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(err.contains("checkpoints (0 failed)"), "{err}");
     Ok(())
 }
 

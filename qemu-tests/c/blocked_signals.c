@@ -4,15 +4,18 @@
  * faults with SIGSEGV blocked before any handler runs, so libcow keeps SIGSEGV deliverable and
  * shows the program its own masks. Run under `cowctl run --every 1`:
  *
- *   segv_blocked          works (writes globals and the heap, loops) for a while in each place
+ *   blocked_signals          works (writes globals and the heap, loops) for a while in each place
  *                         SIGSEGV is blocked: a thread that blocked every signal, a handler
  *                         installed with a full sa_mask, the program's own SIGSEGV handler
- *                         — while a second thread with every signal blocked waits in read(2)
- *                         (it must still stop or park for each checkpoint)
+ *                         — while two threads with every signal blocked wait, one in read(2),
+ *                         one in sigwait(2) for every signal (a program's signal thread): each
+ *                         must still stop or park for every checkpoint, and sigwait must
+ *                         return only the signal the program sent it (SIGUSR2), never one of
+ *                         libcow's own
  *                         (left with siglongjmp); checks the masks it reads back (SIGSEGV
  *                         blocked where it blocked it; in its SIGSEGV handler, SIGSEGV alone)
- *                         and the bytes it wrote. Prints "segv_blocked: ok".
- *   segv_blocked crash    blocks SIGSEGV, installs a handler, writes to a read-only page: the
+ *                         and the bytes it wrote. Prints "blocked_signals: ok".
+ *   blocked_signals crash    blocks SIGSEGV, installs a handler, writes to a read-only page: the
  *                         process ends by SIGSEGV (139), its handler never runs — as without
  *                         libcow.
  */
@@ -44,6 +47,18 @@ static void *waiter(void *arg)
 	return read(pipefd[0], &c, 1) == 1 ? NULL : (void *)1;
 }
 
+/* The program's signal thread: waits for every signal; returns what it got. */
+static void *signal_thread(void *arg)
+{
+	(void)arg;
+	sigset_t all;
+	sigfillset(&all);
+	int sig = 0;
+	if (sigwait(&all, &sig))
+		return (void *)-1L;
+	return (void *)(long)sig;
+}
+
 static double now(void)
 {
 	struct timespec ts;
@@ -68,7 +83,7 @@ static int check(const char *where, uint64_t seed)
 {
 	for (int i = 0; i < 8192; i += 64)
 		if (heap[i] != ~table[i] || table[i] < seed) {
-			fprintf(stderr, "segv_blocked: %s: word %d is %#lx / %#lx\n", where, i,
+			fprintf(stderr, "blocked_signals: %s: word %d is %#lx / %#lx\n", where, i,
 				(unsigned long)table[i], (unsigned long)heap[i]);
 			return 1;
 		}
@@ -77,7 +92,7 @@ static int check(const char *where, uint64_t seed)
 
 /* The calling thread's mask as the program reads it: 1 if SIGSEGV is in it, 0 if not; with
  * `only`, -1 if any other signal is. */
-static int segv_blocked_now(int only)
+static int blocked_signals_now(int only)
 {
 	sigset_t now;
 	pthread_sigmask(SIG_BLOCK, NULL, &now);
@@ -91,7 +106,7 @@ static void on_usr1(int sig)
 {
 	(void)sig;
 	work(0.02, 3000);
-	usr1_ok += segv_blocked_now(0) == 1 && check("SIGUSR1 handler", 3000) == 0;
+	usr1_ok += blocked_signals_now(0) == 1 && check("SIGUSR1 handler", 3000) == 0;
 }
 
 static void on_segv(int sig, siginfo_t *info, void *ctx)
@@ -100,7 +115,7 @@ static void on_segv(int sig, siginfo_t *info, void *ctx)
 	(void)ctx;
 	if ((char *)info->si_addr == readonly) {
 		work(0.02, 4000);
-		segv_ok += segv_blocked_now(1) == 1 && check("SIGSEGV handler", 4000) == 0;
+		segv_ok += blocked_signals_now(1) == 1 && check("SIGSEGV handler", 4000) == 0;
 	}
 	siglongjmp(back, 1);
 }
@@ -108,7 +123,7 @@ static void on_segv(int sig, siginfo_t *info, void *ctx)
 static void on_segv_never(int sig)
 {
 	(void)sig;
-	static const char msg[] = "segv_blocked: the handler ran with SIGSEGV blocked\n";
+	static const char msg[] = "blocked_signals: the handler ran with SIGSEGV blocked\n";
 	write(2, msg, sizeof msg - 1);
 	_exit(3);
 }
@@ -137,19 +152,20 @@ int main(int argc, char **argv)
 	sigset_t all, before;
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &before);
-	pthread_t thread;
-	if (pipe(pipefd) || pthread_create(&thread, NULL, waiter, NULL))
+	pthread_t thread, signals;
+	if (pipe(pipefd) || pthread_create(&thread, NULL, waiter, NULL) ||
+	    pthread_create(&signals, NULL, signal_thread, NULL))
 		return 2;
-	if (segv_blocked_now(0) != 1) {
-		fprintf(stderr, "segv_blocked: sigfillset: SIGSEGV does not read back as blocked\n");
+	if (blocked_signals_now(0) != 1) {
+		fprintf(stderr, "blocked_signals: sigfillset: SIGSEGV does not read back as blocked\n");
 		return 1;
 	}
 	work(0.3, 1000);
 	if (check("all signals blocked", 1000))
 		return 1;
 	pthread_sigmask(SIG_SETMASK, &before, NULL);
-	if (segv_blocked_now(0) != 0) {
-		fprintf(stderr, "segv_blocked: SIGSEGV still reads back as blocked\n");
+	if (blocked_signals_now(0) != 0) {
+		fprintf(stderr, "blocked_signals: SIGSEGV still reads back as blocked\n");
 		return 1;
 	}
 
@@ -160,13 +176,13 @@ int main(int argc, char **argv)
 	sigfillset(&sa.sa_mask);
 	if (sigaction(SIGUSR1, &sa, NULL) || sigaction(SIGUSR1, NULL, &old) ||
 	    sigismember(&old.sa_mask, SIGSEGV) != 1) {
-		fprintf(stderr, "segv_blocked: SIGUSR1's mask does not read back as set\n");
+		fprintf(stderr, "blocked_signals: SIGUSR1's mask does not read back as set\n");
 		return 1;
 	}
 	for (int i = 0; i < 10; i++)
 		raise(SIGUSR1);
 	if (usr1_ok != 10) {
-		fprintf(stderr, "segv_blocked: %d of 10 SIGUSR1 handlers saw their mask and bytes\n",
+		fprintf(stderr, "blocked_signals: %d of 10 SIGUSR1 handlers saw their mask and bytes\n",
 			usr1_ok);
 		return 1;
 	}
@@ -182,19 +198,25 @@ int main(int argc, char **argv)
 	for (int i = 0; i < 10; i++)
 		if (sigsetjmp(back, 1) == 0)
 			readonly[0] = 1;
-	if (segv_ok != 10 || segv_blocked_now(0) != 0) {
-		fprintf(stderr, "segv_blocked: %d of 10 SIGSEGV handlers saw their mask (SIGSEGV "
+	if (segv_ok != 10 || blocked_signals_now(0) != 0) {
+		fprintf(stderr, "blocked_signals: %d of 10 SIGSEGV handlers saw their mask (SIGSEGV "
 				"alone) and bytes, SIGSEGV blocked after: %d\n", segv_ok,
-			segv_blocked_now(0));
+			blocked_signals_now(0));
 		return 1;
 	}
 	if (check("the end", 4000))
 		return 1;
-	void *waited;
+	void *waited = NULL, *got = NULL;
 	if (write(pipefd[1], "x", 1) != 1 || pthread_join(thread, &waited) || waited) {
-		fprintf(stderr, "segv_blocked: the waiting thread did not end well\n");
+		fprintf(stderr, "blocked_signals: the waiting thread did not end well\n");
 		return 1;
 	}
-	printf("segv_blocked: ok\n");
+	if (pthread_kill(signals, SIGUSR2) || pthread_join(signals, &got) ||
+	    (long)got != SIGUSR2) {
+		fprintf(stderr, "blocked_signals: the signal thread's sigwait returned %ld, not %d\n",
+			(long)got, SIGUSR2);
+		return 1;
+	}
+	printf("blocked_signals: ok\n");
 	return 0;
 }
