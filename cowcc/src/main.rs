@@ -36,8 +36,8 @@ of cowcc itself, cargo's target/release).";
 /// safe points for its own snapshots; `sigaction`/`signal`: safe points fault into libcow's
 /// `SIGSEGV` handler, which passes other faults to the program's; the functions that take a
 /// signal mask: `SIGSEGV` and lmc's park signal are never really blocked, see libcow's
-/// `segv_mask.rs`; `sigwait` and its kin: they never wait for the park signal.)
-const WRAPPED: [&str; 48] = [
+/// `segv_mask.rs`; `sigwait`, its kin and `signalfd`: they never take the park signal.)
+const WRAPPED: [&str; 50] = [
     "read",
     "pread",
     "readv",
@@ -86,6 +86,8 @@ const WRAPPED: [&str; 48] = [
     "sigwait",
     "sigwaitinfo",
     "sigtimedwait",
+    "signalfd",
+    "pthread_attr_setsigmask_np",
 ];
 
 /// The wrappers' static library, built by build.rs.

@@ -18,6 +18,7 @@
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/select.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -610,8 +611,10 @@ int __real_epoll_pwait2(int, struct epoll_event *, int, const struct timespec *,
 int __real_sigwait(const sigset_t *, int *);
 int __real_sigwaitinfo(const sigset_t *, siginfo_t *);
 int __real_sigtimedwait(const sigset_t *, siginfo_t *, const struct timespec *);
+int __real_signalfd(int, const sigset_t *, int);
+int __real_pthread_attr_setsigmask_np(pthread_attr_t *, const sigset_t *);
 int __cow_lmc_sigsegv_action(const struct sigaction *act, struct sigaction *old);
-void __cow_lmc_wait_set(sigset_t *set);
+void __cow_lmc_taken_set(sigset_t *set);
 void __cow_lmc_mask_to_kernel(sigset_t *set);
 void __cow_lmc_mask_to_program(sigset_t *set);
 
@@ -661,33 +664,45 @@ int __wrap_pthread_sigmask(int how, const sigset_t *set, sigset_t *old)
 	return set_mask(__real_pthread_sigmask, how, set, old);
 }
 
-/* The sigwait family never waits for lmc's park signal: a program's signal thread waiting for
- * every signal would take it for its own. */
-static const sigset_t *wait_set(const sigset_t *set, sigset_t *buf)
+/* The sigwait family and signalfd never take lmc's park signal: a program's signal thread
+ * waiting for every signal would take it for its own. */
+static const sigset_t *taken_set(const sigset_t *set, sigset_t *buf)
 {
 	if (!set)
 		return NULL;
 	*buf = *set;
-	__cow_lmc_wait_set(buf);
+	__cow_lmc_taken_set(buf);
 	return buf;
 }
 
 int __wrap_sigwait(const sigset_t *set, int *sig)
 {
 	sigset_t buf;
-	return __real_sigwait(wait_set(set, &buf), sig);
+	return __real_sigwait(taken_set(set, &buf), sig);
 }
 
 int __wrap_sigwaitinfo(const sigset_t *set, siginfo_t *info)
 {
 	sigset_t buf;
-	return __real_sigwaitinfo(wait_set(set, &buf), info);
+	return __real_sigwaitinfo(taken_set(set, &buf), info);
 }
 
 int __wrap_sigtimedwait(const sigset_t *set, siginfo_t *info, const struct timespec *timeout)
 {
 	sigset_t buf;
-	return __real_sigtimedwait(wait_set(set, &buf), info, timeout);
+	return __real_sigtimedwait(taken_set(set, &buf), info, timeout);
+}
+
+int __wrap_signalfd(int fd, const sigset_t *set, int flags)
+{
+	sigset_t buf;
+	return __real_signalfd(fd, taken_set(set, &buf), flags);
+}
+
+int __wrap_pthread_attr_setsigmask_np(pthread_attr_t *attr, const sigset_t *set)
+{
+	sigset_t buf;
+	return __real_pthread_attr_setsigmask_np(attr, kernel_mask(set, &buf));
 }
 
 int __wrap_sigsuspend(const sigset_t *set)

@@ -6,7 +6,8 @@
 //! handler stays first and runs the program's when it does not roll back). Under uffd and
 //! fork the handlers of asynchronous signals are wrapped (see [`wrapped`]).
 //! Masks go to the kernel without libcow's stop signal and with SIGSEGV's stand-in
-//! ([`to_kernel`]); `sigwait` and its kin never wait for the stop signal ([`wait_set`]). Every other call goes to libc unchanged. (`sigset`, `sysv_signal` and
+//! ([`to_kernel`]); `sigwait`, its kin and `signalfd` never take the stop signal
+//! ([`taken_set`]). Every other call goes to libc unchanged. (`sigset`, `sysv_signal` and
 //! `bsd_signal` are not interposed: handlers installed through them are not wrapped.)
 
 use crate::raw::next;
@@ -398,15 +399,16 @@ static REAL_SIGWAIT: AtomicUsize = AtomicUsize::new(0);
 static REAL_SIGWAITINFO: AtomicUsize = AtomicUsize::new(0);
 static REAL_SIGTIMEDWAIT: AtomicUsize = AtomicUsize::new(0);
 
-/// The set a `sigwait` family call waits for, in `buf`, without libcow's stop signal: a
-/// program's signal thread waiting for every signal (the POSIX idiom: `sigfillset`, `sigwait`
-/// in a loop) took it for its own — the program received signal 61, and the snapshot waited
-/// for that thread in vain and failed.
+/// A set of signals the program takes for itself (`sigwait` and its kin wait for them,
+/// `signalfd` reads them), in `buf`, without libcow's stop signal: a program's signal thread
+/// waiting for every signal (the POSIX idiom: `sigfillset`, then `sigwait` in a loop, or a
+/// `signalfd` in its event loop) took it for its own — the program received signal 61, and
+/// the snapshot waited for that thread in vain and failed.
 ///
 /// # Safety
 ///
 /// `set` is null or points to a valid set.
-unsafe fn wait_set(set: *const libc::sigset_t, buf: &mut libc::sigset_t) -> *const libc::sigset_t {
+unsafe fn taken_set(set: *const libc::sigset_t, buf: &mut libc::sigset_t) -> *const libc::sigset_t {
     if set.is_null() {
         return set;
     }
@@ -418,7 +420,7 @@ unsafe fn wait_set(set: *const libc::sigset_t, buf: &mut libc::sigset_t) -> *con
     buf
 }
 
-/// `sigwait(3)`, as the program calls it (see [`wait_set`]).
+/// `sigwait(3)`, as the program calls it (see [`taken_set`]).
 ///
 /// # Safety
 ///
@@ -433,10 +435,10 @@ pub unsafe extern "C" fn sigwait(set: *const libc::sigset_t, sig: *mut i32) -> l
     let mut buf = unsafe { std::mem::zeroed() };
     type F = unsafe extern "C" fn(*const libc::sigset_t, *mut i32) -> libc::c_int;
     // SAFETY: libc's sigwait has this signature; `set` valid (caller) or our copy of it.
-    unsafe { std::mem::transmute::<usize, F>(f)(wait_set(set, &mut buf), sig) }
+    unsafe { std::mem::transmute::<usize, F>(f)(taken_set(set, &mut buf), sig) }
 }
 
-/// `sigwaitinfo(2)`, as the program calls it (see [`wait_set`]).
+/// `sigwaitinfo(2)`, as the program calls it (see [`taken_set`]).
 ///
 /// # Safety
 ///
@@ -454,10 +456,10 @@ pub unsafe extern "C" fn sigwaitinfo(
     let mut buf = unsafe { std::mem::zeroed() };
     type F = unsafe extern "C" fn(*const libc::sigset_t, *mut libc::siginfo_t) -> libc::c_int;
     // SAFETY: libc's sigwaitinfo has this signature; `set` valid (caller) or our copy of it.
-    unsafe { std::mem::transmute::<usize, F>(f)(wait_set(set, &mut buf), info) }
+    unsafe { std::mem::transmute::<usize, F>(f)(taken_set(set, &mut buf), info) }
 }
 
-/// `sigtimedwait(2)`, as the program calls it (see [`wait_set`]).
+/// `sigtimedwait(2)`, as the program calls it (see [`taken_set`]).
 ///
 /// # Safety
 ///
@@ -480,7 +482,51 @@ pub unsafe extern "C" fn sigtimedwait(
         *const libc::timespec,
     ) -> libc::c_int;
     // SAFETY: libc's sigtimedwait has this signature; `set` valid (caller) or our copy of it.
-    unsafe { std::mem::transmute::<usize, F>(f)(wait_set(set, &mut buf), info, timeout) }
+    unsafe { std::mem::transmute::<usize, F>(f)(taken_set(set, &mut buf), info, timeout) }
+}
+
+static REAL_SIGNALFD: AtomicUsize = AtomicUsize::new(0);
+
+/// `signalfd(2)`, as the program calls it (see [`taken_set`]).
+///
+/// # Safety
+///
+/// As `signalfd`.
+#[no_mangle]
+pub unsafe extern "C" fn signalfd(fd: i32, set: *const libc::sigset_t, flags: i32) -> libc::c_int {
+    let f = next(&REAL_SIGNALFD, c"signalfd");
+    if f == 0 {
+        return -1;
+    }
+    // SAFETY: an all-zero sigset_t is valid.
+    let mut buf = unsafe { std::mem::zeroed() };
+    type F = unsafe extern "C" fn(i32, *const libc::sigset_t, i32) -> libc::c_int;
+    // SAFETY: libc's signalfd has this signature; `set` valid (caller) or our copy of it.
+    unsafe { std::mem::transmute::<usize, F>(f)(fd, taken_set(set, &mut buf), flags) }
+}
+
+static REAL_ATTR_SETSIGMASK: AtomicUsize = AtomicUsize::new(0);
+
+/// `pthread_attr_setsigmask_np(3)`, as the program calls it: the mask a new thread starts
+/// with, in the kernel's terms ([`kernel_mask`]).
+///
+/// # Safety
+///
+/// As `pthread_attr_setsigmask_np`.
+#[no_mangle]
+pub unsafe extern "C" fn pthread_attr_setsigmask_np(
+    attr: *mut libc::pthread_attr_t,
+    set: *const libc::sigset_t,
+) -> libc::c_int {
+    let f = next(&REAL_ATTR_SETSIGMASK, c"pthread_attr_setsigmask_np");
+    if f == 0 {
+        return libc::ENOSYS;
+    }
+    // SAFETY: an all-zero sigset_t is valid.
+    let mut buf = unsafe { std::mem::zeroed() };
+    type F = unsafe extern "C" fn(*mut libc::pthread_attr_t, *const libc::sigset_t) -> libc::c_int;
+    // SAFETY: glibc's function has this signature; `set` valid (caller) or our copy of it.
+    unsafe { std::mem::transmute::<usize, F>(f)(attr, kernel_mask(set, &mut buf)) }
 }
 
 static REAL_SIGALTSTACK: AtomicUsize = AtomicUsize::new(0);
@@ -551,4 +597,6 @@ pub(crate) fn resolve_symbols() {
     next(&REAL_SIGWAIT, c"sigwait");
     next(&REAL_SIGWAITINFO, c"sigwaitinfo");
     next(&REAL_SIGTIMEDWAIT, c"sigtimedwait");
+    next(&REAL_SIGNALFD, c"signalfd");
+    next(&REAL_ATTR_SETSIGMASK, c"pthread_attr_setsigmask_np");
 }

@@ -7,11 +7,11 @@
  *   blocked_signals          works (writes globals and the heap, loops) for a while in each place
  *                         SIGSEGV is blocked: a thread that blocked every signal, a handler
  *                         installed with a full sa_mask, the program's own SIGSEGV handler
- *                         — while two threads with every signal blocked wait, one in read(2),
- *                         one in sigwait(2) for every signal (a program's signal thread): each
- *                         must still stop or park for every checkpoint, and sigwait must
- *                         return only the signal the program sent it (SIGUSR2), never one of
- *                         libcow's own
+ *                         — while three threads with every signal blocked wait: in read(2),
+ *                         in sigwait(2) for every signal (a program's signal thread), reading
+ *                         a signalfd for every signal (started with pthread_attr_setsigmask_np):
+ *                         each must still stop or park for every checkpoint, and the last two
+ *                         must take only the signal the program sent them, never libcow's
  *                         (left with siglongjmp); checks the masks it reads back (SIGSEGV
  *                         blocked where it blocked it; in its SIGSEGV handler, SIGSEGV alone)
  *                         and the bytes it wrote. Prints "blocked_signals: ok".
@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/signalfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -57,6 +58,19 @@ static void *signal_thread(void *arg)
 	if (sigwait(&all, &sig))
 		return (void *)-1L;
 	return (void *)(long)sig;
+}
+
+/* The same, reading a signalfd for every signal. */
+static void *signalfd_thread(void *arg)
+{
+	(void)arg;
+	sigset_t all;
+	sigfillset(&all);
+	int fd = signalfd(-1, &all, 0);
+	struct signalfd_siginfo si;
+	if (fd < 0 || read(fd, &si, sizeof si) != sizeof si)
+		return (void *)-1L;
+	return (void *)(long)si.ssi_signo;
 }
 
 static double now(void)
@@ -92,7 +106,7 @@ static int check(const char *where, uint64_t seed)
 
 /* The calling thread's mask as the program reads it: 1 if SIGSEGV is in it, 0 if not; with
  * `only`, -1 if any other signal is. */
-static int blocked_signals_now(int only)
+static int segv_blocked_now(int only)
 {
 	sigset_t now;
 	pthread_sigmask(SIG_BLOCK, NULL, &now);
@@ -106,7 +120,7 @@ static void on_usr1(int sig)
 {
 	(void)sig;
 	work(0.02, 3000);
-	usr1_ok += blocked_signals_now(0) == 1 && check("SIGUSR1 handler", 3000) == 0;
+	usr1_ok += segv_blocked_now(0) == 1 && check("SIGUSR1 handler", 3000) == 0;
 }
 
 static void on_segv(int sig, siginfo_t *info, void *ctx)
@@ -115,7 +129,7 @@ static void on_segv(int sig, siginfo_t *info, void *ctx)
 	(void)ctx;
 	if ((char *)info->si_addr == readonly) {
 		work(0.02, 4000);
-		segv_ok += blocked_signals_now(1) == 1 && check("SIGSEGV handler", 4000) == 0;
+		segv_ok += segv_blocked_now(1) == 1 && check("SIGSEGV handler", 4000) == 0;
 	}
 	siglongjmp(back, 1);
 }
@@ -156,7 +170,7 @@ int main(int argc, char **argv)
 	if (pipe(pipefd) || pthread_create(&thread, NULL, waiter, NULL) ||
 	    pthread_create(&signals, NULL, signal_thread, NULL))
 		return 2;
-	if (blocked_signals_now(0) != 1) {
+	if (segv_blocked_now(0) != 1) {
 		fprintf(stderr, "blocked_signals: sigfillset: SIGSEGV does not read back as blocked\n");
 		return 1;
 	}
@@ -164,7 +178,12 @@ int main(int argc, char **argv)
 	if (check("all signals blocked", 1000))
 		return 1;
 	pthread_sigmask(SIG_SETMASK, &before, NULL);
-	if (blocked_signals_now(0) != 0) {
+	pthread_attr_t attr;
+	pthread_t reader;
+	if (pthread_attr_init(&attr) || pthread_attr_setsigmask_np(&attr, &all) ||
+	    pthread_create(&reader, &attr, signalfd_thread, NULL))
+		return 2;
+	if (segv_blocked_now(0) != 0) {
 		fprintf(stderr, "blocked_signals: SIGSEGV still reads back as blocked\n");
 		return 1;
 	}
@@ -198,10 +217,10 @@ int main(int argc, char **argv)
 	for (int i = 0; i < 10; i++)
 		if (sigsetjmp(back, 1) == 0)
 			readonly[0] = 1;
-	if (segv_ok != 10 || blocked_signals_now(0) != 0) {
+	if (segv_ok != 10 || segv_blocked_now(0) != 0) {
 		fprintf(stderr, "blocked_signals: %d of 10 SIGSEGV handlers saw their mask (SIGSEGV "
 				"alone) and bytes, SIGSEGV blocked after: %d\n", segv_ok,
-			blocked_signals_now(0));
+			segv_blocked_now(0));
 		return 1;
 	}
 	if (check("the end", 4000))
@@ -215,6 +234,11 @@ int main(int argc, char **argv)
 	    (long)got != SIGUSR2) {
 		fprintf(stderr, "blocked_signals: the signal thread's sigwait returned %ld, not %d\n",
 			(long)got, SIGUSR2);
+		return 1;
+	}
+	if (pthread_kill(reader, SIGUSR1) || pthread_join(reader, &got) || (long)got != SIGUSR1) {
+		fprintf(stderr, "blocked_signals: the signalfd thread read %ld, not %d\n", (long)got,
+			SIGUSR1);
 		return 1;
 	}
 	printf("blocked_signals: ok\n");

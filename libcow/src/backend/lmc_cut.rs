@@ -109,14 +109,15 @@ pub unsafe extern "C" fn __cow_lmc_mask_to_kernel(set: *mut libc::sigset_t) {
     crate::segv_mask::to_kernel(set);
 }
 
-/// cowcc's wrappers: a set a `sigwait` family call waits for, without [`signal`] (a program's
-/// signal thread waiting for every signal would take it for its own).
+/// cowcc's wrappers: a set of signals the program takes for itself (`sigwait` and its kin,
+/// `signalfd`), without [`signal`] (a program's signal thread waiting for every signal would
+/// take it for its own).
 ///
 /// # Safety
 ///
 /// `set` points to a valid, writable set.
 #[no_mangle]
-pub unsafe extern "C" fn __cow_lmc_wait_set(set: *mut libc::sigset_t) {
+pub unsafe extern "C" fn __cow_lmc_taken_set(set: *mut libc::sigset_t) {
     // SAFETY: valid and writable (caller); removing one signal.
     unsafe { libc::sigdelset(set, signal()) };
 }
