@@ -7,6 +7,7 @@
  * or other uninstrumented libraries are not seen (documented).
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -614,6 +615,7 @@ int __real_sigtimedwait(const sigset_t *, siginfo_t *, const struct timespec *);
 int __real_signalfd(int, const sigset_t *, int);
 int __real_pthread_attr_setsigmask_np(pthread_attr_t *, const sigset_t *);
 int __cow_lmc_sigsegv_action(const struct sigaction *act, struct sigaction *old);
+_Bool __cow_lmc_reserved_signal(int sig);
 void __cow_lmc_taken_set(sigset_t *set);
 void __cow_lmc_mask_to_kernel(sigset_t *set);
 void __cow_lmc_mask_to_program(sigset_t *set);
@@ -630,6 +632,10 @@ static const sigset_t *kernel_mask(const sigset_t *set, sigset_t *buf)
 
 int __wrap_sigaction(int sig, const struct sigaction *act, struct sigaction *old)
 {
+	if (act && __cow_lmc_reserved_signal(sig)) {
+		errno = EINVAL;
+		return -1;
+	}
 	if (sig == SIGSEGV && __cow_lmc_sigsegv_action(act, old))
 		return 0;
 	struct sigaction copy;
@@ -740,6 +746,10 @@ int __wrap_epoll_pwait2(int epfd, struct epoll_event *events, int max,
 
 void (*__wrap_signal(int sig, void (*handler)(int)))(int)
 {
+	if (__cow_lmc_reserved_signal(sig)) {
+		errno = EINVAL;
+		return SIG_ERR;
+	}
 	if (sig != SIGSEGV)
 		return __real_signal(sig, handler);
 	/* glibc's signal(): BSD semantics. */

@@ -44,6 +44,14 @@ pub fn signal() -> i32 {
     libc::SIGRTMAX() - 3
 }
 
+/// Whether `sigaction(sig, act)` would take the stop signal from libcow (anything but libcow's
+/// own handler): a program resetting every signal's action (daemons do, `SIG_DFL` or
+/// `SIG_IGN` for 1..NSIG) made the next stop kill it, or be lost and the snapshot fail. It is
+/// refused with `EINVAL`, as glibc refuses its own internal signals.
+pub fn takes_stop_signal(sig: i32, act: Option<&libc::sigaction>) -> bool {
+    sig == signal() && act.is_some_and(|a| a.sa_sigaction != on_stop as *const () as usize)
+}
+
 /// Blocks, in the calling thread (one of libcow's own), every signal but libcow's stop signal
 /// and the synchronous faults: a signal sent to the process (`kill PID`) must reach a thread
 /// of the program. Python's handlers, for one, only run when the main thread is woken: a

@@ -7,7 +7,7 @@
 //! fork the handlers of asynchronous signals are wrapped (see [`wrapped`]).
 //! Masks go to the kernel without libcow's stop signal and with SIGSEGV's stand-in
 //! ([`to_kernel`]); `sigwait`, its kin and `signalfd` never take the stop signal
-//! ([`taken_set`]). Every other call goes to libc unchanged. (`sigset`, `sysv_signal` and
+//! ([`taken_set`]), and its action is not the program's to change (`EINVAL`). Every other call goes to libc unchanged. (`sigset`, `sysv_signal` and
 //! `bsd_signal` are not interposed: handlers installed through them are not wrapped.)
 
 use crate::raw::next;
@@ -39,6 +39,10 @@ pub unsafe extern "C" fn sigaction(
     act: *const libc::sigaction,
     old: *mut libc::sigaction,
 ) -> libc::c_int {
+    // SAFETY: `act` null or valid (caller).
+    if cow::world::takes_stop_signal(sig, unsafe { act.as_ref() }) {
+        return einval(-1);
+    }
     let mut copy;
     let act = if act.is_null() {
         act
@@ -55,6 +59,13 @@ pub unsafe extern "C" fn sigaction(
         cow::segv_mask::to_program(unsafe { &mut (*old).sa_mask });
     }
     rc
+}
+
+/// Sets errno to `EINVAL` and returns `failure`.
+fn einval<T>(failure: T) -> T {
+    // SAFETY: writing this thread's errno.
+    unsafe { *libc::__errno_location() = libc::EINVAL };
+    failure
 }
 
 /// Who answers a `sigaction`: libcow's recovery or mprotect backend (which keep the program's
@@ -97,6 +108,9 @@ unsafe fn route_sigaction(
 /// As `signal`.
 #[no_mangle]
 pub unsafe extern "C" fn signal(sig: i32, handler: libc::sighandler_t) -> libc::sighandler_t {
+    if sig == cow::world::signal() {
+        return einval(libc::SIG_ERR); // libcow's (see `cow::world::takes_stop_signal`)
+    }
     if ours(sig) || cow::recovery::enabled() && cow::recovery::SIGNALS.contains(&sig) {
         // SAFETY: an all-zero sigaction is valid; filled in below.
         let mut act: libc::sigaction = unsafe { std::mem::zeroed() };

@@ -1,23 +1,27 @@
 /*
- * A program that blocks SIGSEGV, run under a checkpointer that takes SIGSEGV as events (the
- * mprotect backend's first writes, lmc's safe points). The kernel ends a process whose thread
- * faults with SIGSEGV blocked before any handler runs, so libcow keeps SIGSEGV deliverable and
- * shows the program its own masks. Run under `cowctl run --every 1`:
+ * A program that does with signals what real programs do, under a checkpointer that needs
+ * signals of its own (libcow's stop signal on uffd, mprotect and pre-copying cow.ko; lmc's
+ * park signal) or takes SIGSEGV as events (the mprotect backend's first writes, lmc's safe
+ * points). The kernel ends a process whose thread faults with SIGSEGV blocked before any
+ * handler runs, so libcow keeps SIGSEGV deliverable and shows the program its own masks. Run
+ * under `cowctl run --every 1`:
  *
- *   blocked_signals          works (writes globals and the heap, loops) for a while in each place
- *                         SIGSEGV is blocked: a thread that blocked every signal, a handler
- *                         installed with a full sa_mask, the program's own SIGSEGV handler
- *                         — while three threads with every signal blocked wait: in read(2),
- *                         in sigwait(2) for every signal (a program's signal thread), reading
- *                         a signalfd for every signal (started with pthread_attr_setsigmask_np):
- *                         each must still stop or park for every checkpoint, and the last two
- *                         must take only the signal the program sent them, never libcow's
- *                         (left with siglongjmp); checks the masks it reads back (SIGSEGV
- *                         blocked where it blocked it; in its SIGSEGV handler, SIGSEGV alone)
- *                         and the bytes it wrote. Prints "blocked_signals: ok".
- *   blocked_signals crash    blocks SIGSEGV, installs a handler, writes to a read-only page: the
- *                         process ends by SIGSEGV (139), its handler never runs — as without
- *                         libcow.
+ *   blocked_signals        first resets every signal's action (SIG_IGN, then SIG_DFL, for
+ *                          1..NSIG-1, errors ignored: what daemons do); then works (writes
+ *                          globals and the heap, loops) for a while in each place SIGSEGV is
+ *                          blocked: a thread that blocked every signal, a handler installed
+ *                          with a full sa_mask, the program's own SIGSEGV handler (left with
+ *                          siglongjmp) — while three threads with every signal blocked wait:
+ *                          in read(2), in sigwait(2) for every signal (a program's signal
+ *                          thread), reading a signalfd for every signal (started with
+ *                          pthread_attr_setsigmask_np). Each thread must still stop or park
+ *                          for every checkpoint, the last two must take only the signal the
+ *                          program sent them, never libcow's; the masks read back as set
+ *                          (SIGSEGV blocked where it blocked it; in its SIGSEGV handler,
+ *                          SIGSEGV alone), the bytes as written. Prints "blocked_signals: ok".
+ *   blocked_signals crash  blocks SIGSEGV, installs a handler, writes to a read-only page: the
+ *                          process ends by SIGSEGV (139), its handler never runs — as without
+ *                          libcow.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -160,6 +164,18 @@ int main(int argc, char **argv)
 		readonly[0] = 1;
 		return 0; /* not reached */
 	}
+
+	/* 0. Every action reset, as daemons do (libcow's own signals refuse: EINVAL). */
+	struct sigaction ign;
+	memset(&ign, 0, sizeof ign);
+	ign.sa_handler = SIG_IGN;
+	for (int s = 1; s < NSIG; s++)
+		if (s != SIGKILL && s != SIGSTOP)
+			sigaction(s, &ign, NULL);
+	for (int s = 1; s < NSIG; s++)
+		if (s != SIGKILL && s != SIGSTOP)
+			signal(s, SIG_DFL);
+	work(0.05, 1);
 
 	/* 1. Every signal blocked (as threads that leave signals to another one do); a thread
 	 *    started meanwhile inherits that mask. */

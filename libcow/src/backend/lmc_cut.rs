@@ -122,6 +122,14 @@ pub unsafe extern "C" fn __cow_lmc_taken_set(set: *mut libc::sigset_t) {
     unsafe { libc::sigdelset(set, signal()) };
 }
 
+/// cowcc's wrappers: whether `sig` is lmc's own (its action is not the program's to change: a
+/// program resetting every signal's action would take [`signal`] from lmc; refused with
+/// `EINVAL`, as glibc refuses its internal signals).
+#[no_mangle]
+pub extern "C" fn __cow_lmc_reserved_signal(sig: i32) -> bool {
+    sig == signal()
+}
+
 /// cowcc's wrappers: a mask read back from the kernel, as the program set it
 /// ([`crate::segv_mask::to_program`]).
 ///
