@@ -17,6 +17,7 @@
 //! allocates in the program's heap, which a restore would rewind under it.
 
 use crate::error::{Error, Result};
+use crate::fds::KeptFd;
 use std::io::Write as _;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -41,14 +42,14 @@ fn address(pid: i32) -> (libc::sockaddr_un, libc::socklen_t) {
     (addr, len as libc::socklen_t)
 }
 
-fn socket() -> Result<OwnedFd> {
+fn socket() -> Result<KeptFd> {
     // SAFETY: socket takes integers and returns a new descriptor or -1.
     let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
         return Err(Error::last_os("socket(AF_UNIX)"));
     }
     // SAFETY: a descriptor the kernel just gave us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(KeptFd::new(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 /// Starts the control thread of this process (after `cow_init`). The thread lives as long as
@@ -93,7 +94,7 @@ pub fn serve() -> Result<()> {
                 crate::idle::end(wait);
                 if fd >= 0 {
                     // SAFETY: a descriptor the kernel just gave us.
-                    answer(unsafe { OwnedFd::from_raw_fd(fd) });
+                    answer(KeptFd::new(unsafe { OwnedFd::from_raw_fd(fd) }));
                 }
             }
         })
@@ -110,7 +111,7 @@ pub fn serve() -> Result<()> {
 }
 
 /// Whether the peer of `conn` is our user or root.
-fn peer_allowed(conn: &OwnedFd) -> bool {
+fn peer_allowed(conn: &KeptFd) -> bool {
     // SAFETY: ucred is plain old data.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
@@ -129,7 +130,7 @@ fn peer_allowed(conn: &OwnedFd) -> bool {
 }
 
 /// Reads one request from `conn`, does it, writes the reply.
-fn answer(conn: OwnedFd) {
+fn answer(conn: KeptFd) {
     let mut req = [0u8; 128];
     let mut reply = [0u8; LINE];
     let mut out = &mut reply[..];

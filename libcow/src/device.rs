@@ -26,7 +26,7 @@ pub const COW_DEVICE_PATH: &str = "/dev/cow";
 /// `pidfd_getfd` ([`Cow::from_fd`]); then only the snapshot operations make sense.
 #[derive(Debug)]
 pub struct Cow {
-    fd: OwnedFd,
+    fd: crate::fds::KeptFd,
     version: CowVersion,
     /// Next free mmap offset of this space, in bytes.
     next_offset: AtomicU64,
@@ -116,7 +116,7 @@ impl Cow {
             });
         }
         Ok(Cow {
-            fd,
+            fd: crate::fds::KeptFd::new(fd),
             version,
             next_offset: AtomicU64::new(0),
         })

@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod control;
 pub mod device;
 pub mod error;
+pub mod fds;
 pub mod ffi;
 pub mod idle;
 pub mod maps;

@@ -111,7 +111,8 @@ pub(crate) fn sigset_of(signals: &[i32]) -> libc::sigset_t {
 }
 
 /// A file descriptor opened with the raw call and closed on drop; no allocation, so usable
-/// while other threads are stopped.
+/// while other threads are stopped. Kept from the program's `close` while open
+/// ([`crate::fds`]).
 pub(crate) struct RawFile(i32);
 
 impl RawFile {
@@ -122,6 +123,7 @@ impl RawFile {
         if fd < 0 {
             Err(std::io::Error::last_os_error())
         } else {
+            crate::fds::reserve(fd);
             Ok(Self(fd))
         }
     }
@@ -149,6 +151,7 @@ impl RawFile {
 
 impl Drop for RawFile {
     fn drop(&mut self) {
+        crate::fds::release(self.0);
         // SAFETY: closing the descriptor this value owns, once.
         unsafe { libc::close(self.0) };
     }

@@ -18,6 +18,7 @@
 //! The space's descriptor is published in `COW_SPACE_FD`, so libcow's C API (`cow_init`) in the
 //! same process drives the same space, and `cowctl` finds it by pid.
 
+mod closes;
 mod cond_waits;
 mod coverage;
 mod exec;
@@ -62,6 +63,7 @@ extern "C" fn constructor() {
     cond_waits::resolve_symbols();
     reads::resolve_symbols();
     signals::resolve_symbols();
+    closes::resolve_symbols();
     waits::resolve_symbols();
     if let Some(name) = in_process_backend() {
         if holds_idle_threads() {

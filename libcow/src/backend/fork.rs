@@ -418,6 +418,9 @@ impl Fork {
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
             return Err(Error::last_os("pipe2"));
         }
+        // Open for the process's life: a program's close of every descriptor must not end
+        // the snapshot processes.
+        fds.iter().for_each(|&fd| crate::fds::reserve(fd));
         let state = book::leak(Mutex::new(State {
             snaps: BookVec::new(),
             next_id: 1,

@@ -17,6 +17,7 @@
 use super::shadow::{Range, Tracker};
 use crate::book::BookVec;
 use crate::error::{Error, Result};
+use crate::fds::KeptFd;
 use crate::probe::{
     PageRegion, PmScanArg, UffdioApi, PAGEMAP_SCAN, PAGE_IS_WRITTEN, UFFDIO_API, UFFD_API,
     UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY,
@@ -69,8 +70,8 @@ const UFFDIO_WRITEPROTECT: u32 = iowr(0x06, std::mem::size_of::<UffdioWriteprote
 
 /// The uffd tracker.
 pub struct Uffd {
-    uffd: OwnedFd,
-    pagemap: OwnedFd,
+    uffd: KeptFd,
+    pagemap: KeptFd,
     ranges: BookVec<Range>,
     /// Pages written that had been write-protected: the faults the kernel resolved (pages
     /// left writable by speculation are reported without one).
@@ -136,8 +137,8 @@ impl Uffd {
         // SAFETY: as above.
         let pagemap = unsafe { OwnedFd::from_raw_fd(pm) };
         Ok(Uffd {
-            uffd,
-            pagemap,
+            uffd: KeptFd::new(uffd),
+            pagemap: KeptFd::new(pagemap),
             ranges: BookVec::new(),
             faults: 0,
             left_writable: BookVec::new(),

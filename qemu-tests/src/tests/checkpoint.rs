@@ -35,6 +35,10 @@ pub fn tests() -> Vec<Test> {
             run: blocked_signals_still_stop,
         },
         Test {
+            name: "checkpoint::close_all_keeps_libcow_open",
+            run: close_all_keeps_libcow_open,
+        },
+        Test {
             name: "checkpoint::oracle_replays_a_recording",
             run: oracle_replays_a_recording,
         },
@@ -171,6 +175,28 @@ fn blocked_signals_still_stop() -> Result<()> {
     ensure!(got.contains("blocked_signals: ok"), "{got}");
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(err.contains("checkpoints (0 failed)"), "{err}");
+    Ok(())
+}
+
+/// A daemon's start: the program closes every descriptor it did not open (a loop, then
+/// `close_range` and `closefrom`); libcow's `/dev/cow` stays open and every checkpoint is
+/// taken, with and without pre-copying.
+fn close_all_keeps_libcow_open() -> Result<()> {
+    let program = sibling("close_all")?;
+    let program = program.to_str().unwrap_or_default();
+    for (opts, how) in [
+        (&["--every=1"][..], "loop"),
+        (&["--every=1", "--speculate=stable"][..], "range"),
+    ] {
+        let out = cowctl_run(opts, &[program, how])?;
+        let got = super::stdout_of_success(&out, "close_all")?;
+        ensure!(got.contains("close_all: ok"), "{got}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            err.contains("checkpoints (0 failed)"),
+            "{opts:?} {how}: {err}"
+        );
+    }
     Ok(())
 }
 
