@@ -52,10 +52,10 @@ pub fn to_kernel(set: &mut libc::sigset_t) {
     }
 }
 
-/// A mask on its way from the kernel to the program: the stand-in becomes SIGSEGV (always: the
-/// program never blocks the stand-in itself). Async-signal-safe.
+/// A mask on its way from the kernel to the program: the stand-in becomes SIGSEGV, if active
+/// (it stays so once on: masks set meanwhile hold the stand-in). Async-signal-safe.
 pub fn to_program(set: &mut libc::sigset_t) {
-    if is_member(set, stand_in()) {
+    if ACTIVE.load(Ordering::Acquire) && is_member(set, stand_in()) {
         // SAFETY: as in to_kernel.
         unsafe {
             libc::sigdelset(set, stand_in());

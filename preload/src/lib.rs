@@ -25,6 +25,7 @@ mod exec;
 mod fork;
 mod heap;
 mod malloc_api;
+mod masks;
 mod output;
 mod raw;
 mod reads;
@@ -63,6 +64,7 @@ extern "C" fn constructor() {
     cond_waits::resolve_symbols();
     reads::resolve_symbols();
     signals::resolve_symbols();
+    masks::resolve_symbols();
     closes::resolve_symbols();
     waits::resolve_symbols();
     if let Some(name) = in_process_backend() {

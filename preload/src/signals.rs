@@ -5,10 +5,10 @@
 //! `--recover` the crash signals' actions are kept aside the same way (libcow's recovery
 //! handler stays first and runs the program's when it does not roll back). Under uffd and
 //! fork the handlers of asynchronous signals are wrapped (see [`wrapped`]).
-//! Masks go to the kernel without libcow's stop signal and with SIGSEGV's stand-in
-//! ([`to_kernel`]); `sigwait`, its kin and `signalfd` never take the stop signal
-//! ([`taken_set`]), and its action is not the program's to change (`EINVAL`). Every other call goes to libc unchanged. (`sigset`, `sysv_signal` and
-//! `bsd_signal` are not interposed: handlers installed through them are not wrapped.)
+//! An action's mask goes to the kernel as `crate::masks` says; the stop signal's action is not
+//! the program's to change (`EINVAL`). Every other call goes to libc unchanged. (`sigset`,
+//! `sysv_signal` and `bsd_signal` are not interposed: handlers installed through them are not
+//! wrapped.)
 
 use crate::raw::next;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -49,7 +49,7 @@ pub unsafe extern "C" fn sigaction(
     } else {
         // SAFETY: `act` is valid (caller).
         copy = unsafe { *act };
-        to_kernel(&mut copy.sa_mask);
+        crate::masks::to_kernel(&mut copy.sa_mask);
         &copy as *const libc::sigaction
     };
     // SAFETY: forwarded from our caller's contract (`act` maybe our copy).
@@ -287,262 +287,6 @@ extern "C" fn on_program_signal(sig: i32, info: *mut libc::siginfo_t, ctx: *mut 
     unsafe { *libc::__errno_location() = errno };
 }
 
-static REAL_PTHREAD_SIGMASK: AtomicUsize = AtomicUsize::new(0);
-static REAL_SIGPROCMASK: AtomicUsize = AtomicUsize::new(0);
-
-type SigmaskFn =
-    unsafe extern "C" fn(i32, *const libc::sigset_t, *mut libc::sigset_t) -> libc::c_int;
-
-/// A mask the program hands the kernel (to block, unblock, set, wait with or block in a
-/// handler), made what the kernel must see: without libcow's stop signal — a thread that blocks
-/// every signal (jemalloc's background thread does), or a handler with every signal in its
-/// mask, must still stop for a snapshot, or the snapshot would wait for it — and with SIGSEGV's
-/// stand-in for SIGSEGV ([`cow::segv_mask`]).
-fn to_kernel(set: &mut libc::sigset_t) {
-    // SAFETY: removing one signal from a set we hold exclusively.
-    unsafe { libc::sigdelset(set, cow::world::signal()) };
-    cow::segv_mask::to_kernel(set);
-}
-
-/// [`to_kernel`] of the program's mask `set`, copied into `buf`; `set` itself if null.
-///
-/// # Safety
-///
-/// `set` is null or points to a valid mask.
-pub(crate) unsafe fn kernel_mask(
-    set: *const libc::sigset_t,
-    buf: &mut libc::sigset_t,
-) -> *const libc::sigset_t {
-    if set.is_null() {
-        return set;
-    }
-    // SAFETY: `set` is valid (caller).
-    *buf = unsafe { *set };
-    to_kernel(buf);
-    buf
-}
-
-/// Calls libc's `name` (`pthread_sigmask` or `sigprocmask`) with `set` in the kernel's terms
-/// ([`kernel_mask`]), and reports the mask before in the program's.
-///
-/// # Safety
-///
-/// As `pthread_sigmask`.
-unsafe fn set_mask(
-    slot: &AtomicUsize,
-    name: &std::ffi::CStr,
-    how: i32,
-    set: *const libc::sigset_t,
-    old: *mut libc::sigset_t,
-) -> libc::c_int {
-    let f = next(slot, name);
-    if f == 0 {
-        return libc::ENOSYS;
-    }
-    // SAFETY: an all-zero sigset_t is valid.
-    let mut buf = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` null or valid (caller).
-    let set = unsafe { kernel_mask(set, &mut buf) };
-    // SAFETY: libc's function has this signature; arguments forwarded (`set` maybe our copy).
-    let rc = unsafe { std::mem::transmute::<usize, SigmaskFn>(f)(how, set, old) };
-    if rc == 0 && !old.is_null() {
-        // SAFETY: `old` is writable (caller) and now filled in.
-        cow::segv_mask::to_program(unsafe { &mut *old });
-    }
-    rc
-}
-
-/// `pthread_sigmask(3)`, as the program calls it (masks in the kernel's terms: [`kernel_mask`]).
-///
-/// # Safety
-///
-/// As `pthread_sigmask`.
-#[no_mangle]
-pub unsafe extern "C" fn pthread_sigmask(
-    how: i32,
-    set: *const libc::sigset_t,
-    old: *mut libc::sigset_t,
-) -> libc::c_int {
-    // SAFETY: forwarded from our caller's contract.
-    unsafe { set_mask(&REAL_PTHREAD_SIGMASK, c"pthread_sigmask", how, set, old) }
-}
-
-/// `sigprocmask(2)`, as the program calls it (as [`pthread_sigmask`]).
-///
-/// # Safety
-///
-/// As `sigprocmask`.
-#[no_mangle]
-pub unsafe extern "C" fn sigprocmask(
-    how: i32,
-    set: *const libc::sigset_t,
-    old: *mut libc::sigset_t,
-) -> libc::c_int {
-    // SAFETY: forwarded from our caller's contract.
-    let rc = unsafe { set_mask(&REAL_SIGPROCMASK, c"sigprocmask", how, set, old) };
-    // sigprocmask reports failure through errno, pthread_sigmask through its result.
-    if rc == libc::ENOSYS {
-        // SAFETY: writing this thread's errno.
-        unsafe { *libc::__errno_location() = libc::ENOSYS };
-        return -1;
-    }
-    rc
-}
-
-static REAL_SIGSUSPEND: AtomicUsize = AtomicUsize::new(0);
-
-/// `sigsuspend(2)`, as the program calls it (its mask in the kernel's terms: [`kernel_mask`]).
-///
-/// # Safety
-///
-/// As `sigsuspend`.
-#[no_mangle]
-pub unsafe extern "C" fn sigsuspend(set: *const libc::sigset_t) -> libc::c_int {
-    let f = next(&REAL_SIGSUSPEND, c"sigsuspend");
-    if f == 0 {
-        return -1;
-    }
-    // SAFETY: an all-zero sigset_t is valid.
-    let mut buf = unsafe { std::mem::zeroed() };
-    type F = unsafe extern "C" fn(*const libc::sigset_t) -> libc::c_int;
-    // SAFETY: libc's sigsuspend has this signature; `set` valid (caller) or our copy of it.
-    unsafe { std::mem::transmute::<usize, F>(f)(kernel_mask(set, &mut buf)) }
-}
-
-static REAL_SIGWAIT: AtomicUsize = AtomicUsize::new(0);
-static REAL_SIGWAITINFO: AtomicUsize = AtomicUsize::new(0);
-static REAL_SIGTIMEDWAIT: AtomicUsize = AtomicUsize::new(0);
-
-/// A set of signals the program takes for itself (`sigwait` and its kin wait for them,
-/// `signalfd` reads them), in `buf`, without libcow's stop signal: a program's signal thread
-/// waiting for every signal (the POSIX idiom: `sigfillset`, then `sigwait` in a loop, or a
-/// `signalfd` in its event loop) took it for its own — the program received signal 61, and
-/// the snapshot waited for that thread in vain and failed.
-///
-/// # Safety
-///
-/// `set` is null or points to a valid set.
-unsafe fn taken_set(set: *const libc::sigset_t, buf: &mut libc::sigset_t) -> *const libc::sigset_t {
-    if set.is_null() {
-        return set;
-    }
-    // SAFETY: `set` is valid (caller); removing one signal from our copy.
-    unsafe {
-        *buf = *set;
-        libc::sigdelset(buf, cow::world::signal());
-    }
-    buf
-}
-
-/// `sigwait(3)`, as the program calls it (see [`taken_set`]).
-///
-/// # Safety
-///
-/// As `sigwait`.
-#[no_mangle]
-pub unsafe extern "C" fn sigwait(set: *const libc::sigset_t, sig: *mut i32) -> libc::c_int {
-    let f = next(&REAL_SIGWAIT, c"sigwait");
-    if f == 0 {
-        return libc::ENOSYS;
-    }
-    // SAFETY: an all-zero sigset_t is valid.
-    let mut buf = unsafe { std::mem::zeroed() };
-    type F = unsafe extern "C" fn(*const libc::sigset_t, *mut i32) -> libc::c_int;
-    // SAFETY: libc's sigwait has this signature; `set` valid (caller) or our copy of it.
-    unsafe { std::mem::transmute::<usize, F>(f)(taken_set(set, &mut buf), sig) }
-}
-
-/// `sigwaitinfo(2)`, as the program calls it (see [`taken_set`]).
-///
-/// # Safety
-///
-/// As `sigwaitinfo`.
-#[no_mangle]
-pub unsafe extern "C" fn sigwaitinfo(
-    set: *const libc::sigset_t,
-    info: *mut libc::siginfo_t,
-) -> libc::c_int {
-    let f = next(&REAL_SIGWAITINFO, c"sigwaitinfo");
-    if f == 0 {
-        return -1;
-    }
-    // SAFETY: an all-zero sigset_t is valid.
-    let mut buf = unsafe { std::mem::zeroed() };
-    type F = unsafe extern "C" fn(*const libc::sigset_t, *mut libc::siginfo_t) -> libc::c_int;
-    // SAFETY: libc's sigwaitinfo has this signature; `set` valid (caller) or our copy of it.
-    unsafe { std::mem::transmute::<usize, F>(f)(taken_set(set, &mut buf), info) }
-}
-
-/// `sigtimedwait(2)`, as the program calls it (see [`taken_set`]).
-///
-/// # Safety
-///
-/// As `sigtimedwait`.
-#[no_mangle]
-pub unsafe extern "C" fn sigtimedwait(
-    set: *const libc::sigset_t,
-    info: *mut libc::siginfo_t,
-    timeout: *const libc::timespec,
-) -> libc::c_int {
-    let f = next(&REAL_SIGTIMEDWAIT, c"sigtimedwait");
-    if f == 0 {
-        return -1;
-    }
-    // SAFETY: an all-zero sigset_t is valid.
-    let mut buf = unsafe { std::mem::zeroed() };
-    type F = unsafe extern "C" fn(
-        *const libc::sigset_t,
-        *mut libc::siginfo_t,
-        *const libc::timespec,
-    ) -> libc::c_int;
-    // SAFETY: libc's sigtimedwait has this signature; `set` valid (caller) or our copy of it.
-    unsafe { std::mem::transmute::<usize, F>(f)(taken_set(set, &mut buf), info, timeout) }
-}
-
-static REAL_SIGNALFD: AtomicUsize = AtomicUsize::new(0);
-
-/// `signalfd(2)`, as the program calls it (see [`taken_set`]).
-///
-/// # Safety
-///
-/// As `signalfd`.
-#[no_mangle]
-pub unsafe extern "C" fn signalfd(fd: i32, set: *const libc::sigset_t, flags: i32) -> libc::c_int {
-    let f = next(&REAL_SIGNALFD, c"signalfd");
-    if f == 0 {
-        return -1;
-    }
-    // SAFETY: an all-zero sigset_t is valid.
-    let mut buf = unsafe { std::mem::zeroed() };
-    type F = unsafe extern "C" fn(i32, *const libc::sigset_t, i32) -> libc::c_int;
-    // SAFETY: libc's signalfd has this signature; `set` valid (caller) or our copy of it.
-    unsafe { std::mem::transmute::<usize, F>(f)(fd, taken_set(set, &mut buf), flags) }
-}
-
-static REAL_ATTR_SETSIGMASK: AtomicUsize = AtomicUsize::new(0);
-
-/// `pthread_attr_setsigmask_np(3)`, as the program calls it: the mask a new thread starts
-/// with, in the kernel's terms ([`kernel_mask`]).
-///
-/// # Safety
-///
-/// As `pthread_attr_setsigmask_np`.
-#[no_mangle]
-pub unsafe extern "C" fn pthread_attr_setsigmask_np(
-    attr: *mut libc::pthread_attr_t,
-    set: *const libc::sigset_t,
-) -> libc::c_int {
-    let f = next(&REAL_ATTR_SETSIGMASK, c"pthread_attr_setsigmask_np");
-    if f == 0 {
-        return libc::ENOSYS;
-    }
-    // SAFETY: an all-zero sigset_t is valid.
-    let mut buf = unsafe { std::mem::zeroed() };
-    type F = unsafe extern "C" fn(*mut libc::pthread_attr_t, *const libc::sigset_t) -> libc::c_int;
-    // SAFETY: glibc's function has this signature; `set` valid (caller) or our copy of it.
-    unsafe { std::mem::transmute::<usize, F>(f)(attr, kernel_mask(set, &mut buf)) }
-}
-
 static REAL_SIGALTSTACK: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
@@ -604,13 +348,5 @@ pub(crate) fn resolve_symbols() {
     }
     next(&REAL_SIGACTION, c"sigaction");
     next(&REAL_SIGNAL, c"signal");
-    next(&REAL_PTHREAD_SIGMASK, c"pthread_sigmask");
-    next(&REAL_SIGPROCMASK, c"sigprocmask");
     next(&REAL_SIGALTSTACK, c"sigaltstack");
-    next(&REAL_SIGSUSPEND, c"sigsuspend");
-    next(&REAL_SIGWAIT, c"sigwait");
-    next(&REAL_SIGWAITINFO, c"sigwaitinfo");
-    next(&REAL_SIGTIMEDWAIT, c"sigtimedwait");
-    next(&REAL_SIGNALFD, c"signalfd");
-    next(&REAL_ATTR_SETSIGMASK, c"pthread_attr_setsigmask_np");
 }

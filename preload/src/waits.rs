@@ -46,7 +46,7 @@ fn real<F: Copy>(slot: &AtomicUsize, name: &std::ffi::CStr) -> Option<F> {
     (f != 0).then(|| unsafe { std::mem::transmute_copy::<usize, F>(&f) })
 }
 
-/// An empty signal set to copy a program's mask into (see `signals::kernel_mask`).
+/// An empty signal set to copy a program's mask into (see `masks::kernel_mask`).
 fn zeroed_set() -> libc::sigset_t {
     // SAFETY: an all-zero sigset_t is valid.
     unsafe { std::mem::zeroed() }
@@ -254,8 +254,7 @@ extern "C" fn epoll_pwait_impl(
     };
     let mut buf = zeroed_set();
     // SAFETY: the program's mask, null or valid.
-    let sigmask =
-        unsafe { crate::signals::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
+    let sigmask = unsafe { crate::masks::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let events = events as *mut libc::epoll_event;
     // SAFETY: the program's arguments, forwarded (the mask maybe our copy).
     let n = writing_events(events, max, || unsafe {
@@ -310,8 +309,7 @@ extern "C" fn epoll_pwait2_impl(
     };
     let mut buf = zeroed_set();
     // SAFETY: the program's mask, null or valid.
-    let sigmask =
-        unsafe { crate::signals::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
+    let sigmask = unsafe { crate::masks::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let events = events as *mut libc::epoll_event;
     // SAFETY: the program's arguments, forwarded (the mask maybe our copy).
     let n = writing_events(events, max, || unsafe {
@@ -398,8 +396,7 @@ extern "C" fn ppoll_impl(
     };
     let mut buf = zeroed_set();
     // SAFETY: the program's mask, null or valid.
-    let sigmask =
-        unsafe { crate::signals::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
+    let sigmask = unsafe { crate::masks::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let set = fds as *mut libc::pollfd;
     // SAFETY: the program's arguments, forwarded (the mask maybe our copy).
     let n = writing_pollfds(set, nfds, || unsafe {
@@ -509,8 +506,7 @@ extern "C" fn pselect_impl(
     };
     let mut buf = zeroed_set();
     // SAFETY: the program's mask, null or valid.
-    let sigmask =
-        unsafe { crate::signals::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
+    let sigmask = unsafe { crate::masks::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let sets = [readfds, writefds, exceptfds].map(|s| s as *mut libc::fd_set);
     selecting(nfds, sets, regs, |[r, w, e]| {
         // SAFETY: the program's arguments.

@@ -228,13 +228,13 @@ impl State {
                 libc::sigfillset(&mut all);
                 sys::sigprocmask_raw(libc::SIG_BLOCK, &all);
                 libc::syscall(libc::SYS_close, self.pipe_write);
+                // Nothing is ever written: end of file (the parent is gone) or any other
+                // answer (the descriptor is not the pipe any more) ends the wait — a loop on
+                // bytes read spun forever on a /dev/zero that took the pipe's number.
                 let mut b = 0u8;
-                loop {
-                    let n = libc::syscall(libc::SYS_read, self.pipe_read, &mut b as *mut u8, 1);
-                    if n != -(libc::EINTR as i64) && n <= 0 {
-                        break;
-                    }
-                }
+                while libc::syscall(libc::SYS_read, self.pipe_read, &mut b as *mut u8, 1) == -1
+                    && *libc::__errno_location() == libc::EINTR
+                {}
                 libc::syscall(libc::SYS_exit_group, 0);
             }
             unreachable!("exit_group returned");
