@@ -250,11 +250,14 @@ fn privatize(
 fn detach(cow: &cow::Cow) {
     crate::mark_detached();
     regions::deactivate();
-    // SAFETY: replacing our own descriptor number with /dev/null.
+    // SAFETY: replacing our own descriptor number with /dev/null — with the system call
+    // itself: the preload's `dup3` keeps libcow's descriptors from the program (the number
+    // stays libcow's, a placeholder no `open` of the child's can take).
     unsafe {
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
         if null >= 0 {
-            libc::dup3(null, cow.as_fd().as_raw_fd(), libc::O_CLOEXEC);
+            let fd = cow.as_fd().as_raw_fd();
+            libc::syscall(libc::SYS_dup3, null, fd, libc::O_CLOEXEC);
             libc::close(null);
         }
     }
