@@ -64,29 +64,6 @@ pub fn to_program(set: &mut libc::sigset_t) {
     }
 }
 
-/// `set` (null or a mask the program passed), translated into `buf` if it needs to be: the
-/// pointer to hand the kernel.
-///
-/// # Safety
-///
-/// `set` is null or points to a valid mask.
-pub unsafe fn kernel_copy(
-    set: *const libc::sigset_t,
-    buf: &mut libc::sigset_t,
-) -> *const libc::sigset_t {
-    // SAFETY: non-null `set` is valid (caller).
-    if set.is_null()
-        || !ACTIVE.load(Ordering::Acquire)
-        || !is_member(unsafe { &*set }, libc::SIGSEGV)
-    {
-        return set;
-    }
-    // SAFETY: as above.
-    *buf = unsafe { *set };
-    to_kernel(buf);
-    buf
-}
-
 /// Whether the program had SIGSEGV blocked where the thread of `ctx` (the context a SIGSEGV
 /// handler received) faulted: then the fault, if it is the program's own, ends the process.
 ///

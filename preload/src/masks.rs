@@ -24,6 +24,12 @@ pub(crate) fn to_kernel(set: &mut libc::sigset_t) {
     cow::segv_mask::to_kernel(set);
 }
 
+/// A signal set to copy a program's mask into (see [`kernel_mask`]).
+pub(crate) fn empty_set() -> libc::sigset_t {
+    // SAFETY: an all-zero sigset_t is valid (and empty).
+    unsafe { std::mem::zeroed() }
+}
+
 /// [`to_kernel`] of the program's mask `set`, copied into `buf`; `set` itself if null.
 ///
 /// # Safety
@@ -59,8 +65,7 @@ unsafe fn set_mask(
     if f == 0 {
         return libc::ENOSYS;
     }
-    // SAFETY: an all-zero sigset_t is valid.
-    let mut buf = unsafe { std::mem::zeroed() };
+    let mut buf = empty_set();
     // SAFETY: `set` null or valid (caller).
     let set = unsafe { kernel_mask(set, &mut buf) };
     // SAFETY: libc's function has this signature; arguments forwarded (`set` maybe our copy).
@@ -149,8 +154,7 @@ macro_rules! with_set {
             if f == 0 {
                 return $missing;
             }
-            // SAFETY: an all-zero sigset_t is valid.
-            let mut buf = unsafe { std::mem::zeroed() };
+            let mut buf = empty_set();
             // SAFETY: the program's set, null or valid (its caller's contract).
             let $set = unsafe { $fix($set, &mut buf) };
             type F = unsafe extern "C" fn($($ty),*) -> $ret;

@@ -46,12 +46,6 @@ fn real<F: Copy>(slot: &AtomicUsize, name: &std::ffi::CStr) -> Option<F> {
     (f != 0).then(|| unsafe { std::mem::transmute_copy::<usize, F>(&f) })
 }
 
-/// An empty signal set to copy a program's mask into (see `masks::kernel_mask`).
-fn zeroed_set() -> libc::sigset_t {
-    // SAFETY: an all-zero sigset_t is valid.
-    unsafe { std::mem::zeroed() }
-}
-
 fn no_symbol() -> c_int {
     // SAFETY: writing this thread's errno.
     unsafe { *libc::__errno_location() = libc::ENOSYS };
@@ -252,7 +246,7 @@ extern "C" fn epoll_pwait_impl(
     let Some(f) = real::<F>(&REAL_EPOLL_PWAIT, c"epoll_pwait") else {
         return no_symbol();
     };
-    let mut buf = zeroed_set();
+    let mut buf = crate::masks::empty_set();
     // SAFETY: the program's mask, null or valid.
     let sigmask = unsafe { crate::masks::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let events = events as *mut libc::epoll_event;
@@ -307,7 +301,7 @@ extern "C" fn epoll_pwait2_impl(
     let Some(f) = real::<F>(&REAL_EPOLL_PWAIT2, c"epoll_pwait2") else {
         return no_symbol();
     };
-    let mut buf = zeroed_set();
+    let mut buf = crate::masks::empty_set();
     // SAFETY: the program's mask, null or valid.
     let sigmask = unsafe { crate::masks::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let events = events as *mut libc::epoll_event;
@@ -394,7 +388,7 @@ extern "C" fn ppoll_impl(
     let Some(f) = real::<F>(&REAL_PPOLL, c"ppoll") else {
         return no_symbol();
     };
-    let mut buf = zeroed_set();
+    let mut buf = crate::masks::empty_set();
     // SAFETY: the program's mask, null or valid.
     let sigmask = unsafe { crate::masks::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let set = fds as *mut libc::pollfd;
@@ -504,7 +498,7 @@ extern "C" fn pselect_impl(
     let Some(f) = real::<F>(&REAL_PSELECT, c"pselect") else {
         return no_symbol();
     };
-    let mut buf = zeroed_set();
+    let mut buf = crate::masks::empty_set();
     // SAFETY: the program's mask, null or valid.
     let sigmask = unsafe { crate::masks::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let sets = [readfds, writefds, exceptfds].map(|s| s as *mut libc::fd_set);
