@@ -156,7 +156,7 @@ fn execs_survive_the_stop_signal() -> Result<()> {
     let chain = chain.to_str().unwrap_or_default();
     // One run: the old preload died in every one (74 s for three on the debug kernel).
     let out = cowctl_run(&["--every=1", "--speculate=stable"], &[chain, "20"])?;
-    let got = super::stdout_of_success(&out, "exec_chain")?;
+    let got = ok(&out, "exec_chain")?;
     ensure!(got.contains("exec chain: ok"), "{got}");
     Ok(())
 }
@@ -166,37 +166,41 @@ fn execs_survive_the_stop_signal() -> Result<()> {
 /// every thread with libcow's signal: each is stopped for every snapshot, the signal thread's
 /// `sigwait` never returns libcow's signal, and the masks read back as the program set them.
 fn blocked_signals_still_stop() -> Result<()> {
-    let program = sibling("blocked_signals")?;
-    let out = cowctl_run(
+    checkpointed_ok(
         &["--every=1", "--speculate=stable"],
-        &[program.to_str().unwrap_or_default()],
-    )?;
-    let got = super::stdout_of_success(&out, "blocked_signals")?;
-    ensure!(got.contains("blocked_signals: ok"), "{got}");
-    let err = String::from_utf8_lossy(&out.stderr);
-    ensure!(err.contains("checkpoints (0 failed)"), "{err}");
-    Ok(())
+        "blocked_signals",
+        &[],
+        "blocked_signals: ok",
+    )
 }
 
 /// A daemon's start: the program closes every descriptor it did not open (a loop, then
 /// `close_range` and `closefrom`); libcow's `/dev/cow` stays open and every checkpoint is
 /// taken, with and without pre-copying.
 fn close_all_keeps_libcow_open() -> Result<()> {
-    let program = sibling("close_all")?;
-    let program = program.to_str().unwrap_or_default();
-    for (opts, how) in [
-        (&["--every=1"][..], "loop"),
-        (&["--every=1", "--speculate=stable"][..], "range"),
-    ] {
-        let out = cowctl_run(opts, &[program, how])?;
-        let got = super::stdout_of_success(&out, "close_all")?;
-        ensure!(got.contains("close_all: ok"), "{got}");
-        let err = String::from_utf8_lossy(&out.stderr);
-        ensure!(
-            err.contains("checkpoints (0 failed)"),
-            "{opts:?} {how}: {err}"
-        );
-    }
+    checkpointed_ok(&["--every=1"], "close_all", &["loop"], "close_all: ok")?;
+    checkpointed_ok(
+        &["--every=1", "--speculate=stable"],
+        "close_all",
+        &["range"],
+        "close_all: ok",
+    )
+}
+
+/// Runs the project's `program` with `args` under `cowctl run OPTS`: it must succeed, print
+/// `says`, and every periodic checkpoint must have been taken.
+fn checkpointed_ok(opts: &[&str], program: &str, args: &[&str], says: &str) -> Result<()> {
+    let exe = sibling(program)?;
+    let mut argv = vec![exe.to_str().unwrap_or_default()];
+    argv.extend_from_slice(args);
+    let out = cowctl_run(opts, &argv)?;
+    let got = ok(&out, program)?;
+    ensure!(got.contains(says), "{got}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        err.contains("checkpoints (0 failed)"),
+        "{opts:?} {args:?}: {err}"
+    );
     Ok(())
 }
 
