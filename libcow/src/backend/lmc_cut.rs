@@ -446,8 +446,13 @@ fn ask_to_park(pid: i32, tid: i32) {
     unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal()) };
 }
 
-/// Whether the instruction at `pc` is a `syscall` or follows one (x86-64: `0f 05`).
-fn at_syscall(pc: usize) -> bool {
+/// Whether a thread interrupted at `pc` with `rax` is at a system-call boundary where nothing of
+/// the call has happened (x86-64 `syscall` is `0f 05`): at the instruction (a call about to
+/// start, or to be restarted), or right after one that was interrupted (`-EINTR`). Not right
+/// after a call that completed: a `read` there has already written its buffer, and the code
+/// that goes with it (`got = buf[0]` in `lmc_threads.c`) has not run — a cut there broke the
+/// program's own invariant (a CI failure, rare); the thread is asked again 50 µs later.
+fn at_syscall(pc: usize, rax: i64) -> bool {
     // SAFETY: `pc` is in mapped, readable code (the interrupted thread runs it); the bytes
     // before it are read only when they lie in the same page.
     unsafe {
@@ -457,7 +462,7 @@ fn at_syscall(pc: usize) -> bool {
         } else {
             [0, 0]
         };
-        here == [0x0f, 0x05] || before == [0x0f, 0x05]
+        here == [0x0f, 0x05] || (before == [0x0f, 0x05] && rax == -(libc::EINTR as i64))
     }
 }
 
@@ -466,11 +471,12 @@ extern "C" fn on_signal(_sig: i32, _info: *mut libc::siginfo_t, ctx: *mut libc::
     let saved_errno = unsafe { *libc::__errno_location() };
     // SAFETY: the kernel passes the interrupted context of this thread.
     let regs = unsafe { &(*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs };
-    let (pc, sp) = (
+    let (pc, sp, rax) = (
         regs[libc::REG_RIP as usize] as usize,
         regs[libc::REG_RSP as usize] as usize,
+        regs[libc::REG_RAX as usize],
     );
-    if at_syscall(pc) && !super::lmc::lock_held() {
+    if at_syscall(pc, rax) && !super::lmc::lock_held() {
         if ALONE.load(Ordering::Acquire) {
             take_here();
         } else if ACTIVE.load(Ordering::Acquire) != 0 && publish_ranges(sp) {
