@@ -14,9 +14,13 @@
 //! gate, so that one word may be seen by the snapshot either way — as when a signal stops a
 //! thread just after it took a lock.
 //!
-//! Snapshots only: a restore signals idle threads too ([`crate::world::stop_others_for_restore`]),
-//! and libcow_preload turns this on under uffd and fork, not mprotect (see its
-//! `holds_idle_threads`).
+//! A restore holds them too, but may rewind the words a held thread sleeps on: a wait says
+//! which memory it sleeps on ([`begin_on`]: a condition variable and its mutex), and a restore
+//! that rewrote it wakes the thread after the release ([`crate::world::Stopped::rewound`]), so
+//! that libc looks at them again — a spurious wake-up, which every condition-variable wait
+//! allows. (cow.ko restores in the kernel, unseen: there a restore signals idle threads, see
+//! [`crate::world::stop_others_for_restore`].) libcow_preload turns this on under uffd and
+//! fork, not mprotect (see its `holds_idle_threads`).
 //!
 //! Slots live in the book (no restore rewinds them) and are found by thread id; a thread
 //! keeps its slot until it exits (a thread-specific-data destructor frees it; a child forked
@@ -48,6 +52,8 @@ struct Slot {
     stack_pointer: AtomicUsize,
     /// Its thread pointer (glibc's `struct pthread`, not covered either).
     thread_pointer: AtomicUsize,
+    /// The program memory its wait sleeps on (a condition variable, its mutex; 0: none).
+    waits_on: [AtomicUsize; 2],
 }
 
 struct Table {
@@ -90,6 +96,7 @@ fn table() -> &'static Table {
                     tid: AtomicI32::new(0),
                     stack_pointer: AtomicUsize::new(0),
                     thread_pointer: AtomicUsize::new(0),
+                    waits_on: [AtomicUsize::new(0), AtomicUsize::new(0)],
                 }
             }; SLOTS],
             used: AtomicUsize::new(0),
@@ -155,8 +162,16 @@ fn my_slot() -> Option<usize> {
 pub struct Wait(Option<usize>);
 
 /// The calling thread is about to block in a wait that writes none of the program's memory
-/// until it returns: a stop may hold it instead of signalling it.
+/// until it returns and sleeps on none of it (libcow's own waits): a stop may hold it instead
+/// of signalling it.
 pub fn begin() -> Wait {
+    begin_on([0, 0])
+}
+
+/// [`begin`] for a wait that sleeps on futex words in program memory: `waits_on` are the
+/// addresses of the objects holding them (a condition variable and its mutex; 0: none). A
+/// restore that rewrites their pages wakes the thread.
+pub fn begin_on(waits_on: [usize; 2]) -> Wait {
     if ENABLED.load(Ordering::Acquire) == 0 {
         return Wait(None);
     }
@@ -170,6 +185,9 @@ pub fn begin() -> Wait {
     // SAFETY: pthread_self only reads the thread pointer.
     slot.thread_pointer
         .store(unsafe { libc::pthread_self() } as usize, Ordering::Relaxed);
+    for (word, &addr) in slot.waits_on.iter().zip(&waits_on) {
+        word.store(addr, Ordering::Relaxed);
+    }
     // Everything this thread wrote before happens-before a stop that holds it (SeqCst pairs
     // with the stop's compare-and-swap).
     slot.state.store(IDLE, Ordering::SeqCst);
@@ -231,13 +249,25 @@ pub fn resume(w: Wait) {
     }
 }
 
-/// Holds every idle thread not in `except`, in one pass over the slots: `held(tid, slot,
-/// stack pointer, thread pointer)` for each. A slot is idle only while its thread is alive and
-/// in its wait (an exiting thread frees its slot).
-pub(crate) fn hold_all(
-    except: impl Fn(i32) -> bool,
-    mut held: impl FnMut(i32, usize, usize, usize),
-) {
+/// An idle thread a stop holds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Held {
+    /// Its thread id.
+    pub tid: i32,
+    /// Its slot, for [`release`].
+    pub slot: usize,
+    /// An address on its stack.
+    pub stack_pointer: usize,
+    /// Its thread pointer.
+    pub thread_pointer: usize,
+    /// What its wait sleeps on ([`begin_on`]).
+    pub waits_on: [usize; 2],
+}
+
+/// Holds every idle thread not in `except`, in one pass over the slots, calling `held` for
+/// each. A slot is idle only while its thread is alive and in its wait (an exiting thread frees
+/// its slot).
+pub(crate) fn hold_all(except: impl Fn(i32) -> bool, mut held: impl FnMut(Held)) {
     let Some(t) = TABLE.get() else { return };
     if ENABLED.load(Ordering::Acquire) == 0 {
         return;
@@ -252,12 +282,16 @@ pub(crate) fn hold_all(
         {
             continue;
         }
-        held(
+        held(Held {
             tid,
-            i,
-            slot.stack_pointer.load(Ordering::Relaxed),
-            slot.thread_pointer.load(Ordering::Relaxed),
-        );
+            slot: i,
+            stack_pointer: slot.stack_pointer.load(Ordering::Relaxed),
+            thread_pointer: slot.thread_pointer.load(Ordering::Relaxed),
+            waits_on: [
+                slot.waits_on[0].load(Ordering::Relaxed),
+                slot.waits_on[1].load(Ordering::Relaxed),
+            ],
+        });
     }
 }
 

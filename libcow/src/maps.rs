@@ -107,9 +107,9 @@ const COVERING_OR_NEXT_VMA: u64 = 0x10;
 /// the others and formats no text (a third of the cost of reading redis' 131-line maps); the
 /// text is read instead where the kernel lacks it.
 pub fn read_writable() -> std::io::Result<BookVec<Mapping>> {
-    // Opened each time: a descriptor kept across fork would name the parent.
-    let maps = crate::sys::RawFile::open(c"/proc/self/maps", libc::O_RDONLY)?;
-    let fd = maps.fd();
+    static MAPS: crate::sys::ProcSelfFile =
+        crate::sys::ProcSelfFile::new(c"/proc/self/maps", libc::O_RDONLY);
+    let fd = MAPS.fd()?;
     let mut out = BookVec::new();
     let mut name = [0u8; 512];
     let mut addr = 0u64;
@@ -166,7 +166,6 @@ pub fn read_writable() -> std::io::Result<BookVec<Mapping>> {
         });
         addr = q.vma_end;
     };
-    drop(maps);
     match result {
         Ok(()) => Ok(out),
         Err(Some(e)) => Err(e),

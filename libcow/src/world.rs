@@ -11,7 +11,7 @@
 
 use crate::book::{self, BookVec};
 use crate::sys;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// Most threads stopped at once.
@@ -178,8 +178,10 @@ pub struct Stopped {
     /// Thread pointers (glibc's `struct pthread`, which holds the rseq area the kernel writes)
     /// of every thread, including the caller's.
     thread_pointers: BookVec<usize>,
-    /// Slots of the idle threads held without a signal ([`crate::idle`]).
-    held: BookVec<usize>,
+    /// The idle threads held without a signal ([`crate::idle`]).
+    held: BookVec<crate::idle::Held>,
+    /// Futex words to wake once every thread is released ([`Stopped::rewound`]).
+    wake: BookVec<usize>,
 }
 
 /// Whether thread `tid` of process `pid` is gone or exiting (no longer runs user code): gone
@@ -214,14 +216,37 @@ pub(crate) fn gettid() -> i32 {
 
 /// Lists the thread ids of this process.
 pub(crate) fn list_tids(out: &mut BookVec<i32>) -> std::io::Result<()> {
+    static TASKS: sys::ProcSelfFile =
+        sys::ProcSelfFile::new(c"/proc/self/task", libc::O_RDONLY | libc::O_DIRECTORY);
+    // The kept descriptor has one file position: a second lister meanwhile (never expected;
+    // it may have been stopped while listing) opens its own instead of waiting.
+    static LISTING: AtomicBool = AtomicBool::new(false);
     out.clear();
-    let dir = sys::RawFile::open(c"/proc/self/task", libc::O_RDONLY | libc::O_DIRECTORY)?;
+    if LISTING.swap(true, Ordering::Acquire) {
+        let dir = sys::RawFile::open(c"/proc/self/task", libc::O_RDONLY | libc::O_DIRECTORY)?;
+        return read_tids(dir.fd(), out);
+    }
+    let listed = TASKS.fd().and_then(|dir| {
+        // SAFETY: rewinding a directory descriptor of ours; procfs lists the threads anew.
+        if unsafe { libc::lseek(dir, 0, libc::SEEK_SET) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        read_tids(dir, out)
+    });
+    LISTING.store(false, Ordering::Release);
+    listed
+}
+
+/// The thread ids in directory `dir` (at its start) appended to `out`.
+fn read_tids(dir: i32, out: &mut BookVec<i32>) -> std::io::Result<()> {
     let mut buf = [0u8; 4096];
     loop {
         // SAFETY: getdents64 fills our stack buffer with linux_dirent64 records.
-        let n =
-            unsafe { libc::syscall(libc::SYS_getdents64, dir.fd(), buf.as_mut_ptr(), buf.len()) };
-        if n <= 0 {
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, dir, buf.as_mut_ptr(), buf.len()) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if n == 0 {
             break;
         }
         let mut off = 0usize;
@@ -241,16 +266,17 @@ pub(crate) fn list_tids(out: &mut BookVec<i32>) -> std::io::Result<()> {
 
 /// Stops every other thread of the process, holding those idle in an announced wait without
 /// a signal ([`crate::idle`]). Fails with `ETIMEDOUT` if some thread does not stop within 5 s
-/// (it blocks the signal, say); then nothing stays stopped.
+/// (it blocks the signal, say); then nothing stays stopped. A restore that rewrites memory
+/// under held threads says which pages with [`Stopped::rewound`].
 pub fn stop_others() -> std::io::Result<Stopped> {
     stop(true)
 }
 
-/// [`stop_others`] for a restore: idle threads are signalled too, as before idle threads
-/// existed. A restore may rewind the condition variable a thread sleeps on: the interrupted
-/// futex wait, restarted after the stop, compares its word again and, if the restore changed
-/// it, returns to libc, which re-reads the condition variable; a thread held in the kernel
-/// would sleep on regardless.
+/// [`stop_others`] for a restore whose pages libcow does not see (cow.ko restores in the
+/// kernel): idle threads are signalled too. Such a restore may rewind the condition variable a
+/// thread sleeps on: the interrupted futex wait, restarted after the stop, compares its word
+/// again and, if the restore changed it, returns to libc, which re-reads the condition
+/// variable; a thread held in the kernel would sleep on regardless.
 pub fn stop_others_for_restore() -> std::io::Result<Stopped> {
     stop(false)
 }
@@ -263,8 +289,8 @@ fn stop(hold_idle: bool) -> std::io::Result<Stopped> {
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
     let mut signalled: BookVec<i32> = BookVec::new();
-    // Threads idle in an announced wait, held without a signal: (tid, slot, sp, tp).
-    let mut held: BookVec<(i32, usize, usize, usize)> = BookVec::new();
+    // Threads idle in an announced wait, held without a signal.
+    let mut held: BookVec<crate::idle::Held> = BookVec::new();
     let mut now: BookVec<i32> = BookVec::new();
     // The threads signalled or held so far, sorted at the top of each round.
     let mut known: BookVec<i32> = BookVec::new();
@@ -278,12 +304,12 @@ fn stop(hold_idle: bool) -> std::io::Result<Stopped> {
             // is stopped in the handler.
             let signalled_or_held = known.as_slice();
             let except = |tid| tid == me || signalled_or_held.binary_search(&tid).is_ok();
-            crate::idle::hold_all(except, |tid, slot, sp, tp| {
-                held.push((tid, slot, sp, tp));
+            crate::idle::hold_all(except, |h| {
+                held.push(h);
                 new += 1;
             });
             for h in &held.as_slice()[held.len() - new..] {
-                known.push(h.0);
+                known.push(h.tid);
             }
             known.sort_dedup();
         }
@@ -310,7 +336,7 @@ fn stop(hold_idle: bool) -> std::io::Result<Stopped> {
             if std::time::Instant::now() > deadline {
                 release(w);
                 for h in held.as_slice() {
-                    crate::idle::release(h.1);
+                    crate::idle::release(h.slot);
                 }
                 return Err(std::io::Error::from_raw_os_error(libc::ETIMEDOUT));
             }
@@ -331,12 +357,10 @@ fn stop(hold_idle: bool) -> std::io::Result<Stopped> {
         thread_pointers.push(w.thread_pointers[i].load(Ordering::Acquire));
     }
     let mut tids = stopped;
-    let mut held_slots = BookVec::new();
-    for &(tid, slot, sp, tp) in held.as_slice() {
-        tids.push(tid);
-        held_slots.push(slot);
-        stack_pointers.push(sp);
-        thread_pointers.push(tp);
+    for h in held.as_slice() {
+        tids.push(h.tid);
+        stack_pointers.push(h.stack_pointer);
+        thread_pointers.push(h.thread_pointer);
     }
     tids.push(me);
     tids.as_mut_slice().sort_unstable();
@@ -344,7 +368,8 @@ fn stop(hold_idle: bool) -> std::io::Result<Stopped> {
         tids,
         stack_pointers,
         thread_pointers,
-        held: held_slots,
+        held,
+        wake: BookVec::new(),
     })
 }
 
@@ -368,13 +393,55 @@ impl Stopped {
     pub fn thread_pointers(&self) -> &[usize] {
         self.thread_pointers.as_slice()
     }
+
+    /// A restore rewrote `pages` (sorted page addresses) while the threads were stopped: a
+    /// held thread whose wait sleeps on memory there (its condition variable or mutex) is
+    /// woken once released, so that libc reads the words as they are now — held in the
+    /// kernel, it would sleep on, perhaps on a word the restore rewound (a wake-up nobody will
+    /// send). Spurious wake-ups are part of every condition-variable wait's contract.
+    pub fn rewound(&mut self, pages: &[usize]) {
+        /// Every futex word of a `pthread_cond_t` (48 bytes) or `pthread_mutex_t` (40 bytes)
+        /// lies in its first 48 bytes.
+        const WAIT_OBJECT: usize = 48;
+        const PAGE: usize = 4096;
+        for i in 0..self.held.len() {
+            for object in self.held.as_slice()[i].waits_on {
+                if object == 0 {
+                    continue;
+                }
+                let first = object & !(PAGE - 1);
+                let last = (object + WAIT_OBJECT - 1) & !(PAGE - 1);
+                if pages.binary_search(&first).is_err() && pages.binary_search(&last).is_err() {
+                    continue;
+                }
+                for word in (object..object + WAIT_OBJECT).step_by(4) {
+                    self.wake.push(word);
+                }
+            }
+        }
+    }
 }
 
 impl Drop for Stopped {
     fn drop(&mut self) {
         release(world());
-        for &slot in self.held.as_slice() {
-            crate::idle::release(slot);
+        for h in self.held.as_slice() {
+            crate::idle::release(h.slot);
+        }
+        // After the release: a woken thread finds its wait's words rewound and, should it
+        // sleep again, sleeps on their values now.
+        for &word in self.wake.as_slice() {
+            // SAFETY: FUTEX_WAKE only wakes waiters on the address (none is harmless); it
+            // never reads the word. Private and shared: libc chooses per object.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    word,
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    i32::MAX,
+                );
+                libc::syscall(libc::SYS_futex, word, libc::FUTEX_WAKE, i32::MAX);
+            }
         }
     }
 }

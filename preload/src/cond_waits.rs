@@ -40,7 +40,7 @@ pub unsafe extern "C-unwind" fn pthread_cond_wait(
     if f == 0 {
         return libc::ENOSYS;
     }
-    let wait = cow::idle::begin();
+    let wait = cow::idle::begin_on([cond as usize, mutex as usize]);
     // SAFETY: libc's function has this signature; arguments forwarded unchanged.
     let rc = unsafe { std::mem::transmute::<usize, WaitFn>(f)(cond, mutex) };
     cow::idle::end(wait);
@@ -62,7 +62,7 @@ pub unsafe extern "C-unwind" fn pthread_cond_timedwait(
     if f == 0 {
         return libc::ENOSYS;
     }
-    let wait = cow::idle::begin();
+    let wait = cow::idle::begin_on([cond as usize, mutex as usize]);
     // SAFETY: libc's function has this signature; arguments forwarded unchanged.
     let rc = unsafe { std::mem::transmute::<usize, TimedWaitFn>(f)(cond, mutex, at) };
     cow::idle::end(wait);
@@ -85,7 +85,7 @@ pub unsafe extern "C-unwind" fn pthread_cond_clockwait(
     if f == 0 {
         return libc::ENOSYS;
     }
-    let wait = cow::idle::begin();
+    let wait = cow::idle::begin_on([cond as usize, mutex as usize]);
     // SAFETY: libc's function has this signature; arguments forwarded unchanged.
     let rc = unsafe { std::mem::transmute::<usize, ClockWaitFn>(f)(cond, mutex, clock, at) };
     cow::idle::end(wait);

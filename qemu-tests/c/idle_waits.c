@@ -6,11 +6,16 @@
  * snapshots), take posted jobs, and have SIGUSR1 (sigaction, SA_SIGINFO) sent to them one by one
  * and SIGUSR2 (signal) to the process, from a thread of their own: every job is done, every
  * signal handled exactly once with its own arguments, nothing hangs. Phase 2: with the workers
- * idle, every restore is byte-exact. Also: sigaction and signal report the program's own
+ * idle, every restore is byte-exact. Phase 3: a restore rewinds the mutex a held thread
+ * sleeps on — woken by a condition variable, it blocks re-locking the mutex the main thread
+ * holds (the mutex's word then says "waiters"); the restore rewinds the word to "no waiters",
+ * so the main thread's unlock wakes nobody: the restore itself must wake the thread (libcow's
+ * Stopped::rewound), or it sleeps forever. Also: sigaction and signal report the program's own
  * handlers. Prints "idle waits: ok".
  *
  * usage: idle_waits ROUNDS
  */
+#define _GNU_SOURCE
 #include <cow.h>
 #include <pthread.h>
 #include <signal.h>
@@ -37,6 +42,7 @@ static unsigned char state[PAGES * 4096], ref[PAGES * 4096];
 struct counters {
 	atomic_int usr1_sent[WORKERS], usr1_seen[WORKERS], usr2_sent, usr2_seen, bad, untimed_ack;
 	atomic_int stop_signalling;
+	atomic_int relock_go, relock_waiting;
 };
 static struct counters *c;
 
@@ -91,6 +97,59 @@ static void *worker(void *arg)
 	}
 	pthread_mutex_unlock(&mu);
 	return NULL;
+}
+
+/* Phase 3's thread: waits on relock_cv until told to go, then leaves. */
+static pthread_mutex_t relock_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t relock_cv = PTHREAD_COND_INITIALIZER;
+
+static void *relocker(void *arg)
+{
+	(void)arg;
+	pthread_mutex_lock(&relock_mu);
+	atomic_store(&c->relock_waiting, 1);
+	while (!atomic_load(&c->relock_go))
+		pthread_cond_wait(&relock_cv, &relock_mu);
+	pthread_mutex_unlock(&relock_mu);
+	return NULL;
+}
+
+/* Phase 3 (see the top). */
+static void restore_under_a_relocking_thread(void)
+{
+	pthread_t t;
+	if (pthread_create(&t, NULL, relocker, NULL) != 0)
+		fail("pthread_create");
+	for (int spins = 0; !atomic_load(&c->relock_waiting); spins++) {
+		if (spins > 1000000)
+			fail("the relocking thread did not start");
+		usleep(10);
+	}
+	/* It released the mutex in its wait once we hold it. */
+	pthread_mutex_lock(&relock_mu);
+	long id = cow_snapshot();
+	if (id <= 0)
+		fail("cow_snapshot");
+	atomic_store(&c->relock_go, 1); /* shared memory: no restore rewinds it */
+	pthread_cond_signal(&relock_cv);
+	/* glibc's mutex word: 2 once the woken thread sleeps waiting for it. */
+	for (int spins = 0; __atomic_load_n(&relock_mu.__data.__lock, __ATOMIC_ACQUIRE) != 2;
+	     spins++) {
+		if (spins > 1000000)
+			fail("the woken thread did not wait for the mutex");
+		usleep(10);
+	}
+	usleep(1000); /* asleep in the kernel, not just announced */
+	if (cow_restore(id) != 0)
+		fail("cow_restore");
+	if (cow_drop(id) != 0)
+		fail("cow_drop");
+	pthread_mutex_unlock(&relock_mu);
+	struct timespec deadline;
+	clock_gettime(CLOCK_REALTIME, &deadline);
+	deadline.tv_sec += 10;
+	if (pthread_timedjoin_np(t, NULL, &deadline) != 0)
+		fail("a thread held in a wait slept on through the restore of its mutex");
 }
 
 /* Sends SIGUSR1 to each worker in turn once it handled the last one, and now and then
@@ -214,6 +273,8 @@ int main(int argc, char **argv)
 	pthread_mutex_unlock(&mu);
 	for (int i = 0; i < WORKERS; i++)
 		pthread_join(workers[i], NULL);
+
+	restore_under_a_relocking_thread();
 	printf("idle waits: ok (%d rounds, %d SIGUSR1 and %d SIGUSR2 handled, %d jobs)\n", rounds,
 	       sent, atomic_load(&c->usr2_seen), jobs_done);
 	return 0;

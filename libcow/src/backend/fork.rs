@@ -339,8 +339,7 @@ impl State {
     fn restore(&mut self, id: u64) -> Result<()> {
         let start = now_ns();
         let k = self.position(id)?;
-        let stopped =
-            world::stop_others_for_restore().map_err(|e| io_err("stop the other threads", e))?;
+        let mut stopped = world::stop_others().map_err(|e| io_err("stop the other threads", e))?;
         if stopped.tids() != self.snap(k).tids.as_slice() {
             return Err(err(
                 "restore: threads were created or ended since the snapshot",
@@ -368,6 +367,7 @@ impl State {
         }
         inside.sort_dedup();
         copy_from_child(self.snap(k).child, inside.as_slice())?;
+        stopped.rewound(inside.as_slice());
         self.stats.pages_saved += inside.len() as u64;
         // Newer snapshots go; S_k gets a fresh child holding the restored memory, so the next
         // epoch starts with every page shared again.

@@ -818,8 +818,7 @@ impl<T: Tracker> State<T> {
     fn restore(&mut self, id: u64) -> Result<()> {
         let start = now_ns();
         let k = self.position(id)?;
-        let stopped =
-            world::stop_others_for_restore().map_err(|e| io_err("stop the other threads", e))?;
+        let mut stopped = world::stop_others().map_err(|e| io_err("stop the other threads", e))?;
         if stopped.tids() != self.snap(k).tids.as_slice() {
             return Err(err(
                 "restore: threads were created or ended since the snapshot",
@@ -927,6 +926,7 @@ impl<T: Tracker> State<T> {
         // Forget what our own writes looked like to the tracker, and stop covering mappings
         // that did not exist at S_k.
         restored.sort_dedup();
+        stopped.rewound(restored.as_slice());
         self.tracker.rearm_restored(restored.as_slice())?;
         let mut newer = BookVec::new();
         subtract(self.armed.as_slice(), ranges_k.as_slice(), &mut newer);
