@@ -289,12 +289,14 @@ pub fn run(backend: &str, opts: &Options, argv: &[String]) -> Result<u8> {
         if let Some(r) = opts.report.as_ref().and_then(|p| read_report(p).ok()) {
             let t = &r["recovery"];
             let iterations = t["iterations"].as_u64().unwrap_or(0);
+            let checkpoints = t["checkpoints"].as_u64().unwrap_or(0);
             let snapshot_us =
-                t["snapshot_ns"].as_u64().unwrap_or(0) as f64 / iterations.max(1) as f64 / 1e3;
+                t["snapshot_ns"].as_u64().unwrap_or(0) as f64 / checkpoints.max(1) as f64 / 1e3;
             eprintln!(
                 "cowctl run: {} crashes recovered, {} not recovered, in {iterations} iterations \
-                 (their checkpoints took {snapshot_us:.1} µs on average)",
-                t["recoveries"], t["not_recovered"]
+                 ({checkpoints} checkpoints of {snapshot_us:.1} µs on average; {} iterations \
+                 began with one taken before their wait blocked)",
+                t["recoveries"], t["not_recovered"], t["taken_while_idle"]
             );
         }
     }

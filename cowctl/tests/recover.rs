@@ -21,10 +21,15 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn server(dir: &Path) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../qemu-tests/c/recover_server.c");
-    let exe = dir.join("recover_server");
+    compile(dir, "recover_server")
+}
+
+/// `qemu-tests/c/NAME.c` built into `dir`.
+fn compile(dir: &Path, name: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../qemu-tests/c/{name}.c"));
+    let exe = dir.join(name);
     let out = Command::new("cc")
-        .args(["-O2", "-Wall", "-Werror", "-o"])
+        .args(["-O2", "-Wall", "-Werror", "-pthread", "-o"])
         .arg(&exe)
         .arg(&src)
         .output()
@@ -253,6 +258,62 @@ fn a_crash_at_start_up_is_not_hidden() {
     assert_eq!(out.status.code(), Some(77), "{err}");
     assert!(err.contains("server: crash handler: signal 11"), "{err}");
     assert!(!err.contains("recovered"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_checkpoint_taken_before_the_wait_blocked_is_kept_only_if_no_thread_ran_uffd() {
+    checkpoint_before_blocking("uffd", true);
+}
+
+#[test]
+fn a_checkpoint_taken_before_the_wait_blocked_is_kept_only_if_no_thread_ran_mprotect() {
+    // mprotect takes every checkpoint as the wait returns: the same rollbacks, none kept.
+    checkpoint_before_blocking("mprotect", false);
+}
+
+/// `recover_idle.c`: every round crashes; quiet rounds (a timer wakes the loop) may keep the
+/// checkpoint taken before the wait blocked, busy ones (a thread of the program wrote memory
+/// meanwhile) must not — the rollback would undo that write, which the program checks.
+fn checkpoint_before_blocking(backend: &str, kept: bool) {
+    const ROUNDS: u32 = 30;
+    let dir = scratch(&format!("idle-{backend}"));
+    let exe = compile(&dir, "recover_idle");
+    let out = Command::new(env!("CARGO_BIN_EXE_cowctl"))
+        .args([
+            "run",
+            "--recover",
+            "--recover-limit",
+            "1000",
+            "--backend",
+            backend,
+            "--",
+        ])
+        .arg(&exe)
+        .arg(ROUNDS.to_string())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{err}");
+    assert!(stdout.contains("recover idle: ok"), "{stdout}{err}");
+    assert!(
+        err.contains(&format!("{ROUNDS} crashes recovered")),
+        "{err}"
+    );
+    // "…; K iterations began with one taken before their wait blocked)"
+    let taken_early: u32 = err
+        .rsplit("; ")
+        .next()
+        .and_then(|t| t.split(' ').next())
+        .and_then(|k| k.parse().ok())
+        .unwrap_or_else(|| panic!("no count of early checkpoints: {err}"));
+    if kept {
+        // Busy rounds never keep theirs; quiet ones do unless the loop was slow to block.
+        assert!(taken_early > 0 && taken_early <= ROUNDS / 2, "{err}");
+    } else {
+        assert_eq!(taken_early, 0, "{err}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

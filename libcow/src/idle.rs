@@ -62,9 +62,33 @@ struct Table {
     used: AtomicUsize,
     /// The thread-specific-data key whose destructor frees a thread's slot when it exits.
     key: AtomicUsize,
+    /// See [`activity`] (here, in the book: libcow's statics are covered memory, which a
+    /// restore rewinds and mprotect write-protects).
+    activity: std::sync::atomic::AtomicU64,
 }
 
 static TABLE: OnceLock<&'static Table> = OnceLock::new();
+
+/// Times a thread of the program may have begun running program code: a thread left an
+/// announced wait, a signal handler of the program began, a thread stopped by signal went on.
+/// Unchanged across an interval, no thread but the caller ran program code in it (provided
+/// every other thread was idle or stopped at its start): what lets recovery keep a checkpoint
+/// taken before a wait blocked ([`crate::recovery`]). 0 until waits announce themselves.
+pub fn activity() -> u64 {
+    TABLE.get().map_or(0, |t| t.activity.load(Ordering::SeqCst))
+}
+
+/// A thread goes on running program code (see [`activity`]). Async-signal-safe.
+pub(crate) fn note_activity() {
+    if let Some(t) = TABLE.get() {
+        t.activity.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Whether stops hold idle threads (libcow_preload turned it on, see [`enable`]).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Acquire) != 0
+}
 
 /// Whether waits announce themselves and stops hold idle threads: libcow_preload turns it on
 /// under uffd and fork, having wrapped the program's signal handlers (a handler may run in an
@@ -101,6 +125,7 @@ fn table() -> &'static Table {
             }; SLOTS],
             used: AtomicUsize::new(0),
             key: AtomicUsize::new(usize::MAX),
+            activity: std::sync::atomic::AtomicU64::new(0),
         });
         let mut key: libc::pthread_key_t = 0;
         // SAFETY: creating a key whose destructor only touches the table (static).
@@ -208,7 +233,10 @@ fn run(slot: &Slot) {
             .state
             .compare_exchange(IDLE, RUNNING, Ordering::SeqCst, Ordering::SeqCst)
         {
-            Ok(_) => return,
+            Ok(_) => {
+                note_activity();
+                return;
+            }
             Err(HELD) => {
                 let _ = slot.state.compare_exchange(
                     HELD,
@@ -226,6 +254,7 @@ fn run(slot: &Slot) {
 /// A signal handler of the program is about to run in this thread: if the thread was idle,
 /// it runs now (after any stop that holds it). Returns what [`resume`] needs.
 pub fn interrupt() -> Wait {
+    note_activity();
     let cached = MINE.with(|m| m.get());
     let Some(t) = TABLE.get() else {
         return Wait(None);

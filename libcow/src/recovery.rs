@@ -78,8 +78,14 @@ pub struct Totals {
     pub over_limit: u64,
     /// Time spent in the last recovery, µs (crash to return into the loop).
     pub last_recovery_us: u64,
-    /// Time spent taking iteration snapshots, ns.
+    /// Snapshots taken for iterations, including ones taken before a wait blocked that did not
+    /// hold when it returned (dropped).
+    pub checkpoints: u64,
+    /// Time spent taking them, ns.
     pub snapshot_ns: u64,
+    /// Iterations whose snapshot was taken before their wait blocked (see
+    /// [`checkpoint_before_blocking`]), not after it returned.
+    pub taken_while_idle: u64,
 }
 
 struct State {
@@ -109,7 +115,17 @@ struct State {
     after_output: AtomicU64,
     over_limit: AtomicU64,
     last_recovery_us: AtomicU64,
+    checkpoints: AtomicU64,
     snapshot_ns: AtomicU64,
+    taken_while_idle: AtomicU64,
+    /// A checkpoint taken as a thread was about to block in its wait (0: none), that thread,
+    /// and [`crate::idle::activity`] before it was taken.
+    early: AtomicU64,
+    early_tid: AtomicI32,
+    early_activity: AtomicU64,
+    /// Early checkpoints in a row that did not hold, and waits left that take none.
+    early_misses: std::sync::atomic::AtomicU32,
+    early_skip: std::sync::atomic::AtomicU32,
     /// The program's own action per signal (what it asked `sigaction` for).
     program: [AtomicPtr<libc::sigaction>; 65],
     /// The last recovered crash site's ` (symbol+offset)`: `dladdr` scans a symbol table
@@ -183,7 +199,14 @@ pub fn enable(limit: u32) {
         after_output: AtomicU64::new(0),
         over_limit: AtomicU64::new(0),
         last_recovery_us: AtomicU64::new(0),
+        checkpoints: AtomicU64::new(0),
         snapshot_ns: AtomicU64::new(0),
+        taken_while_idle: AtomicU64::new(0),
+        early: AtomicU64::new(0),
+        early_tid: AtomicI32::new(0),
+        early_activity: AtomicU64::new(0),
+        early_misses: std::sync::atomic::AtomicU32::new(0),
+        early_skip: std::sync::atomic::AtomicU32::new(0),
         program: [const { AtomicPtr::new(std::ptr::null_mut()) }; 65],
         symbol: SymbolCache {
             pc: 0,
@@ -353,17 +376,27 @@ pub unsafe fn begin(regs: &CallerRegs, fds: &[i32], resume: i64) {
         return;
     }
     ensure_alt_stack();
-    let t0 = crate::sys::monotonic_ns();
-    let id = crate::ffi::cow_snapshot();
-    if id <= 0 {
-        return;
-    }
+    let id = match take_early(st, me) {
+        Some(id) => {
+            st.taken_while_idle.fetch_add(1, Ordering::Relaxed);
+            id
+        }
+        None => {
+            let t0 = crate::sys::monotonic_ns();
+            let id = crate::ffi::cow_snapshot();
+            if id <= 0 {
+                return;
+            }
+            st.snapshot_ns
+                .fetch_add(crate::sys::monotonic_ns() - t0, Ordering::Relaxed);
+            st.checkpoints.fetch_add(1, Ordering::Relaxed);
+            id as u64
+        }
+    };
     if st.snapshot != 0 {
         crate::ffi::cow_drop(st.snapshot as i64);
     }
-    st.snapshot = id as u64;
-    st.snapshot_ns
-        .fetch_add(crate::sys::monotonic_ns() - t0, Ordering::Relaxed);
+    st.snapshot = id;
     let len = top - rsp;
     if len > st.stack_cap {
         if !st.stack.is_null() {
@@ -387,6 +420,87 @@ pub unsafe fn begin(regs: &CallerRegs, fds: &[i32], resume: i64) {
     st.iterations.fetch_add(1, Ordering::Relaxed);
     st.committed.store(false, Ordering::Release);
     st.owner.store(me, Ordering::Release);
+}
+
+/// Whether waits should take the next iteration's checkpoint before blocking
+/// ([`checkpoint_before_blocking`]): under recovery where stops hold idle threads (uffd, fork),
+/// which is what tells, when the wait returns, that the checkpoint still holds. A wait that
+/// may block first looks without blocking; only if nothing is ready does it call
+/// [`checkpoint_before_blocking`] and block.
+pub fn checkpoints_before_blocking() -> bool {
+    if !enabled() || !crate::idle::enabled() {
+        return false;
+    }
+    // Where other threads keep running while the loop waits (a busy thread pool), the early
+    // checkpoint rarely holds and would only double the snapshots: after a few in a row that
+    // did not, waits take theirs as they return for a while.
+    let Some(st) = state() else { return false };
+    let skip = st.early_skip.load(Ordering::Relaxed);
+    if skip > 0 {
+        st.early_skip.store(skip - 1, Ordering::Relaxed);
+        return false;
+    }
+    true
+}
+
+/// Early checkpoints that did not hold, in a row, before waits stop taking them …
+const EARLY_MISSES: u32 = 4;
+/// … for this many waits.
+const EARLY_PAUSE: u32 = 64;
+
+/// The calling thread, back at its recovery point, is about to block in its wait: takes the
+/// checkpoint the iteration its wait's return begins will need now, while the thread would
+/// be idle anyway — a snapshot after the return delays every request that wakes an idle
+/// server by its cost (≈ 100–200 µs on uffd). When the wait returns, [`begin`] keeps it if
+/// no thread of the program ran meanwhile ([`crate::idle::activity`] unchanged: every other
+/// thread was idle throughout, no signal handler ran), else takes a new one. What the wait
+/// itself wrote into the program's memory (its events) is not in it: a rollback makes that
+/// wait return `EINTR`, and its events are never read.
+pub fn checkpoint_before_blocking() {
+    let Some(st) = state() else { return };
+    let me = gettid();
+    if st.owner.load(Ordering::Acquire) != 0 {
+        return; // Another thread's iteration is open: its memory is not ours to fix.
+    }
+    let stale = st.early.swap(0, Ordering::AcqRel);
+    if stale != 0 {
+        crate::ffi::cow_drop(stale as i64);
+    }
+    // Before the snapshot: a thread stopped by signal for it (it was running) goes on after
+    // it, and counts then.
+    let activity = crate::idle::activity();
+    let t0 = crate::sys::monotonic_ns();
+    let id = crate::ffi::cow_snapshot();
+    if id <= 0 {
+        return;
+    }
+    st.snapshot_ns
+        .fetch_add(crate::sys::monotonic_ns() - t0, Ordering::Relaxed);
+    st.checkpoints.fetch_add(1, Ordering::Relaxed);
+    st.early_tid.store(me, Ordering::Relaxed);
+    st.early_activity.store(activity, Ordering::Relaxed);
+    st.early.store(id as u64, Ordering::Release);
+}
+
+/// The checkpoint the calling thread took before blocking, if it still holds (see
+/// [`checkpoint_before_blocking`]); one that does not is dropped.
+fn take_early(st: &State, me: i32) -> Option<u64> {
+    let id = st.early.swap(0, Ordering::AcqRel);
+    if id == 0 {
+        return None;
+    }
+    if st.early_tid.load(Ordering::Relaxed) == me
+        && st.early_activity.load(Ordering::Relaxed) == crate::idle::activity()
+    {
+        st.early_misses.store(0, Ordering::Relaxed);
+        return Some(id);
+    }
+    crate::ffi::cow_drop(id as i64);
+    if st.early_misses.fetch_add(1, Ordering::Relaxed) + 1 >= EARLY_MISSES {
+        st.early_misses.store(0, Ordering::Relaxed);
+        st.early_skip.store(EARLY_PAUSE, Ordering::Relaxed);
+    }
+    None
 }
 
 /// Whether an iteration is open that output has not committed yet (two atomic loads: the
@@ -428,7 +542,9 @@ pub fn totals() -> Option<Totals> {
         after_output: st.after_output.load(Ordering::Relaxed),
         over_limit: st.over_limit.load(Ordering::Relaxed),
         last_recovery_us: st.last_recovery_us.load(Ordering::Relaxed),
+        checkpoints: st.checkpoints.load(Ordering::Relaxed),
         snapshot_ns: st.snapshot_ns.load(Ordering::Relaxed),
+        taken_while_idle: st.taken_while_idle.load(Ordering::Relaxed),
     })
 }
 

@@ -166,8 +166,16 @@ impl Drop for RawFile {
 pub(crate) struct ProcSelfFile {
     path: &'static std::ffi::CStr,
     flags: i32,
+    /// In the book: libcow's statics are covered memory, which a restore rewinds (the
+    /// descriptor would be forgotten, and leak) and mprotect write-protects.
+    kept: std::sync::OnceLock<&'static Kept>,
+}
+
+struct Kept {
     /// `pid << 32 | fd` of the last open, 0 before the first.
     opened: std::sync::atomic::AtomicU64,
+    /// Someone is using the descriptor's file position ([`ProcSelfFile::with_position`]).
+    busy: std::sync::atomic::AtomicBool,
 }
 
 impl ProcSelfFile {
@@ -176,23 +184,33 @@ impl ProcSelfFile {
         Self {
             path,
             flags,
-            opened: std::sync::atomic::AtomicU64::new(0),
+            kept: std::sync::OnceLock::new(),
         }
+    }
+
+    fn kept(&self) -> &'static Kept {
+        self.kept.get_or_init(|| {
+            crate::book::leak(Kept {
+                opened: std::sync::atomic::AtomicU64::new(0),
+                busy: std::sync::atomic::AtomicBool::new(false),
+            })
+        })
     }
 
     /// The descriptor for this process, opened now if this process has none yet.
     pub(crate) fn fd(&self) -> std::io::Result<i32> {
         use std::sync::atomic::Ordering;
+        let kept = self.kept();
         // SAFETY: getpid has no preconditions.
         let pid = unsafe { libc::getpid() } as u32;
-        let seen = self.opened.load(Ordering::Acquire);
+        let seen = kept.opened.load(Ordering::Acquire);
         if seen != 0 && (seen >> 32) as u32 == pid {
             return Ok(seen as u32 as i32);
         }
         let file = RawFile::open(self.path, self.flags)?;
         let fd = file.0;
         let mine = (pid as u64) << 32 | fd as u32 as u64;
-        match self
+        match kept
             .opened
             .compare_exchange(seen, mine, Ordering::AcqRel, Ordering::Acquire)
         {
@@ -210,6 +228,24 @@ impl ProcSelfFile {
             // Another thread opened it meanwhile: use that one (ours closes on drop).
             Err(now) => Ok(now as u32 as i32),
         }
+    }
+
+    /// `f` with a descriptor whose file position no one else moves meanwhile: the kept one,
+    /// or, should another caller be using it (never expected; it may have been stopped while
+    /// at it), one opened for this call — waiting could deadlock.
+    pub(crate) fn with_position<R>(
+        &self,
+        f: impl FnOnce(i32) -> std::io::Result<R>,
+    ) -> std::io::Result<R> {
+        use std::sync::atomic::Ordering;
+        let kept = self.kept();
+        if kept.busy.swap(true, Ordering::Acquire) {
+            let own = RawFile::open(self.path, self.flags)?;
+            return f(own.0);
+        }
+        let r = self.fd().and_then(f);
+        kept.busy.store(false, Ordering::Release);
+        r
     }
 }
 

@@ -11,7 +11,7 @@
 
 use crate::book::{self, BookVec};
 use crate::sys;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// Most threads stopped at once.
@@ -166,6 +166,7 @@ extern "C" fn on_stop(_sig: i32) {
     while w.generation.load(Ordering::Acquire) == gen {
         futex(&w.generation, libc::FUTEX_WAIT, gen);
     }
+    crate::idle::note_activity();
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = saved_errno };
 }
@@ -218,23 +219,14 @@ pub(crate) fn gettid() -> i32 {
 pub(crate) fn list_tids(out: &mut BookVec<i32>) -> std::io::Result<()> {
     static TASKS: sys::ProcSelfFile =
         sys::ProcSelfFile::new(c"/proc/self/task", libc::O_RDONLY | libc::O_DIRECTORY);
-    // The kept descriptor has one file position: a second lister meanwhile (never expected;
-    // it may have been stopped while listing) opens its own instead of waiting.
-    static LISTING: AtomicBool = AtomicBool::new(false);
     out.clear();
-    if LISTING.swap(true, Ordering::Acquire) {
-        let dir = sys::RawFile::open(c"/proc/self/task", libc::O_RDONLY | libc::O_DIRECTORY)?;
-        return read_tids(dir.fd(), out);
-    }
-    let listed = TASKS.fd().and_then(|dir| {
+    TASKS.with_position(|dir| {
         // SAFETY: rewinding a directory descriptor of ours; procfs lists the threads anew.
         if unsafe { libc::lseek(dir, 0, libc::SEEK_SET) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
         read_tids(dir, out)
-    });
-    LISTING.store(false, Ordering::Release);
-    listed
+    })
 }
 
 /// The thread ids in directory `dir` (at its start) appended to `out`.

@@ -202,8 +202,15 @@ extern "C" fn epoll_wait_impl(
     };
     let events = events as *mut libc::epoll_event;
     // SAFETY: the program's arguments, forwarded unchanged.
-    let n = writing_events(events, max, || unsafe {
-        f(epfd as c_int, events, max as c_int, timeout as c_int)
+    let n = writing_events(events, max, || {
+        waited(timeout as c_int != 0, |block| unsafe {
+            f(
+                epfd as c_int,
+                events,
+                max as c_int,
+                if block { timeout as c_int } else { 0 },
+            )
+        })
     });
     if n > 0 && recovery::enabled() {
         begin_epoll(epfd, regs, events, n);
@@ -251,14 +258,16 @@ extern "C" fn epoll_pwait_impl(
     let sigmask = unsafe { crate::masks::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let events = events as *mut libc::epoll_event;
     // SAFETY: the program's arguments, forwarded (the mask maybe our copy).
-    let n = writing_events(events, max, || unsafe {
-        f(
-            epfd as c_int,
-            events,
-            max as c_int,
-            timeout as c_int,
-            sigmask,
-        )
+    let n = writing_events(events, max, || {
+        waited(timeout as c_int != 0, |block| unsafe {
+            f(
+                epfd as c_int,
+                events,
+                max as c_int,
+                if block { timeout as c_int } else { 0 },
+                sigmask,
+            )
+        })
     });
     if n > 0 && recovery::enabled() {
         begin_epoll(epfd, regs, events, n);
@@ -306,14 +315,18 @@ extern "C" fn epoll_pwait2_impl(
     let sigmask = unsafe { crate::masks::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let events = events as *mut libc::epoll_event;
     // SAFETY: the program's arguments, forwarded (the mask maybe our copy).
-    let n = writing_events(events, max, || unsafe {
-        f(
-            epfd as c_int,
-            events,
-            max as c_int,
-            timeout as *const libc::timespec,
-            sigmask,
-        )
+    let timeout = timeout as *const libc::timespec;
+    let n = writing_events(events, max, || {
+        // SAFETY: the program's timeout, null or valid.
+        waited(unsafe { may_block(timeout) }, |block| unsafe {
+            f(
+                epfd as c_int,
+                events,
+                max as c_int,
+                if block { timeout } else { &NO_WAIT },
+                sigmask,
+            )
+        })
     });
     if n > 0 && recovery::enabled() {
         begin_epoll(epfd, regs, events, n);
@@ -346,8 +359,14 @@ extern "C" fn poll_impl(
     };
     let set = fds as *mut libc::pollfd;
     // SAFETY: the program's arguments, forwarded unchanged.
-    let n = writing_pollfds(set, nfds, || unsafe {
-        f(set, nfds as libc::nfds_t, timeout as c_int)
+    let n = writing_pollfds(set, nfds, || {
+        waited(timeout as c_int != 0, |block| unsafe {
+            f(
+                set,
+                nfds as libc::nfds_t,
+                if block { timeout as c_int } else { 0 },
+            )
+        })
     });
     if n > 0 && recovery::enabled() {
         begin_poll(regs, set, nfds);
@@ -393,13 +412,17 @@ extern "C" fn ppoll_impl(
     let sigmask = unsafe { crate::masks::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let set = fds as *mut libc::pollfd;
     // SAFETY: the program's arguments, forwarded (the mask maybe our copy).
-    let n = writing_pollfds(set, nfds, || unsafe {
-        f(
-            set,
-            nfds as libc::nfds_t,
-            timeout as *const libc::timespec,
-            sigmask,
-        )
+    let timeout = timeout as *const libc::timespec;
+    let n = writing_pollfds(set, nfds, || {
+        // SAFETY: the program's timeout, null or valid.
+        waited(unsafe { may_block(timeout) }, |block| unsafe {
+            f(
+                set,
+                nfds as libc::nfds_t,
+                if block { timeout } else { &NO_WAIT },
+                sigmask,
+            )
+        })
     });
     if n > 0 && recovery::enabled() {
         begin_poll(regs, set, nfds);
@@ -556,6 +579,40 @@ fn selecting(
 // again if a snapshot protected them in between (epoll puts events it could not copy back on
 // its ready list; poll's output is `revents` only). select's sets are input and output both: it
 // fills copies on our stack, copied back by the program's own writes.
+
+/// Calls a wait, `call(block)`. Where recovery takes the next iteration's checkpoint before
+/// blocking (uffd, fork: see `cow::recovery::checkpoint_before_blocking`) and the wait may
+/// block, it looks first without blocking, and takes the checkpoint only if nothing is ready:
+/// a server that is busy never blocks and takes its checkpoints as its waits return, an idle
+/// one takes them while idle instead of delaying the request that wakes it. The wait's
+/// timeout runs from the blocking call: the checkpoint lengthens it by its cost (≈ 0.1–0.2 ms).
+/// (select and pselect take theirs after returning: their sets are input and output both.)
+fn waited(may_block: bool, call: impl Fn(bool) -> c_int) -> c_int {
+    if may_block && recovery::checkpoints_before_blocking() {
+        let n = call(false);
+        if n != 0 {
+            return n;
+        }
+        recovery::checkpoint_before_blocking();
+    }
+    call(true)
+}
+
+/// A zero timeout: look without blocking.
+static NO_WAIT: libc::timespec = libc::timespec {
+    tv_sec: 0,
+    tv_nsec: 0,
+};
+
+/// Whether a wait with `timeout` (null: none) may block.
+///
+/// # Safety
+///
+/// `timeout` is null or valid.
+unsafe fn may_block(timeout: *const libc::timespec) -> bool {
+    // SAFETY: by the caller's contract.
+    timeout.is_null() || unsafe { (*timeout).tv_sec != 0 || (*timeout).tv_nsec != 0 }
+}
 
 /// `call` after making `max` events at `events` writable.
 fn writing_events(events: *mut libc::epoll_event, max: usize, call: impl Fn() -> c_int) -> c_int {

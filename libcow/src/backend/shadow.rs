@@ -62,8 +62,10 @@ pub trait Tracker: Send + 'static {
     fn peek(&mut self, out: &mut BookVec<usize>) -> Result<()>;
     /// Lets libcow itself write `page` (during a restore).
     fn open_for_write(&mut self, page: usize, prot: i32);
-    /// Forgets a restore's own writes to `pages` (sorted; no other thread wrote since the
-    /// last `collect`): re-arms them. A tracker that cannot re-arm pages one by one collects.
+    /// A restore wrote `pages` (sorted; no other thread wrote since the last `collect`): a
+    /// tracker that would miss later writes to them re-arms them (one that cannot re-arm pages
+    /// one by one collects); one that reports them as written at its next `collect` may leave
+    /// them so — they then compare equal to their shadow pages.
     fn rearm_restored(&mut self, _pages: &[usize]) -> Result<()> {
         let mut ignored = BookVec::new();
         self.collect(&mut ignored)
