@@ -240,9 +240,10 @@ enum Command {
               value_parser = PossibleValuesParser::new(["zstd", "lz4", "none"]))]
         record_codecs: Vec<String>,
         /// Instead: what error recovery costs redis-server (redis-benchmark SET/GET, 50
-        /// clients, plain and under `cowctl run --recover` per backend) and how long a
-        /// recovery takes against the same crash handled by a restart (redis' crash handler,
-        /// exit, start, the keys reloaded) and against start + reload alone.
+        /// clients, plain and under `cowctl run --recover` per backend, in turn, medians of 3;
+        /// a request to an idle server) and how long a recovery takes against the same crash
+        /// handled by a restart (redis' crash handler, exit, start, the keys reloaded) and
+        /// against start + reload alone.
         #[arg(long, conflicts_with_all = ["speculate", "record"])]
         recover: bool,
         /// Instead: what covering a real program's memory costs per backend: a workload

@@ -1,8 +1,11 @@
 //! `cowctl bench --recover`: what error recovery costs a real server, and what it saves.
 //!
 //! Debian's `redis-server` with 10 000 keys, measured by `redis-benchmark` (50 clients, SET and
-//! GET) plainly and under `cowctl run --recover` with each backend, in one run. Recovery time
-//! is from sending `DEBUG SEGFAULT` to the next `PING` answered. It is set against the same
+//! GET) plainly and under `cowctl run --recover` with each backend, in one run: both servers
+//! run side by side and are measured in turn, [`ROUNDS`] times, medians taken (one plain run
+//! then one under recovery differed by up to 30 % on this host from drift alone). Also the
+//! latency of a request to an idle server (`PING` on an open connection, 2 ms apart). Recovery
+//! time is from sending `DEBUG SEGFAULT` to the next `PING` answered. It is set against the same
 //! crash handled by a restart: plain redis crashes (its own crash handler runs: the report and,
 //! by default, a memory test), exits, is started again at once (what a supervisor does) and
 //! gets the same keys loaded back; and against that restart's start-and-reload alone (its
@@ -19,6 +22,8 @@ use std::time::{Duration, Instant};
 const KEYS: usize = 10_000;
 /// Requests per redis-benchmark test.
 const REQUESTS: &str = "100000";
+/// Turns of plain and recovering redis-benchmark runs (medians taken), and of start-and-reload.
+const ROUNDS: usize = 3;
 
 /// One row: a backend and a redis-benchmark test.
 #[derive(Debug, serde::Serialize)]
@@ -39,6 +44,11 @@ pub struct Row {
     pub p99_ms: f64,
     /// 99th percentile latency without cowctl, ms.
     pub baseline_p99_ms: f64,
+    /// A request to an idle server under `--recover` (`PING` on an open connection, 2 ms
+    /// after the last), median, µs.
+    pub idle_request_us: f64,
+    /// The same without cowctl, µs.
+    pub baseline_idle_request_us: f64,
     /// From `DEBUG SEGFAULT` sent to the next `PING` answered, µs (median of 9 crashes).
     pub recovery_us: f64,
     /// From `DEBUG SEGFAULT` sent to plain redis to the next `PING` answered by a restarted
@@ -171,6 +181,62 @@ fn benchmark(tool: &PathBuf, port: u16) -> Result<Vec<(String, f64, f64, f64)>> 
     Ok(rows)
 }
 
+/// The median of each column of `runs` (redis-benchmark results of the same tests).
+fn medians(runs: &[Vec<(String, f64, f64, f64)>]) -> Vec<(String, f64, f64, f64)> {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let Some(first) = runs.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .map(|(test, ..)| {
+            let of = |col: fn(&(String, f64, f64, f64)) -> f64| {
+                median(
+                    runs.iter()
+                        .filter_map(|r| r.iter().find(|x| &x.0 == test).map(col))
+                        .collect(),
+                )
+            };
+            (test.clone(), of(|x| x.1), of(|x| x.2), of(|x| x.3))
+        })
+        .collect()
+}
+
+/// Requests to an idle server: the median round trip of a `PING` on an open connection,
+/// each sent 2 ms after the last answer.
+fn idle_request_time(port: u16) -> Result<Duration> {
+    let stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_nodelay(true)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let mut times = Vec::new();
+    for _ in 0..200 {
+        std::thread::sleep(Duration::from_millis(2));
+        let t0 = Instant::now();
+        writer.write_all(b"PING\r\n")?;
+        let mut pong = String::new();
+        reader.read_line(&mut pong)?;
+        times.push(t0.elapsed());
+        if !pong.starts_with("+PONG") {
+            bail!("PING answered {pong:?}");
+        }
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
+/// The median time of [`ROUNDS`] starts of plain redis with the keys loaded.
+fn median_start_reload(redis: &PathBuf) -> Result<Duration> {
+    let mut times = (0..ROUNDS)
+        .map(|_| start(redis, None).map(|(_, t)| t))
+        .collect::<Result<Vec<_>>>()?;
+    times.sort();
+    Ok(times[ROUNDS / 2])
+}
+
 /// Crashes measured for the recovery time; one alone varies by ±30 % here.
 const CRASHES: usize = 9;
 
@@ -236,21 +302,31 @@ fn median_restart_time(redis: &PathBuf, mut server: Server) -> Result<(Server, D
 pub fn run(backends: &[String], json: bool) -> Result<()> {
     let redis = find("redis-server")?;
     let tool = find("redis-benchmark")?;
-    eprintln!("cowctl bench --recover: plain redis, {KEYS} keys");
-    let (server, start_reload) = start(&redis, None)?;
-    let baseline = benchmark(&tool, server.port)?;
+    eprintln!("cowctl bench --recover: plain redis, {KEYS} keys, started {ROUNDS} times");
+    let start_reload = median_start_reload(&redis)?;
     eprintln!("cowctl bench --recover: plain redis crashed and restarted {RESTARTS} times");
-    let (server, restart) = median_restart_time(&redis, server)?;
+    let (server, restart) = median_restart_time(&redis, start(&redis, None)?.0)?;
     drop(server);
+    let (plain, _) = start(&redis, None)?;
+    let baseline_idle = idle_request_time(plain.port)?;
     let mut rows = Vec::new();
     for backend in backends {
-        eprintln!("cowctl bench --recover: redis under cowctl run --recover --backend {backend}");
+        eprintln!(
+            "cowctl bench --recover: redis under cowctl run --recover --backend {backend}, \
+             measured in turn with plain redis {ROUNDS} times"
+        );
         let attempt = start(&redis, Some(backend)).and_then(|(server, _)| {
-            let measured = benchmark(&tool, server.port)?;
+            let mut plain_runs = Vec::new();
+            let mut runs = Vec::new();
+            for _ in 0..ROUNDS {
+                plain_runs.push(benchmark(&tool, plain.port)?);
+                runs.push(benchmark(&tool, server.port)?);
+            }
+            let idle = idle_request_time(server.port)?;
             let recovery = median_recovery_time(server.port)?;
-            Ok((measured, recovery))
+            Ok((medians(&plain_runs), medians(&runs), idle, recovery))
         });
-        let (measured, recovery) = match attempt {
+        let (baseline, measured, idle, recovery) = match attempt {
             Ok(m) => m,
             Err(e) => {
                 eprintln!("cowctl bench --recover: {backend}: {e:#}; no row for it");
@@ -270,6 +346,8 @@ pub fn run(backends: &[String], json: bool) -> Result<()> {
                 p50_ms: p50,
                 p99_ms: p99,
                 baseline_p99_ms: base.3,
+                idle_request_us: idle.as_secs_f64() * 1e6,
+                baseline_idle_request_us: baseline_idle.as_secs_f64() * 1e6,
                 recovery_us: recovery.as_secs_f64() * 1e6,
                 restart_us: restart.as_secs_f64() * 1e6,
                 start_reload_us: start_reload.as_secs_f64() * 1e6,
@@ -283,7 +361,7 @@ pub fn run(backends: &[String], json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<9} {:<4} {:>12} {:>12} {:>6} {:>8} {:>8} {:>12} {:>12} {:>8} {:>14} {:>8}",
+        "{:<9} {:<4} {:>12} {:>12} {:>6} {:>8} {:>8} {:>15} {:>12} {:>12} {:>8} {:>14} {:>8}",
         "backend",
         "test",
         "plain req/s",
@@ -291,6 +369,7 @@ pub fn run(backends: &[String], json: bool) -> Result<()> {
         "ratio",
         "p50 ms",
         "p99 ms",
+        "idle req µs",
         "recovery µs",
         "restart µs",
         "speedup",
@@ -299,7 +378,7 @@ pub fn run(backends: &[String], json: bool) -> Result<()> {
     );
     for r in &rows {
         println!(
-            "{:<9} {:<4} {:>12.0} {:>12.0} {:>6.2} {:>8.3} {:>8.3} {:>12.0} {:>12.0} {:>8.0} {:>14.0} {:>8.1}",
+            "{:<9} {:<4} {:>12.0} {:>12.0} {:>6.2} {:>8.3} {:>8.3} {:>15} {:>12.0} {:>12.0} {:>8.0} {:>14.0} {:>8.1}",
             r.backend,
             r.test,
             r.baseline_rps,
@@ -307,6 +386,7 @@ pub fn run(backends: &[String], json: bool) -> Result<()> {
             r.ratio,
             r.p50_ms,
             r.p99_ms,
+            format!("{:.0} ({:.0})", r.idle_request_us, r.baseline_idle_request_us),
             r.recovery_us,
             r.restart_us,
             r.speedup,
