@@ -8,7 +8,8 @@
 //! `backend` → `ok NAME`; `book` → `ok START END` (libcow's own bookkeeping range, which a
 //! recorder leaves out);
 //! `stats` → `ok snapshots=N write_faults=N pages_saved=N bytes_held=N snapshot_ns=N
-//! restore_ns=N` (and, under `--recover`, `recoveries=N not_recovered=N iterations=N`); any
+//! restore_ns=N` (and, under `--recover`, `recoveries=N not_recovered=N iterations=N
+//! checkpoints=N taken_while_idle=N`); any
 //! failure → `err ERRNO`.
 //!
 //! Only the process's own user (or root) is answered (`SO_PEERCRED`). The thread serves
@@ -190,8 +191,13 @@ fn answer(conn: KeptFd) {
                 if let Some(t) = crate::recovery::totals() {
                     let _ = write!(
                         out,
-                        " recoveries={} not_recovered={} iterations={}",
-                        t.recoveries, t.not_recovered, t.iterations
+                        " recoveries={} not_recovered={} iterations={} checkpoints={} \
+                         taken_while_idle={}",
+                        t.recoveries,
+                        t.not_recovered,
+                        t.iterations,
+                        t.checkpoints,
+                        t.taken_while_idle
                     );
                 }
                 let _ = writeln!(out);
