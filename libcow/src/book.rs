@@ -7,7 +7,7 @@
 //! its address range. Its address is stored once, before any snapshot, so restoring the static
 //! that holds it is harmless.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// Default reservation: 64 GiB of address space (`COW_BOOK_GIB` overrides).
@@ -24,7 +24,14 @@ pub struct Book {
     bump: AtomicUsize,
     /// Free lists per size class (blocks link through their first word).
     free: Mutex<[usize; CLASSES]>,
+    /// Words of libcow's process-wide state that must outlive every restore and exist before
+    /// the first snapshot: a static of libcow's is covered memory, and one first set after a
+    /// snapshot goes back to unset when a restore rewinds to it. See [`Book::word`].
+    words: [AtomicU64; WORDS],
 }
+
+/// Process-wide words in the book ([`Book::word`]).
+pub const WORDS: usize = 8;
 
 /// The reservation, or the size (GiB) that could not be reserved.
 static BOOK: OnceLock<Result<&'static Book, usize>> = OnceLock::new();
@@ -104,6 +111,7 @@ fn reserve(size: usize) -> Option<&'static Book> {
             end: base + size,
             bump: AtomicUsize::new(base + 4096),
             free: Mutex::new([0; CLASSES]),
+            words: [const { AtomicU64::new(0) }; WORDS],
         });
         Some(&*header)
     }
@@ -115,6 +123,12 @@ fn class_of(size: usize) -> usize {
 }
 
 impl Book {
+    /// Process-wide word `i` (< [`WORDS`]), zero at first: each user owns fixed indices
+    /// (`sys::ProcSelfFile`: 0–3).
+    pub fn word(&self, i: usize) -> &AtomicU64 {
+        &self.words[i]
+    }
+
     /// The reserved address range `[start, end)`.
     pub fn range(&self) -> (usize, usize) {
         (self.base, self.end)

@@ -108,7 +108,7 @@ const COVERING_OR_NEXT_VMA: u64 = 0x10;
 /// text is read instead where the kernel lacks it.
 pub fn read_writable() -> std::io::Result<BookVec<Mapping>> {
     static MAPS: crate::sys::ProcSelfFile =
-        crate::sys::ProcSelfFile::new(c"/proc/self/maps", libc::O_RDONLY);
+        crate::sys::ProcSelfFile::new(c"/proc/self/maps", libc::O_RDONLY, 2);
     let fd = MAPS.fd()?;
     let mut out = BookVec::new();
     let mut name = [0u8; 512];

@@ -166,54 +166,43 @@ impl Drop for RawFile {
 pub(crate) struct ProcSelfFile {
     path: &'static std::ffi::CStr,
     flags: i32,
-    /// In the book: libcow's statics are covered memory, which a restore rewinds (the
-    /// descriptor would be forgotten, and leak) and mprotect write-protects.
-    kept: std::sync::OnceLock<&'static Kept>,
-}
-
-struct Kept {
-    /// `pid << 32 | fd` of the last open, 0 before the first.
-    opened: std::sync::atomic::AtomicU64,
-    /// Someone is using the descriptor's file position ([`ProcSelfFile::with_position`]).
-    busy: std::sync::atomic::AtomicBool,
+    /// Its two words in the book ([`crate::book::Book::word`]): `pid << 32 | fd` of the last
+    /// open (0 before the first), and whether someone uses the file position
+    /// ([`ProcSelfFile::with_position`]). Not statics: libcow's statics are covered memory,
+    /// which a restore rewinds (the descriptor would be forgotten, and leak) and mprotect
+    /// write-protects.
+    words: usize,
 }
 
 impl ProcSelfFile {
-    /// `path` under `/proc/self`, opened with `flags` on first use.
-    pub(crate) const fn new(path: &'static std::ffi::CStr, flags: i32) -> Self {
-        Self {
-            path,
-            flags,
-            kept: std::sync::OnceLock::new(),
-        }
+    /// `path` under `/proc/self`, opened with `flags` on first use; its state in book words
+    /// `words` and `words + 1`.
+    pub(crate) const fn new(path: &'static std::ffi::CStr, flags: i32, words: usize) -> Self {
+        Self { path, flags, words }
     }
 
-    fn kept(&self) -> &'static Kept {
-        self.kept.get_or_init(|| {
-            crate::book::leak(Kept {
-                opened: std::sync::atomic::AtomicU64::new(0),
-                busy: std::sync::atomic::AtomicBool::new(false),
-            })
-        })
+    fn opened(&self) -> &'static std::sync::atomic::AtomicU64 {
+        crate::book::book().word(self.words)
+    }
+
+    fn busy(&self) -> &'static std::sync::atomic::AtomicU64 {
+        crate::book::book().word(self.words + 1)
     }
 
     /// The descriptor for this process, opened now if this process has none yet.
     pub(crate) fn fd(&self) -> std::io::Result<i32> {
         use std::sync::atomic::Ordering;
-        let kept = self.kept();
+        let opened = self.opened();
         // SAFETY: getpid has no preconditions.
         let pid = unsafe { libc::getpid() } as u32;
-        let seen = kept.opened.load(Ordering::Acquire);
+        let seen = opened.load(Ordering::Acquire);
         if seen != 0 && (seen >> 32) as u32 == pid {
             return Ok(seen as u32 as i32);
         }
         let file = RawFile::open(self.path, self.flags)?;
         let fd = file.0;
         let mine = (pid as u64) << 32 | fd as u32 as u64;
-        match kept
-            .opened
-            .compare_exchange(seen, mine, Ordering::AcqRel, Ordering::Acquire)
-        {
+        match opened.compare_exchange(seen, mine, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => {
                 std::mem::forget(file);
                 if seen != 0 {
@@ -238,13 +227,13 @@ impl ProcSelfFile {
         f: impl FnOnce(i32) -> std::io::Result<R>,
     ) -> std::io::Result<R> {
         use std::sync::atomic::Ordering;
-        let kept = self.kept();
-        if kept.busy.swap(true, Ordering::Acquire) {
+        let busy = self.busy();
+        if busy.swap(1, Ordering::Acquire) != 0 {
             let own = RawFile::open(self.path, self.flags)?;
             return f(own.0);
         }
         let r = self.fd().and_then(f);
-        kept.busy.store(false, Ordering::Release);
+        busy.store(0, Ordering::Release);
         r
     }
 }

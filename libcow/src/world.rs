@@ -218,7 +218,7 @@ pub(crate) fn gettid() -> i32 {
 /// Lists the thread ids of this process.
 pub(crate) fn list_tids(out: &mut BookVec<i32>) -> std::io::Result<()> {
     static TASKS: sys::ProcSelfFile =
-        sys::ProcSelfFile::new(c"/proc/self/task", libc::O_RDONLY | libc::O_DIRECTORY);
+        sys::ProcSelfFile::new(c"/proc/self/task", libc::O_RDONLY | libc::O_DIRECTORY, 0);
     out.clear();
     TASKS.with_position(|dir| {
         // SAFETY: rewinding a directory descriptor of ours; procfs lists the threads anew.
