@@ -423,7 +423,7 @@ pub unsafe fn begin(regs: &CallerRegs, fds: &[i32], resume: i64) {
 }
 
 /// Whether waits should take the next iteration's checkpoint before blocking
-/// ([`checkpoint_before_blocking`]): under recovery where stops hold idle threads (uffd, fork),
+/// ([`checkpoint_before_blocking`]): under recovery where stops hold idle threads (uffd),
 /// which is what tells, when the wait returns, that the checkpoint still holds. A wait that
 /// may block first looks without blocking; only if nothing is ready does it call
 /// [`checkpoint_before_blocking`] and block.

@@ -581,7 +581,7 @@ fn selecting(
 // fills copies on our stack, copied back by the program's own writes.
 
 /// Calls a wait, `call(block)`. Where recovery takes the next iteration's checkpoint before
-/// blocking (uffd, fork: see `cow::recovery::checkpoint_before_blocking`) and the wait may
+/// blocking (uffd: see `cow::recovery::checkpoint_before_blocking`) and the wait may
 /// block, it looks first without blocking, and takes the checkpoint only if nothing is ready:
 /// a server that is busy never blocks and takes its checkpoints as its waits return, an idle
 /// one takes them while idle instead of delaying the request that wakes it. The wait's
