@@ -148,8 +148,8 @@ struct CowApi {
 
 impl CowApi {
     fn load(preload: &Path) -> Result<CowApi> {
-        // SAFETY (every `function`): the pointer types spell out the C signatures of these
-        // functions in cow.h.
+        // SAFETY: for every `function` below, the pointer types spell out the C signatures
+        // of these functions in cow.h.
         unsafe {
             let init: unsafe extern "C" fn(*const c_char) -> c_int = function(preload, "cow_init")?;
             let rc = init(std::ptr::null());

@@ -381,17 +381,10 @@ pub unsafe fn begin(regs: &CallerRegs, fds: &[i32], resume: i64) {
             st.taken_while_idle.fetch_add(1, Ordering::Relaxed);
             id
         }
-        None => {
-            let t0 = crate::sys::monotonic_ns();
-            let id = crate::ffi::cow_snapshot();
-            if id <= 0 {
-                return;
-            }
-            st.snapshot_ns
-                .fetch_add(crate::sys::monotonic_ns() - t0, Ordering::Relaxed);
-            st.checkpoints.fetch_add(1, Ordering::Relaxed);
-            id as u64
-        }
+        None => match checkpoint(st) {
+            Some(id) => id,
+            None => return,
+        },
     };
     if st.snapshot != 0 {
         crate::ffi::cow_drop(st.snapshot as i64);
@@ -469,17 +462,23 @@ pub fn checkpoint_before_blocking() {
     // Before the snapshot: a thread stopped by signal for it (it was running) goes on after
     // it, and counts then.
     let activity = crate::idle::activity();
+    let Some(id) = checkpoint(st) else { return };
+    st.early_tid.store(me, Ordering::Relaxed);
+    st.early_activity.store(activity, Ordering::Relaxed);
+    st.early.store(id, Ordering::Release);
+}
+
+/// A snapshot for an iteration, counted and timed; `None` if it failed.
+fn checkpoint(st: &State) -> Option<u64> {
     let t0 = crate::sys::monotonic_ns();
     let id = crate::ffi::cow_snapshot();
     if id <= 0 {
-        return;
+        return None;
     }
     st.snapshot_ns
         .fetch_add(crate::sys::monotonic_ns() - t0, Ordering::Relaxed);
     st.checkpoints.fetch_add(1, Ordering::Relaxed);
-    st.early_tid.store(me, Ordering::Relaxed);
-    st.early_activity.store(activity, Ordering::Relaxed);
-    st.early.store(id as u64, Ordering::Release);
+    Some(id as u64)
 }
 
 /// The checkpoint the calling thread took before blocking, if it still holds (see

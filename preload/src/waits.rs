@@ -201,15 +201,10 @@ extern "C" fn epoll_wait_impl(
         return no_symbol();
     };
     let events = events as *mut libc::epoll_event;
-    // SAFETY: the program's arguments, forwarded unchanged.
     let n = writing_events(events, max, || {
-        waited(timeout as c_int != 0, |block| unsafe {
-            f(
-                epfd as c_int,
-                events,
-                max as c_int,
-                if block { timeout as c_int } else { 0 },
-            )
+        waited_ms(timeout as c_int, |timeout| {
+            // SAFETY: the program's arguments, forwarded (the timeout maybe 0, to look first).
+            unsafe { f(epfd as c_int, events, max as c_int, timeout) }
         })
     });
     if n > 0 && recovery::enabled() {
@@ -257,16 +252,11 @@ extern "C" fn epoll_pwait_impl(
     // SAFETY: the program's mask, null or valid.
     let sigmask = unsafe { crate::masks::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let events = events as *mut libc::epoll_event;
-    // SAFETY: the program's arguments, forwarded (the mask maybe our copy).
     let n = writing_events(events, max, || {
-        waited(timeout as c_int != 0, |block| unsafe {
-            f(
-                epfd as c_int,
-                events,
-                max as c_int,
-                if block { timeout as c_int } else { 0 },
-                sigmask,
-            )
+        waited_ms(timeout as c_int, |timeout| {
+            // SAFETY: the program's arguments, forwarded (the mask maybe our copy, the timeout
+            // maybe 0, to look first).
+            unsafe { f(epfd as c_int, events, max as c_int, timeout, sigmask) }
         })
     });
     if n > 0 && recovery::enabled() {
@@ -314,19 +304,14 @@ extern "C" fn epoll_pwait2_impl(
     // SAFETY: the program's mask, null or valid.
     let sigmask = unsafe { crate::masks::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let events = events as *mut libc::epoll_event;
-    // SAFETY: the program's arguments, forwarded (the mask maybe our copy).
-    let timeout = timeout as *const libc::timespec;
     let n = writing_events(events, max, || {
+        let wait = |timeout| {
+            // SAFETY: the program's arguments, forwarded (the mask maybe our copy, the
+            // timeout maybe zero, to look first).
+            unsafe { f(epfd as c_int, events, max as c_int, timeout, sigmask) }
+        };
         // SAFETY: the program's timeout, null or valid.
-        waited(unsafe { may_block(timeout) }, |block| unsafe {
-            f(
-                epfd as c_int,
-                events,
-                max as c_int,
-                if block { timeout } else { &NO_WAIT },
-                sigmask,
-            )
-        })
+        unsafe { waited_timespec(timeout as *const libc::timespec, wait) }
     });
     if n > 0 && recovery::enabled() {
         begin_epoll(epfd, regs, events, n);
@@ -358,14 +343,10 @@ extern "C" fn poll_impl(
         return no_symbol();
     };
     let set = fds as *mut libc::pollfd;
-    // SAFETY: the program's arguments, forwarded unchanged.
     let n = writing_pollfds(set, nfds, || {
-        waited(timeout as c_int != 0, |block| unsafe {
-            f(
-                set,
-                nfds as libc::nfds_t,
-                if block { timeout as c_int } else { 0 },
-            )
+        waited_ms(timeout as c_int, |timeout| {
+            // SAFETY: the program's arguments, forwarded (the timeout maybe 0, to look first).
+            unsafe { f(set, nfds as libc::nfds_t, timeout) }
         })
     });
     if n > 0 && recovery::enabled() {
@@ -411,18 +392,14 @@ extern "C" fn ppoll_impl(
     // SAFETY: the program's mask, null or valid.
     let sigmask = unsafe { crate::masks::kernel_mask(sigmask as *const libc::sigset_t, &mut buf) };
     let set = fds as *mut libc::pollfd;
-    // SAFETY: the program's arguments, forwarded (the mask maybe our copy).
-    let timeout = timeout as *const libc::timespec;
     let n = writing_pollfds(set, nfds, || {
+        let wait = |timeout| {
+            // SAFETY: the program's arguments, forwarded (the mask maybe our copy, the
+            // timeout maybe zero, to look first).
+            unsafe { f(set, nfds as libc::nfds_t, timeout, sigmask) }
+        };
         // SAFETY: the program's timeout, null or valid.
-        waited(unsafe { may_block(timeout) }, |block| unsafe {
-            f(
-                set,
-                nfds as libc::nfds_t,
-                if block { timeout } else { &NO_WAIT },
-                sigmask,
-            )
-        })
+        unsafe { waited_timespec(timeout as *const libc::timespec, wait) }
     });
     if n > 0 && recovery::enabled() {
         begin_poll(regs, set, nfds);
@@ -598,20 +575,31 @@ fn waited(may_block: bool, call: impl Fn(bool) -> c_int) -> c_int {
     call(true)
 }
 
-/// A zero timeout: look without blocking.
-static NO_WAIT: libc::timespec = libc::timespec {
-    tv_sec: 0,
-    tv_nsec: 0,
-};
+/// [`waited`] for a wait whose timeout is in milliseconds (negative: none): `call(timeout)`.
+fn waited_ms(timeout: c_int, call: impl Fn(c_int) -> c_int) -> c_int {
+    waited(timeout != 0, |block| call(if block { timeout } else { 0 }))
+}
 
-/// Whether a wait with `timeout` (null: none) may block.
+/// [`waited`] for a wait whose timeout is a `timespec` (null: none): `call(timeout)`.
 ///
 /// # Safety
 ///
 /// `timeout` is null or valid.
-unsafe fn may_block(timeout: *const libc::timespec) -> bool {
+unsafe fn waited_timespec(
+    timeout: *const libc::timespec,
+    call: impl Fn(*const libc::timespec) -> c_int,
+) -> c_int {
+    /// A zero timeout: look without blocking (the kernel writes no time back for it).
+    static NO_WAIT: libc::timespec = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: by the caller's contract.
-    timeout.is_null() || unsafe { (*timeout).tv_sec != 0 || (*timeout).tv_nsec != 0 }
+    let may_block =
+        timeout.is_null() || unsafe { (*timeout).tv_sec != 0 || (*timeout).tv_nsec != 0 };
+    waited(may_block, |block| {
+        call(if block { timeout } else { &NO_WAIT })
+    })
 }
 
 /// `call` after making `max` events at `events` writable.

@@ -82,6 +82,7 @@ pub fn before_kernel_write(addr: usize, len: usize) {
     // SAFETY: the table and its entries live in the book and cannot change while the stop
     // signal is blocked in this thread.
     let t = unsafe { &*table };
+    // SAFETY: the table holds `count` entries at `entries`, as unchanging as the table.
     let entries = unsafe { std::slice::from_raw_parts(t.entries, t.count) };
     let mut page = addr & !(PAGE - 1);
     let end = addr.saturating_add(len);
@@ -118,6 +119,7 @@ extern "C" fn on_segv(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_vo
         // SAFETY: the table and its entries live in the book and are replaced only while every
         // other thread is stopped outside this handler.
         let t = unsafe { &*table };
+        // SAFETY: the table holds `count` entries at `entries`, as unchanging as the table.
         let entries = unsafe { std::slice::from_raw_parts(t.entries, t.count) };
         let i = entries.partition_point(|e| e.range.end <= addr);
         if let Some(e) = entries.get(i).filter(|e| e.range.start <= addr) {
@@ -590,10 +592,10 @@ impl Tracker for Mprotect {
 
     fn faults(&self) -> u64 {
         let faults = FAULTS.load(Ordering::Acquire);
-        // SAFETY: set at install time to a counter in the book.
         if faults.is_null() {
             0
         } else {
+            // SAFETY: set at install time to a counter in the book, never freed.
             unsafe { (*faults).load(Ordering::Relaxed) as u64 }
         }
     }
